@@ -1,0 +1,329 @@
+"""The ``gradindex`` command line (click): parse → config → call the stage functions.
+
+Every :class:`~gradindex.errors.GradIndexError` becomes one line on stderr and
+exit status 2. Progress bars go to stderr; results to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from gradindex.errors import ConfigError, GradIndexError
+
+
+class _Group(click.Group):
+    """Turns expected errors into one line on stderr and exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except GradIndexError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+
+def _parse_pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
+    pairs = {}
+    for text in values:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{what}: expected KEY=VALUE, got {text!r}")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def _task_options(values: tuple[str, ...]) -> dict[str, Any]:
+    options = {}
+    for key, value in _parse_pairs(values, "--task-option").items():
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
+
+
+def _group_dims(values: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    dims = []
+    for group, value in _parse_pairs(values, "--group-dim").items():
+        try:
+            dims.append((group, int(value)))
+        except ValueError:
+            raise ConfigError(f"--group-dim: expected GROUP=INTEGER, got {group}={value}") from None
+    return tuple(dims)
+
+
+def _progress(ctx: click.Context) -> bool:
+    return not ctx.find_root().params.get("quiet", False)
+
+
+task_option = click.option("--task-option", "task_options", multiple=True, metavar="KEY=VALUE",
+                           help="Option passed to the task's constructor (JSON values allowed); repeatable.")
+checkpoint_option = click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                                 help="Model checkpoint (default: the task's own; built-in tasks train one on first use).")
+group_rule_option = click.option("--group-rule", "group_rules", multiple=True, metavar="PATTERN=GROUP",
+                                 help="Assign parameters matching a glob to GROUP (GROUP '-' excludes them); "
+                                      "first match wins; repeatable.")
+proj_options = [
+    click.option("--proj-dim", type=int, default=256, show_default=True,
+                  help="Target projected dimension of each module block."),
+    click.option("--group-dim", "group_dims", multiple=True, metavar="GROUP=DIM",
+                  help="Per-group override of --proj-dim; repeatable."),
+    click.option("--proj-kind", type=click.Choice(["gaussian", "rademacher", "identity"]), default="gaussian",
+                  show_default=True, help="Random projection matrix (identity: store full gradients)."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Projection seed."),
+]
+device_option = click.option("--device", default="cpu", show_default=True,
+                             help="Torch device for gradients (cpu, cuda, cuda:1, ...).")
+
+
+def _apply(options):
+    def decorator(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return decorator
+
+
+def _featurize_config(proj_dim, group_dims, proj_kind, seed, group_rules, **fields):
+    from gradindex.config import FeaturizeConfig, GroupRule, ProjectionConfig
+
+    projection = ProjectionConfig(kind=proj_kind, proj_dim=proj_dim, group_dims=_group_dims(group_dims), seed=seed)
+    return FeaturizeConfig(projection=projection, group_rules=tuple(GroupRule.parse(r) for r in group_rules), **fields)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or log messages.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug log messages.")
+@click.version_option(package_name="gradindex")
+def main(quiet: bool, verbose: bool) -> None:
+    """gradindex: which training examples made my model produce this?
+
+    Per-example projected gradients → Parquet feature store → FAISS index →
+    top-k attribution lookups. Start with `gradindex demo`.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    package_logger = logging.getLogger("gradindex")
+    package_logger.handlers[:] = [handler]
+    package_logger.setLevel(logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO))
+
+
+@main.command()
+@click.option("--task", "task_spec", default="digits", show_default=True, help="Built-in task to demo.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("gradindex-demo"),
+              show_default=True, help="Output folder (checkpoint, store, PNG report).")
+@click.option("-k", type=click.IntRange(min=1), default=5, show_default=True, help="Training examples per query.")
+@click.option("--queries", "num_queries", type=click.IntRange(min=1), default=6, show_default=True,
+              help="Number of held-out queries.")
+@device_option
+@click.pass_context
+def demo(ctx, task_spec: str, out: Path, k: int, num_queries: int, device: str) -> None:
+    """Run the whole pipeline end to end on bundled data and print the top-k."""
+    from gradindex.demo import run_demo
+
+    result = run_demo(task_spec, out, k=k, num_queries=num_queries, device=device, show_progress=_progress(ctx))
+    for query in result.queries:
+        click.echo(f"\nquery {query['query']} ({query['caption']}): top-{k} training examples")
+        _echo_table([{"rank": r["rank"], "sample_id": r["sample_id"], "score": r["score"], "example": r["caption"]}
+                     for r in query["results"]])
+    click.echo("")
+    click.echo("timings: " + ", ".join(f"{name} {secs:.2f}s" for name, secs in result.seconds.items()))
+    click.echo(f"store:   {result.store}")
+    if result.png:
+        click.echo(f"report:  {result.png}")
+
+
+@main.command()
+@click.argument("task_spec", metavar="TASK")
+@task_option
+@checkpoint_option
+@group_rule_option
+@_apply(proj_options)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def groups(task_spec, task_options, checkpoint, group_rules, proj_dim, group_dims, proj_kind, seed, as_json) -> None:
+    """List the parameter groups of TASK's model, with sizes and projected dims."""
+    from gradindex.featurize import resolve_groups
+    from gradindex.groups import unused_rules
+    from gradindex.projection import make_block_projector
+    from gradindex.task import load_task
+
+    config = _featurize_config(proj_dim, group_dims, proj_kind, seed, group_rules)
+    task = load_task(task_spec, _task_options(task_options))
+    model = task.load_model(checkpoint)
+    resolved = resolve_groups(task, model, config)
+    rows = []
+    for group in resolved:
+        projectors = [make_block_projector(group.name, block, config.projection) for block in group.blocks]
+        rows.append({
+            "group": group.name,
+            "modules": ",".join(b.module or "(root)" for b in group.blocks),
+            "kind": ",".join(sorted({b.kind for b in group.blocks})),
+            "params": group.numel,
+            "proj_dim": sum(p.out_dim for p in projectors),
+        })
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    _echo_table(rows)
+    click.echo(f"{len(rows)} groups, {sum(r['params'] for r in rows)} parameters, "
+               f"{sum(r['proj_dim'] for r in rows)} projected dimensions")
+    for rule in unused_rules(model, config.group_rules):
+        click.echo(f"warning: group rule {rule.pattern}={rule.group or '-'} matches no trainable parameter", err=True)
+
+
+@main.command()
+@click.argument("task_spec", metavar="TASK")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Store directory to write.")
+@task_option
+@checkpoint_option
+@group_rule_option
+@_apply(proj_options)
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Storage precision of the features.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Examples per backward pass.")
+@click.option("--shard-size", type=int, default=100_000, show_default=True, help="Examples per Parquet shard.")
+@device_option
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Featurize only the first N examples.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
+@click.option("--resume", is_flag=True, help="Keep shards a previous identical run completed.")
+@click.pass_context
+def featurize(ctx, task_spec, out, task_options, checkpoint, group_rules, proj_dim, group_dims, proj_kind, seed,
+              dtype, batch_size, shard_size, device, limit, overwrite, resume) -> None:
+    """Compute per-example projected gradients of TASK's training set into a store."""
+    from gradindex.featurize import featurize as run_featurize
+    from gradindex.task import load_task
+
+    config = _featurize_config(proj_dim, group_dims, proj_kind, seed, group_rules, dtype=dtype,
+                               batch_size=batch_size, shard_size=shard_size)
+    task = load_task(task_spec, _task_options(task_options))
+    store = run_featurize(task, out, config, checkpoint=checkpoint, device=device, overwrite=overwrite,
+                          resume=resume, limit=limit, show_progress=_progress(ctx))
+    click.echo(f"{store.path}: {store.num_samples} examples, {len(store.groups)} groups, dimension {store.dim}, "
+               f"{len(store.manifest['shards'])} shard(s), {store.manifest['featurize_seconds']:.2f}s")
+
+
+@main.command("build-index")
+@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.option("--concept", default="all", show_default=True, help="Concept partition (its weights are used).")
+@click.option("--kind", type=click.Choice(["flat"]), default="flat", show_default=True, help="FAISS index kind.")
+@click.option("--preconditioner", type=click.Choice(["gram", "identity"]), default="gram", show_default=True,
+              help="Query-side preconditioner: per-group Gram inverse (TRAK-style) or none (grad-dot).")
+@click.option("--damping", type=float, default=1e-3, show_default=True,
+              help="Gram damping, relative to the group's mean eigenvalue.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="Where FAISS searches (cuda needs a GPU build of FAISS).")
+@click.pass_context
+def build_index_command(ctx, store_path, concept, kind, preconditioner, damping, device) -> None:
+    """Build the FAISS partition of a concept from STORE's features and weights."""
+    from gradindex.config import IndexConfig
+    from gradindex.index import build_index
+    from gradindex.store import FeatureStore
+
+    config = IndexConfig(concept=concept, kind=kind, preconditioner=preconditioner, damping=damping, device=device)
+    store = FeatureStore.open(store_path)
+    index = build_index(store, config, show_progress=_progress(ctx))
+    click.echo(f"{store.path}: index {concept!r} ({kind}, {preconditioner}) with {index.ntotal} vectors "
+               f"of dimension {store.dim}")
+
+
+@main.command()
+@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.option("--inputs", required=True, type=click.Path(path_type=Path), help="Query inputs file (format: the task's).")
+@click.option("--concept", default="all", show_default=True, help="Concept partition to search.")
+@click.option("-k", type=int, default=10, show_default=True, help="Training examples per query.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per query on stdout.")
+@checkpoint_option
+@device_option
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Queries per backward pass.")
+def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_size) -> None:
+    """Top-k training examples of STORE for every query in --inputs."""
+    from gradindex.query import Attributor, metadata_lookup
+
+    if k < 1:
+        raise ConfigError(f"-k: expected a positive integer, got {k}")
+    attributor = Attributor.open(store_path, concept=concept, checkpoint=checkpoint, device=device)
+    queries = attributor.task.load_queries(inputs)
+    top = attributor.attribute(queries, k=k, batch_size=batch_size)
+    meta = metadata_lookup(attributor.store, top.sample_ids)
+    for q in range(len(top)):
+        results = [
+            {"rank": rank + 1, "sample_id": int(sid), "score": float(score),
+             **{name: _plain(values[q, rank]) for name, values in meta.items()}}
+            for rank, (sid, score) in enumerate(zip(top.sample_ids[q], top.scores[q])) if sid >= 0
+        ]
+        if as_json:
+            click.echo(json.dumps({"query": q, "results": results}))
+        else:
+            click.echo(f"query {q}: {attributor.task.describe(queries[q])}")
+            _echo_table(results)
+            click.echo("")
+    attributor.close()
+
+
+@main.command()
+@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+def info(store_path, as_json) -> None:
+    """Show a store's manifest: task, groups, dims, shards, weights, indexes."""
+    from gradindex.store import FeatureStore
+    from gradindex.weights import GroupWeights
+
+    store = FeatureStore.open(store_path, verify=False)
+    manifest = store.manifest
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    config = manifest["config"]
+    click.echo(f"store:       {store.path}")
+    click.echo(f"task:        {manifest['task']['task']} {manifest['task'].get('options') or ''}".rstrip())
+    click.echo(f"checkpoint:  {manifest.get('checkpoint')} (fingerprint {manifest['model_fingerprint'][:16]}…)")
+    click.echo(f"examples:    {store.num_samples} in {len(manifest['shards'])} shard(s), {manifest['dtype']}")
+    click.echo(f"projection:  {config['projection']['kind']}, proj_dim {config['projection']['proj_dim']}, "
+               f"seed {config['projection']['seed']}; dimension {store.dim}")
+    concepts = sorted(set(manifest.get("weights", {})) | set(manifest.get("indexes", {})) | {"all"})
+    rows = []
+    for group in manifest["groups"]:
+        row = {"group": group["name"], "params": sum(b["left"] * b["right"] for b in group["blocks"]),
+               "dim": group["dim"]}
+        for concept in concepts:
+            weights = GroupWeights.from_manifest(manifest, concept, store.groups)
+            row[f"w[{concept}]"] = weights.weights[group["name"]]
+        rows.append(row)
+    _echo_table(rows)
+    for concept, entry in sorted(manifest.get("indexes", {}).items()):
+        cfg = entry["config"]
+        click.echo(f"index {concept!r}: {cfg['kind']}, {cfg['preconditioner']} (damping {cfg['damping']}), "
+                   f"{entry['ntotal']} vectors")
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _echo_table(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        click.echo("(no results)")
+        return
+    headers = list(rows[0])
+    cells = [[_format(row.get(h)) for h in headers] for row in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    click.echo("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
+    for c in cells:
+        click.echo("  ".join(v.rjust(w) for v, w in zip(c, widths)))
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+if __name__ == "__main__":
+    main()

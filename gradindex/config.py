@@ -1,0 +1,204 @@
+"""Frozen configuration dataclasses and the Enums they use, one per stage.
+
+Each ``__post_init__`` validates its fields and names the offending field in the
+message; ``to_dict()`` is what goes into ``manifest.json``; ``from_dict`` reads it
+back. ``diff(a, b)`` lists differing fields (used to refuse reopening a store with
+another configuration).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from gradindex.errors import ConfigError
+
+
+class ProjectionKind(enum.Enum):
+    """How a group's gradient is projected: E[PᵀP] = I for the random kinds."""
+
+    GAUSSIAN = "gaussian"  # entries N(0, 1/k)
+    RADEMACHER = "rademacher"  # entries ±1/√k
+    IDENTITY = "identity"  # no projection: the full per-example gradient is stored
+
+
+class Preconditioner(enum.Enum):
+    """Query-side preconditioner ψ_g(q) = H_g⁻¹ φ_g(q) (DESIGN §1.2)."""
+
+    IDENTITY = "identity"  # gradient dot product (TracIn at one checkpoint)
+    GRAM = "gram"  # TRAK-style (ΦᵀΦ/N + λI)⁻¹ per group
+
+
+class StorageDtype(enum.Enum):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+
+
+class IndexKind(enum.Enum):
+    FLAT = "flat"  # exact inner-product search (faiss.IndexFlatIP)
+
+
+def parse_enum(enum_type: type[enum.Enum], value: Any, field_name: str) -> enum.Enum:
+    """Turn a string (or an Enum member) into ``enum_type``, naming ``field_name`` on error."""
+    if isinstance(value, enum_type):
+        return value
+    try:
+        return enum_type(value)
+    except ValueError:
+        choices = ", ".join(member.value for member in enum_type)
+        raise ConfigError(f"{field_name}: expected one of {choices}, got {value!r}") from None
+
+
+def _require_positive(value: Any, field_name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{field_name}: expected a positive integer, got {value!r}")
+
+
+class _Config:
+    """Shared ``to_dict``/``from_dict`` for the frozen config dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            elif isinstance(value, _Config):
+                value = value.to_dict()
+            elif isinstance(value, tuple):
+                value = [list(item) if isinstance(item, tuple) else item for item in value]
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+        return cls(**data)
+
+
+def diff(a: _Config, b: _Config) -> list[str]:
+    """Names of the fields whose values differ between two configs of one type."""
+    da, db = a.to_dict(), b.to_dict()
+    return [name for name in da if da[name] != db.get(name)]
+
+
+@dataclass(frozen=True)
+class GroupRule(_Config):
+    """Assign parameters whose full name matches ``pattern`` (a glob) to ``group``.
+
+    ``group=None`` excludes the matched parameters from attribution. The first
+    matching rule wins; unmatched parameters go to the group of their module.
+    """
+
+    pattern: str
+    group: str | None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise ConfigError(f"GroupRule.pattern: expected a non-empty glob, got {self.pattern!r}")
+        if self.group is not None and (not isinstance(self.group, str) or not self.group):
+            raise ConfigError(f"GroupRule.group: expected a non-empty name or None, got {self.group!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> "GroupRule":
+        """Parse ``PATTERN=GROUP`` (``PATTERN=-`` excludes), as written on the command line."""
+        pattern, sep, group = text.partition("=")
+        if not sep or not pattern.strip() or not group.strip():
+            raise ConfigError(
+                f"group rule: expected PATTERN=GROUP (or PATTERN=- to exclude), got {text!r}"
+            )
+        group = group.strip()
+        return cls(pattern=pattern.strip(), group=None if group == "-" else group)
+
+
+@dataclass(frozen=True)
+class ProjectionConfig(_Config):
+    """Seeded random projection of each module block (DESIGN §1.1).
+
+    ``proj_dim`` is the target dimension of every module block (a group that
+    merges m modules has about m·proj_dim dimensions); ``group_dims`` overrides
+    it per group as ``((group, dim), ...)``. Blocks whose gradient is no larger
+    than their target are stored unprojected.
+    """
+
+    kind: ProjectionKind = ProjectionKind.GAUSSIAN
+    proj_dim: int = 256
+    group_dims: tuple[tuple[str, int], ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", parse_enum(ProjectionKind, self.kind, "ProjectionConfig.kind"))
+        _require_positive(self.proj_dim, "ProjectionConfig.proj_dim")
+        pairs = tuple(tuple(item) for item in self.group_dims)
+        for item in pairs:
+            if len(item) != 2 or not isinstance(item[0], str):
+                raise ConfigError(f"ProjectionConfig.group_dims: expected (group, dim) pairs, got {item!r}")
+            _require_positive(item[1], f"ProjectionConfig.group_dims[{item[0]!r}]")
+        object.__setattr__(self, "group_dims", pairs)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"ProjectionConfig.seed: expected a non-negative integer, got {self.seed!r}")
+
+    def dim_for(self, group: str) -> int:
+        return dict(self.group_dims).get(group, self.proj_dim)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ProjectionConfig":
+        data = dict(data)
+        data["group_dims"] = tuple(tuple(item) for item in data.get("group_dims", ()))
+        return super().from_dict(data)
+
+
+@dataclass(frozen=True)
+class FeaturizeConfig(_Config):
+    """Everything that determines the stored training features."""
+
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    group_rules: tuple[GroupRule, ...] = ()
+    dtype: StorageDtype = StorageDtype.FLOAT32
+    batch_size: int = 64
+    shard_size: int = 100_000
+    gram_max_dim: int = 8192
+
+    def __post_init__(self) -> None:
+        if isinstance(self.projection, dict):
+            object.__setattr__(self, "projection", ProjectionConfig.from_dict(self.projection))
+        object.__setattr__(self, "dtype", parse_enum(StorageDtype, self.dtype, "FeaturizeConfig.dtype"))
+        rules = tuple(GroupRule(**r) if isinstance(r, dict) else r for r in self.group_rules)
+        object.__setattr__(self, "group_rules", rules)
+        _require_positive(self.batch_size, "FeaturizeConfig.batch_size")
+        _require_positive(self.shard_size, "FeaturizeConfig.shard_size")
+        _require_positive(self.gram_max_dim, "FeaturizeConfig.gram_max_dim")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["group_rules"] = [rule.to_dict() for rule in self.group_rules]
+        return out
+
+
+@dataclass(frozen=True)
+class IndexConfig(_Config):
+    """One index partition: concept, weights source, preconditioner, FAISS kind."""
+
+    concept: str = "all"
+    kind: IndexKind = IndexKind.FLAT
+    preconditioner: Preconditioner = Preconditioner.GRAM
+    damping: float = 1e-3
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.concept, str) or not self.concept or "/" in self.concept:
+            raise ConfigError(f"IndexConfig.concept: expected a name without '/', got {self.concept!r}")
+        object.__setattr__(self, "kind", parse_enum(IndexKind, self.kind, "IndexConfig.kind"))
+        object.__setattr__(
+            self, "preconditioner", parse_enum(Preconditioner, self.preconditioner, "IndexConfig.preconditioner")
+        )
+        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not self.damping >= 0:
+            raise ConfigError(f"IndexConfig.damping: expected a non-negative number, got {self.damping!r}")
+        object.__setattr__(self, "damping", float(self.damping))
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ConfigError(f"IndexConfig.device: expected cpu, cuda or auto, got {self.device!r}")

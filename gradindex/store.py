@@ -1,0 +1,331 @@
+"""The feature store: Parquet shards + ``manifest.json`` (the only pyarrow importer).
+
+Layout of a store directory::
+
+    manifest.json            written last; a store without it is incomplete
+    shards/part-00000.parquet  sample_id int64, one fixed-size-list column per group
+                               ("grad:<group>", float32 or float16) and metadata
+                               columns ("meta:<name>")
+    shards/part-00000.json   the shard's sidecar: rows, sha256, byte size, run key
+    gram.npz                 per-group Gram matrices G_g = ΦᵀΦ/N, key "g<i>" = i-th group
+    indexes/<concept>.faiss  FAISS partitions (written by gradindex.index)
+
+Every file is written under a temporary name and renamed when complete. The
+manifest records each file's sha256, and readers verify a shard's checksum
+before trusting its rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_DIR = "shards"
+GRAM_FILE = "gram.npz"
+FEATURE_PREFIX = "grad:"
+META_PREFIX = "meta:"
+ROW_GROUP_ROWS = 4096
+
+
+# -- small file helpers ----------------------------------------------------------------------
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def temporary_path(path: str | Path) -> Path:
+    """A sibling temporary name for ``path`` (rename it onto ``path`` when complete)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+
+
+# -- shards -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardInfo:
+    """What the manifest (and a shard's sidecar) records about one shard."""
+
+    path: str  # relative to the store
+    rows: int
+    sha256: str
+    bytes: int
+    run_key: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def shard_name(index: int) -> str:
+    return f"{SHARD_DIR}/part-{index:05d}.parquet"
+
+
+def write_shard(
+    store: str | Path,
+    index: int,
+    sample_ids: np.ndarray,
+    features: Mapping[str, np.ndarray],
+    metadata: Mapping[str, np.ndarray] | None = None,
+    run_key: str = "",
+) -> ShardInfo:
+    """Write one shard (temp name → rename), then its sidecar; return its :class:`ShardInfo`."""
+    store = Path(store)
+    (store / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    rows = len(sample_ids)
+    columns: dict[str, pa.Array] = {"sample_id": pa.array(np.asarray(sample_ids, dtype=np.int64))}
+    for group, block in features.items():
+        block = np.ascontiguousarray(block)
+        if block.ndim != 2 or block.shape[0] != rows:
+            raise ValueError(f"shard {index}: group {group!r} has shape {block.shape}, expected [{rows}, dim]")
+        columns[FEATURE_PREFIX + group] = pa.FixedSizeListArray.from_arrays(pa.array(block.reshape(-1)), block.shape[1])
+    for name, values in (metadata or {}).items():
+        columns[META_PREFIX + name] = pa.array(np.asarray(values))
+    table = pa.table(columns)
+    relative = shard_name(index)
+    final = store / relative
+    tmp = temporary_path(final)
+    try:
+        pq.write_table(table, tmp, compression="none", row_group_size=ROW_GROUP_ROWS)
+        digest = sha256_file(tmp)
+        size = tmp.stat().st_size
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    info = ShardInfo(relative, rows, digest, size, run_key)
+    atomic_write_json(final.with_suffix(".json"), info.to_dict())
+    return info
+
+
+def completed_shard(store: str | Path, index: int, run_key: str) -> ShardInfo | None:
+    """The shard's info if it was completely written by a run with ``run_key`` and verifies."""
+    final = Path(store) / shard_name(index)
+    sidecar = final.with_suffix(".json")
+    if not (final.is_file() and sidecar.is_file()):
+        return None
+    try:
+        info = ShardInfo(**json.loads(sidecar.read_text()))
+    except (ValueError, TypeError):
+        return None
+    if info.run_key != run_key or final.stat().st_size != info.bytes or sha256_file(final) != info.sha256:
+        return None
+    return info
+
+
+# -- writing a store ----------------------------------------------------------------------------
+def prepare_store(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Make ``path`` ready for a new store. An existing complete store needs ``overwrite``.
+
+    Overwriting first removes the manifest, so an interrupted rewrite never
+    leaves something that looks complete. ``resume`` keeps verified shards.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"store path {path} exists and is not a directory")
+    if (path / MANIFEST).exists():
+        if not overwrite:
+            raise ConfigError(f"{path} already holds a feature store; pass --overwrite to replace it")
+        (path / MANIFEST).unlink()
+    if path.exists() and not resume:
+        for name in (SHARD_DIR, "indexes", GRAM_FILE):
+            target = path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    (path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_arrays(path: str | Path, arrays: Mapping[str, np.ndarray]) -> str:
+    """Save ``arrays`` as an ``.npz`` atomically; return its sha256."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    data = buffer.getvalue()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def commit_manifest(path: str | Path, manifest: Mapping[str, Any]) -> None:
+    """Write ``manifest.json`` last: from here on the store is complete."""
+    atomic_write_json(Path(path) / MANIFEST, {"format_version": FORMAT_VERSION, **manifest})
+
+
+# -- reading a store ----------------------------------------------------------------------------
+class FeatureStore:
+    """A complete store opened for reading. ``FeatureStore.open(path)``."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], verify: bool = True):
+        self.path = path
+        self.manifest = manifest
+        self.verify = verify
+        self._verified: set[str] = set()
+
+    @classmethod
+    def open(cls, path: str | Path, verify: bool = True) -> "FeatureStore":
+        path = Path(path)
+        if not path.is_dir():
+            raise ArtifactNotFoundError(f"no feature store at {path} (run `gradindex featurize` first)")
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise ArtifactNotFoundError(
+                f"{path} is an incomplete feature store (no {MANIFEST}): featurize was interrupted; run it again"
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except ValueError as err:
+            raise StoreMismatchError(f"{manifest_path} is not valid JSON ({err})") from None
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreMismatchError(
+                f"{path}: store format version {version!r}, this gradindex reads version {FORMAT_VERSION}; "
+                "featurize again"
+            )
+        for shard in manifest["shards"]:
+            file = path / shard["path"]
+            if not file.is_file():
+                raise ArtifactNotFoundError(f"{path}: shard {shard['path']} listed in the manifest is missing")
+            if file.stat().st_size != shard["bytes"]:
+                raise StoreMismatchError(
+                    f"{path}: shard {shard['path']} has {file.stat().st_size} bytes, the manifest says "
+                    f"{shard['bytes']}; the store is corrupt, featurize again"
+                )
+        return cls(path, manifest, verify)
+
+    # -- manifest views -----------------------------------------------------------------------
+    @property
+    def groups(self) -> list[str]:
+        return [group["name"] for group in self.manifest["groups"]]
+
+    @property
+    def group_dims(self) -> dict[str, int]:
+        return {group["name"]: group["dim"] for group in self.manifest["groups"]}
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.manifest["num_samples"])
+
+    @property
+    def dim(self) -> int:
+        return sum(self.group_dims.values())
+
+    @property
+    def metadata_columns(self) -> list[str]:
+        return list(self.manifest.get("metadata_columns", []))
+
+    def update_manifest(self, update: Mapping[str, Any]) -> None:
+        """Merge top-level keys into the manifest and rewrite it atomically."""
+        self.manifest = {**self.manifest, **update}
+        atomic_write_json(self.path / MANIFEST, self.manifest)
+
+    # -- data -------------------------------------------------------------------------------------
+    def _checked(self, shard: Mapping[str, Any]) -> Path:
+        file = self.path / shard["path"]
+        if self.verify and shard["path"] not in self._verified:
+            if sha256_file(file) != shard["sha256"]:
+                raise StoreMismatchError(
+                    f"{self.path}: checksum mismatch in {shard['path']}; the shard was modified or corrupted, "
+                    "featurize again"
+                )
+            self._verified.add(shard["path"])
+        return file
+
+    def iter_shards(
+        self, groups: Sequence[str] | None = None, metadata: bool = False
+    ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]]:
+        """Yield ``(sample_ids [n], {group: [n, k_g]}, {meta: [n]})`` shard by shard."""
+        groups = self.groups if groups is None else list(groups)
+        unknown = set(groups) - set(self.groups)
+        if unknown:
+            raise ConfigError(f"{self.path}: unknown groups {sorted(unknown)}; the store has {self.groups}")
+        meta_names = self.metadata_columns if metadata else []
+        for shard in self.manifest["shards"]:
+            ids, feats, meta = read_shard(self._checked(shard), groups, meta_names)
+            if len(ids) != shard["rows"]:
+                raise StoreMismatchError(f"{self.path}: {shard['path']} has {len(ids)} rows, expected {shard['rows']}")
+            yield ids, feats, meta
+
+    def read(self, groups: Sequence[str] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """All sample ids and features in memory (small stores, tests)."""
+        ids, feats = [], {}
+        for shard_ids, shard_feats, _ in self.iter_shards(groups):
+            ids.append(shard_ids)
+            for group, block in shard_feats.items():
+                feats.setdefault(group, []).append(block)
+        groups = self.groups if groups is None else list(groups)
+        return (
+            np.concatenate(ids) if ids else np.zeros(0, np.int64),
+            {g: np.concatenate(feats[g]) if g in feats else np.zeros((0, self.group_dims[g]), np.float32) for g in groups},
+        )
+
+    def read_metadata(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        ids, meta = [], {}
+        for shard_ids, _, shard_meta in self.iter_shards(groups=[], metadata=True):
+            ids.append(shard_ids)
+            for name, values in shard_meta.items():
+                meta.setdefault(name, []).append(values)
+        return np.concatenate(ids), {name: np.concatenate(parts) for name, parts in meta.items()}
+
+    def read_gram(self) -> dict[str, np.ndarray]:
+        info = self.manifest.get("gram")
+        if not info:
+            return {}
+        file = self.path / GRAM_FILE
+        if not file.is_file():
+            raise ArtifactNotFoundError(f"{self.path}: {GRAM_FILE} listed in the manifest is missing")
+        if sha256_file(file) != info["sha256"]:
+            raise StoreMismatchError(f"{self.path}: checksum mismatch in {GRAM_FILE}; featurize again")
+        with np.load(file) as data:
+            return {group: data[f"g{i}"] for i, group in enumerate(self.groups) if f"g{i}" in data.files}
+
+
+def read_shard(
+    file: str | Path, groups: Sequence[str], meta_names: Sequence[str] = ()
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(sample_ids [n], {group: [n, k_g]}, {meta: [n]})`` of one shard file (no verification)."""
+    columns = ["sample_id", *(FEATURE_PREFIX + g for g in groups), *(META_PREFIX + m for m in meta_names)]
+    table = pq.read_table(file, columns=columns)
+    ids = table.column("sample_id").to_numpy()
+    feats = {g: _fixed_list_to_numpy(table.column(FEATURE_PREFIX + g)) for g in groups}
+    meta = {m: table.column(META_PREFIX + m).to_numpy(zero_copy_only=False) for m in meta_names}
+    return ids, feats, meta
+
+
+def _fixed_list_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
+    array = column.combine_chunks()
+    width = array.type.list_size
+    return array.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)

@@ -1,0 +1,205 @@
+"""The Task: the one place user code plugs in.
+
+A task names the model and how to load a checkpoint, the training data, the
+per-example training loss ``ℓ(x; θ)`` and the query measurement ``m(q; θ)``
+(plus optional concept measurements ``m_c``). Everything else in gradindex is a
+plain function of a task and the artifacts written by earlier stages.
+
+Conventions
+-----------
+* ``compute_train_loss(batch, model)`` returns per-example losses ``[B]``.
+* ``compute_measurement(batch, model)`` returns ``[B]`` and is oriented so that
+  *higher means the model produces the output more* (a margin or a
+  log-probability). Scores are ``τ(q, x) = −∇m(q)ᵀ H⁻¹ ∇ℓ(x)``: the first-order
+  increase of ``m(q)`` from a gradient step on ``x``; positive = proponent.
+* A model may run each example several times inside one loss (diffusion noise
+  draws, say): every module's leading dimension must then be ``R·B`` with the
+  ``R`` copies of one example contiguous (``repeat_interleave``), and the
+  per-example loss must already combine them.
+* Examples must not interact inside a batch (no train-mode BatchNorm): the
+  model is put in ``eval()`` mode before gradients are taken.
+
+Load a task from a spec with :func:`load_task`: a built-in name (``digits``),
+``path/to/file.py:ClassName`` or ``package.module:ClassName``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradindex.config import GroupRule
+from gradindex.errors import ArtifactNotFoundError, ConfigError, TaskError
+
+
+class Task:
+    """Base class of every attribution task. Subclass it and fill in the hooks."""
+
+    #: concepts this task can measure with :meth:`concept_measurement`
+    concepts: tuple[str, ...] = ()
+
+    def __init__(self, **options: Any) -> None:
+        if options:
+            raise ConfigError(f"{type(self).__name__} takes no options, got {sorted(options)}")
+        self.options: dict[str, Any] = {}
+
+    # -- required -----------------------------------------------------------------
+    def load_model(self, checkpoint: str | Path | None) -> nn.Module:
+        """Build the model and load ``checkpoint`` into it (``None``: the task's default)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement load_model(checkpoint)")
+
+    def train_dataset(self) -> Sequence:
+        """The training examples, indexable by position."""
+        raise NotImplementedError(f"{type(self).__name__} must implement train_dataset()")
+
+    def compute_train_loss(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        """Per-example training losses ``[B]``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_train_loss(batch, model)")
+
+    # -- optional, with safe defaults -------------------------------------------------
+    def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        """Per-query measurement ``[B]``, higher = produced more. Default: ``−loss``."""
+        return -self.compute_train_loss(batch, model)
+
+    def concept_measurement(self, batch: Any, model: nn.Module, concept: str) -> torch.Tensor:
+        """Measurement ``[B]`` that isolates ``concept`` (DESIGN §1.4)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} defines no concept measurement (asked for concept {concept!r})"
+        )
+
+    def train(self, path: str | Path, indices: Sequence[int] | None = None, seed: int = 0) -> Path:
+        """Train a model on the training examples at ``indices`` (default: all), save it as a
+        checkpoint at ``path`` that :meth:`load_model` reads, and return ``path``. Used by the
+        demo and by retraining-based evaluation (LDS)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no training routine (train(path, indices, seed))")
+
+    def parameter_groups(self, model: nn.Module) -> Sequence[GroupRule]:
+        """Group rules applied before the user's; default: one group per module."""
+        return ()
+
+    def collate(self, items: list[Any]) -> Any:
+        """Turn a list of dataset items into one batch."""
+        return torch.utils.data.default_collate(items)
+
+    def to_device(self, batch: Any, device: torch.device) -> Any:
+        return _move(batch, device)
+
+    def sample_ids(self, dataset: Sequence) -> np.ndarray:
+        """Stable int64 ids of the training examples; default: their positions."""
+        return np.arange(len(dataset), dtype=np.int64)
+
+    def metadata(self, dataset: Sequence) -> dict[str, np.ndarray]:
+        """Columns stored beside the features (labels, factors); used for display/eval only."""
+        return {}
+
+    def query_dataset(self) -> Sequence:
+        """Default queries (held-out inputs) for the demo and weight learning."""
+        raise NotImplementedError(f"{type(self).__name__} defines no default queries")
+
+    def load_queries(self, path: str | Path) -> Sequence:
+        """Read a query inputs file (format defined by the task)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot read query files ({path})")
+
+    def render(self, item: Any) -> np.ndarray | None:
+        """An image ``[H, W]`` or ``[H, W, 3]`` of one example, for reports; None if not visual."""
+        return None
+
+    def describe(self, item: Any) -> str:
+        """A short caption of one example (its label, say)."""
+        return ""
+
+    def spec(self) -> dict[str, Any]:
+        """What :func:`load_task` needs to rebuild this task (stored in the manifest)."""
+        return {"task": getattr(self, "_spec", type(self).__qualname__), "options": dict(self.options)}
+
+
+def _move(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {key: _move(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_move(value, device) for value in batch)
+    return batch
+
+
+def make_batch(task: Task, dataset: Sequence, indices: Sequence[int] | np.ndarray) -> Any:
+    """``task.collate`` of the given dataset positions."""
+    return task.collate([dataset[int(i)] for i in indices])
+
+
+def load_task(spec: str, options: dict[str, Any] | None = None) -> Task:
+    """Instantiate a task from a built-in name, ``file.py:Class`` or ``module:Class``."""
+    from gradindex.tasks import BUILTIN_TASKS
+
+    options = dict(options or {})
+    if spec in BUILTIN_TASKS:
+        module_name, class_name, defaults = BUILTIN_TASKS[spec]
+        cls = getattr(importlib.import_module(module_name), class_name)
+        task = cls(**{**defaults, **options})
+    else:
+        cls = _import_task_class(spec)
+        try:
+            task = cls(**options)
+        except TypeError as err:
+            raise ConfigError(f"task {spec!r}: cannot construct {cls.__name__} with options {options}: {err}") from None
+    if not isinstance(task, Task):
+        raise TaskError(f"task {spec!r}: {type(task).__name__} is not a subclass of gradindex.Task")
+    task._spec = spec
+    return task
+
+
+def _import_task_class(spec: str) -> type:
+    from gradindex.tasks import BUILTIN_TASKS
+
+    target, sep, class_name = spec.rpartition(":")
+    if not sep or not target or not class_name:
+        raise ConfigError(
+            f"task {spec!r}: expected a built-in name ({', '.join(sorted(BUILTIN_TASKS))}), "
+            "path/to/file.py:ClassName or package.module:ClassName"
+        )
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise ArtifactNotFoundError(f"task {spec!r}: no such file {path}")
+        module_name = f"_gradindex_task_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
+        module = sys.modules.get(module_name)
+        if module is None:
+            module_spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_name] = module
+            try:
+                module_spec.loader.exec_module(module)
+            except Exception as err:
+                del sys.modules[module_name]
+                raise TaskError(f"task {spec!r}: importing {path} failed: {type(err).__name__}: {err}") from err
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as err:
+            raise ArtifactNotFoundError(f"task {spec!r}: cannot import module {target!r}: {err}") from None
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise ConfigError(f"task {spec!r}: {target} defines no {class_name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise TaskError(f"task {spec!r}: {class_name} is not a subclass of gradindex.Task")
+    return cls
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer (names, shapes, dtypes, bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{tuple(data.shape)}|{data.dtype}|".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()

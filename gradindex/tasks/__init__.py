@@ -1,0 +1,7 @@
+"""Built-in tasks: name -> (module, class, default options)."""
+
+BUILTIN_TASKS: dict[str, tuple[str, str, dict]] = {
+    "digits": ("gradindex.tasks.digits", "DigitsTask", {"arch": "mlp"}),
+    "digits-mlp": ("gradindex.tasks.digits", "DigitsTask", {"arch": "mlp"}),
+    "digits-cnn": ("gradindex.tasks.digits", "DigitsTask", {"arch": "cnn"}),
+}

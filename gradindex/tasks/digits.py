@@ -1,0 +1,210 @@
+"""Built-in task: scikit-learn's bundled 8×8 digits with a small MLP or CNN.
+
+Data: ``sklearn.datasets.load_digits`` (1797 images, shipped with the package),
+scaled to [0, 1], split by a seeded permutation into 1437 training and 360
+held-out examples. Models: ``mlp`` (64-128-128-10, ReLU) or ``cnn`` (two 3×3
+convolutions, max-pool, two linear layers). Training is deterministic (seeded
+Adam, full CPU determinism) and takes seconds; the default checkpoint is trained
+on first use and cached under ``$GRADINDEX_HOME`` (default ``~/.cache/gradindex``).
+
+Loss: per-example cross-entropy. Measurement: the margin
+``logit_y − logsumexp_{j≠y} logit_j`` of the query's label (TRAK's choice);
+a query labelled ``-1`` is measured at the model's own prediction.
+Query files: ``.npz`` with ``x`` (``[n, 64]`` or ``[n, 8, 8]``, pixel values 0..16
+as in ``load_digits``) and optional ``y``, or a ``.npy`` array of ``x``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
+from gradindex.task import Task
+
+logger = logging.getLogger(__name__)
+
+ARCHS = ("mlp", "cnn")
+TRAIN_FRACTION = 0.8
+SPLIT_SEED = 0
+
+
+def gradindex_home() -> Path:
+    return Path(os.environ.get("GRADINDEX_HOME", Path.home() / ".cache" / "gradindex"))
+
+
+def load_split() -> dict[str, np.ndarray]:
+    """The fixed train/test split: ``x_train [1437, 64]`` in [0, 1], ``y_train``, ``x_test``, ``y_test``."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(x))
+    cut = int(round(TRAIN_FRACTION * len(x)))
+    train, test = order[:cut], order[cut:]
+    return {"x_train": x[train], "y_train": y[train], "x_test": x[test], "y_test": y[test]}
+
+
+def build_model(arch: str) -> nn.Module:
+    if arch == "mlp":
+        layers = [("fc1", nn.Linear(64, 128)), ("relu1", nn.ReLU()), ("fc2", nn.Linear(128, 128)),
+                  ("relu2", nn.ReLU()), ("fc3", nn.Linear(128, 10))]
+        return nn.Sequential(OrderedDict(layers))
+    if arch == "cnn":
+        layers = [("image", nn.Unflatten(1, (1, 8, 8))),
+                  ("conv1", nn.Conv2d(1, 16, 3, padding=1)), ("relu1", nn.ReLU()),
+                  ("conv2", nn.Conv2d(16, 32, 3, padding=1)), ("relu2", nn.ReLU()),
+                  ("pool", nn.MaxPool2d(2)), ("flatten", nn.Flatten()),
+                  ("fc1", nn.Linear(32 * 4 * 4, 64)), ("relu3", nn.ReLU()),
+                  ("fc2", nn.Linear(64, 10))]
+        return nn.Sequential(OrderedDict(layers))
+    raise ConfigError(f"digits task: arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+
+
+def train_model(arch: str, x: np.ndarray, y: np.ndarray, seed: int = 0, epochs: int = 40,
+                batch_size: int = 64, lr: float = 3e-3) -> nn.Module:
+    """Train a fresh model deterministically on ``(x, y)`` (seconds on a CPU)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = build_model(arch)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
+    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(xs), generator=generator)
+        for start in range(0, len(xs), batch_size):
+            rows = order[start : start + batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xs[rows]), ys[rows]).backward()
+            optimizer.step()
+    return model.eval()
+
+
+def save_checkpoint(model: nn.Module, arch: str, path: str | Path) -> Path:
+    from gradindex.store import temporary_path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    torch.save({"arch": arch, "state_dict": model.state_dict()}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+class DigitsTask(Task):
+    """Digits classification with an ``mlp`` or ``cnn``; see the module docstring."""
+
+    def __init__(self, arch: str = "mlp", seed: int = 0):
+        if arch not in ARCHS:
+            raise ConfigError(f"digits task: arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+        self.arch = arch
+        self.seed = int(seed)
+        self.options = {"arch": arch, "seed": self.seed}
+        self._split: dict[str, np.ndarray] | None = None
+
+    @property
+    def split(self) -> dict[str, np.ndarray]:
+        if self._split is None:
+            self._split = load_split()
+        return self._split
+
+    # -- model -------------------------------------------------------------------------------
+    def default_checkpoint(self) -> Path:
+        return gradindex_home() / "checkpoints" / f"digits-{self.arch}-seed{self.seed}.pt"
+
+    def train(self, path: str | Path | None = None, indices: Sequence[int] | None = None,
+              seed: int | None = None) -> Path:
+        """Train on the training examples at ``indices`` (default: all) and save a checkpoint."""
+        rows = np.arange(len(self.split["x_train"])) if indices is None else np.asarray(indices)
+        model = train_model(self.arch, self.split["x_train"][rows], self.split["y_train"][rows],
+                            seed=self.seed if seed is None else seed)
+        return save_checkpoint(model, self.arch, path or self.default_checkpoint())
+
+    def load_model(self, checkpoint: str | Path | None) -> nn.Module:
+        if checkpoint is None:
+            checkpoint = self.default_checkpoint()
+            if not checkpoint.is_file():
+                logger.info("training the digits %s (first use) -> %s", self.arch, checkpoint)
+                self.train(checkpoint)
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise ArtifactNotFoundError(
+                f"no checkpoint at {path}; train one with `python tools/train_digits.py --arch {self.arch} --out {path}`"
+            )
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise StoreMismatchError(f"{path} is not a digits checkpoint ({type(err).__name__}: {err})") from None
+        if not isinstance(saved, dict) or saved.get("arch") != self.arch:
+            found = saved.get("arch") if isinstance(saved, dict) else type(saved).__name__
+            raise StoreMismatchError(f"{path} holds a {found!r} model, the task is digits {self.arch!r}")
+        model = build_model(self.arch)
+        model.load_state_dict(saved["state_dict"])
+        return model.eval()
+
+    # -- data --------------------------------------------------------------------------------
+    def train_dataset(self) -> Sequence:
+        return torch.utils.data.TensorDataset(torch.from_numpy(self.split["x_train"]), torch.from_numpy(self.split["y_train"]))
+
+    def query_dataset(self) -> Sequence:
+        return torch.utils.data.TensorDataset(torch.from_numpy(self.split["x_test"]), torch.from_numpy(self.split["y_test"]))
+
+    def metadata(self, dataset: Sequence) -> dict[str, np.ndarray]:
+        return {"label": dataset.tensors[1].numpy()} if isinstance(dataset, torch.utils.data.TensorDataset) else {}
+
+    def load_queries(self, path: str | Path) -> Sequence:
+        path = Path(path)
+        if not path.is_file():
+            raise ArtifactNotFoundError(f"no query inputs file at {path}")
+        try:
+            if path.suffix == ".npz":
+                with np.load(path) as data:
+                    if "x" not in data.files:
+                        raise ConfigError(f"{path}: expected an array named 'x' (and optional 'y'), found {data.files}")
+                    x, y = data["x"], data["y"] if "y" in data.files else None
+            else:
+                x, y = np.load(path, allow_pickle=False), None
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"{path}: not a .npz/.npy file of digits ({err})") from None
+        if x.ndim == 3 and x.shape[1:] == (8, 8):
+            x = x.reshape(len(x), 64)
+        if x.ndim != 2 or x.shape[1] != 64 or len(x) == 0:
+            raise ConfigError(f"{path}: expected digits of shape [n, 64] or [n, 8, 8], got {tuple(x.shape)}")
+        if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all() or x.min() < 0 or x.max() > 16:
+            raise ConfigError(f"{path}: pixel values must be numbers in 0..16 (as in sklearn's load_digits)")
+        y = np.full(len(x), -1) if y is None else np.asarray(y).reshape(-1)
+        if len(y) != len(x) or not np.issubdtype(y.dtype, np.integer) or ((y < -1) | (y > 9)).any():
+            raise ConfigError(f"{path}: 'y' must hold {len(x)} labels in 0..9 (or -1 for the model's prediction)")
+        x = x.astype(np.float32) / 16.0
+        return torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)))
+
+    # -- losses ------------------------------------------------------------------------------
+    def compute_train_loss(self, batch, model: nn.Module) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x), y, reduction="none")
+
+    def compute_measurement(self, batch, model: nn.Module) -> torch.Tensor:
+        x, y = batch
+        logits = model(x)
+        y = torch.where(y < 0, logits.argmax(1), y)
+        true = logits.gather(1, y[:, None])[:, 0]
+        others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), -torch.inf)
+        return true - torch.logsumexp(others, dim=1)
+
+    # -- display -----------------------------------------------------------------------------
+    def render(self, item) -> np.ndarray:
+        return np.asarray(item[0]).reshape(8, 8)
+
+    def describe(self, item) -> str:
+        label = int(item[1])
+        return f"label {label}" if label >= 0 else "unlabelled"
