@@ -164,7 +164,7 @@ class GradientProjector:
                 self._capture_inputs(call, bp, module, args, kwargs)
             self._calls[position].append(call)
             if output.requires_grad:
-                output.register_hook(self._make_grad_hook(bp, call, module))
+                _gradient_target(output).register_hook(self._make_grad_hook(bp, call, tuple(output.shape)))
 
         return hook
 
@@ -185,11 +185,11 @@ class GradientProjector:
             call.args = tuple(_detached_clone(a) for a in args)
             call.kwargs = {key: _detached_clone(value) for key, value in kwargs.items()}
 
-    def _make_grad_hook(self, bp: BlockProjector, call: _Call, module: nn.Module):
+    def _make_grad_hook(self, bp: BlockProjector, call: _Call, shape: tuple[int, ...]):
         kind = bp.block.kind
 
         def grad_hook(grad: torch.Tensor) -> None:
-            grad = grad.detach().float()
+            grad = grad.detach().reshape(shape).float()
             if kind == "linear":
                 call.left = bp.left(_as_rows(grad))
             elif kind == "conv2d":
@@ -268,12 +268,12 @@ class GradientProjector:
         expected = bp.project_gradient(reference_layout(bp.block.kind, bp.block.params, full).unsqueeze(0))[0]
         got = phi.sum(0)
         scale = expected.norm().clamp_min(1e-12)
-        error = float((got - expected).norm() / scale)
+        error = float((got - expected).norm().detach() / scale)
         if error > 1e-3 and float(expected.norm()) > 1e-8:
             raise TaskError(
                 f"module {bp.block.module!r} (group {group!r}): per-example gradients do not add up to the "
-                f"batch gradient (relative error {error:.2e}). Examples may interact inside the batch "
-                "(train-mode BatchNorm?) or the module's weights are used outside its forward()."
+                f"batch gradient (relative error {error:.2e}): the module's weights are used outside its "
+                "forward(), or its output is a view modified in place; merge or exclude it with a group rule"
             )
 
 
@@ -293,6 +293,19 @@ def reference_layout(kind: str, params: Sequence[str], grads: Sequence[torch.Ten
     if "bias" in by_name:
         columns.append(by_name["bias"].reshape(-1, 1))
     return torch.cat(columns, dim=1).reshape(-1)
+
+
+def _gradient_target(output: torch.Tensor) -> torch.Tensor:
+    """The tensor whose gradient hook sees ``∂/∂output`` even if ``output`` is later modified in place.
+
+    A tensor hook survives in-place ops on a plain tensor, but not on a view (``nn.Linear`` on a
+    3-D input returns a view of a 2-D product): then the hook goes on the view's base, which holds
+    the same elements in the same order when the view is a contiguous reshape of it.
+    """
+    base = output._base
+    if base is not None and base.numel() == output.numel() and base.is_contiguous() and output.is_contiguous():
+        return base
+    return output
 
 
 def _detached_clone(value: Any) -> Any:

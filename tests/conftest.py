@@ -1,0 +1,75 @@
+"""Shared seeded fixtures. Files only under tmp_path; no network; CPU only."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_home(tmp_path_factory):
+    """Checkpoints the built-in tasks train on first use go to a per-session folder."""
+    home = tmp_path_factory.mktemp("gradindex-home")
+    old = os.environ.get("GRADINDEX_HOME")
+    os.environ["GRADINDEX_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("GRADINDEX_HOME", None)
+    else:
+        os.environ["GRADINDEX_HOME"] = old
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+class MixedNet(nn.Module):
+    """Embedding + LayerNorm (generic) + Linear used twice + in-place ReLU + Conv2d."""
+
+    def __init__(self, vocab: int = 11, dim: int = 6):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.norm = nn.LayerNorm(dim)
+        self.shared = nn.Linear(dim, dim)
+        self.conv = nn.Conv2d(1, 3, kernel_size=3, stride=2, padding=1, dilation=1)
+        self.head = nn.Linear(dim + 3 * 2 * 2, 4)
+        self.scale = nn.Parameter(torch.ones(4))  # a root parameter: generic block of the root
+
+    def forward(self, tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.embed(tokens))  # [B, T, dim]
+        h = torch.relu_(self.shared(h))  # in-place op on a hooked module's output
+        h = self.shared(h).mean(1)  # the same module called a second time
+        c = self.conv(image).flatten(1)  # [B, 12]
+        return self.head(torch.cat([h, c], dim=1)) * self.scale
+
+
+def mixed_batch(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 11, (n, 5), generator=g)
+    image = torch.randn(n, 1, 4, 4, generator=g)
+    labels = torch.randint(0, 4, (n,), generator=g)
+    return tokens, image, labels
+
+
+def mixed_loss(model: nn.Module, batch) -> torch.Tensor:
+    tokens, image, labels = batch
+    return nn.functional.cross_entropy(model(tokens, image), labels, reduction="none")
+
+
+def rows(batch, i: int):
+    return tuple(t[i : i + 1] for t in batch)
+
+
+@pytest.fixture
+def mixed_net() -> MixedNet:
+    torch.manual_seed(1)
+    return MixedNet().eval()

@@ -1,0 +1,59 @@
+"""Independent references for the tests: a per-example autograd loop and explicit dense projectors.
+
+Nothing here is used by the package; the package is tested against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from gradindex.gradients import reference_layout
+from gradindex.groups import ParameterGroup
+from gradindex.projection import BlockProjector
+
+
+def per_example_gradients(
+    model: torch.nn.Module,
+    groups: Sequence[ParameterGroup],
+    compute: Callable[[object], torch.Tensor],
+    batches: Sequence[object],
+) -> dict[str, torch.Tensor]:
+    """Full per-example gradients ``{group: [n, numel_g]}``, one ``autograd.grad`` per example.
+
+    ``compute(batch)`` returns ``[1]`` for a single-example batch.
+    """
+    modules = dict(model.named_modules())
+    out: dict[str, list[torch.Tensor]] = {g.name: [] for g in groups}
+    for batch in batches:
+        value = compute(batch)
+        assert value.shape == (1,)
+        for group in groups:
+            params = [getattr(modules[b.module], name) for b in group.blocks for name in b.params]
+            grads = torch.autograd.grad(value[0], params, retain_graph=True, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+            parts, position = [], 0
+            for block in group.blocks:
+                count = len(block.params)
+                parts.append(reference_layout(block.kind, block.params, grads[position : position + count]))
+                position += count
+            out[group.name].append(torch.cat(parts).detach())
+    return {name: torch.stack(rows) for name, rows in out.items()}
+
+
+def dense_block_matrix(bp: BlockProjector) -> torch.Tensor:
+    """The explicit ``[k, numel]`` matrix of a block projector: ``P_left ⊗ P_right`` or the dense one."""
+    if bp.dense is not None:
+        return bp.dense.matrix()
+    return torch.kron(bp.left.matrix(), bp.right.matrix())
+
+
+def dense_group_projection(projectors: Sequence[BlockProjector], gradients: torch.Tensor) -> torch.Tensor:
+    """Project full group gradients ``[n, numel_g]`` block by block with the explicit matrices."""
+    outputs, start = [], 0
+    for bp in projectors:
+        stop = start + bp.block.numel
+        outputs.append(gradients[:, start:stop] @ dense_block_matrix(bp).T)
+        start = stop
+    return torch.cat(outputs, dim=1)
