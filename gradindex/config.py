@@ -124,12 +124,19 @@ class ProjectionConfig(_Config):
     merges m modules has about m·proj_dim dimensions); ``group_dims`` overrides
     it per group as ``((group, dim), ...)``. Blocks whose gradient is no larger
     than their target are stored unprojected.
+
+    Factorized blocks (linear, conv, embedding) are projected by
+    ``proj_dim // factor_dim²`` stacked independent Kronecker heads of
+    ``factor_dim × factor_dim`` each; ``factor_dim = √proj_dim`` is a single
+    Kronecker product (LoGra). More, smaller heads estimate inner products with
+    much less variance at the same output dimension (see projection.py).
     """
 
     kind: ProjectionKind = ProjectionKind.GAUSSIAN
     proj_dim: int = 256
     group_dims: tuple[tuple[str, int], ...] = ()
     seed: int = 0
+    factor_dim: int = 2
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", parse_enum(ProjectionKind, self.kind, "ProjectionConfig.kind"))
@@ -140,6 +147,7 @@ class ProjectionConfig(_Config):
                 raise ConfigError(f"ProjectionConfig.group_dims: expected (group, dim) pairs, got {item!r}")
             _require_positive(item[1], f"ProjectionConfig.group_dims[{item[0]!r}]")
         object.__setattr__(self, "group_dims", pairs)
+        _require_positive(self.factor_dim, "ProjectionConfig.factor_dim")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"ProjectionConfig.seed: expected a non-negative integer, got {self.seed!r}")
 

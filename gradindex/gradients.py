@@ -215,7 +215,7 @@ class GradientProjector:
                     continue  # the output did not reach the loss: zero gradient
                 left = _per_example(call.left, batch, bp.block.module)
                 right = _per_example(call.right, batch, bp.block.module)
-                out += torch.einsum("btl,btr->blr", left, right).reshape(batch, -1)
+                out += bp.combine(left, right)
         return out
 
     def _generic_gradients(self, bp: BlockProjector, call: _Call) -> torch.Tensor:

@@ -5,11 +5,20 @@
   the identity when ``k >= dim``. Large matrices are generated in column chunks
   (each from its own derived seed), so a projector never needs more than a
   bounded amount of memory.
-* :class:`BlockProjector` holds what one module block needs: a ``left`` and a
-  ``right`` projector for factorized blocks (gradient ``G = Σ_t u_t v_tᵀ``,
-  projected as ``P_left G P_rightᵀ = Σ_t (P_left u_t)(P_right v_t)ᵀ``, i.e.
-  ``(P_left ⊗ P_right) vec(G)`` with row-major ``vec``), or one dense projector
-  for generic blocks.
+* :class:`BlockProjector` holds what one module block needs: ``left`` and
+  ``right`` projectors for factorized blocks, or one dense projector for generic
+  blocks. A factorized block's gradient is ``G = Σ_t u_t v_tᵀ`` (``[left, right]``);
+  it is projected by ``r`` stacked independent Kronecker heads
+
+      φ = (1/√r) [vec(P_l¹ G P_r¹ᵀ); …; vec(P_lʳ G P_rʳᵀ)],
+      P_lⁱ G P_rⁱᵀ = Σ_t (P_lⁱ u_t)(P_rⁱ v_t)ᵀ,
+
+  i.e. ``φ = P vec(G)`` with ``P = (1/√r)[P_l¹⊗P_r¹; …]`` (row-major ``vec``) and
+  ``E[PᵀP] = I``. Heads are ``s_l × s_r`` (``factor_dim``, default 2), so
+  ``r = k / (s_l s_r)``. One ``√k × √k`` head (LoGra) estimates inner products
+  like two sketches of size √k — on the digits models its scores correlated
+  only 0.79–0.83 with exact ones at k = 256 — while 64 heads of 2×2 reached
+  0.92–0.98 at the same k; each side costs ``r·s = k/s`` per token.
 
 Matrices are drawn on the CPU from ``derive_seed(seed, group, module, side)`` and
 then moved to the device, so a store built on a GPU is queried on a CPU with the
@@ -51,11 +60,18 @@ def random_matrix(kind: ProjectionKind, rows: int, cols: int, seed: int) -> torc
 
 
 class Projector:
-    """``x [..., dim] -> x Pᵀ [..., k]``; the identity when ``k >= dim`` or kind is IDENTITY."""
+    """``x [..., dim] -> x Pᵀ [..., k]``; the identity when kind is IDENTITY, or ``k >= dim`` for a plain projector.
 
-    def __init__(self, kind: ProjectionKind, dim: int, k: int, seed: int, device: torch.device | str = "cpu"):
+    Entries have variance ``1/norm_rows`` (default ``1/k``); a factorized side
+    stacking ``r`` heads of ``s`` rows uses ``norm_rows = s``.
+    """
+
+    def __init__(self, kind: ProjectionKind, dim: int, k: int, seed: int, device: torch.device | str = "cpu",
+                 norm_rows: int | None = None):
         self.dim = dim
-        self.is_identity = kind is ProjectionKind.IDENTITY or k >= dim
+        self.norm_rows = norm_rows
+        # stacked heads (norm_rows given) stay random even when k >= dim
+        self.is_identity = kind is ProjectionKind.IDENTITY or (norm_rows is None and k >= dim)
         self.k = dim if self.is_identity else k
         self.kind = kind
         self.seed = seed
@@ -69,7 +85,10 @@ class Projector:
     def _make_chunk(self, index: int) -> torch.Tensor:
         start, stop = self._bounds[index]
         seed = self.seed if len(self._bounds) == 1 else derive_seed(self.seed, f"chunk{index}")
-        return random_matrix(self.kind, self.k, stop - start, seed).to(self.device)
+        matrix = random_matrix(self.kind, self.k, stop - start, seed)
+        if self.norm_rows is not None:
+            matrix *= math.sqrt(self.k / self.norm_rows)
+        return matrix.to(self.device)
 
     def _chunk(self, index: int) -> torch.Tensor:
         return self._chunks[index] if self._chunks is not None else self._make_chunk(index)
@@ -100,21 +119,17 @@ class Projector:
         return self.matrix().T[index]
 
 
-def factor_dims(left: int, right: int, k: int) -> tuple[int, int]:
-    """Split a target dimension ``k`` into ``(k_left, k_right)`` for a ``[left, right]`` gradient.
+def factor_dims(left: int, right: int, k: int, factor_dim: int) -> tuple[int, int, int]:
+    """``(heads, s_left, s_right)`` for a ``[left, right]`` gradient and target dimension ``k``.
 
-    A side no larger than its share is kept whole (identity on that side); the
-    other side gets the rest. The product is at most ``k`` unless the whole
-    gradient already fits (then both sides are kept whole).
+    A gradient no larger than ``k`` is kept whole: ``(1, left, right)`` with
+    identity sides. Otherwise heads are ``min(factor_dim, side)`` on each side and
+    there are ``max(1, k // (s_left·s_right))`` of them.
     """
     if left * right <= k:
-        return left, right
-    root = math.isqrt(k)
-    if left <= root:
-        return left, max(1, min(right, k // left))
-    if right <= root:
-        return max(1, min(left, k // right)), right
-    return root, max(1, k // root)
+        return 1, left, right
+    s_left, s_right = min(factor_dim, left), min(factor_dim, right)
+    return max(1, k // (s_left * s_right)), s_left, s_right
 
 
 @dataclass
@@ -125,24 +140,36 @@ class BlockProjector:
     left: Projector | None = None
     right: Projector | None = None
     dense: Projector | None = None
+    heads: int = 1
 
     @property
     def out_dim(self) -> int:
         if self.dense is not None:
             return self.dense.k
-        return self.left.k * self.right.k
+        return self.left.k * self.right.k // self.heads
 
     def dims(self) -> dict[str, int]:
         if self.dense is not None:
             return {"k": self.dense.k}
-        return {"k_left": self.left.k, "k_right": self.right.k}
+        return {"heads": self.heads, "k_left": self.left.k // self.heads, "k_right": self.right.k // self.heads}
+
+    def combine(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """Projected sides ``[B, T, r·s_l]`` and ``[B, T, r·s_r]`` → ``[B, r·s_l·s_r]`` (sum over T)."""
+        batch, heads = left.shape[0], self.heads
+        if heads == 1:
+            return torch.einsum("btl,btr->blr", left, right).reshape(batch, -1)
+        left = left.reshape(batch, left.shape[1], heads, -1)
+        right = right.reshape(batch, right.shape[1], heads, -1)
+        return torch.einsum("bthl,bthr->bhlr", left, right).reshape(batch, -1) / math.sqrt(heads)
 
     def project_gradient(self, gradient: torch.Tensor) -> torch.Tensor:
         """Project full flattened block gradients ``[B, numel] -> [B, out_dim]`` (reference layout)."""
         if self.dense is not None:
             return self.dense(gradient)
         g = gradient.reshape(-1, self.block.left, self.block.right)
-        out = torch.einsum("kl,blr,jr->bkj", self.left.matrix(), g, self.right.matrix())
+        left = self.left.matrix().reshape(self.heads, -1, self.block.left)
+        right = self.right.matrix().reshape(self.heads, -1, self.block.right)
+        out = torch.einsum("hkl,blr,hjr->bhkj", left, g, right) / math.sqrt(self.heads)
         return out.reshape(gradient.shape[0], -1)
 
 
@@ -155,10 +182,15 @@ def make_block_projector(
         k = block.numel
     seed = derive_seed(config.seed, group, block.module, ",".join(block.params))
     if block.kind in FACTORIZED_KINDS:
-        k_left, k_right = factor_dims(block.left, block.right, k)
+        heads, s_left, s_right = factor_dims(block.left, block.right, k, config.factor_dim)
+        if heads == 1 and s_left == block.left and s_right == block.right:
+            kind = ProjectionKind.IDENTITY
+        else:
+            kind = config.kind
         return BlockProjector(
             block,
-            left=Projector(config.kind, block.left, k_left, derive_seed(seed, "left"), device),
-            right=Projector(config.kind, block.right, k_right, derive_seed(seed, "right"), device),
+            left=Projector(kind, block.left, heads * s_left, derive_seed(seed, "left"), device, norm_rows=s_left),
+            right=Projector(kind, block.right, heads * s_right, derive_seed(seed, "right"), device, norm_rows=s_right),
+            heads=heads,
         )
     return BlockProjector(block, dense=Projector(config.kind, block.numel, k, derive_seed(seed, "dense"), device))

@@ -43,10 +43,12 @@ def per_example_gradients(
 
 
 def dense_block_matrix(bp: BlockProjector) -> torch.Tensor:
-    """The explicit ``[k, numel]`` matrix of a block projector: ``P_left ⊗ P_right`` or the dense one."""
+    """The explicit ``[k, numel]`` matrix of a block projector: stacked ``P_lⁱ ⊗ P_rⁱ / √r``, or the dense one."""
     if bp.dense is not None:
         return bp.dense.matrix()
-    return torch.kron(bp.left.matrix(), bp.right.matrix())
+    lefts = bp.left.matrix().reshape(bp.heads, -1, bp.block.left)
+    rights = bp.right.matrix().reshape(bp.heads, -1, bp.block.right)
+    return torch.cat([torch.kron(l, r) for l, r in zip(lefts, rights)]) / bp.heads**0.5
 
 
 def dense_group_projection(projectors: Sequence[BlockProjector], gradients: torch.Tensor) -> torch.Tensor:

@@ -149,7 +149,11 @@ class DigitsTask(Task):
             found = saved.get("arch") if isinstance(saved, dict) else type(saved).__name__
             raise StoreMismatchError(f"{path} holds a {found!r} model, the task is digits {self.arch!r}")
         model = build_model(self.arch)
-        model.load_state_dict(saved["state_dict"])
+        try:
+            model.load_state_dict(saved["state_dict"])
+        except (RuntimeError, KeyError) as err:
+            first = str(err).strip().splitlines()[-1].strip()
+            raise StoreMismatchError(f"{path} does not fit the digits {self.arch} model ({first}); train it again") from None
         return model.eval()
 
     # -- data --------------------------------------------------------------------------------
