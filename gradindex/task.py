@@ -119,7 +119,8 @@ class Task:
 
     def spec(self) -> dict[str, Any]:
         """What :func:`load_task` needs to rebuild this task (stored in the manifest)."""
-        return {"task": getattr(self, "_spec", type(self).__qualname__), "options": dict(self.options)}
+        default = f"{type(self).__module__}:{type(self).__qualname__}"
+        return {"task": getattr(self, "_spec", default), "options": dict(self.options)}
 
 
 def _move(batch: Any, device: torch.device) -> Any:

@@ -73,3 +73,20 @@ def rows(batch, i: int):
 def mixed_net() -> MixedNet:
     torch.manual_seed(1)
     return MixedNet().eval()
+
+
+def _gpu_ready() -> bool:
+    try:
+        import faiss
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def pytest_collection_modifyitems(config, items):
+    if _gpu_ready():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU with torch and a GPU build of FAISS")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
