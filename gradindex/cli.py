@@ -78,6 +78,9 @@ proj_options = [
     click.option("--proj-kind", type=click.Choice(["gaussian", "rademacher", "identity"]), default="gaussian",
                   show_default=True, help="Random projection matrix (identity: store full gradients)."),
     click.option("--seed", type=int, default=0, show_default=True, help="Projection seed."),
+    click.option("--factor-dim", type=int, default=2, show_default=True,
+                 help="Side of each stacked Kronecker head for linear/conv/embedding blocks "
+                      "(√proj-dim: one LoGra Kronecker product)."),
 ]
 device_option = click.option("--device", default="cpu", show_default=True,
                              help="Torch device for gradients (cpu, cuda, cuda:1, ...).")
@@ -91,10 +94,11 @@ def _apply(options):
     return decorator
 
 
-def _featurize_config(proj_dim, group_dims, proj_kind, seed, group_rules, **fields):
+def _featurize_config(proj_dim, group_dims, proj_kind, seed, factor_dim, group_rules, **fields):
     from gradindex.config import FeaturizeConfig, GroupRule, ProjectionConfig
 
-    projection = ProjectionConfig(kind=proj_kind, proj_dim=proj_dim, group_dims=_group_dims(group_dims), seed=seed)
+    projection = ProjectionConfig(kind=proj_kind, proj_dim=proj_dim, group_dims=_group_dims(group_dims), seed=seed,
+                                  factor_dim=factor_dim)
     return FeaturizeConfig(projection=projection, group_rules=tuple(GroupRule.parse(r) for r in group_rules), **fields)
 
 
@@ -147,14 +151,15 @@ def demo(ctx, task_spec: str, out: Path, k: int, num_queries: int, device: str) 
 @group_rule_option
 @_apply(proj_options)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def groups(task_spec, task_options, checkpoint, group_rules, proj_dim, group_dims, proj_kind, seed, as_json) -> None:
+def groups(task_spec, task_options, checkpoint, group_rules, proj_dim, group_dims, proj_kind, seed, factor_dim,
+           as_json) -> None:
     """List the parameter groups of TASK's model, with sizes and projected dims."""
     from gradindex.featurize import resolve_groups
     from gradindex.groups import unused_rules
     from gradindex.projection import make_block_projector
     from gradindex.task import load_task
 
-    config = _featurize_config(proj_dim, group_dims, proj_kind, seed, group_rules)
+    config = _featurize_config(proj_dim, group_dims, proj_kind, seed, factor_dim, group_rules)
     task = load_task(task_spec, _task_options(task_options))
     model = task.load_model(checkpoint)
     resolved = resolve_groups(task, model, config)
@@ -195,12 +200,12 @@ def groups(task_spec, task_options, checkpoint, group_rules, proj_dim, group_dim
 @click.option("--resume", is_flag=True, help="Keep shards a previous identical run completed.")
 @click.pass_context
 def featurize(ctx, task_spec, out, task_options, checkpoint, group_rules, proj_dim, group_dims, proj_kind, seed,
-              dtype, batch_size, shard_size, device, limit, overwrite, resume) -> None:
+              factor_dim, dtype, batch_size, shard_size, device, limit, overwrite, resume) -> None:
     """Compute per-example projected gradients of TASK's training set into a store."""
     from gradindex.featurize import featurize as run_featurize
     from gradindex.task import load_task
 
-    config = _featurize_config(proj_dim, group_dims, proj_kind, seed, group_rules, dtype=dtype,
+    config = _featurize_config(proj_dim, group_dims, proj_kind, seed, factor_dim, group_rules, dtype=dtype,
                                batch_size=batch_size, shard_size=shard_size)
     task = load_task(task_spec, _task_options(task_options))
     store = run_featurize(task, out, config, checkpoint=checkpoint, device=device, overwrite=overwrite,
