@@ -11,7 +11,8 @@
   ``(P_left ⊗ P_right) vec(G)`` with row-major ``vec``), or one dense projector
   for generic blocks.
 
-Matrices are drawn on the CPU from ``derive_seed(seed, group, module, side)`` and
+Matrices are drawn on the CPU from ``derive_seed(seed, group, module, side)``
+(``derive_seed(seed, group, "tie", key, side)`` for the blocks of a tied tensor) and
 then moved to the device, so a store built on a GPU is queried on a CPU with the
 same matrices.
 """
@@ -153,7 +154,9 @@ def make_block_projector(
     k = config.dim_for(group)
     if config.kind is ProjectionKind.IDENTITY:
         k = block.numel
-    seed = derive_seed(config.seed, group, block.module, ",".join(block.params))
+    # the blocks of a tied tensor share one projector (their contributions are summed)
+    seed = (derive_seed(config.seed, group, "tie", block.tie) if block.tie
+            else derive_seed(config.seed, group, block.module, ",".join(block.params)))
     if block.kind in FACTORIZED_KINDS:
         k_left, k_right = factor_dims(block.left, block.right, k)
         return BlockProjector(
