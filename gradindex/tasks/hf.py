@@ -144,10 +144,16 @@ class HFCausalLMTask(CausalLMTask):
         directory = Path(checkpoint) if checkpoint is not None else self.model_dir
         if not directory.is_dir():
             raise ArtifactNotFoundError(f"hf task: no model directory at {directory} (a save_pretrained folder)")
+        hf_logging = transformers.utils.logging
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # its weight-loading bar would break `query --json` output
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
         except (OSError, ValueError) as err:
             raise StoreMismatchError(f"hf task: cannot load a causal LM from {directory}: {err}") from None
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         if int(model.config.vocab_size) != int(self.config.vocab_size):
             raise StoreMismatchError(f"hf task: {directory} has vocabulary size {model.config.vocab_size}, "
                                      f"the task's model {self.config.vocab_size}")
