@@ -195,6 +195,11 @@ class LMTask(CausalLMTask):
         self.seed = int(seed)
         self.options = {"corpus": str(corpus) if corpus else None, "seed": self.seed, "layers": layers,
                         "width": width, "heads": heads, "epochs": epochs}
+        if not corpus and not DEFAULT_CORPUS.is_file():
+            raise ArtifactNotFoundError(
+                f"the lm task's default corpus config {DEFAULT_CORPUS} is missing (it ships in the source tree's "
+                "data/); pass --task-option corpus=PATH/lm_corpus.json"
+            )
         self.corpus: Corpus = generate_corpus(CorpusConfig.load(self.corpus_path))
         self.tokenizer = WordTokenizer(self.corpus.vocabulary)
         self.pad_id = self.tokenizer.pad_id
