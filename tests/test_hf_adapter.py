@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from lm_reference import assert_features_close, brute_force_features, one_thread
 from torch import nn
 
 from gradindex.config import GroupRule, ProjectionConfig, ProjectionKind
@@ -15,7 +16,6 @@ from gradindex.errors import ConfigError, MissingDependencyError
 from gradindex.gradients import GradientProjector
 from gradindex.groups import parameter_groups
 from gradindex.task import load_task
-from lm_reference import assert_features_close, brute_force_features, one_thread
 
 transformers = pytest.importorskip("transformers")
 

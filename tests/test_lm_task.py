@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from lm_reference import assert_features_close, brute_force_features, one_thread, write_tiny_corpus
 
 from gradindex.config import GroupRule, ProjectionConfig, ProjectionKind
 from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
@@ -16,7 +17,6 @@ from gradindex.task import load_task, model_fingerprint
 from gradindex.tasks.causal_lm import token_log_probs
 from gradindex.tasks.lm import DEFAULT_CORPUS, LMTask
 from gradindex.tasks.lm_corpus import CorpusConfig, WordTokenizer, generate_corpus
-from lm_reference import assert_features_close, brute_force_features, one_thread, write_tiny_corpus
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -29,7 +29,8 @@ def _one_thread():
 def tiny(tmp_path_factory):
     """A tiny lm task (width 16, 2 layers) and a briefly trained checkpoint."""
     root = tmp_path_factory.mktemp("lm")
-    options = {"corpus": str(write_tiny_corpus(root / "corpus.json")), "width": 16, "layers": 2, "heads": 2, "epochs": 40}
+    options = {"corpus": str(write_tiny_corpus(root / "corpus.json")), "width": 16, "layers": 2, "heads": 2,
+               "epochs": 40}
     task = load_task("lm", options)
     checkpoint = task.train(root / "model.pt")
     return task, task.load_model(checkpoint), checkpoint
@@ -67,7 +68,8 @@ def test_corpus_seed_changes_the_corpus(tmp_path):
     ({"mentions": [[3, 1.0]]}, "at most once per template"),
     ({"subject": "city2"}, "subject"),
     ({"names": {"person": {"count": 500, "syllables": 2}}}, "cannot be drawn"),
-    ({"relations": [{"name": "x", "object": "pet", "templates": ["{s} likes ."], "query": "{s} likes"}]}, "{s} and {o}"),
+    ({"relations": [{"name": "x", "object": "pet", "templates": ["{s} likes ."], "query": "{s} likes"}]},
+     "{s} and {o}"),
     ({"syllables": "ab"}, "syllables"),
 ])
 def test_bad_corpus_config_is_one_clear_error(tmp_path, change, message):
@@ -115,7 +117,7 @@ def test_training_is_deterministic_and_uses_the_subset(tiny, tmp_path):
 def test_checkpoint_of_another_architecture_is_refused(tiny, tmp_path):
     task, _, checkpoint = tiny
     wider = LMTask(corpus=task.options["corpus"], width=32, layers=2, heads=2)
-    with pytest.raises(StoreMismatchError, match="the task needs"):
+    with pytest.raises(StoreMismatchError, match="the lm task needs"):
         wider.load_model(checkpoint)
     with pytest.raises(ArtifactNotFoundError):
         task.load_model(tmp_path / "missing.pt")
@@ -171,7 +173,8 @@ def test_query_file_forms_agree(tiny, tmp_path):
     items = task.load_queries(path)
     assert len(items) == 4
     for item in items[1:3]:
-        assert torch.equal(item["input_ids"], items[0]["input_ids"]) and torch.equal(item["targets"], items[0]["targets"])
+        assert torch.equal(item["input_ids"], items[0]["input_ids"])
+        assert torch.equal(item["targets"], items[0]["targets"])
     assert items[3]["targets"].sum() == 2
     assert task.describe(items[0]) == f"{record['prompt']} [{record['span']}] ."
     assert task.describe(task.train_dataset()[0]) == task.corpus.sequences[0]

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gradindex.errors import ArtifactNotFoundError, ConfigError
@@ -209,10 +208,11 @@ def _token_ids(record: dict[str, Any], key: str) -> list[int]:
 def _span_positions(span: Any, length: int) -> tuple[int, int] | None:
     if span is None:
         return None
-    if (not isinstance(span, list) or len(span) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                                for v in span)):
+    integers = isinstance(span, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in span)
+    if not integers or len(span) != 2:
         raise ConfigError(f"span must be a substring of the completion or [start, stop] token positions, got {span!r}")
     start, stop = span
     if not 0 <= start < stop <= length:
-        raise ConfigError(f"span {span} is outside the completion's {length} tokens (need 0 <= start < stop <= {length})")
+        raise ConfigError(f"span {span} is outside the completion's {length} tokens "
+                          f"(need 0 <= start < stop <= {length})")
     return start, stop

@@ -14,8 +14,9 @@ model's anatomy. No dropout, so training and attribution see the same function.
 Training (:func:`train_lm`): AdamW with warm-up and cosine decay, seeded
 initialisation and batch order, mean of the per-example losses, on one CPU
 thread (so the result does not depend on the machine's thread count, and
-parallel retrainings do not fight over cores); about 20 s on one core. The default checkpoint is trained on first use and
-cached under ``$GRADINDEX_HOME/checkpoints``.
+parallel retrainings do not fight over cores); about 30 s on one core. The
+default checkpoint is trained on first use and cached under
+``$GRADINDEX_HOME/checkpoints``.
 
 Loss, measurement and query files: :mod:`gradindex.tasks.causal_lm` (token-mean
 next-token loss; log-probability of a completion or of a span of it).
@@ -36,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
+from gradindex.errors import ArtifactNotFoundError, ConfigError
 from gradindex.tasks.causal_lm import CausalLMTask, sequence_item
-from gradindex.tasks.digits import gradindex_home, save_checkpoint
+from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
 from gradindex.tasks.lm_corpus import Corpus, CorpusConfig, WordTokenizer, generate_corpus
 
 logger = logging.getLogger(__name__)
@@ -147,7 +148,8 @@ class TinyTransformer(nn.Module):
         return self.head(self.ln_f(x))
 
 
-def train_lm(task: "LMTask", indices: Sequence[int] | None, seed: int, config: TrainConfig = TrainConfig()) -> nn.Module:
+def train_lm(task: "LMTask", indices: Sequence[int] | None, seed: int,
+             config: TrainConfig = TrainConfig()) -> nn.Module:
     """Train a fresh model on the task's training items at ``indices`` (all by default)."""
     dataset = task.train_dataset()
     rows = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -245,19 +247,8 @@ class LMTask(CausalLMTask):
             if not checkpoint.is_file():
                 logger.info("training the lm task's model (first use) -> %s", checkpoint)
                 self.train(checkpoint)
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise ArtifactNotFoundError(f"no checkpoint at {path}; LMTask().train({str(path)!r}) writes one")
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise StoreMismatchError(f"{path} is not an lm checkpoint ({type(err).__name__}: {err})") from None
-        if not isinstance(saved, dict) or saved.get("arch") != self.arch():
-            found = saved.get("arch") if isinstance(saved, dict) else type(saved).__name__
-            raise StoreMismatchError(f"{path} holds a model {found!r}; the task needs {self.arch()!r}")
-        model = TinyTransformer(self.model_config)
-        model.load_state_dict(saved["state_dict"])
-        return model.eval()
+        return load_checkpoint(TinyTransformer(self.model_config), checkpoint, self.arch(), "lm",
+                               "LMTask(...).train(path) writes one")
 
     # -- data -----------------------------------------------------------------------------------
     def train_dataset(self) -> Sequence:

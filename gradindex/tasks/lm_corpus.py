@@ -86,7 +86,9 @@ class CorpusConfig:
         counts = [m for m, _ in self.mentions]
         probs = np.array([p for _, p in self.mentions], dtype=float)
         if not counts or min(counts) < 1 or (probs < 0).any() or not np.isclose(probs.sum(), 1.0):
-            raise ConfigError("corpus mentions: expected [count >= 1, probability] pairs with probabilities summing to 1")
+            raise ConfigError(
+                "corpus mentions: expected [count >= 1, probability] pairs with probabilities summing to 1"
+            )
         if max(counts) > min(len(r.templates) for r in self.relations):
             raise ConfigError("corpus mentions: a fact is stated at most once per template of its relation")
         low, high = self.sentences_per_sequence
