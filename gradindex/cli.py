@@ -277,6 +277,7 @@ def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_siz
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 def info(store_path, as_json) -> None:
     """Show a store's manifest: task, groups, dims, shards, weights, indexes."""
+    from gradindex.groups import ParameterGroup
     from gradindex.store import FeatureStore
     from gradindex.weights import GroupWeights
 
@@ -295,7 +296,7 @@ def info(store_path, as_json) -> None:
     concepts = sorted(set(manifest.get("weights", {})) | set(manifest.get("indexes", {})) | {"all"})
     rows = []
     for group in manifest["groups"]:
-        row = {"group": group["name"], "params": sum(b["left"] * b["right"] for b in group["blocks"]),
+        row = {"group": group["name"], "params": ParameterGroup.from_dict(group).numel,
                "dim": group["dim"]}
         for concept in concepts:
             weights = GroupWeights.from_manifest(manifest, concept, store.groups)

@@ -8,15 +8,18 @@ measurements). Out: ``{group: Tensor[B, k_g]}`` with
 How: forward hooks see each block's module inputs, tensor hooks on its outputs
 see the output gradients ``δ``; one ``backward`` of ``Σ_b f_b`` gives every
 example's ``δ`` at once (examples do not interact). Factorized blocks (linear,
-conv2d, embedding) are projected side by side, ``Σ_t (P_l u_t)(P_r v_t)ᵀ``, and
-never form the ``[left, right]`` per-example gradient; a conv's input side is
+HF conv1d, conv2d, embedding) are projected side by side, ``Σ_t (P_l u_t)(P_r v_t)ᵀ``
+(``t`` runs over tokens, pixels, noise draws), and never form the ``[left, right]``
+per-example gradient; a conv's input side is
 projected by convolving with ``P_r`` reshaped as kernels (no unfold). Generic
 blocks (norms, odd parameters) get exact per-example gradients from a
 module-local vector-Jacobian product (``torch.func.vmap`` over the captured
 inputs and ``δ``) and a dense projection.
 
 A module's leading dimension may be ``R·B`` (``R`` contiguous copies per example,
-e.g. noise draws); rows are summed per example.
+e.g. noise draws); rows are summed per example. The blocks of a tied tensor (same
+``Block.tie``) share one projector and their contributions are summed into one
+feature block.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from torch import nn
 
 from gradindex.config import ProjectionConfig
 from gradindex.errors import TaskError
-from gradindex.groups import ParameterGroup
+from gradindex.groups import TRANSPOSED_KINDS, ParameterGroup, part_owners
 from gradindex.projection import BlockProjector, make_block_projector
 
 logger = logging.getLogger(__name__)
@@ -83,7 +86,10 @@ class GradientProjector:
 
     # -- public -------------------------------------------------------------------------
     def group_dims(self) -> dict[str, int]:
-        return {name: sum(bp.out_dim for bp in blocks) for name, blocks in self.projectors.items()}
+        return {
+            name: sum(blocks[i].out_dim for i in part_owners([bp.block for bp in blocks]))
+            for name, blocks in self.projectors.items()
+        }
 
     def __call__(self, compute: Callable[[], torch.Tensor], verify: bool = False) -> dict[str, torch.Tensor]:
         """Run ``compute()`` (per-example scalars ``[B]``) and return ``{group: [B, k_g]}``.
@@ -112,24 +118,35 @@ class GradientProjector:
         features = {}
         position = 0
         for group in self.groups:
-            parts = []
-            for bp in self.projectors[group.name]:
+            # a part is one untied block, or all blocks of one tied tensor added up
+            parts: dict[Any, list] = {}  # key -> [first block projector, phi, calls seen, full gradient]
+            for offset, bp in enumerate(self.projectors[group.name]):
                 calls = self._calls[position]
-                block_sum = summed_per_block[position]
-                if not calls and any(g is not None and bool(g.any()) for g in block_sum):
-                    raise TaskError(
-                        f"module {bp.block.module!r} (group {group.name!r}): its parameters received gradient "
-                        "but its forward() never ran; its weights are used by another module (e.g. "
-                        "nn.MultiheadAttention's out_proj). Merge or exclude them with a group rule."
-                    )
                 phi = self._finish_block(bp, calls, batch)
-                if verify:
-                    self._verify(bp, group.name, phi, block_sum)
-                parts.append(phi)
+                key = bp.block.tie or offset
+                if key in parts:
+                    parts[key][1] = parts[key][1] + phi
+                    parts[key][2] += len(calls)
+                else:  # every alias of a tied tensor receives its whole gradient: keep the first
+                    parts[key] = [bp, phi, len(calls), summed_per_block[position]]
                 position += 1
-            features[group.name] = torch.cat(parts, dim=1)
+            for first_bp, phi, num_calls, block_sum in parts.values():
+                if not num_calls:
+                    self._check_ran(first_bp, group.name, block_sum)
+                if verify:
+                    self._verify(first_bp, group.name, phi, block_sum)
+            features[group.name] = torch.cat([part[1] for part in parts.values()], dim=1)
         self._calls = {}
         return features
+
+    @staticmethod
+    def _check_ran(bp: BlockProjector, group: str, block_sum: list) -> None:
+        if any(g is not None and bool(g.any()) for g in block_sum):
+            raise TaskError(
+                f"module {bp.block.module!r} (group {group!r}): its parameters received gradient "
+                "but its forward() never ran; its weights are used by another module (e.g. "
+                "nn.MultiheadAttention's out_proj). Merge or exclude them with a group rule."
+            )
 
     def close(self) -> None:
         for handle in self._handles:
@@ -171,7 +188,7 @@ class GradientProjector:
     @staticmethod
     def _capture_inputs(call: _Call, bp: BlockProjector, module: nn.Module, args: tuple, kwargs: dict) -> None:
         block = bp.block
-        if block.kind == "linear":
+        if block.kind in ("linear", "conv1d"):
             call.right = bp.right(_with_bias_column(_as_rows(args[0]), block))
         elif block.kind == "conv2d":
             call.right = _project_conv_input(args[0], module, bp)
@@ -190,7 +207,7 @@ class GradientProjector:
 
         def grad_hook(grad: torch.Tensor) -> None:
             grad = grad.detach().reshape(shape).float()
-            if kind == "linear":
+            if kind in ("linear", "conv1d"):
                 call.left = bp.left(_as_rows(grad))
             elif kind == "conv2d":
                 call.left = bp.left(grad.flatten(2).transpose(1, 2))
@@ -280,15 +297,16 @@ class GradientProjector:
 def reference_layout(kind: str, params: Sequence[str], grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """Flatten one example's full parameter gradients of a block into the projectors' layout.
 
-    linear/conv2d: row-major ``[out, in (+1 bias column)]``; embedding: ``[vocab, dim]``;
-    generic: the parameters flattened and concatenated in block order. Returns ``[numel]``.
+    linear/conv1d/conv2d: row-major ``[out, in (+1 bias column)]`` (conv1d stores its
+    weight ``[in, out]``: transposed here); embedding: ``[vocab, dim]``; generic: the
+    parameters flattened and concatenated in block order. Returns ``[numel]``.
     """
     if kind in ("generic", "embedding"):
         return torch.cat([g.reshape(-1) for g in grads])
     by_name = dict(zip(params, grads))
     columns = []
     if "weight" in by_name:
-        weight = by_name["weight"]
+        weight = by_name["weight"].T if kind in TRANSPOSED_KINDS else by_name["weight"]
         columns.append(weight.reshape(weight.shape[0], -1))
     if "bias" in by_name:
         columns.append(by_name["bias"].reshape(-1, 1))
@@ -317,8 +335,9 @@ def _first_dtype(params: dict) -> torch.dtype:
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    """``[B', ..., d] -> [B', T, d]`` (T = 1 for plain vectors), float32."""
-    return x.reshape(x.shape[0], -1, x.shape[-1]).float()
+    """``[B', ..., d] -> [B', T, d]`` (T = 1 for plain vectors), float32, detached (a view made under
+    ``no_grad`` still requires grad, and an identity projector would keep it)."""
+    return x.detach().reshape(x.shape[0], -1, x.shape[-1]).float()
 
 
 def _with_bias_column(rows: torch.Tensor, block) -> torch.Tensor:

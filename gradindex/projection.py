@@ -20,7 +20,8 @@
   only 0.79–0.83 with exact ones at k = 256 — while 64 heads of 2×2 reached
   0.92–0.98 at the same k; each side costs ``r·s = k/s`` per token.
 
-Matrices are drawn on the CPU from ``derive_seed(seed, group, module, side)`` and
+Matrices are drawn on the CPU from ``derive_seed(seed, group, module, side)``
+(``derive_seed(seed, group, "tie", key, side)`` for the blocks of a tied tensor) and
 then moved to the device, so a store built on a GPU is queried on a CPU with the
 same matrices.
 """
@@ -180,7 +181,9 @@ def make_block_projector(
     k = config.dim_for(group)
     if config.kind is ProjectionKind.IDENTITY:
         k = block.numel
-    seed = derive_seed(config.seed, group, block.module, ",".join(block.params))
+    # the blocks of a tied tensor share one projector (their contributions are summed)
+    seed = (derive_seed(config.seed, group, "tie", block.tie) if block.tie
+            else derive_seed(config.seed, group, block.module, ",".join(block.params)))
     if block.kind in FACTORIZED_KINDS:
         heads, s_left, s_right = factor_dims(block.left, block.right, k, config.factor_dim)
         if heads == 1 and s_left == block.left and s_right == block.right:

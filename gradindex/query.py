@@ -26,6 +26,7 @@ from gradindex.config import FeaturizeConfig, Preconditioner
 from gradindex.errors import ConfigError, StoreMismatchError
 from gradindex.featurize import featurize_rows, resolve_groups
 from gradindex.gradients import GradientProjector
+from gradindex.groups import ParameterGroup
 from gradindex.index import GradIndex, TopK
 from gradindex.precondition import QueryPreconditioner
 from gradindex.store import FeatureStore
@@ -51,11 +52,8 @@ class Attributor:
         self.concept = index.config.concept
         config = FeaturizeConfig.from_dict(store.manifest["config"])
         groups = resolve_groups(task, model, config)
-        stored = [{k: v for k, v in g.items() if k != "dim"} for g in store.manifest["groups"]]
-        if [g.to_dict() for g in groups] != [
-            {"name": g["name"], "blocks": [{k: b[k] for k in ("module", "params", "kind", "left", "right")}
-                                           for b in g["blocks"]]} for g in stored
-        ]:
+        stored = [ParameterGroup.from_dict(g).to_dict() for g in store.manifest["groups"]]
+        if [g.to_dict() for g in groups] != stored:
             raise StoreMismatchError(
                 f"{store.path}: the model's parameter groups differ from the store's; featurize again"
             )

@@ -46,12 +46,18 @@ def test_frozen_parameters_are_not_attributed():
     assert "a" not in [g.name for g in parameter_groups(net)]
 
 
-def test_tied_parameters_need_exclusion():
+def test_tied_parameters_form_one_group_with_tied_blocks():
     net = nn.Sequential(OrderedDict([("embed", nn.Embedding(5, 3)), ("mid", nn.Linear(3, 3)),
                                      ("head", nn.Linear(3, 5, bias=False))]))
     net.head.weight = net.embed.weight
-    with pytest.raises(ConfigError, match="tied tensor"):
-        parameter_groups(net)
+    groups = parameter_groups(net)
+    assert [g.name for g in groups] == ["embed", "mid"]
+    tied = groups[0].blocks
+    assert [(b.module, b.kind, b.tie) for b in tied] == [("embed", "embedding", "embed.weight"),
+                                                        ("head", "linear", "embed.weight")]
+    assert groups[0].numel == 15  # the tied tensor counts once
+    with pytest.raises(ConfigError, match="different groups"):
+        parameter_groups(net, [GroupRule("head.weight", "head")])
     groups = parameter_groups(net, [GroupRule("embed.weight", None), GroupRule("head.weight", None)])
     assert [g.name for g in groups] == ["mid"]
 

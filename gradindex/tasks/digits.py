@@ -17,7 +17,6 @@ as in ``load_digits``) and optional ``y``, or a ``.npy`` array of ``x``.
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,18 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
+from gradindex.errors import ArtifactNotFoundError, ConfigError
 from gradindex.task import Task
+from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
 ARCHS = ("mlp", "cnn")
 TRAIN_FRACTION = 0.8
 SPLIT_SEED = 0
-
-
-def gradindex_home() -> Path:
-    return Path(os.environ.get("GRADINDEX_HOME", Path.home() / ".cache" / "gradindex"))
 
 
 def load_split() -> dict[str, np.ndarray]:
@@ -90,17 +86,6 @@ def train_model(arch: str, x: np.ndarray, y: np.ndarray, seed: int = 0, epochs: 
     return model.eval()
 
 
-def save_checkpoint(model: nn.Module, arch: str, path: str | Path) -> Path:
-    from gradindex.store import temporary_path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    torch.save({"arch": arch, "state_dict": model.state_dict()}, tmp)
-    os.replace(tmp, path)
-    return path
-
-
 class DigitsTask(Task):
     """Digits classification with an ``mlp`` or ``cnn``; see the module docstring."""
 
@@ -136,25 +121,8 @@ class DigitsTask(Task):
             if not checkpoint.is_file():
                 logger.info("training the digits %s (first use) -> %s", self.arch, checkpoint)
                 self.train(checkpoint)
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise ArtifactNotFoundError(
-                f"no checkpoint at {path}; train one with `python tools/train_digits.py --arch {self.arch} --out {path}`"
-            )
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise StoreMismatchError(f"{path} is not a digits checkpoint ({type(err).__name__}: {err})") from None
-        if not isinstance(saved, dict) or saved.get("arch") != self.arch:
-            found = saved.get("arch") if isinstance(saved, dict) else type(saved).__name__
-            raise StoreMismatchError(f"{path} holds a {found!r} model, the task is digits {self.arch!r}")
-        model = build_model(self.arch)
-        try:
-            model.load_state_dict(saved["state_dict"])
-        except (RuntimeError, KeyError) as err:
-            first = str(err).strip().splitlines()[-1].strip()
-            raise StoreMismatchError(f"{path} does not fit the digits {self.arch} model ({first}); train it again") from None
-        return model.eval()
+        return load_checkpoint(build_model(self.arch), checkpoint, self.arch, "digits",
+                               f"train one with `python tools/train_digits.py --arch {self.arch} --out {checkpoint}`")
 
     # -- data --------------------------------------------------------------------------------
     def train_dataset(self) -> Sequence:
