@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradindex.config import LDSConfig, Preconditioner
+from gradindex.config import DEFAULT_DAMPING, LDSConfig, Preconditioner
 from gradindex.errors import ConfigError, StoreMismatchError, TaskError
 from gradindex.precondition import QueryPreconditioner
 from gradindex.projection import derive_seed
@@ -134,7 +134,7 @@ def precondition_features(store: FeatureStore, raw: Mapping[str, np.ndarray], pr
 
 
 def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Sequence, concept: str = "all",
-               damping: float = 0.1, device: str = "cpu", show_progress: bool = False) -> list[dict[str, Any]]:
+               damping: float = DEFAULT_DAMPING, device: str = "cpu", show_progress: bool = False) -> list[dict[str, Any]]:
     """LDS of the standard attributions of ``store`` for ``queries`` (the ones ``retrained`` measured).
 
     Rows: uniform weights, each single group alone (the per-group diagnostic) and
