@@ -7,7 +7,9 @@ Default: one group per module that directly owns trainable parameters (weight
 and bias together), named after the module; parameters owned by the root module
 get one group each, named after the parameter. Rules (glob over full parameter
 names, first match wins) merge modules into one group, split a module's
-parameters apart, or exclude parameters (``group=None``). Frozen parameters
+parameters apart, or exclude parameters (``group=None``). A rule's group name
+may contain ``{param}`` (the full parameter name) and ``{module}`` (its module's
+name): ``*.bias={param}`` gives every bias a group of its own. Frozen parameters
 (``requires_grad=False``) are never attributed.
 
 Tied tensors (one parameter owned by several modules, e.g. GPT-2's ``lm_head``
@@ -127,7 +129,7 @@ def parameter_groups(model: nn.Module, rules: Sequence[GroupRule] = ()) -> list[
         first_module, first_local = aliases[0]
         default = first_module or first_local
         full_names = [_full_name(m, p) for m, p in aliases]
-        chosen = {_match(name, rules, default) for name in full_names}
+        chosen = {_match(name, first_module, rules, default) for name in full_names}
         if len(chosen) > 1:
             raise ConfigError(
                 f"parameter groups: {' and '.join(map(repr, full_names))} are one tied tensor, and the group "
@@ -171,10 +173,12 @@ def _tie_blocks(blocks: list[Block], ties: list[str]) -> tuple[Block, ...]:
     return tuple(out)
 
 
-def _match(full_name: str, rules: Sequence[GroupRule], default: str) -> str | None:
+def _match(full_name: str, module_name: str, rules: Sequence[GroupRule], default: str) -> str | None:
     for rule in rules:
         if fnmatch.fnmatchcase(full_name, rule.pattern):
-            return rule.group
+            if rule.group is None:
+                return None
+            return rule.group.replace("{param}", full_name).replace("{module}", module_name or full_name)
     return default
 
 

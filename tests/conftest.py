@@ -90,3 +90,41 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# -- toy tasks for weight learning and LDS (tests/toy_tasks.py) ---------------------------------
+TOY_TASKS = Path(__file__).with_name("toy_tasks.py").resolve()
+
+
+def toy_spec(name: str) -> str:
+    return f"{TOY_TASKS}:{name}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    torch.set_num_threads(1)  # small tensors; a shared CI machine
+
+
+def _toy_store(tmp_path_factory, name: str, **options):
+    from gradindex.config import FeaturizeConfig, ProjectionConfig
+    from gradindex.featurize import featurize
+    from gradindex.task import load_task
+
+    task = load_task(toy_spec(name), options)
+    folder = tmp_path_factory.mktemp(name.lower())
+    checkpoint = task.train(folder / "model.pt")
+    # one 8x8 Kronecker head per block: the projection these fixtures' thresholds were tuned on
+    config = FeaturizeConfig(projection=ProjectionConfig(proj_dim=64, factor_dim=8))
+    return featurize(task, folder / "store", config, checkpoint=checkpoint, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def toy_store(tmp_path_factory):
+    """ToyTask store: groups body.0, heads.0 and the planted noise branch."""
+    return _toy_store(tmp_path_factory, "ToyTask")
+
+
+@pytest.fixture(scope="session")
+def concept_store(tmp_path_factory):
+    """TwoConceptTask store: two heads, concepts 'first' and 'second'."""
+    return _toy_store(tmp_path_factory, "TwoConceptTask")
