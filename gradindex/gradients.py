@@ -5,9 +5,12 @@ config and a closure returning per-example scalars ``[B]`` (losses or
 measurements). Out: ``{group: Tensor[B, k_g]}`` with
 ``φ_g(x) = P_g ∇_{θ_g} f(x)``.
 
-How: forward hooks see each block's module inputs, tensor hooks on its outputs
-see the output gradients ``δ``; one ``backward`` of ``Σ_b f_b`` gives every
-example's ``δ`` at once (examples do not interact). Factorized blocks (linear,
+How: forward hooks see each block's module inputs and record the gradient edge
+of its output (where ``∂/∂output`` arrives, before any later in-place op on the
+output); one ``autograd.grad`` of ``Σ_b f_b`` to those edges gives every
+example's output gradient ``δ`` at once (examples do not interact). Parameter
+gradients are not requested (except to verify), so autograd skips the
+weight-gradient products a training step computes. Factorized blocks (linear,
 HF conv1d, conv2d, embedding) are projected side by side, ``Σ_t (P_l u_t)(P_r v_t)ᵀ``
 (``t`` runs over tokens, pixels, noise draws), and never form the ``[left, right]``
 per-example gradient; a conv's input side is
@@ -32,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from gradindex.config import ProjectionConfig
 from gradindex.errors import TaskError
@@ -46,10 +50,12 @@ class _Call:
     """What one module call left behind: projected input side and projected output gradient."""
 
     right: torch.Tensor | None = None  # factorized: [B', T, k_right] (linear/conv) or [B', T, k_left] (embedding)
-    left: torch.Tensor | None = None  # factorized: the other side, filled by the output-gradient hook
+    left: torch.Tensor | None = None  # factorized: the other side, from the output gradient
     args: tuple = ()  # generic: cloned inputs
     kwargs: dict = field(default_factory=dict)
     delta: torch.Tensor | None = None  # generic: raw output gradient
+    edge: GradientEdge | None = None  # where the output's gradient δ arrives (before any in-place op)
+    shape: tuple[int, ...] = ()  # the output's shape
 
 
 class GradientProjector:
@@ -74,6 +80,15 @@ class GradientProjector:
             for group in self.groups
         }
         self._blocks = [bp for group in self.groups for bp in self.projectors[group.name]]
+        # block positions per feature part (one untied block, or every alias of one tied tensor)
+        self._parts: list[list[int]] = []
+        position = 0
+        for group in self.groups:
+            keys: dict[Any, list[int]] = {}
+            for offset, bp in enumerate(self.projectors[group.name]):
+                keys.setdefault(bp.block.tie or offset, []).append(position + offset)
+            self._parts.extend(keys.values())
+            position += len(self.projectors[group.name])
         self._modules = {bp.block.module: modules[bp.block.module] for bp in self._blocks}
         self._calls: dict[int, list[_Call]] = {}
         self._recording = False
@@ -108,13 +123,25 @@ class GradientProjector:
                     raise TaskError(f"the task must return one scalar per example, shape [B]; got {shape}")
                 if not torch.isfinite(values).all():
                     raise TaskError("the task returned a non-finite loss or measurement (nan or inf)")
-                flat = [p for block_params in params for p in block_params]
-                summed = torch.autograd.grad(values.sum(), flat, allow_unused=True)
         finally:
             self._recording = False
+        # One backward to the recorded output edges gives every call's δ. Parameter gradients are
+        # asked for only where they are checked (to verify; parts whose forward never ran), so
+        # autograd skips the weight-gradient products of a training step everywhere else. Every
+        # alias of a tied tensor receives its whole gradient: a part's first block stands for it.
+        recorded = [(position, call) for position, calls in self._calls.items()
+                    for call in calls if call.edge is not None]
+        checked = [positions[0] for positions in self._parts
+                   if verify or not any(self._calls[position] for position in positions)]
+        inputs = [call.edge for _, call in recorded] + [p for position in checked for p in params[position]]
+        grads = torch.autograd.grad(values.sum(), inputs, allow_unused=True) if inputs else ()
+        for (position, call), grad in zip(recorded, grads):
+            call.edge = None  # drop the reference to the graph
+            if grad is not None:
+                self._take_output_gradient(self._blocks[position], call, grad)
+        param_grads = iter(grads[len(recorded):])
+        summed_per_block = {position: [next(param_grads) for _ in params[position]] for position in checked}
         batch = values.shape[0]
-        summed_iter = iter(summed)
-        summed_per_block = [[next(summed_iter) for _ in block_params] for block_params in params]
         features = {}
         position = 0
         for group in self.groups:
@@ -128,14 +155,15 @@ class GradientProjector:
                     parts[key][1] = parts[key][1] + phi
                     parts[key][2] += len(calls)
                 else:  # every alias of a tied tensor receives its whole gradient: keep the first
-                    parts[key] = [bp, phi, len(calls), summed_per_block[position]]
+                    parts[key] = [bp, phi, len(calls), summed_per_block.get(position, ())]
                 position += 1
             for first_bp, phi, num_calls, block_sum in parts.values():
                 if not num_calls:
                     self._check_ran(first_bp, group.name, block_sum)
                 if verify:
                     self._verify(first_bp, group.name, phi, block_sum)
-            features[group.name] = torch.cat([part[1] for part in parts.values()], dim=1)
+            phis = [part[1] for part in parts.values()]
+            features[group.name] = phis[0] if len(phis) == 1 else torch.cat(phis, dim=1)
         self._calls = {}
         return features
 
@@ -181,7 +209,8 @@ class GradientProjector:
                 self._capture_inputs(call, bp, module, args, kwargs)
             self._calls[position].append(call)
             if output.requires_grad:
-                _gradient_target(output).register_hook(self._make_grad_hook(bp, call, tuple(output.shape)))
+                call.edge = get_gradient_edge(_gradient_target(output))
+                call.shape = tuple(output.shape)
 
         return hook
 
@@ -202,38 +231,37 @@ class GradientProjector:
             call.args = tuple(_detached_clone(a) for a in args)
             call.kwargs = {key: _detached_clone(value) for key, value in kwargs.items()}
 
-    def _make_grad_hook(self, bp: BlockProjector, call: _Call, shape: tuple[int, ...]):
+    @staticmethod
+    def _take_output_gradient(bp: BlockProjector, call: _Call, grad: torch.Tensor) -> None:
+        """Project (or keep, for generic blocks) the output gradient ``δ`` of one call."""
         kind = bp.block.kind
-
-        def grad_hook(grad: torch.Tensor) -> None:
-            grad = grad.detach().reshape(shape).float()
-            if kind in ("linear", "conv1d"):
-                call.left = bp.left(_as_rows(grad))
-            elif kind == "conv2d":
-                call.left = bp.left(grad.flatten(2).transpose(1, 2))
-            elif kind == "embedding":
-                call.right = bp.right(grad.reshape(grad.shape[0], -1, grad.shape[-1]))
-            else:
-                call.delta = grad
-
-        return grad_hook
+        grad = grad.detach().reshape(call.shape).float()
+        if kind in ("linear", "conv1d"):
+            call.left = bp.left(_as_rows(grad))
+        elif kind == "conv2d":
+            call.left = bp.left(grad.flatten(2).transpose(1, 2))
+        elif kind == "embedding":
+            call.right = bp.right(grad.reshape(grad.shape[0], -1, grad.shape[-1]))
+        else:
+            call.delta = grad
 
     # -- combining --------------------------------------------------------------------------
     def _finish_block(self, bp: BlockProjector, calls: list[_Call], batch: int) -> torch.Tensor:
-        out = torch.zeros(batch, bp.out_dim, device=self.device)
+        out = None
         for call in calls:
             if bp.block.kind == "generic":
                 if call.delta is None:
                     continue
                 grads = self._generic_gradients(bp, call)
-                out += bp.dense(_per_example(grads, batch, bp.block.module).sum(1))
+                phi = bp.dense(_per_example(grads, batch, bp.block.module).sum(1))
             else:
                 if call.left is None or call.right is None:
                     continue  # the output did not reach the loss: zero gradient
                 left = _per_example(call.left, batch, bp.block.module)
                 right = _per_example(call.right, batch, bp.block.module)
-                out += bp.combine(left, right)
-        return out
+                phi = bp.combine(left, right)
+            out = phi if out is None else out + phi
+        return torch.zeros(batch, bp.out_dim, device=self.device) if out is None else out
 
     def _generic_gradients(self, bp: BlockProjector, call: _Call) -> torch.Tensor:
         """Exact per-row gradients ``[B', numel]`` of a generic block by a module-local VJP."""
@@ -314,11 +342,12 @@ def reference_layout(kind: str, params: Sequence[str], grads: Sequence[torch.Ten
 
 
 def _gradient_target(output: torch.Tensor) -> torch.Tensor:
-    """The tensor whose gradient hook sees ``∂/∂output`` even if ``output`` is later modified in place.
+    """The tensor whose gradient edge receives ``∂/∂output`` even if ``output`` is later modified in place.
 
-    A tensor hook survives in-place ops on a plain tensor, but not on a view (``nn.Linear`` on a
-    3-D input returns a view of a 2-D product): then the hook goes on the view's base, which holds
-    the same elements in the same order when the view is a contiguous reshape of it.
+    A plain tensor's edge (like a tensor hook) survives in-place ops, but a view's does not
+    (``nn.Linear`` on a 3-D input returns a view of a 2-D product: an in-place op on it reroutes the
+    gradient around the view node): then the edge is the view's base's, which holds the same
+    elements in the same order when the view is a contiguous reshape of it.
     """
     base = output._base
     if base is not None and base.numel() == output.numel() and base.is_contiguous() and output.is_contiguous():

@@ -98,6 +98,8 @@ class Projector:
         """The whole ``[k, dim]`` matrix (identity included); for small projectors and tests."""
         if self.is_identity:
             return torch.eye(self.dim, device=self.device)
+        if len(self._bounds) == 1:
+            return self._chunk(0)  # the cached matrix itself (read-only use), not a copy per call
         return torch.cat([self._chunk(i) for i in range(len(self._bounds))], dim=1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
