@@ -218,12 +218,12 @@ class GradientProjector:
     def _capture_inputs(call: _Call, bp: BlockProjector, module: nn.Module, args: tuple, kwargs: dict) -> None:
         block = bp.block
         if block.kind in ("linear", "conv1d"):
-            call.right = bp.right(_with_bias_column(_as_rows(args[0]), block))
+            call.right = bp.combine_right(_with_bias_column(_as_rows(args[0]), block))
         elif block.kind == "conv2d":
             call.right = _project_conv_input(args[0], module, bp)
         elif block.kind == "embedding":
             tokens = args[0].reshape(args[0].shape[0], -1)
-            onehot_side = bp.left.columns(tokens)
+            onehot_side = bp.combine_left.columns(tokens)
             if module.padding_idx is not None:
                 onehot_side = onehot_side * (tokens != module.padding_idx).unsqueeze(-1)
             call.left = onehot_side
@@ -237,11 +237,11 @@ class GradientProjector:
         kind = bp.block.kind
         grad = grad.detach().reshape(call.shape).float()
         if kind in ("linear", "conv1d"):
-            call.left = bp.left(_as_rows(grad))
+            call.left = bp.combine_left(_as_rows(grad))
         elif kind == "conv2d":
-            call.left = bp.left(grad.flatten(2).transpose(1, 2))
+            call.left = bp.combine_left(grad.flatten(2).transpose(1, 2))
         elif kind == "embedding":
-            call.right = bp.right(grad.reshape(grad.shape[0], -1, grad.shape[-1]))
+            call.right = bp.combine_right(grad.reshape(grad.shape[0], -1, grad.shape[-1]))
         else:
             call.delta = grad
 
@@ -382,17 +382,15 @@ def _project_conv_input(x: torch.Tensor, module: nn.Conv2d, bp: BlockProjector) 
     """``P_right`` applied to every input patch (bias column included): ``[B', L, k_right]``."""
     if x.ndim != 4:
         raise TaskError(f"conv module {bp.block.module!r}: expected a [B, C, H, W] input, got {tuple(x.shape)}")
-    matrix = bp.right.matrix()  # [k_right, C*kh*kw (+1)]
+    matrix = bp.combine_right.matrix()  # [k_right, C*kh*kw (+1)]
     has_weight = "weight" in bp.block.params
     rows = x.shape[0]
     if has_weight:
         patch_cols = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
         kernel = matrix[:, :patch_cols].reshape(-1, module.in_channels, *module.kernel_size)
-        projected = F.conv2d(x.float(), kernel, None, module.stride, module.padding, module.dilation)
-        projected = projected.flatten(2).transpose(1, 2)  # [B', L, k_right]
-        if "bias" in bp.block.params:
-            projected = projected + matrix[:, patch_cols]
-        return projected
+        bias = matrix[:, patch_cols].contiguous() if "bias" in bp.block.params else None  # the bias column
+        projected = F.conv2d(x.float(), kernel, bias, module.stride, module.padding, module.dilation)
+        return projected.flatten(2).transpose(1, 2)  # [B', L, k_right]
     # bias only: the input side is the constant 1 at every output position
     out_hw = F.conv2d(x[:, :1].float(), x.new_zeros(1, 1, *module.kernel_size).float(), None,
                       module.stride, module.padding, module.dilation).shape[-2:]

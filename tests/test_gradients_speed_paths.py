@@ -1,11 +1,12 @@
-"""The engine's fast paths against a per-example autograd loop.
+"""The engine's fast paths against a per-example autograd loop and explicit dense projections.
 
 The projector takes output gradients at recorded gradient edges and asks autograd for no
 parameter gradient unless it verifies (``verify=False`` is the featurization path); it
-combines one-position blocks by a broadcast outer product and longer ones by ``bmm``.
-Each test here would fail if a fast path changed the per-example gradients, lost the
-pre-modification gradient of an output changed in place, or fell back to computing the
-weight gradients of a training step.
+projects with row-reordered side matrices and combines small Kronecker heads elementwise
+(head index innermost, positions in chunks), larger ones by einsum, single heads by a
+broadcast product or ``bmm``. Each test here fails if a fast path changes the per-example
+gradients, loses the pre-modification gradient of an output changed in place, mixes up
+head order, or falls back to computing the weight gradients of a training step.
 """
 
 from __future__ import annotations
@@ -156,3 +157,50 @@ def test_repeated_copies_with_one_position_each():
         expected = per_example_gradients(model, groups, lambda b: loss(model, b), [(x[i : i + 1],) for i in range(4)])
         for group in groups:
             torch.testing.assert_close(features[group.name], expected[group.name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "proj_dim, factor_dim, small_head, combine_elements, head_minor",
+    [
+        (8, 2, 16, 1 << 22, True),  # 2×2 heads, head-minor elementwise combine, all positions at once
+        (8, 2, 16, 1, True),  # the same, one position at a time
+        (8, 2, 0, 1 << 22, False),  # 2×2 heads combined by einsum (head-major)
+        (20, 3, 16, 1 << 22, True),  # 3×3 heads, two per block, remainder dropped
+        (8, 64, 16, 1 << 22, False),  # one head per block: broadcast (one position) or bmm (several)
+    ],
+)
+def test_every_combine_path_equals_dense_kronecker_projection(mixed_net, monkeypatch, proj_dim, factor_dim,
+                                                               small_head, combine_elements, head_minor):
+    import gradindex.projection as projection
+
+    monkeypatch.setattr(projection, "SMALL_HEAD", small_head)
+    monkeypatch.setattr(projection, "COMBINE_ELEMENTS", combine_elements)
+    batch = mixed_batch(5, seed=7)
+    config = ProjectionConfig(proj_dim=proj_dim, seed=3, factor_dim=factor_dim)
+    groups, features, projectors = _features(mixed_net, config, batch, mixed_loss, verify=False)
+    full = per_example_gradients(mixed_net, groups, lambda b: mixed_loss(mixed_net, b),
+                                 [rows(batch, i) for i in range(5)])
+    assert any(bp.head_minor for blocks in projectors.values() for bp in blocks) == head_minor
+    for group in groups:
+        want = dense_group_projection(projectors[group.name], full[group.name])
+        torch.testing.assert_close(features[group.name], want, rtol=1e-4, atol=1e-5, msg=group.name)
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_reordered_projector_is_the_row_permuted_matrix(monkeypatch, cached):
+    import gradindex.projection as projection
+
+    monkeypatch.setattr(projection, "CHUNK_BYTES", 4 * 6 * 7)  # 6 rows x 7 columns per chunk: 3 chunks
+    if not cached:
+        monkeypatch.setattr(projection, "MAX_CACHED_BYTES", 0)
+    plain = projection.Projector(ProjectionKind.GAUSSIAN, dim=20, k=6, seed=9)
+    order = torch.tensor([3, 0, 5, 1, 4, 2])
+    permuted = plain.reordered(order)
+    assert len(plain._bounds) == 3 and (plain._chunks is not None) == cached
+    torch.testing.assert_close(permuted.matrix(), plain.matrix()[order])
+    x = torch.randn(4, 2, 20)
+    torch.testing.assert_close(permuted(x), plain(x)[..., order])
+    torch.testing.assert_close(permuted(x), x @ permuted.matrix().T)
+    tokens = torch.tensor([[0, 19], [7, 7]])
+    torch.testing.assert_close(permuted.columns(tokens), plain.columns(tokens)[..., order])
+    torch.testing.assert_close(permuted.reordered(order).matrix(), plain.matrix()[order][order])
