@@ -134,7 +134,14 @@ def _move(batch: Any, device: torch.device) -> Any:
 
 
 def make_batch(task: Task, dataset: Sequence, indices: Sequence[int] | np.ndarray) -> Any:
-    """``task.collate`` of the given dataset positions."""
+    """``task.collate`` of the given dataset positions.
+
+    A ``TensorDataset`` under the default collate is indexed once per tensor (the same list
+    of stacked tensors ``default_collate`` builds item by item, a few times faster).
+    """
+    if isinstance(dataset, torch.utils.data.TensorDataset) and type(task).collate is Task.collate:
+        index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        return [tensor[index] for tensor in dataset.tensors]
     return task.collate([dataset[int(i)] for i in indices])
 
 
