@@ -69,10 +69,16 @@ def build_model(arch: str) -> nn.Module:
 def train_model(arch: str, x: np.ndarray, y: np.ndarray, seed: int = 0, epochs: int = 40,
                 batch_size: int = 64, lr: float = 3e-3) -> nn.Module:
     """Train a fresh model deterministically on ``(x, y)`` (seconds on a CPU)."""
-    generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = build_model(arch)
+    return fit(model, x, y, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr)
+
+
+def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, seed: int = 0, epochs: int = 40,
+        batch_size: int = 64, lr: float = 3e-3) -> nn.Module:
+    """Train ``model`` in place with seeded Adam on ``(x, y)``; returns it in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
     xs, ys = torch.from_numpy(x), torch.from_numpy(y)
     model.train()
