@@ -74,7 +74,8 @@ def test_in_place_outputs_give_exact_per_example_gradients(verify):
     model = InPlaceNet().eval()
     batch = inplace_batch(6)
     groups, features, _ = _features(model, IDENTITY, batch, inplace_loss, verify)
-    expected = per_example_gradients(model, groups, lambda b: inplace_loss(model, b), [rows(batch, i) for i in range(6)])
+    expected = per_example_gradients(model, groups, lambda b: inplace_loss(model, b),
+                                     [rows(batch, i) for i in range(6)])
     for group in groups:
         torch.testing.assert_close(features[group.name], expected[group.name], rtol=1e-5, atol=1e-6, msg=group.name)
 
