@@ -205,3 +205,40 @@ def test_reordered_projector_is_the_row_permuted_matrix(monkeypatch, cached):
     tokens = torch.tensor([[0, 19], [7, 7]])
     torch.testing.assert_close(permuted.columns(tokens), plain.columns(tokens)[..., order])
     torch.testing.assert_close(permuted.reordered(order).matrix(), plain.matrix()[order][order])
+
+
+class _TiedLM(nn.Module):
+    """Embedding and a bias-free output Linear sharing one matrix (a factorized tie)."""
+
+    def __init__(self, vocab: int = 9, dim: int = 5):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, vocab, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.mix(self.emb(ids))
+        h.mul_(1.3)  # in place on a view output
+        return self.out(torch.tanh(h))
+
+
+@pytest.mark.parametrize("kind", [ProjectionKind.IDENTITY, ProjectionKind.GAUSSIAN])
+def test_tied_tensors_on_the_fast_path(kind):
+    """Aliases of one tied tensor are summed into one part; without verify no parameter gradient is
+    requested, and the features still equal one backward per example."""
+    from lm_reference import assert_features_close, brute_force_features
+
+    torch.manual_seed(0)
+    model = _TiedLM().eval()
+    groups = parameter_groups(model)
+    assert any(block.tie for group in groups for block in group.blocks)
+    items = [torch.randint(0, 9, (4,)) for _ in range(3)]
+
+    def value(batch):
+        return torch.log_softmax(model(batch), -1)[:, :, 2].mean(1)
+
+    with GradientProjector(model, groups, ProjectionConfig(kind=kind, proj_dim=12)) as projector:
+        fast = projector(lambda: value(torch.stack(items)))
+        expected = brute_force_features(model, projector, items, value, torch.stack)
+    assert_features_close(fast, expected)
