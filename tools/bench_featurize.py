@@ -144,7 +144,8 @@ def timed(function: Callable[[], object], clock: Callable[[], float]) -> float:
 def run_case(case: Case, args: argparse.Namespace) -> None:
     task, model = case.task, case.model
     dataset = task.train_dataset()
-    config = FeaturizeConfig(projection=ProjectionConfig(proj_dim=args.proj_dim, seed=0), batch_size=args.batch_size)
+    projection = ProjectionConfig(proj_dim=args.proj_dim, factor_dim=args.factor_dim, seed=0)
+    config = FeaturizeConfig(projection=projection, batch_size=args.batch_size)
     groups = resolve_groups(task, model, config)
     case.params = sum(p.numel() for p in model.parameters())
     fast_rows = list(range(min(args.examples, len(dataset))))
@@ -250,6 +251,7 @@ def print_tables(cases: list[Case], args: argparse.Namespace) -> bool:
     ran = [m for m in METHODS if all(case.seconds[m] for case in cases)]
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.clock} clock, "
           f"malloc {args.malloc}, batch {args.batch_size}, proj_dim {args.proj_dim} per block, "
+          f"factor_dim {args.factor_dim}, "
           f"{args.repeats} repeats (medians)\n")
     header = ["model", "params", "k total"] + [f"{m} ex/s" for m in ran]
     rows = [[case.name, f"{case.params:,}", str(case.total_dim)]
@@ -292,6 +294,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--proj-dim", type=int, default=256, help="gradindex target dimension per module block")
+    parser.add_argument("--factor-dim", type=int, default=ProjectionConfig().factor_dim,
+                        help="gradindex Kronecker head size per side (16 with proj_dim 256: one LoGra head)")
     parser.add_argument("--examples", type=int, default=1024, help="examples per repeat for gradindex and train step")
     parser.add_argument("--slow-examples", type=int, default=64, help="examples per repeat for naive and traker")
     parser.add_argument("--repeats", type=int, default=5)
