@@ -137,11 +137,16 @@ def demo(ctx, task_spec: str, out: Path, k: int, num_queries: int, device: str) 
         click.echo(f"\nquery {query['query']} ({query['caption']}): top-{k} training examples")
         _echo_table([{"rank": r["rank"], "sample_id": r["sample_id"], "score": r["score"], "example": r["caption"]}
                      for r in query["results"]])
+    if result.concept_precision:
+        click.echo(f"\nper concept: fraction of each query's top-{k} sharing its value")
+        _echo_table([{"concept": c, f"precision@{k}": p} for c, p in result.concept_precision.items()])
     click.echo("")
     click.echo("timings: " + ", ".join(f"{name} {secs:.2f}s" for name, secs in result.seconds.items()))
     click.echo(f"store:   {result.store}")
     if result.png:
         click.echo(f"report:  {result.png}")
+    if result.concept_png:
+        click.echo(f"concept report: {result.concept_png}")
 
 
 @main.command()
@@ -306,6 +311,38 @@ def info(store_path, as_json) -> None:
         cfg = entry["config"]
         click.echo(f"index {concept!r}: {cfg['kind']}, {cfg['preconditioner']} (damping {cfg['damping']}), "
                    f"{entry['ntotal']} vectors")
+
+
+@main.group("eval")
+def eval_group() -> None:
+    """Attribution quality: concept precision@k."""
+
+
+@eval_group.command("precision")
+@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.option("--inputs", type=click.Path(path_type=Path), default=None,
+              help="Query inputs file carrying the concepts' values (default: the task's own queries).")
+@click.option("--concept", "concepts", multiple=True,
+              help="Concept partition to evaluate; repeatable (default: every built concept partition).")
+@click.option("-k", type=click.IntRange(min=1), default=10, show_default=True, help="Top-k depth.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per concept.")
+@device_option
+def eval_precision(store_path, inputs, concepts, k, as_json, device) -> None:
+    """Concept precision@k: the fraction of a query's top-k training examples that share its
+    value of the concept (DESIGN §4), with the chance level of a random top-k beside."""
+    from gradindex.evaluate import evaluate_precision
+    from gradindex.query import load_store_task
+    from gradindex.store import FeatureStore
+
+    store = FeatureStore.open(store_path)
+    queries = load_store_task(store).load_queries(inputs) if inputs is not None else None
+    rows = [result.to_dict() for result in evaluate_precision(store, queries, concepts, k=k, device=device)]
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    _echo_table([{"concept": r["concept"], "queries": r["queries"], f"precision@{k}": r["precision"],
+                  "std": r["std"], "chance": r["chance"]} for r in rows])
 
 
 def _plain(value: Any) -> Any:

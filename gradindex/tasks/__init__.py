@@ -4,4 +4,5 @@ BUILTIN_TASKS: dict[str, tuple[str, str, dict]] = {
     "digits": ("gradindex.tasks.digits", "DigitsTask", {"arch": "mlp"}),
     "digits-mlp": ("gradindex.tasks.digits", "DigitsTask", {"arch": "mlp"}),
     "digits-cnn": ("gradindex.tasks.digits", "DigitsTask", {"arch": "cnn"}),
+    "diffusion": ("gradindex.tasks.diffusion", "DiffusionTask", {}),
 }
