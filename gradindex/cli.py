@@ -120,19 +120,23 @@ def main(quiet: bool, verbose: bool) -> None:
 
 
 @main.command()
-@click.option("--task", "task_spec", default="digits", show_default=True, help="Built-in task to demo.")
+@click.option("--task", "task_spec", default="digits", show_default=True,
+              help="Built-in task to demo (digits, diffusion, ...).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("gradindex-demo"),
               show_default=True, help="Output folder (checkpoint, store, PNG report).")
 @click.option("-k", type=click.IntRange(min=1), default=5, show_default=True, help="Training examples per query.")
 @click.option("--queries", "num_queries", type=click.IntRange(min=1), default=6, show_default=True,
               help="Number of held-out queries.")
+@task_option
 @device_option
 @click.pass_context
-def demo(ctx, task_spec: str, out: Path, k: int, num_queries: int, device: str) -> None:
-    """Run the whole pipeline end to end on bundled data and print the top-k."""
+def demo(ctx, task_spec: str, out: Path, k: int, num_queries: int, task_options, device: str) -> None:
+    """Run the whole pipeline end to end on bundled data and print the top-k
+    (per concept too, for a task with concepts: `--task diffusion`)."""
     from gradindex.demo import run_demo
 
-    result = run_demo(task_spec, out, k=k, num_queries=num_queries, device=device, show_progress=_progress(ctx))
+    result = run_demo(task_spec, out, k=k, num_queries=num_queries, device=device, show_progress=_progress(ctx),
+                      task_options=_task_options(task_options))
     for query in result.queries:
         click.echo(f"\nquery {query['query']} ({query['caption']}): top-{k} training examples")
         _echo_table([{"rank": r["rank"], "sample_id": r["sample_id"], "score": r["score"], "example": r["caption"]}

@@ -41,10 +41,10 @@ class DemoResult:
 
 
 def run_demo(task_spec: str = "digits", out: str | Path = "gradindex-demo", k: int = 5, num_queries: int = 6,
-             device: str = "cpu", show_progress: bool = True) -> DemoResult:
+             device: str = "cpu", show_progress: bool = True, task_options: dict[str, Any] | None = None) -> DemoResult:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    task = load_task(task_spec)
+    task = load_task(task_spec, task_options)
     seconds: dict[str, float] = {}
 
     started = time.perf_counter()

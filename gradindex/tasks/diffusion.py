@@ -131,7 +131,7 @@ class DiffusionTask(Task):
 
     def tokens(self, prompts: Sequence[Sequence[str]]) -> np.ndarray:
         """``[n, 3]`` token indices of ``(subject, style, background)`` name triples."""
-        return np.array([[self.concept_config.index(f, name) for f, name in zip(FACTORS, prompt)]
+        return np.array([[self.concept_config.index(f, str(name)) for f, name in zip(FACTORS, prompt)]
                          for prompt in prompts], dtype=np.int64).reshape(-1, 3)
 
     def heldout_prompts(self, count: int | None = None) -> list[tuple[str, str, str]]:

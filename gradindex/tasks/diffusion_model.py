@@ -168,6 +168,16 @@ def fixed_draws(keys: Sequence[int], draws: int, timesteps: int, shape: tuple[in
 def train_model(config: ModelConfig, images: torch.Tensor, tokens: torch.Tensor, train: TrainConfig,
                 seed: int = 0, show_progress: bool = False) -> PatchMixer:
     """Train a fresh model on ``images [N, 3, H, W]`` in [-1, 1] with ``tokens [N, 3]`` (seeded)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small GEMMs: one thread is as fast, and parallel retrainings do not fight
+    try:
+        return _train(config, images, tokens, train, seed, show_progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(config: ModelConfig, images: torch.Tensor, tokens: torch.Tensor, train: TrainConfig, seed: int,
+           show_progress: bool) -> PatchMixer:
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
