@@ -90,7 +90,7 @@ class DiffusionTask(Task):
     concepts = FACTORS
 
     def __init__(self, config: str | None = None, num_train: int | None = None, seed: int = 0, draws: int = 4,
-                 steps: int = TrainConfig.steps, width: int = 128, depth: int = 4):
+                 steps: int = TrainConfig.steps, width: int = 96, depth: int = 3):
         path = Path(config) if config else DEFAULT_CONFIG
         if not config and not DEFAULT_CONFIG.is_file():
             raise ArtifactNotFoundError(
