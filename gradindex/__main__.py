@@ -2,4 +2,5 @@
 
 from gradindex.cli import main
 
-main()
+if __name__ == "__main__":  # spawned worker processes (LDS retraining) import this module too
+    main()

@@ -86,6 +86,18 @@ device_option = click.option("--device", default="cpu", show_default=True,
                              help="Torch device for gradients (cpu, cuda, cuda:1, ...).")
 
 
+preconditioner_options = [
+    click.option("--preconditioner", type=click.Choice(["gram", "identity"]), default="gram", show_default=True,
+                 help="Query-side preconditioner: per-group Gram inverse (TRAK-style) or none (grad-dot)."),
+    click.option("--damping", type=float, default=0.1, show_default=True,
+                 help="Gram damping, relative to the group's mean eigenvalue."),
+]
+inputs_option = click.option("--inputs", type=click.Path(path_type=Path), default=None,
+                             help="Query inputs file (the task's format; default: the task's held-out queries).")
+concept_option = click.option("--concept", default="all", show_default=True,
+                              help="Concept: 'all' (the task's measurement) or one of the task's concepts.")
+
+
 def _apply(options):
     def decorator(func):
         for option in reversed(options):
@@ -227,10 +239,7 @@ def featurize(ctx, task_spec, out, task_options, checkpoint, group_rules, proj_d
 @click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
 @click.option("--concept", default="all", show_default=True, help="Concept partition (its weights are used).")
 @click.option("--kind", type=click.Choice(["flat"]), default="flat", show_default=True, help="FAISS index kind.")
-@click.option("--preconditioner", type=click.Choice(["gram", "identity"]), default="gram", show_default=True,
-              help="Query-side preconditioner: per-group Gram inverse (TRAK-style) or none (grad-dot).")
-@click.option("--damping", type=float, default=1e-3, show_default=True,
-              help="Gram damping, relative to the group's mean eigenvalue.")
+@_apply(preconditioner_options)
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help="Where FAISS searches (cuda needs a GPU build of FAISS).")
 @click.pass_context
@@ -245,6 +254,115 @@ def build_index_command(ctx, store_path, concept, kind, preconditioner, damping,
     index = build_index(store, config, show_progress=_progress(ctx))
     click.echo(f"{store.path}: index {concept!r} ({kind}, {preconditioner}) with {index.ntotal} vectors "
                f"of dimension {store.dim}")
+
+
+@main.command("learn-weights")
+@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@concept_option
+@inputs_option
+@_apply(preconditioner_options)
+@click.option("--queries", "num_queries", type=int, default=256, show_default=True,
+              help="Queries used (a seeded sample of the inputs).")
+@click.option("--reference-size", type=int, default=2048, show_default=True,
+              help="Training examples scored per query (a seeded sample of the store).")
+@click.option("--top-k", type=int, default=10, show_default=True, help="k of the SNR's top-k signal.")
+@click.option("--example-norm", type=click.Choice(["standardize", "center", "none"]), default="standardize",
+              show_default=True, help="What is done to each training example's scores across the queries.")
+@click.option("--regularization", type=float, default=0.1, show_default=True,
+              help="Strength of the KL pull towards uniform weights.")
+@click.option("--steps", type=int, default=200, show_default=True, help="Adam steps.")
+@click.option("--lr", type=float, default=0.05, show_default=True, help="Adam learning rate.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the query and reference samples.")
+@device_option
+@click.pass_context
+def learn_weights_command(ctx, store_path, concept, inputs, preconditioner, damping, num_queries, reference_size,
+                          top_k, example_norm, regularization, steps, lr, seed, device) -> None:
+    """Learn STORE's per-group weights for a concept from unlabeled queries."""
+    from gradindex.config import LearnConfig
+    from gradindex.learn import learn_weights
+    from gradindex.query_features import load_store_task
+    from gradindex.store import FeatureStore
+
+    config = LearnConfig(preconditioner=preconditioner, damping=damping, num_queries=num_queries,
+                         reference_size=reference_size, top_k=top_k, example_norm=example_norm,
+                         regularization=regularization, steps=steps, lr=lr, seed=seed)
+    store = FeatureStore.open(store_path)
+    queries = None if inputs is None else load_store_task(store).load_queries(inputs)
+    weights = learn_weights(store, config, queries=queries, concept=concept, device=device,
+                            show_progress=_progress(ctx))
+    info = weights.info
+    _echo_table([{"group": g, "weight": weights.weights[g], "share": info["shares"][g],
+                  "uniform share": info["uniform_shares"][g]} for g in store.groups])
+    click.echo(f"concept {concept!r} ({preconditioner}): mean SNR {info['snr_uniform']:.3f} (uniform) -> "
+               f"{info['snr_learned']:.3f} over {info['num_queries']} queries x {info['reference_size']} "
+               f"training examples, {info['seconds']:.1f}s; saved in {store.path}/manifest.json")
+
+
+@main.group("weights")
+def weights_group() -> None:
+    """Inspect learned group weights."""
+
+
+@weights_group.command("plot")
+@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG file to write.")
+@click.option("--concept", "concepts", multiple=True,
+              help="Concepts to draw (default: every concept with weights, and 'all'); repeatable.")
+def weights_plot(store_path, out, concepts) -> None:
+    """Draw STORE's group weights as a bar chart, one panel per concept."""
+    from gradindex.report import write_weights_chart
+    from gradindex.store import FeatureStore
+    from gradindex.weights import GroupWeights
+
+    store = FeatureStore.open(store_path, verify=False)
+    names = list(concepts) or sorted(set(store.manifest.get("weights", {})) | {"all"})
+    panels = [GroupWeights.from_manifest(store.manifest, c, store.groups) for c in names]
+    click.echo(f"wrote {write_weights_chart(out, panels, store.groups)}")
+
+
+@main.group("eval")
+def eval_group() -> None:
+    """Attribution quality: LDS, concept precision@k."""
+
+
+@eval_group.command("lds")
+@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of retrained models and measurements (default: STORE/lds); reruns reuse it.")
+@click.option("--models", "num_models", type=int, default=64, show_default=True, help="Retrained models M.")
+@click.option("--fraction", type=float, default=0.5, show_default=True, help="Subset fraction alpha.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subsets (and training seeds).")
+@click.option("--training-seed", type=int, default=None,
+              help="Train every model with this seed (default: a seed per model).")
+@click.option("--workers", type=int, default=2, show_default=True, help="Training processes.")
+@inputs_option
+@concept_option
+@click.option("--damping", type=float, default=0.1, show_default=True, help="Gram damping of the uniform rows.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@device_option
+@click.pass_context
+def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, workers, inputs, concept, damping,
+             as_json, device) -> None:
+    """LDS of STORE's attributions (uniform, each group alone, learned) against retrained models."""
+    from gradindex.config import LDSConfig
+    from gradindex.lds import lds_report, retrain
+    from gradindex.query_features import check_concept, load_store_task
+    from gradindex.store import FeatureStore
+
+    config = LDSConfig(num_models=num_models, fraction=fraction, seed=seed, training_seed=training_seed)
+    store = FeatureStore.open(store_path)
+    task = load_store_task(store)
+    check_concept(task, concept)
+    retrained = retrain(task, cache or store.path / "lds", config, queries_file=inputs, workers=workers,
+                        show_progress=_progress(ctx))
+    queries = task.query_dataset() if inputs is None else task.load_queries(inputs)
+    rows = lds_report(store, retrained, queries, concept=concept, damping=damping, device=device)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    _echo_table([{**row, "damping": "" if row["damping"] is None else row["damping"]} for row in rows])
+    click.echo(f"LDS over {len(queries)} queries and {num_models} models trained on {fraction:g} of the data "
+               f"(concept {concept!r}); sem = standard error over queries")
 
 
 @main.command()
@@ -309,17 +427,22 @@ def info(store_path, as_json) -> None:
         for concept in concepts:
             weights = GroupWeights.from_manifest(manifest, concept, store.groups)
             row[f"w[{concept}]"] = weights.weights[group["name"]]
+            if "shares" in weights.info:
+                row[f"share[{concept}]"] = weights.info["shares"][group["name"]]
         rows.append(row)
     _echo_table(rows)
+    for concept in concepts:
+        weights_info = GroupWeights.from_manifest(manifest, concept, store.groups).info
+        if "config" in weights_info:
+            setting = weights_info["config"]
+            click.echo(f"weights {concept!r}: {weights_info['method']} for {setting['preconditioner']} "
+                       f"(damping {setting['damping']}), {weights_info['num_queries']} queries x "
+                       f"{weights_info['reference_size']} examples, mean SNR {weights_info['snr_uniform']:.3f} "
+                       f"(uniform) -> {weights_info['snr_learned']:.3f}")
     for concept, entry in sorted(manifest.get("indexes", {}).items()):
         cfg = entry["config"]
         click.echo(f"index {concept!r}: {cfg['kind']}, {cfg['preconditioner']} (damping {cfg['damping']}), "
                    f"{entry['ntotal']} vectors")
-
-
-@main.group("eval")
-def eval_group() -> None:
-    """Attribution quality: concept precision@k."""
 
 
 @eval_group.command("precision")
@@ -335,7 +458,7 @@ def eval_precision(store_path, inputs, concepts, k, as_json, device) -> None:
     """Concept precision@k: the fraction of a query's top-k training examples that share its
     value of the concept (DESIGN §4), with the chance level of a random top-k beside."""
     from gradindex.evaluate import evaluate_precision
-    from gradindex.query import load_store_task
+    from gradindex.query_features import load_store_task
     from gradindex.store import FeatureStore
 
     store = FeatureStore.open(store_path)

@@ -93,6 +93,8 @@ class GroupRule(_Config):
 
     ``group=None`` excludes the matched parameters from attribution. The first
     matching rule wins; unmatched parameters go to the group of their module.
+    ``group`` may contain ``{param}`` (the full parameter name) and ``{module}``
+    (its module's name), e.g. ``*.bias={param}`` splits every bias off its weight.
     """
 
     pattern: str
@@ -195,7 +197,7 @@ class IndexConfig(_Config):
     concept: str = "all"
     kind: IndexKind = IndexKind.FLAT
     preconditioner: Preconditioner = Preconditioner.GRAM
-    damping: float = 1e-3
+    damping: float = 0.1  # relative to each group's mean Gram eigenvalue; tuned by LDS on digits (README)
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -210,3 +212,79 @@ class IndexConfig(_Config):
         object.__setattr__(self, "damping", float(self.damping))
         if self.device not in ("cpu", "cuda", "auto"):
             raise ConfigError(f"IndexConfig.device: expected cpu, cuda or auto, got {self.device!r}")
+
+
+def _require_seed(value: Any, field_name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{field_name}: expected a non-negative integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LDSConfig(_Config):
+    """Retraining for the linear datamodeling score (DESIGN §4).
+
+    Model ``j`` trains on a seeded random subset of ``round(fraction · N)``
+    training examples (subset ``j`` depends only on ``seed``, ``j`` and ``N``, so
+    raising ``num_models`` keeps the models already trained). ``training_seed``
+    fixes the task's training seed for every model; ``None`` gives model ``j``
+    its own seed derived from ``(seed, j)`` (initialisation and batch-order noise
+    included, as in TRAK's evaluation).
+    """
+
+    num_models: int = 64
+    fraction: float = 0.5
+    seed: int = 0
+    training_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _require_positive(self.num_models, "LDSConfig.num_models")
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) or not 0 < self.fraction < 1:
+            raise ConfigError(f"LDSConfig.fraction: expected a number in (0, 1), got {self.fraction!r}")
+        object.__setattr__(self, "fraction", float(self.fraction))
+        _require_seed(self.seed, "LDSConfig.seed")
+        if self.training_seed is not None:
+            _require_seed(self.training_seed, "LDSConfig.training_seed")
+
+
+class ExampleNorm(enum.Enum):
+    """What weight learning does to each reference training example's scores across the queries."""
+
+    NONE = "none"
+    CENTER = "center"  # subtract its mean over queries (it no longer tops every query)
+    STANDARDIZE = "standardize"  # ... and divide by its std over queries (its gradient norm no longer counts)
+
+
+@dataclass(frozen=True)
+class LearnConfig(_Config):
+    """Learning per-group weights from unlabeled queries (DESIGN §1.3; see :mod:`gradindex.learn`).
+
+    The weights are learned for one attribution setting (``preconditioner``,
+    ``damping``); an index built with another setting refuses them.
+    """
+
+    preconditioner: Preconditioner = Preconditioner.GRAM
+    damping: float = 0.1
+    num_queries: int = 256
+    reference_size: int = 2048
+    top_k: int = 10
+    example_norm: ExampleNorm = ExampleNorm.STANDARDIZE
+    regularization: float = 0.1
+    steps: int = 200
+    lr: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "preconditioner", parse_enum(Preconditioner, self.preconditioner, "LearnConfig.preconditioner")
+        )
+        object.__setattr__(self, "example_norm", parse_enum(ExampleNorm, self.example_norm, "LearnConfig.example_norm"))
+        for name in ("num_queries", "reference_size", "top_k", "steps"):
+            _require_positive(getattr(self, name), f"LearnConfig.{name}")
+        for name in ("damping", "regularization", "lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ConfigError(f"LearnConfig.{name}: expected a non-negative number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.lr == 0:
+            raise ConfigError("LearnConfig.lr: expected a positive number, got 0")
+        _require_seed(self.seed, "LearnConfig.seed")

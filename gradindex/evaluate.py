@@ -17,7 +17,8 @@ import torch
 
 from gradindex.errors import ConfigError
 from gradindex.index import TopK
-from gradindex.query import Attributor, load_store_task
+from gradindex.query import Attributor
+from gradindex.query_features import load_store_task
 from gradindex.store import FeatureStore
 
 

@@ -7,7 +7,9 @@ Default: one group per module that directly owns trainable parameters (weight
 and bias together), named after the module; parameters owned by the root module
 get one group each, named after the parameter. Rules (glob over full parameter
 names, first match wins) merge modules into one group, split a module's
-parameters apart, or exclude parameters (``group=None``). Frozen parameters
+parameters apart, or exclude parameters (``group=None``). A rule's group name
+may contain ``{param}`` (the full parameter name) and ``{module}`` (its module's
+name): ``*.bias={param}`` gives every bias a group of its own. Frozen parameters
 (``requires_grad=False``) are never attributed.
 
 A block is one module's share of a group. Its ``kind`` says how per-example
@@ -89,7 +91,7 @@ def parameter_groups(model: nn.Module, rules: Sequence[GroupRule] = ()) -> list[
             if not param.requires_grad:
                 continue
             full_name = f"{module_name}.{local_name}" if module_name else local_name
-            group = _match(full_name, rules, default=module_name or local_name)
+            group = _match(full_name, module_name, rules, default=module_name or local_name)
             if group is None:
                 continue
             aliases.setdefault(id(param), []).append(full_name)
@@ -110,10 +112,12 @@ def parameter_groups(model: nn.Module, rules: Sequence[GroupRule] = ()) -> list[
     return groups
 
 
-def _match(full_name: str, rules: Sequence[GroupRule], default: str) -> str | None:
+def _match(full_name: str, module_name: str, rules: Sequence[GroupRule], default: str) -> str | None:
     for rule in rules:
         if fnmatch.fnmatchcase(full_name, rule.pattern):
-            return rule.group
+            if rule.group is None:
+                return None
+            return rule.group.replace("{param}", full_name).replace("{module}", module_name or full_name)
     return default
 
 

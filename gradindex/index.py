@@ -90,6 +90,7 @@ def build_index(
     groups = store.groups
     if weights is None:
         weights = GroupWeights.from_manifest(store.manifest, config.concept, groups)
+    weights.check_setting(config.preconditioner, config.damping)
     if config.kind is not IndexKind.FLAT:
         raise ConfigError(f"index kind {config.kind.value!r} is not supported; use flat")
     inner = faiss.IndexFlatIP(store.dim)

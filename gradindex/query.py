@@ -17,57 +17,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
 
-from gradindex.config import FeaturizeConfig, Preconditioner
-from gradindex.errors import ConfigError, StoreMismatchError
-from gradindex.featurize import featurize_rows, resolve_groups
-from gradindex.gradients import GradientProjector
+from gradindex.errors import ConfigError
 from gradindex.index import GradIndex, TopK
-from gradindex.precondition import QueryPreconditioner
+from gradindex.query_features import QueryFeaturizer
 from gradindex.store import FeatureStore
-from gradindex.task import Task, load_task, model_fingerprint
 from gradindex.weights import scaled_vectors
-
-
-def load_store_task(store: FeatureStore) -> Task:
-    spec = store.manifest["task"]
-    return load_task(spec["task"], spec.get("options", {}))
 
 
 class Attributor:
     """Warm query engine for one concept partition of a store."""
 
-    def __init__(self, store: FeatureStore, task: Task, model: torch.nn.Module, index: GradIndex,
-                 device: torch.device):
-        self.store = store
-        self.task = task
-        self.model = model
+    def __init__(self, featurizer: QueryFeaturizer, index: GradIndex):
+        self.featurizer = featurizer
         self.index = index
-        self.device = device
+        self.store = featurizer.store
+        self.task = featurizer.task
+        self.model = featurizer.model
         self.concept = index.config.concept
-        config = FeaturizeConfig.from_dict(store.manifest["config"])
-        groups = resolve_groups(task, model, config)
-        stored = [{k: v for k, v in g.items() if k != "dim"} for g in store.manifest["groups"]]
-        if [g.to_dict() for g in groups] != [
-            {"name": g["name"], "blocks": [{k: b[k] for k in ("module", "params", "kind", "left", "right")}
-                                           for b in g["blocks"]]} for g in stored
-        ]:
-            raise StoreMismatchError(
-                f"{store.path}: the model's parameter groups differ from the store's; featurize again"
-            )
-        self.groups = [g.name for g in groups]
-        self.projector = GradientProjector(model, groups, config.projection, device)
-        partition = index.config
-        self.preconditioner = QueryPreconditioner(
-            partition.preconditioner,
-            store.read_gram() if partition.preconditioner is Preconditioner.GRAM else None,
-            partition.damping,
-            self.groups,
-        )
+        self.groups = featurizer.groups
         self.weights = index.weights
 
     @classmethod
@@ -80,35 +50,14 @@ class Attributor:
         index_device: str | None = None,
     ) -> "Attributor":
         store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
-        task = load_store_task(store)
-        if concept != "all" and concept not in task.concepts:
-            raise ConfigError(
-                f"concept {concept!r}: the task measures {', '.join(('all', *task.concepts))}"
-            )
         index = GradIndex.open(store, concept, device=index_device)
-        torch_device = torch.device(device)
-        model = task.load_model(checkpoint or store.manifest.get("checkpoint")).to(torch_device).eval()
-        fingerprint = model_fingerprint(model)
-        if fingerprint != store.manifest["model_fingerprint"]:
-            raise StoreMismatchError(
-                f"{store.path} was featurized from another checkpoint (model fingerprint "
-                f"{store.manifest['model_fingerprint'][:12]}…, this one {fingerprint[:12]}…); "
-                "query with the store's checkpoint or featurize this one"
-            )
-        return cls(store, task, model, index, torch_device)
-
-    def measurement(self, batch: Any, model: torch.nn.Module) -> torch.Tensor:
-        if self.concept == "all":
-            return self.task.compute_measurement(batch, model)
-        return self.task.concept_measurement(batch, model, self.concept)
+        featurizer = QueryFeaturizer.open(store, concept, index.config.preconditioner, index.config.damping,
+                                          checkpoint, device)
+        return cls(featurizer, index)
 
     def query_vectors(self, dataset: Sequence, batch_size: int = 64) -> np.ndarray:
         """``u(q)`` for every item of ``dataset``: ``[n, D]`` float32."""
-        feats = featurize_rows(self.task, self.model, dataset, range(len(dataset)), self.projector, batch_size,
-                               self.device, measurement=self.measurement)
-        psi = self.preconditioner({g: torch.from_numpy(feats[g]) for g in self.groups})
-        vectors = scaled_vectors({g: -psi[g] for g in self.groups}, self.weights, self.groups)
-        return vectors.numpy()
+        return scaled_vectors(self.featurizer.group_features(dataset, batch_size), self.weights, self.groups)
 
     def attribute(self, dataset: Sequence, k: int = 10, batch_size: int = 64) -> TopK:
         """Top-``k`` training examples for every query item."""
@@ -117,7 +66,7 @@ class Attributor:
         return self.index.search(self.query_vectors(dataset, batch_size), k)
 
     def close(self) -> None:
-        self.projector.close()
+        self.featurizer.close()
 
 
 def metadata_lookup(store: FeatureStore, sample_ids: np.ndarray) -> dict[str, np.ndarray]:

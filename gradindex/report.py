@@ -6,6 +6,7 @@
   caption, match), ...]})``, one figure row per query and concept: the query, then its
   top-k under that concept's partition; ``match`` (the hit shares the query's value of
   the concept) colours the caption green, a miss red.
+* :func:`write_weights_chart`: group weights as bars, one panel per concept.
 
 Images are ``[H, W]`` (grayscale) or ``[H, W, 3]`` arrays. Out: a PNG file (matplotlib, Agg),
 written under a temporary name and renamed.
@@ -50,6 +51,40 @@ def write_concept_grid(path: str | Path, rows: Sequence[ConceptRow], title: str 
         for i, (img, cap, match) in enumerate(hits):
             _panel(axes[r, 1 + i], img, f"#{i + 1} {cap}", "tab:green" if match else "tab:red")
     return _save(fig, path, title)
+
+
+def write_weights_chart(path: str | Path, weights: Sequence, groups: Sequence[str]) -> Path:
+    """Bar chart of group weights, one panel per concept (``weights``: GroupWeights).
+
+    Bars are the weights relative to their mean (1 = the uniform weight, log
+    scale); a learned concept's title says its preconditioner and how its
+    objective moved from uniform.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(weights), 1, figsize=(max(4.0, 0.45 * len(groups) + 1.5), 2.6 * len(weights)),
+                             squeeze=False)
+    for ax, concept_weights in zip(axes[:, 0], weights):
+        values = np.array([concept_weights.weights[g] for g in groups], dtype=float)
+        relative = values / values.mean() if values.mean() > 0 else values
+        ax.bar(range(len(groups)), np.maximum(relative, 1e-6), color="tab:blue")
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(groups, rotation=45, ha="right", fontsize=7)
+        ax.set_ylabel("weight / mean", fontsize=8)
+        info = concept_weights.info
+        title = f"concept {concept_weights.concept!r}: {info.get('method', 'uniform')}"
+        if "config" in info:
+            title += f", {info['config']['preconditioner']}"
+        if "snr_learned" in info:
+            title += f", mean SNR {info['snr_uniform']:.2f} → {info['snr_learned']:.2f}"
+        ax.set_title(title, fontsize=8)
+    return _save(fig, path, "")
+
 
 
 def _figure(rows: int, columns: int) -> tuple[Any, np.ndarray]:

@@ -6,6 +6,9 @@ the weighted score ``Σ_g w_g s_g``.
 
 Weights live in the store's manifest under ``weights.<concept>``; a concept with
 no learned weights uses uniform weights (``w_g = 1``: the unweighted baselines).
+Learning them is :mod:`gradindex.learn`; learned weights record the
+preconditioner and damping they were fit for, and an index with another
+setting refuses them.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from gradindex.config import Preconditioner
 from gradindex.errors import ConfigError
+from gradindex.store import FeatureStore
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,31 @@ class GroupWeights:
 
     def scales(self, groups: Sequence[str]) -> dict[str, float]:
         return {g: float(np.sqrt(self.weights[g])) for g in groups}
+
+    def check_setting(self, preconditioner: Preconditioner, damping: float) -> None:
+        """Learned weights fit one attribution setting; refuse them for another."""
+        learned = self.info.get("config")
+        if not learned:
+            return
+        wanted = {"preconditioner": preconditioner.value}
+        if preconditioner is Preconditioner.GRAM:
+            wanted["damping"] = float(damping)
+        differ = {k: learned.get(k) for k in wanted if learned.get(k) != wanted[k]}
+        if differ:
+            raise ConfigError(
+                f"the weights of concept {self.concept!r} were learned for "
+                + ", ".join(f"{k} {v}" for k, v in differ.items())
+                + ", not " + ", ".join(f"{k} {wanted[k]}" for k in differ)
+                + "; use that setting or learn the weights again with it"
+            )
+
+
+def save_weights(store: FeatureStore, weights: GroupWeights) -> None:
+    """Record ``weights`` under ``manifest["weights"][concept]`` (an existing index keeps its own copy)."""
+    missing = set(store.groups) - set(weights.weights)
+    if missing:
+        raise ConfigError(f"weights for concept {weights.concept!r} miss groups {sorted(missing)}")
+    store.update_manifest({"weights": {**store.manifest.get("weights", {}), weights.concept: weights.to_dict()}})
 
 
 def scaled_vectors(features: Mapping[str, Any], weights: GroupWeights, groups: Sequence[str]) -> Any:

@@ -57,7 +57,7 @@ def test_diffusion_demo_writes_the_concept_report(diffusion_demo):
 
 
 def test_eval_precision_cli(diffusion_demo, tmp_path):
-    from gradindex.query import load_store_task
+    from gradindex.query_features import load_store_task
     from gradindex.store import FeatureStore
 
     out, _ = diffusion_demo

@@ -1,0 +1,124 @@
+"""Query-side features: query inputs → per-group query features ``−ψ_g(q)``.
+
+In: a complete store, its task and checkpoint, a preconditioner setting and a
+concept. Out: ``{group: [n, k_g]}`` float32 with ``−ψ_g(q) = −H_g⁻¹ P_g ∇m(q)``
+(``∇m_c`` for a concept ``c``): the same groups, seeds and projections as the
+stored training features, so ``−ψ_g(q)ᵀ φ_g(x)`` is group ``g``'s score of
+training example ``x`` (positive: training on ``x`` raises ``m(q)``).
+
+Used by the query stage (:mod:`gradindex.query`, which scales and concatenates
+the blocks into ``u(q)``), by weight learning and by LDS evaluation, which need
+the per-group blocks apart. :class:`QueryFeaturizer` refuses a checkpoint whose
+parameters or parameter groups differ from the ones the store was built from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+import numpy as np
+import torch
+
+from gradindex.config import FeaturizeConfig, Preconditioner
+from gradindex.errors import ConfigError, StoreMismatchError
+from gradindex.featurize import featurize_rows, resolve_groups
+from gradindex.gradients import GradientProjector
+from gradindex.precondition import QueryPreconditioner
+from gradindex.store import FeatureStore
+from gradindex.task import Task, load_task, model_fingerprint
+
+
+def load_store_task(store: FeatureStore) -> Task:
+    """The task the store was featurized from (rebuilt from the manifest's spec)."""
+    spec = store.manifest["task"]
+    return load_task(spec["task"], spec.get("options", {}))
+
+
+def check_concept(task: Task, concept: str) -> None:
+    """``concept`` must be ``all`` or one of the task's concepts."""
+    if concept != "all" and concept not in task.concepts:
+        raise ConfigError(f"concept {concept!r}: the task measures {', '.join(('all', *task.concepts))}")
+
+
+def measurement_function(task: Task, concept: str):
+    """``(batch, model) -> [B]``: the task's measurement ``m`` (concept ``all``) or ``m_c``."""
+    check_concept(task, concept)
+    if concept == "all":
+        return task.compute_measurement
+    return lambda batch, model: task.concept_measurement(batch, model, concept)
+
+
+class QueryFeaturizer:
+    """Warm model, projector and preconditioner computing ``−ψ_g(q)`` for one store and concept."""
+
+    def __init__(self, store: FeatureStore, task: Task, model: torch.nn.Module, device: torch.device,
+                 preconditioner: Preconditioner = Preconditioner.GRAM, damping: float = 1e-3,
+                 concept: str = "all"):
+        self.store = store
+        self.task = task
+        self.model = model
+        self.device = device
+        self.concept = concept
+        self.measurement = measurement_function(task, concept)
+        config = FeaturizeConfig.from_dict(store.manifest["config"])
+        groups = resolve_groups(task, model, config)
+        stored = [{"name": g["name"], "blocks": [{k: b[k] for k in ("module", "params", "kind", "left", "right")}
+                                                 for b in g["blocks"]]} for g in store.manifest["groups"]]
+        if [g.to_dict() for g in groups] != stored:
+            raise StoreMismatchError(
+                f"{store.path}: the model's parameter groups differ from the store's; featurize again"
+            )
+        self.groups = [g.name for g in groups]
+        self.projector = GradientProjector(model, groups, config.projection, device)
+        self.preconditioner = QueryPreconditioner(
+            preconditioner, store.read_gram() if preconditioner is Preconditioner.GRAM else None, damping, self.groups
+        )
+
+    @classmethod
+    def open(
+        cls,
+        store: str | Path | FeatureStore,
+        concept: str = "all",
+        preconditioner: Preconditioner = Preconditioner.GRAM,
+        damping: float = 1e-3,
+        checkpoint: str | Path | None = None,
+        device: str = "cpu",
+    ) -> "QueryFeaturizer":
+        store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+        task = load_store_task(store)
+        check_concept(task, concept)
+        torch_device = torch.device(device)
+        model = task.load_model(checkpoint or store.manifest.get("checkpoint")).to(torch_device).eval()
+        fingerprint = model_fingerprint(model)
+        if fingerprint != store.manifest["model_fingerprint"]:
+            raise StoreMismatchError(
+                f"{store.path} was featurized from another checkpoint (model fingerprint "
+                f"{store.manifest['model_fingerprint'][:12]}…, this one {fingerprint[:12]}…); "
+                "query with the store's checkpoint or featurize this one"
+            )
+        return cls(store, task, model, torch_device, preconditioner, damping, concept)
+
+    def group_features(self, dataset: Sequence, batch_size: int = 64,
+                       show_progress: bool = False) -> dict[str, np.ndarray]:
+        """``{group: −ψ_g(q) [n, k_g]}`` (float32) for every item of ``dataset``."""
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(dataset), desc="query features", unit="q", disable=not show_progress) as bar:
+            feats = featurize_rows(self.task, self.model, dataset, range(len(dataset)), self.projector, batch_size,
+                                   self.device, measurement=self.measurement, bar=bar)
+        psi = self.preconditioner({g: torch.from_numpy(feats[g]) for g in self.groups})
+        return {g: (-psi[g]).numpy() for g in self.groups}
+
+    def close(self) -> None:
+        self.projector.close()
+
+
+def query_group_features(store: FeatureStore, dataset: Sequence, concept: str = "all",
+                         preconditioner: Preconditioner = Preconditioner.GRAM, damping: float = 1e-3,
+                         batch_size: int = 64, device: str = "cpu") -> dict[str, np.ndarray]:
+    """One-shot ``{group: −ψ_g(q) [n, k_g]}`` float32 numpy for ``dataset`` (opens and closes a featurizer)."""
+    featurizer = QueryFeaturizer.open(store, concept, preconditioner, damping, device=device)
+    try:
+        return featurizer.group_features(dataset, batch_size)
+    finally:
+        featurizer.close()
