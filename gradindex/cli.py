@@ -273,10 +273,13 @@ def build_index_command(ctx, store_path, concept, kind, preconditioner, damping,
 @click.option("--steps", type=int, default=200, show_default=True, help="Adam steps.")
 @click.option("--lr", type=float, default=0.05, show_default=True, help="Adam learning rate.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the query and reference samples.")
+@click.option("--method", type=click.Choice(["auto", "snr", "agreement"]), default="auto", show_default=True,
+              help="Objective: SNR of each query's scores, or agreement of the top-k of queries sharing the "
+                   "concept's value (needs the queries' values); auto: agreement for a concept when possible.")
 @device_option
 @click.pass_context
 def learn_weights_command(ctx, store_path, concept, inputs, preconditioner, damping, num_queries, reference_size,
-                          top_k, example_norm, regularization, steps, lr, seed, device) -> None:
+                          top_k, example_norm, regularization, steps, lr, seed, method, device) -> None:
     """Learn STORE's per-group weights for a concept from unlabeled queries."""
     from gradindex.config import LearnConfig
     from gradindex.learn import learn_weights
@@ -285,7 +288,7 @@ def learn_weights_command(ctx, store_path, concept, inputs, preconditioner, damp
 
     config = LearnConfig(preconditioner=preconditioner, damping=damping, num_queries=num_queries,
                          reference_size=reference_size, top_k=top_k, example_norm=example_norm,
-                         regularization=regularization, steps=steps, lr=lr, seed=seed)
+                         regularization=regularization, steps=steps, lr=lr, seed=seed, method=method)
     store = FeatureStore.open(store_path)
     queries = None if inputs is None else load_store_task(store).load_queries(inputs)
     weights = learn_weights(store, config, queries=queries, concept=concept, device=device,
@@ -296,6 +299,8 @@ def learn_weights_command(ctx, store_path, concept, inputs, preconditioner, damp
     click.echo(f"concept {concept!r} ({preconditioner}): mean SNR {info['snr_uniform']:.3f} (uniform) -> "
                f"{info['snr_learned']:.3f} over {info['num_queries']} queries x {info['reference_size']} "
                f"training examples, {info['seconds']:.1f}s; saved in {store.path}/manifest.json")
+    if "agreement_learned" in info:
+        click.echo(f"objective: agreement {info['agreement_uniform']:.3f} (uniform) -> {info['agreement_learned']:.3f}")
 
 
 @main.group("weights")

@@ -2,7 +2,8 @@
 
 In: a task spec and an output folder. Out: ``OUT/checkpoint.pt``, ``OUT/store``
 (feature store with its ``all`` index, plus one partition per concept the task
-measures), ``OUT/topk.png``, for a task with concepts ``OUT/concepts.png`` (each query
+measures, with weights learned from generated queries by the default objective,
+top-k agreement), ``OUT/topk.png``, for a task with concepts ``OUT/concepts.png`` (each query
 beside its top-k per concept, captions green where the hit shares the query's value of
 the concept), and a :class:`DemoResult` the CLI prints.
 
@@ -20,12 +21,16 @@ from typing import Any
 
 import numpy as np
 
-from gradindex.config import IndexConfig
+from gradindex.config import IndexConfig, LearnConfig
 from gradindex.featurize import featurize, training_table
 from gradindex.index import TopK, build_index
+from gradindex.learn import learn_weights
 from gradindex.query import Attributor
 from gradindex.report import write_concept_grid, write_topk_grid
 from gradindex.task import Task, load_task
+
+#: generated queries the concept weights are learned from (another seed than the displayed ones)
+LEARN_QUERIES = 60
 
 
 @dataclass
@@ -59,13 +64,21 @@ def run_demo(task_spec: str = "digits", out: str | Path = "gradindex-demo", k: i
     seconds["featurize"] = time.perf_counter() - started
 
     started = time.perf_counter()
+    model = task.load_model(checkpoint)
+    queries = task.sample_queries(model, num_queries)
+    seconds["queries"] = time.perf_counter() - started
+
+    if task.concepts:
+        started = time.perf_counter()
+        learn_queries = task.sample_queries(model, LEARN_QUERIES, seed=1)
+        for concept in task.concepts:
+            learn_weights(store, LearnConfig(), queries=learn_queries, concept=concept, show_progress=show_progress)
+        seconds["learn-weights"] = time.perf_counter() - started
+
+    started = time.perf_counter()
     for concept in ("all", *task.concepts):
         build_index(store, IndexConfig(concept=concept), show_progress=show_progress)
     seconds["index"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    queries = task.sample_queries(task.load_model(checkpoint), num_queries)
-    seconds["queries"] = time.perf_counter() - started
 
     started = time.perf_counter()
     tops = {}
