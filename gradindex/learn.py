@@ -41,7 +41,9 @@ under ``w^c``, queries that do not should not. Each query's example-normed score
 are z-scored over the reference sample and turned into a soft top-k,
 ``π_q = softmax(β z_q)`` (β = :data:`AGREEMENT_BETA`); the objective replacing the
 SNR is ``mean_{q≠q', same value} cos(π_q, π_q') − mean_{different value} cos(π_q, π_q')``
-(the contrast stops every query from agreeing on the same few hubs). ``AUTO`` uses it
+(the contrast stops every query from agreeing on the same few hubs). The objective is
+not concave in the shares, so ascent starts from the best of ``G`` screened points
+(half the shares on one group). ``AUTO`` uses it
 for a concept whose values the queries carry, and the SNR otherwise; on the
 ``diffusion`` task it is the one that finds each concept's blocks (tools/bench_concepts.py).
 
@@ -68,7 +70,7 @@ from gradindex.weights import GroupWeights, save_weights
 logger = logging.getLogger(__name__)
 
 #: sharpness of the agreement objective's soft top-k, on scores z-scored over the reference sample
-AGREEMENT_BETA = 1.0
+AGREEMENT_BETA = 3.0
 
 
 # -- the math: score matrices in, weights out ------------------------------------------------------
@@ -144,7 +146,10 @@ def fit_weights(scores: np.ndarray, config: LearnConfig, values: np.ndarray | No
         if not (same & ~torch.eye(len(values), dtype=torch.bool)).any() or same.all():
             raise ConfigError("agreement weights need queries that share a concept value and queries that do not")
     prior = torch.full_like(uniform, 1.0 / len(uniform))  # equal shares: start and pull target
-    theta = torch.zeros_like(prior, requires_grad=True)
+    theta = torch.zeros_like(prior)
+    if same is not None:
+        theta = _agreement_start(normalised, config, same)
+    theta.requires_grad_(True)
     optimizer = torch.optim.Adam([theta], lr=config.lr)
     for _ in range(config.steps):
         shares = torch.softmax(theta, 0)
@@ -169,6 +174,21 @@ def fit_weights(scores: np.ndarray, config: LearnConfig, values: np.ndarray | No
                 "agreement_learned": float(objective(shares, normalised, config, same))} if same is not None else {}),
         }
     return weights, diagnostics
+
+
+def _agreement_start(normalised: torch.Tensor, config: LearnConfig, same: torch.Tensor) -> torch.Tensor:
+    """Start logits for the agreement objective: half the shares on the group whose tilt scores best.
+
+    The agreement is not concave in the shares; from equal shares, ascent can settle on a
+    group that merely correlates with the concept (measured on the diffusion task), while
+    the screen of G tilted points ``½·e_g + ½·p⁰`` finds the right basin.
+    """
+    count = normalised.shape[0]
+    equal = torch.full((count,), 1.0 / count)
+    with torch.no_grad():
+        values = torch.stack([objective(0.5 * torch.eye(count)[g] + 0.5 * equal, normalised, config, same)
+                              for g in range(count)])
+    return torch.log(0.5 * torch.eye(count)[int(values.argmax())] + 0.5 * equal)
 
 
 # -- the stage: store in, weights in the manifest out -------------------------------------------------

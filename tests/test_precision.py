@@ -54,6 +54,29 @@ def test_diffusion_demo_writes_the_concept_report(diffusion_demo):
     assert pixels.shape[:2] == (round(9 * PANEL_HEIGHT * 110), round(5 * PANEL_WIDTH * 110))
     for concept in ("all", "subject", "style", "background"):
         assert (out / "store" / "indexes" / f"{concept}.faiss").is_file()
+    manifest = json.loads((out / "store" / "manifest.json").read_text())
+    for concept in ("subject", "style", "background"):  # learned by the default objective, agreement
+        assert manifest["weights"][concept]["info"]["method"] == "agreement"
+        assert manifest["indexes"][concept]["weights"] == manifest["weights"][concept]
+
+
+def test_learn_weights_methods_on_the_cli(diffusion_demo, tmp_path):
+    from gradindex.query_features import load_store_task
+    from gradindex.store import FeatureStore
+
+    out, _ = diffusion_demo
+    store = FeatureStore.open(out / "store")
+    task = load_store_task(store)
+    queries = task.generate(task.load_model(store.manifest["checkpoint"]), task.heldout_prompts(12), seed=4)
+    task.save_queries(tmp_path / "learn.npz", queries)
+    for method in ("snr", "agreement"):
+        result = CliRunner().invoke(main, ["-q", "learn-weights", str(out / "store"), "--concept", "style", "--inputs",
+                                           str(tmp_path / "learn.npz"), "--method", method, "--steps", "20"],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert ("objective: agreement" in result.output) == (method == "agreement")
+        saved = json.loads((out / "store" / "manifest.json").read_text())["weights"]["style"]["info"]
+        assert saved["method"] == method
 
 
 def test_eval_precision_cli(diffusion_demo, tmp_path):

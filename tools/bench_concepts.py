@@ -4,9 +4,9 @@ For each seed s (model training, projection, query generations):
 
 1. train the default ``diffusion`` model with seed s (cached under $GRADINDEX_HOME) and featurize
    its training set (projection seed s);
-2. generate --learn-queries images of random prompts (every subject × style × background
-   combination, seeded) to learn weights from — unlabeled: the agreement objective uses
-   the prompts of the generations, never the training labels;
+2. generate --learn-queries images of random prompts (each factor drawn independently,
+   seeded) to learn weights from — unlabeled: the agreement objective uses the prompts
+   of the generations, never the training labels;
 3. generate the evaluation queries: every withheld subject × style combination × every
    background, --eval-repeats times (other seeds), i.e. combinations the model never saw;
 4. per concept c, three partitions of the same store, queried with m_c: uniform weights;
@@ -43,23 +43,16 @@ from gradindex.weights import GroupWeights
 VARIANTS = ("uniform", "snr", "agreement")
 
 
-def random_prompts(task, count: int, seed: int) -> list[tuple[str, str, str]]:
-    rng = np.random.default_rng(seed)
-    values = [task.concept_config.values(f) for f in task.concepts]
-    return [tuple(v[rng.integers(len(v))] for v in values) for _ in range(count)]
-
-
 def run_seed(seed: int, root: Path, args) -> tuple[dict, dict]:
     started = time.perf_counter()
     task = load_task("diffusion", {"seed": seed})
     model = task.load_model(None)
     store = featurize(task, root / f"store-{seed}", FeaturizeConfig(projection=ProjectionConfig(seed=seed)),
                       show_progress=False)
-    learn_queries = task.generate(model, random_prompts(task, args.learn_queries, 1000 + seed), seed=1000 + seed)
+    learn_queries = task.sample_queries(model, args.learn_queries, seed=1000 + seed)
     prompts = task.heldout_prompts() * args.eval_repeats
     eval_queries = task.generate(model, prompts, seed=seed)
-    _, train_meta = store.read_metadata()
-    train_ids = store.read_metadata()[0]
+    train_ids, train_meta = store.read_metadata()
     query_meta = task.metadata(eval_queries)
     results, weights = {}, {}
     for concept in task.concepts:

@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "data" / "concepts.json"
 ARCH_KIND = "patch-mixer"
 DRAW_SEED = 0
+DEFAULT_QUERIES = 120
 
 
 class ConceptDataset(torch.utils.data.Dataset):
@@ -143,6 +144,13 @@ class DiffusionTask(Task):
             return prompts
         return [prompts[i % len(prompts)] for i in range(count)]
 
+    def random_prompts(self, count: int, seed: int = 0) -> list[tuple[str, str, str]]:
+        """``count`` prompts with every factor drawn uniformly and independently (seeded), so
+        that sharing one factor's value says nothing about the others (held-out combinations included)."""
+        rng = np.random.default_rng([seed, 7])
+        values = [self.concept_config.values(f) for f in FACTORS]
+        return [tuple(v[int(rng.integers(len(v)))] for v in values) for _ in range(count)]
+
     def generate(self, model: nn.Module, prompts: Sequence[Sequence[str]], seed: int = 0, steps: int = 25,
                  guidance: float = 2.0) -> ConceptDataset:
         """Generated images of ``prompts`` (name triples) as a query dataset (keys ``-1 − i``)."""
@@ -152,11 +160,14 @@ class DiffusionTask(Task):
         return ConceptDataset(pixels, tokens, -1 - np.arange(len(tokens)))
 
     def sample_queries(self, model: nn.Module, count: int, seed: int = 0) -> Sequence:
-        return self.generate(model, self.heldout_prompts(count), seed=seed)
+        """Generations of :meth:`random_prompts` (seeded)."""
+        return self.generate(model, self.random_prompts(count, seed), seed=seed)
 
     def query_dataset(self) -> Sequence:
-        """Generations of every held-out combination × background from the default checkpoint."""
-        return self.generate(self.load_model(None), self.heldout_prompts())
+        """:data:`DEFAULT_QUERIES` generations of random prompts from the default checkpoint: the default
+        queries weights are learned from (write held-out-combination queries with
+        ``tools/make_diffusion_queries.py`` to evaluate on)."""
+        return self.sample_queries(self.load_model(None), DEFAULT_QUERIES, seed=1)
 
     def save_queries(self, path: str | Path, dataset: ConceptDataset) -> Path:
         from gradindex.store import write_arrays
