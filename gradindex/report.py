@@ -122,9 +122,11 @@ def _wrap(caption: str, width: int = 18) -> str:
 def _save(fig: Any, path: str | Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
+    top = 1.0
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+        top = 1 - 0.3 / fig.get_figheight()  # keep 0.3 in free for the title
+    fig.tight_layout(rect=(0, 0, 1, top))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)

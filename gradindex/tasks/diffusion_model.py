@@ -18,8 +18,8 @@
 
 Why not a conv UNet: on the shared 2-core development CPU a UNet of comparable size
 (base width 16, 0.17 M parameters) trained at 29 examples/s against 109 for a mixer of
-width 128 and depth 4 (0.62 M parameters), batch 64, measured in one run; convolution
-backward dominated. The default (width 96, depth 3) trains 1500 steps of batch 64 in
+width 128 and depth 4 (0.62 M parameters), batch 64 (separate runs on a loaded machine);
+convolution backward dominated its profile. The default (width 96, depth 3) trains 1500 steps of batch 64 in
 about 5 minutes on one core of that machine.
 """
 
