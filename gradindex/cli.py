@@ -15,7 +15,11 @@ from typing import Any
 import click
 import numpy as np
 
+from gradindex.config import DEFAULT_DAMPING, ExampleNorm, LDSConfig, LearnConfig
 from gradindex.errors import ConfigError, GradIndexError
+
+
+_LEARN, _LDS = LearnConfig(), LDSConfig()  # defaults shown by the flags
 
 
 class _Group(click.Group):
@@ -89,7 +93,7 @@ device_option = click.option("--device", default="cpu", show_default=True,
 preconditioner_options = [
     click.option("--preconditioner", type=click.Choice(["gram", "identity"]), default="gram", show_default=True,
                  help="Query-side preconditioner: per-group Gram inverse (TRAK-style) or none (grad-dot)."),
-    click.option("--damping", type=float, default=0.1, show_default=True,
+    click.option("--damping", type=float, default=DEFAULT_DAMPING, show_default=True,
                  help="Gram damping, relative to the group's mean eigenvalue."),
 ]
 inputs_option = click.option("--inputs", type=click.Path(path_type=Path), default=None,
@@ -261,17 +265,17 @@ def build_index_command(ctx, store_path, concept, kind, preconditioner, damping,
 @concept_option
 @inputs_option
 @_apply(preconditioner_options)
-@click.option("--queries", "num_queries", type=int, default=256, show_default=True,
+@click.option("--queries", "num_queries", type=int, default=_LEARN.num_queries, show_default=True,
               help="Queries used (a seeded sample of the inputs).")
-@click.option("--reference-size", type=int, default=2048, show_default=True,
+@click.option("--reference-size", type=int, default=_LEARN.reference_size, show_default=True,
               help="Training examples scored per query (a seeded sample of the store).")
-@click.option("--top-k", type=int, default=10, show_default=True, help="k of the SNR's top-k signal.")
-@click.option("--example-norm", type=click.Choice(["standardize", "center", "none"]), default="standardize",
+@click.option("--top-k", type=int, default=_LEARN.top_k, show_default=True, help="k of the SNR's top-k signal.")
+@click.option("--example-norm", type=click.Choice([n.value for n in ExampleNorm]), default=_LEARN.example_norm.value,
               show_default=True, help="What is done to each training example's scores across the queries.")
-@click.option("--regularization", type=float, default=0.1, show_default=True,
-              help="Strength of the KL pull towards uniform weights.")
-@click.option("--steps", type=int, default=200, show_default=True, help="Adam steps.")
-@click.option("--lr", type=float, default=0.05, show_default=True, help="Adam learning rate.")
+@click.option("--regularization", type=float, default=_LEARN.regularization, show_default=True,
+              help="Strength of the KL pull towards equal shares of the (normalised) groups.")
+@click.option("--steps", type=int, default=_LEARN.steps, show_default=True, help="Adam steps.")
+@click.option("--lr", type=float, default=_LEARN.lr, show_default=True, help="Adam learning rate.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the query and reference samples.")
 @click.option("--method", type=click.Choice(["auto", "snr", "agreement"]), default="auto", show_default=True,
               help="Objective: SNR of each query's scores, or agreement of the top-k of queries sharing the "
@@ -281,7 +285,6 @@ def build_index_command(ctx, store_path, concept, kind, preconditioner, damping,
 def learn_weights_command(ctx, store_path, concept, inputs, preconditioner, damping, num_queries, reference_size,
                           top_k, example_norm, regularization, steps, lr, seed, method, device) -> None:
     """Learn STORE's per-group weights for a concept from unlabeled queries."""
-    from gradindex.config import LearnConfig
     from gradindex.learn import learn_weights
     from gradindex.query_features import load_store_task
     from gradindex.store import FeatureStore
@@ -334,22 +337,23 @@ def eval_group() -> None:
 @click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder of retrained models and measurements (default: STORE/lds); reruns reuse it.")
-@click.option("--models", "num_models", type=int, default=64, show_default=True, help="Retrained models M.")
-@click.option("--fraction", type=float, default=0.5, show_default=True, help="Subset fraction alpha.")
+@click.option("--models", "num_models", type=int, default=_LDS.num_models, show_default=True,
+              help="Retrained models M.")
+@click.option("--fraction", type=float, default=_LDS.fraction, show_default=True, help="Subset fraction alpha.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subsets (and training seeds).")
 @click.option("--training-seed", type=int, default=None,
               help="Train every model with this seed (default: a seed per model).")
 @click.option("--workers", type=int, default=2, show_default=True, help="Training processes.")
 @inputs_option
 @concept_option
-@click.option("--damping", type=float, default=0.1, show_default=True, help="Gram damping of the uniform rows.")
+@click.option("--damping", type=float, default=DEFAULT_DAMPING, show_default=True,
+              help="Gram damping of the uniform and single-group rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @device_option
 @click.pass_context
 def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, workers, inputs, concept, damping,
              as_json, device) -> None:
     """LDS of STORE's attributions (uniform, each group alone, learned) against retrained models."""
-    from gradindex.config import LDSConfig
     from gradindex.lds import lds_report, retrain
     from gradindex.query_features import check_concept, load_store_task
     from gradindex.store import FeatureStore

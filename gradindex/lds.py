@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradindex.config import LDSConfig, Preconditioner
+from gradindex.config import DEFAULT_DAMPING, LDSConfig, Preconditioner
 from gradindex.errors import ConfigError, StoreMismatchError, TaskError
 from gradindex.precondition import QueryPreconditioner
 from gradindex.projection import derive_seed
@@ -134,7 +134,7 @@ def precondition_features(store: FeatureStore, raw: Mapping[str, np.ndarray], pr
 
 
 def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Sequence, concept: str = "all",
-               damping: float = 0.1, device: str = "cpu", show_progress: bool = False) -> list[dict[str, Any]]:
+               damping: float = DEFAULT_DAMPING, device: str = "cpu", show_progress: bool = False) -> list[dict[str, Any]]:
     """LDS of the standard attributions of ``store`` for ``queries`` (the ones ``retrained`` measured).
 
     Rows: uniform weights, each single group alone (the per-group diagnostic) and
@@ -221,7 +221,6 @@ class _Job:
     queries_file: str | None
     queries_key: str
     concepts: tuple[str, ...]
-    threads: int
 
 
 def retrain(
@@ -258,8 +257,7 @@ def retrain(
         masks[j, indices] = True
         if not _measurement_path(cache, key, j).is_file():
             jobs.append(_Job(spec["task"], spec.get("options", {}), str(cache), j, indices, training_seed(config, j),
-                             None if queries_file is None else str(queries_file), key, concepts,
-                             max(1, (os.cpu_count() or 1) // workers)))
+                             None if queries_file is None else str(queries_file), key, concepts))
     if jobs:
         logger.info("LDS: %d of %d models to train or measure in %s", len(jobs), config.num_models, cache)
         bar = tqdm(total=config.num_models, initial=config.num_models - len(jobs), desc="retrain", unit="model",
@@ -270,7 +268,9 @@ def retrain(
                 bar.update(1)
         else:
             _check_loadable(spec)
-            with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn"),
+                                     initializer=torch.set_num_threads, initargs=(threads,)) as pool:
                 futures = [pool.submit(_run_job, job) for job in jobs]
                 for future in as_completed(futures):
                     future.result()
@@ -286,7 +286,6 @@ def retrain(
 
 def _run_job(job: _Job, task: Task | None = None) -> int:
     """Train model ``job.model`` unless its checkpoint exists, then measure the queries on it."""
-    torch.set_num_threads(job.threads)
     task = task or load_task(job.task_spec, job.task_options)
     cache = Path(job.cache)
     folder = cache / MODEL_DIR / f"model-{job.model:05d}"

@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from gradindex.config import FeaturizeConfig, Preconditioner
+from gradindex.config import DEFAULT_DAMPING, FeaturizeConfig, Preconditioner
 from gradindex.errors import ConfigError, StoreMismatchError
 from gradindex.featurize import featurize_rows, resolve_groups
 from gradindex.gradients import GradientProjector
@@ -52,7 +53,7 @@ class QueryFeaturizer:
     """Warm model, projector and preconditioner computing ``−ψ_g(q)`` for one store and concept."""
 
     def __init__(self, store: FeatureStore, task: Task, model: torch.nn.Module, device: torch.device,
-                 preconditioner: Preconditioner = Preconditioner.GRAM, damping: float = 1e-3,
+                 preconditioner: Preconditioner = Preconditioner.GRAM, damping: float = DEFAULT_DAMPING,
                  concept: str = "all"):
         self.store = store
         self.task = task
@@ -80,7 +81,7 @@ class QueryFeaturizer:
         store: str | Path | FeatureStore,
         concept: str = "all",
         preconditioner: Preconditioner = Preconditioner.GRAM,
-        damping: float = 1e-3,
+        damping: float = DEFAULT_DAMPING,
         checkpoint: str | Path | None = None,
         device: str = "cpu",
     ) -> "QueryFeaturizer":
@@ -101,8 +102,6 @@ class QueryFeaturizer:
     def group_features(self, dataset: Sequence, batch_size: int = 64,
                        show_progress: bool = False) -> dict[str, np.ndarray]:
         """``{group: −ψ_g(q) [n, k_g]}`` (float32) for every item of ``dataset``."""
-        from tqdm.auto import tqdm
-
         with tqdm(total=len(dataset), desc="query features", unit="q", disable=not show_progress) as bar:
             feats = featurize_rows(self.task, self.model, dataset, range(len(dataset)), self.projector, batch_size,
                                    self.device, measurement=self.measurement, bar=bar)
@@ -114,7 +113,7 @@ class QueryFeaturizer:
 
 
 def query_group_features(store: FeatureStore, dataset: Sequence, concept: str = "all",
-                         preconditioner: Preconditioner = Preconditioner.GRAM, damping: float = 1e-3,
+                         preconditioner: Preconditioner = Preconditioner.GRAM, damping: float = DEFAULT_DAMPING,
                          batch_size: int = 64, device: str = "cpu") -> dict[str, np.ndarray]:
     """One-shot ``{group: −ψ_g(q) [n, k_g]}`` float32 numpy for ``dataset`` (opens and closes a featurizer)."""
     featurizer = QueryFeaturizer.open(store, concept, preconditioner, damping, device=device)

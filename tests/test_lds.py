@@ -75,7 +75,8 @@ def test_streamed_predictions_equal_full_score_sums(toy_store):
     order = rng.permutation(len(ids))  # the task's order need not be the store's: matched by id
     streamed = weighted_predictions(group_predictions(query, subset_sums(toy_store, masks[:, order], ids[order])),
                                     weights)
-    np.testing.assert_allclose(streamed, predictions_from_scores(full, masks), rtol=1e-6, atol=1e-6)
+    expected = predictions_from_scores(full, masks)  # float32 score matrices: compare at float32 precision
+    np.testing.assert_allclose(streamed, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
 def _model_files(cache):
