@@ -136,28 +136,37 @@ def main(quiet: bool, verbose: bool) -> None:
 
 
 @main.command()
-@click.option("--task", "task_spec", default="digits", show_default=True, help="Built-in task to demo.")
+@click.option("--task", "task_spec", default="digits", show_default=True,
+              help="Built-in task to demo (digits, diffusion, ...).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("gradindex-demo"),
               show_default=True, help="Output folder (checkpoint, store, PNG report).")
 @click.option("-k", type=click.IntRange(min=1), default=5, show_default=True, help="Training examples per query.")
 @click.option("--queries", "num_queries", type=click.IntRange(min=1), default=6, show_default=True,
               help="Number of held-out queries.")
+@task_option
 @device_option
 @click.pass_context
-def demo(ctx, task_spec: str, out: Path, k: int, num_queries: int, device: str) -> None:
-    """Run the whole pipeline end to end on bundled data and print the top-k."""
+def demo(ctx, task_spec: str, out: Path, k: int, num_queries: int, task_options, device: str) -> None:
+    """Run the whole pipeline end to end on bundled data and print the top-k
+    (per concept too, for a task with concepts: `--task diffusion`)."""
     from gradindex.demo import run_demo
 
-    result = run_demo(task_spec, out, k=k, num_queries=num_queries, device=device, show_progress=_progress(ctx))
+    result = run_demo(task_spec, out, k=k, num_queries=num_queries, device=device, show_progress=_progress(ctx),
+                      task_options=_task_options(task_options))
     for query in result.queries:
         click.echo(f"\nquery {query['query']} ({query['caption']}): top-{k} training examples")
         _echo_table([{"rank": r["rank"], "sample_id": r["sample_id"], "score": r["score"], "example": r["caption"]}
                      for r in query["results"]])
+    if result.concept_precision:
+        click.echo(f"\nper concept: fraction of each query's top-{k} sharing its value")
+        _echo_table([{"concept": c, f"precision@{k}": p} for c, p in result.concept_precision.items()])
     click.echo("")
     click.echo("timings: " + ", ".join(f"{name} {secs:.2f}s" for name, secs in result.seconds.items()))
     click.echo(f"store:   {result.store}")
     if result.png:
         click.echo(f"report:  {result.png}")
+    if result.concept_png:
+        click.echo(f"concept report: {result.concept_png}")
 
 
 @main.command()
@@ -268,10 +277,13 @@ def build_index_command(ctx, store_path, concept, kind, preconditioner, damping,
 @click.option("--steps", type=int, default=_LEARN.steps, show_default=True, help="Adam steps.")
 @click.option("--lr", type=float, default=_LEARN.lr, show_default=True, help="Adam learning rate.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the query and reference samples.")
+@click.option("--method", type=click.Choice(["auto", "snr", "agreement"]), default="auto", show_default=True,
+              help="Objective: SNR of each query's scores, or agreement of the top-k of queries sharing the "
+                   "concept's value (needs the queries' values); auto: agreement for a concept when possible.")
 @device_option
 @click.pass_context
 def learn_weights_command(ctx, store_path, concept, inputs, preconditioner, damping, num_queries, reference_size,
-                          top_k, example_norm, regularization, steps, lr, seed, device) -> None:
+                          top_k, example_norm, regularization, steps, lr, seed, method, device) -> None:
     """Learn STORE's per-group weights for a concept from unlabeled queries."""
     from gradindex.learn import learn_weights
     from gradindex.query_features import load_store_task
@@ -279,7 +291,7 @@ def learn_weights_command(ctx, store_path, concept, inputs, preconditioner, damp
 
     config = LearnConfig(preconditioner=preconditioner, damping=damping, num_queries=num_queries,
                          reference_size=reference_size, top_k=top_k, example_norm=example_norm,
-                         regularization=regularization, steps=steps, lr=lr, seed=seed)
+                         regularization=regularization, steps=steps, lr=lr, seed=seed, method=method)
     store = FeatureStore.open(store_path)
     queries = None if inputs is None else load_store_task(store).load_queries(inputs)
     weights = learn_weights(store, config, queries=queries, concept=concept, device=device,
@@ -290,6 +302,8 @@ def learn_weights_command(ctx, store_path, concept, inputs, preconditioner, damp
     click.echo(f"concept {concept!r} ({preconditioner}): mean SNR {info['snr_uniform']:.3f} (uniform) -> "
                f"{info['snr_learned']:.3f} over {info['num_queries']} queries x {info['reference_size']} "
                f"training examples, {info['seconds']:.1f}s; saved in {store.path}/manifest.json")
+    if "agreement_learned" in info:
+        click.echo(f"objective: agreement {info['agreement_uniform']:.3f} (uniform) -> {info['agreement_learned']:.3f}")
 
 
 @main.group("weights")
@@ -316,7 +330,7 @@ def weights_plot(store_path, out, concepts) -> None:
 
 @main.group("eval")
 def eval_group() -> None:
-    """Attribution quality."""
+    """Attribution quality: LDS, concept precision@k."""
 
 
 @eval_group.command("lds")
@@ -439,6 +453,33 @@ def info(store_path, as_json) -> None:
         cfg = entry["config"]
         click.echo(f"index {concept!r}: {cfg['kind']}, {cfg['preconditioner']} (damping {cfg['damping']}), "
                    f"{entry['ntotal']} vectors")
+
+
+@eval_group.command("precision")
+@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.option("--inputs", type=click.Path(path_type=Path), default=None,
+              help="Query inputs file carrying the concepts' values (default: the task's own queries).")
+@click.option("--concept", "concepts", multiple=True,
+              help="Concept partition to evaluate; repeatable (default: every built concept partition).")
+@click.option("-k", type=click.IntRange(min=1), default=10, show_default=True, help="Top-k depth.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per concept.")
+@device_option
+def eval_precision(store_path, inputs, concepts, k, as_json, device) -> None:
+    """Concept precision@k: the fraction of a query's top-k training examples that share its
+    value of the concept (DESIGN §4), with the chance level of a random top-k beside."""
+    from gradindex.evaluate import evaluate_precision
+    from gradindex.query_features import load_store_task
+    from gradindex.store import FeatureStore
+
+    store = FeatureStore.open(store_path)
+    queries = load_store_task(store).load_queries(inputs) if inputs is not None else None
+    rows = [result.to_dict() for result in evaluate_precision(store, queries, concepts, k=k, device=device)]
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    _echo_table([{"concept": r["concept"], "queries": r["queries"], f"precision@{k}": r["precision"],
+                  "std": r["std"], "chance": r["chance"]} for r in rows])
 
 
 def _plain(value: Any) -> Any:

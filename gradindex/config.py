@@ -259,6 +259,14 @@ class ExampleNorm(enum.Enum):
     STANDARDIZE = "standardize"  # ... and divide by its std over queries (its gradient norm no longer counts)
 
 
+class LearnMethod(enum.Enum):
+    """The weight-learning objective (see :mod:`gradindex.learn`)."""
+
+    AUTO = "auto"  # AGREEMENT for a concept whose values the queries carry, else SNR
+    SNR = "snr"  # a few training examples stand out per query (DESIGN §1.3)
+    AGREEMENT = "agreement"  # queries sharing the concept's value share their top-k (DESIGN §1.4)
+
+
 @dataclass(frozen=True)
 class LearnConfig(_Config):
     """Learning per-group weights from unlabeled queries (DESIGN §1.3; see :mod:`gradindex.learn`).
@@ -277,11 +285,13 @@ class LearnConfig(_Config):
     steps: int = 200
     lr: float = 0.05
     seed: int = 0
+    method: LearnMethod = LearnMethod.AUTO
 
     def __post_init__(self) -> None:
         object.__setattr__(
             self, "preconditioner", parse_enum(Preconditioner, self.preconditioner, "LearnConfig.preconditioner")
         )
+        object.__setattr__(self, "method", parse_enum(LearnMethod, self.method, "LearnConfig.method"))
         object.__setattr__(self, "example_norm", parse_enum(ExampleNorm, self.example_norm, "LearnConfig.example_norm"))
         for name in ("num_queries", "reference_size", "top_k", "steps"):
             _require_positive(getattr(self, name), f"LearnConfig.{name}")

@@ -3,16 +3,23 @@
 * :func:`exact_topk`: blockwise exact maximum-inner-product top-k over
   ``(ids, vectors)`` blocks with a running merge (the reference FAISS is tested against).
 * :func:`recall_at_k`: fraction of the exact top-k an approximate search returned.
+* :func:`concept_precision`: per-query concept precision@k against factor labels, with chance;
+  :func:`evaluate_precision` runs it for a store's concept partitions on a query set.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from gradindex.errors import ConfigError
 from gradindex.index import TopK
+from gradindex.query import Attributor
+from gradindex.query_features import load_store_task
+from gradindex.store import FeatureStore
 
 
 def exact_topk(queries: np.ndarray, blocks: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> TopK:
@@ -38,3 +45,94 @@ def recall_at_k(approx: TopK, exact: TopK) -> float:
         for a, e in zip(approx.sample_ids, exact.sample_ids)
     ]
     return float(np.mean(hits)) if hits else 0.0
+
+
+def concept_precision(
+    top: TopK,
+    train_ids: np.ndarray,
+    train_values: np.ndarray,
+    query_values: np.ndarray,
+    k: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Concept precision@k (DESIGN §4) per query, and its chance level per query.
+
+    ``top``: results ``[n, ≥k]``; ``train_ids [N]`` / ``train_values [N]``: every training
+    example's id and value of the concept (a metadata column); ``query_values [n]``: the
+    query's value. Precision is the fraction of the top-``k`` ids whose value equals the
+    query's (a missing result, id -1, counts as a miss); chance is the fraction of the
+    training set with the query's value (the expected precision of a random top-k).
+    Returns ``(precision [n], chance [n])``.
+    """
+    k = top.k if k is None else k
+    if k < 1 or k > top.k:
+        raise ConfigError(f"precision@k: k must be in 1..{top.k} (the results' depth), got {k}")
+    train_ids = np.asarray(train_ids)
+    train_values = np.asarray(train_values)
+    query_values = np.asarray(query_values)
+    if len(query_values) != len(top):
+        raise ConfigError(f"precision@k: {len(query_values)} query values for {len(top)} queries")
+    order = np.argsort(train_ids)
+    ids = top.sample_ids[:, :k]
+    found = np.clip(np.searchsorted(train_ids, ids, sorter=order), 0, len(train_ids) - 1)
+    rows = order[found]
+    valid = (ids >= 0) & (train_ids[rows] == ids)
+    hits = valid & (train_values[rows] == query_values[:, None])
+    values, counts = np.unique(train_values, return_counts=True)
+    frequency = dict(zip(values.tolist(), (counts / len(train_values)).tolist()))
+    chance = np.array([frequency.get(v, 0.0) for v in query_values.tolist()])
+    return hits.mean(axis=1), chance
+
+
+@dataclass(frozen=True)
+class PrecisionResult:
+    """Concept precision@k of one index partition over a query set."""
+
+    concept: str
+    k: int
+    precision: np.ndarray  # [n] per query
+    chance: np.ndarray  # [n] per query
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return {"concept": self.concept, "k": self.k, "queries": int(len(self.precision)),
+                "precision": float(self.precision.mean()), "std": float(self.precision.std()),
+                "chance": float(self.chance.mean())}
+
+
+def evaluate_precision(
+    store: FeatureStore,
+    queries: Sequence | None = None,
+    concepts: Sequence[str] | None = None,
+    k: int = 10,
+    device: str = "cpu",
+    batch_size: int = 64,
+) -> list[PrecisionResult]:
+    """Concept precision@k of the store's partition for each concept (default: every concept
+    the task measures that has an index). The concept's value of each query comes from
+    ``task.metadata(queries)``, the training examples' from the store's metadata columns.
+    ``queries`` default to the task's ``query_dataset()``."""
+    task = load_store_task(store)
+    built = set(store.manifest.get("indexes", {}))
+    concepts = list(concepts) if concepts else [c for c in task.concepts if c in built]
+    if not concepts:
+        raise ConfigError(
+            f"{store.path}: no concept partition to evaluate (the task measures {list(task.concepts) or 'none'}, "
+            f"built: {sorted(built) or 'none'}); run `gradindex build-index {store.path} --concept C`"
+        )
+    queries = task.query_dataset() if queries is None else queries
+    query_meta = task.metadata(queries)
+    train_ids, train_meta = store.read_metadata() if store.metadata_columns else (None, {})
+    results = []
+    for concept in concepts:
+        if concept not in query_meta or concept not in train_meta:
+            raise ConfigError(
+                f"precision@k for concept {concept!r} needs its labels as a metadata column of the training set "
+                f"({sorted(train_meta)}) and of the queries ({sorted(query_meta)})"
+            )
+        attributor = Attributor.open(store, concept=concept, device=device)
+        try:
+            top = attributor.attribute(queries, k=k, batch_size=batch_size)
+        finally:
+            attributor.close()
+        precision, chance = concept_precision(top, train_ids, train_meta[concept], query_meta[concept], k)
+        results.append(PrecisionResult(concept, k, precision, chance))
+    return results

@@ -34,6 +34,19 @@ reference sample of ``R`` stored training examples:
    low-dimensional, heavy-tailed group (a bias); the variants we measured and
    their LDS are in the README.
 
+Agreement (``LearnMethod.AGREEMENT``, DESIGN §1.4), for a concept ``c`` whose value
+each query carries (we control the prompts of generated queries, so no training
+label is used): queries that share the value of ``c`` should share their top-k
+under ``w^c``, queries that do not should not. Each query's example-normed scores
+are z-scored over the reference sample and turned into a soft top-k,
+``π_q = softmax(β z_q)`` (β = :data:`AGREEMENT_BETA`); the objective replacing the
+SNR is ``mean_{q≠q', same value} cos(π_q, π_q') − mean_{different value} cos(π_q, π_q')``
+(the contrast stops every query from agreeing on the same few hubs). The objective is
+not concave in the shares, so ascent starts from the best of ``G`` screened points
+(half the shares on one group). ``AUTO`` uses it
+for a concept whose values the queries carry, and the SNR otherwise; on the
+``diffusion`` task it is the one that finds each concept's blocks (tools/bench_concepts.py).
+
 Deterministic for a fixed ``seed`` (query and reference samples; the
 optimisation itself is deterministic CPU math on float32 scores).
 """
@@ -47,7 +60,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from gradindex.config import ExampleNorm, LearnConfig
+from gradindex.config import ExampleNorm, LearnConfig, LearnMethod
 from gradindex.errors import ConfigError
 from gradindex.projection import derive_seed
 from gradindex.query_features import QueryFeaturizer
@@ -55,6 +68,9 @@ from gradindex.store import FeatureStore
 from gradindex.weights import GroupWeights, save_weights
 
 logger = logging.getLogger(__name__)
+
+#: sharpness of the agreement objective's soft top-k, on scores z-scored over the reference sample
+AGREEMENT_BETA = 3.0
 
 
 # -- the math: score matrices in, weights out ------------------------------------------------------
@@ -82,14 +98,30 @@ def example_normed(scores: torch.Tensor, norm: ExampleNorm) -> torch.Tensor:
     return centred / centred.std(0, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
 
 
-def objective(shares: torch.Tensor, normalised: torch.Tensor, config: LearnConfig) -> torch.Tensor:
-    """``mean_q SNR`` of the example-normed combination ``Σ_g p_g X_g`` (no regularisation)."""
-    combined = torch.einsum("g,gqr->qr", shares, normalised)
-    return snr(example_normed(combined, config.example_norm), config.top_k).mean()
+def agreement(scores: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """Top-k agreement of ``scores [Q, R]``: mean soft-top-k cosine of query pairs that share a
+    value (``same [Q, Q]`` bool) minus that of pairs that do not."""
+    z = (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+    soft = torch.softmax(AGREEMENT_BETA * z, dim=1)
+    soft = soft / soft.norm(dim=1, keepdim=True)
+    cosine = soft @ soft.T
+    pairs = same & ~torch.eye(len(same), dtype=torch.bool)
+    return torch.log(cosine[pairs].mean()) - torch.log(cosine[~same].mean())
 
 
-def fit_weights(scores: np.ndarray, config: LearnConfig) -> tuple[np.ndarray, dict]:
-    """Raw weights ``[G]`` (mean 1) maximising the regularised SNR objective of ``scores [G, Q, R]``.
+def objective(shares: torch.Tensor, normalised: torch.Tensor, config: LearnConfig,
+              same: torch.Tensor | None = None) -> torch.Tensor:
+    """The objective of the example-normed combination ``Σ_g p_g X_g`` (no regularisation):
+    ``mean_q SNR``, or the top-k agreement when ``same [Q, Q]`` (queries sharing a value) is given."""
+    combined = example_normed(torch.einsum("g,gqr->qr", shares, normalised), config.example_norm)
+    if same is not None:
+        return agreement(combined, same)
+    return snr(combined, config.top_k).mean()
+
+
+def fit_weights(scores: np.ndarray, config: LearnConfig, values: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """Raw weights ``[G]`` (mean 1) maximising the regularised objective of ``scores [G, Q, R]``:
+    the SNR, or with each query's concept value ``values [Q]`` the top-k agreement.
 
     Returns the weights and a dict of diagnostics (shares, objective values).
     """
@@ -105,13 +137,24 @@ def fit_weights(scores: np.ndarray, config: LearnConfig) -> tuple[np.ndarray, di
     live = rms > 0
     normalised = scores[live] / rms[live, None, None]
     uniform = rms[live] / rms[live].sum()  # the shares of uniform raw weights (for the diagnostics)
+    same = None
+    if values is not None:
+        values = np.asarray(values)
+        if len(values) != scores.shape[1]:
+            raise ConfigError(f"weight learning: {len(values)} query values for {scores.shape[1]} queries")
+        same = torch.as_tensor(values[:, None] == values[None, :])
+        if not (same & ~torch.eye(len(values), dtype=torch.bool)).any() or same.all():
+            raise ConfigError("agreement weights need queries that share a concept value and queries that do not")
     prior = torch.full_like(uniform, 1.0 / len(uniform))  # equal shares: start and pull target
-    theta = torch.zeros_like(prior, requires_grad=True)
+    theta = torch.zeros_like(prior)
+    if same is not None:
+        theta = _agreement_start(normalised, config, same)
+    theta.requires_grad_(True)
     optimizer = torch.optim.Adam([theta], lr=config.lr)
     for _ in range(config.steps):
         shares = torch.softmax(theta, 0)
         kl = (shares * (torch.log(shares) - torch.log(prior))).sum()
-        loss = -objective(shares, normalised, config) + config.regularization * kl
+        loss = -objective(shares, normalised, config, same) + config.regularization * kl
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -127,8 +170,25 @@ def fit_weights(scores: np.ndarray, config: LearnConfig) -> tuple[np.ndarray, di
             "uniform_shares": (rms / rms.sum()).tolist(),
             "snr_uniform": float(objective(uniform, normalised, config)),
             "snr_learned": float(objective(shares, normalised, config)),
+            **({"agreement_uniform": float(objective(uniform, normalised, config, same)),
+                "agreement_learned": float(objective(shares, normalised, config, same))} if same is not None else {}),
         }
     return weights, diagnostics
+
+
+def _agreement_start(normalised: torch.Tensor, config: LearnConfig, same: torch.Tensor) -> torch.Tensor:
+    """Start logits for the agreement objective: half the shares on the group whose tilt scores best.
+
+    The agreement is not concave in the shares; from equal shares, ascent can settle on a
+    group that merely correlates with the concept (measured on the diffusion task), while
+    the screen of G tilted points ``½·e_g + ½·p⁰`` finds the right basin.
+    """
+    count = normalised.shape[0]
+    equal = torch.full((count,), 1.0 / count)
+    with torch.no_grad():
+        values = torch.stack([objective(0.5 * torch.eye(count)[g] + 0.5 * equal, normalised, config, same)
+                              for g in range(count)])
+    return torch.log(0.5 * torch.eye(count)[int(values.argmax())] + 0.5 * equal)
 
 
 # -- the stage: store in, weights in the manifest out -------------------------------------------------
@@ -172,14 +232,15 @@ def learn_weights(
         if queries is None:
             queries = featurizer.task.query_dataset()
         chosen = query_sample(queries, config.num_queries, config.seed)
+        method, values = _method_and_values(featurizer.task, queries, chosen, concept, config.method)
         query_features = featurizer.group_features(chosen, show_progress=show_progress)
     finally:
         featurizer.close()
     _, reference = reference_sample(store, config.reference_size, config.seed)
     groups = store.groups
-    weights, diagnostics = fit_weights(score_matrices(query_features, reference, groups), config)
+    weights, diagnostics = fit_weights(score_matrices(query_features, reference, groups), config, values)
     info = {
-        "method": "snr",
+        "method": method.value,
         "config": config.to_dict(),
         "num_queries": len(chosen),
         "reference_size": len(next(iter(reference.values()))),
@@ -187,6 +248,7 @@ def learn_weights(
         "uniform_shares": dict(zip(groups, diagnostics["uniform_shares"])),
         "snr_uniform": diagnostics["snr_uniform"],
         "snr_learned": diagnostics["snr_learned"],
+        **{key: diagnostics[key] for key in ("agreement_uniform", "agreement_learned") if key in diagnostics},
         "seconds": round(time.perf_counter() - started, 3),
     }
     result = GroupWeights(concept, {g: float(w) for g, w in zip(groups, weights)}, info)
@@ -195,3 +257,22 @@ def learn_weights(
     if save:
         save_weights(store, result)
     return result
+
+
+def _method_and_values(task, queries: Sequence, chosen: Sequence, concept: str,
+                       method: LearnMethod) -> tuple[LearnMethod, np.ndarray | None]:
+    """The objective to use and, for agreement, each chosen query's value of ``concept`` ``[Q]``."""
+    values = task.metadata(queries).get(concept) if concept != "all" else None
+    if method is LearnMethod.AUTO:
+        method = LearnMethod.AGREEMENT if values is not None else LearnMethod.SNR
+    if method is LearnMethod.SNR:
+        return method, None
+    if values is None:
+        raise ConfigError(
+            f"agreement weights for concept {concept!r} need each query's value of it (the task's metadata of the "
+            "queries, e.g. the prompts of generated queries); use --method snr"
+        )
+    values = np.asarray(values)
+    if isinstance(chosen, torch.utils.data.Subset):
+        values = values[np.asarray(chosen.indices)]
+    return method, values

@@ -105,6 +105,14 @@ class Task:
         """Default queries (held-out inputs) for the demo and weight learning."""
         raise NotImplementedError(f"{type(self).__name__} defines no default queries")
 
+    def sample_queries(self, model: nn.Module, count: int, seed: int = 0) -> Sequence:
+        """``count`` queries for ``model`` (a generator's samples); default: ``count`` items
+        of :meth:`query_dataset` spread evenly over it."""
+        queries = self.query_dataset()
+        count = min(count, len(queries))
+        chosen = [int(i) for i in np.linspace(0, len(queries) - 1, count).round()]
+        return torch.utils.data.Subset(queries, chosen)
+
     def load_queries(self, path: str | Path) -> Sequence:
         """Read a query inputs file (format defined by the task)."""
         raise NotImplementedError(f"{type(self).__name__} cannot read query files ({path})")

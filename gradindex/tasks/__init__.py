@@ -5,4 +5,5 @@ BUILTIN_TASKS: dict[str, tuple[str, str, dict]] = {
     "digits-mlp": ("gradindex.tasks.digits", "DigitsTask", {"arch": "mlp"}),
     "digits-cnn": ("gradindex.tasks.digits", "DigitsTask", {"arch": "cnn"}),
     "lm": ("gradindex.tasks.lm", "LMTask", {}),
+    "diffusion": ("gradindex.tasks.diffusion", "DiffusionTask", {}),
 }

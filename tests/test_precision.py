@@ -1,0 +1,107 @@
+"""Concept precision@k against a brute-force count, and `gradindex eval precision` on a tiny diffusion store."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from gradindex.cli import main
+from gradindex.errors import ConfigError
+from gradindex.evaluate import concept_precision
+from gradindex.index import TopK
+
+
+def test_concept_precision_equals_a_brute_force_count():
+    rng = np.random.default_rng(0)
+    train_ids = rng.permutation(1000)[:200] * 3 + 7  # not positions
+    train_values = rng.choice(np.array(["a", "b", "c", "d"]), size=200, p=[0.4, 0.3, 0.2, 0.1])
+    ids = np.stack([rng.choice(train_ids, size=10, replace=False) for _ in range(30)])
+    ids[0, -2:] = -1  # missing results count as misses
+    query_values = rng.choice(np.array(["a", "b", "c", "d", "e"]), size=30)
+    top = TopK(np.zeros(ids.shape, np.float32), ids)
+    precision, chance = concept_precision(top, train_ids, train_values, query_values, k=8)
+    value_of = dict(zip(train_ids.tolist(), train_values.tolist()))
+    for q in range(30):
+        hits = [i >= 0 and value_of[int(i)] == query_values[q] for i in ids[q, :8]]
+        assert precision[q] == pytest.approx(np.mean(hits))
+        assert chance[q] == pytest.approx(np.mean(train_values == query_values[q]))
+    with pytest.raises(ConfigError, match="k must be"):
+        concept_precision(top, train_ids, train_values, query_values, k=11)
+
+
+@pytest.fixture(scope="module")
+def diffusion_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("diffusion-demo")
+    options = ["--task-option", "num_train=60", "--task-option", "steps=60", "--task-option", "width=16",
+               "--task-option", "depth=1", "--task-option", "draws=2"]
+    result = CliRunner().invoke(main, ["-q", "demo", "--task", "diffusion", "--out", str(out), "--queries", "3",
+                                       "-k", "4", *options], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_diffusion_demo_writes_the_concept_report(diffusion_demo):
+    from matplotlib.image import imread
+
+    from gradindex.report import PANEL_HEIGHT, PANEL_WIDTH
+
+    out, output = diffusion_demo
+    assert output.count("top-4 training examples") == 3 and "precision@4" in output
+    pixels = imread(out / "concepts.png")  # 3 queries × 3 concepts rows, query + top-4 columns
+    assert pixels.shape[:2] == (round(9 * PANEL_HEIGHT * 110), round(5 * PANEL_WIDTH * 110))
+    for concept in ("all", "subject", "style", "background"):
+        assert (out / "store" / "indexes" / f"{concept}.faiss").is_file()
+    manifest = json.loads((out / "store" / "manifest.json").read_text())
+    for concept in ("subject", "style", "background"):  # learned by the default objective, agreement
+        assert manifest["weights"][concept]["info"]["method"] == "agreement"
+        assert manifest["indexes"][concept]["weights"] == manifest["weights"][concept]
+
+
+def test_learn_weights_methods_on_the_cli(diffusion_demo, tmp_path):
+    from gradindex.query_features import load_store_task
+    from gradindex.store import FeatureStore
+
+    out, _ = diffusion_demo
+    store = FeatureStore.open(out / "store")
+    task = load_store_task(store)
+    queries = task.generate(task.load_model(store.manifest["checkpoint"]), task.heldout_prompts(12), seed=4)
+    task.save_queries(tmp_path / "learn.npz", queries)
+    for method in ("snr", "agreement"):
+        result = CliRunner().invoke(main, ["-q", "learn-weights", str(out / "store"), "--concept", "style", "--inputs",
+                                           str(tmp_path / "learn.npz"), "--method", method, "--steps", "20"],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert ("objective: agreement" in result.output) == (method == "agreement")
+        saved = json.loads((out / "store" / "manifest.json").read_text())["weights"]["style"]["info"]
+        assert saved["method"] == method
+
+
+def test_eval_precision_cli(diffusion_demo, tmp_path):
+    from gradindex.query_features import load_store_task
+    from gradindex.store import FeatureStore
+
+    out, _ = diffusion_demo
+    store = FeatureStore.open(out / "store")
+    task = load_store_task(store)
+    queries = task.generate(task.load_model(store.manifest["checkpoint"]), task.heldout_prompts(5))
+    task.save_queries(tmp_path / "q.npz", queries)
+    result = CliRunner().invoke(main, ["-q", "eval", "precision", str(out / "store"), "--inputs",
+                                       str(tmp_path / "q.npz"), "-k", "5", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.strip().splitlines()]
+    assert [r["concept"] for r in rows] == ["subject", "style", "background"]
+    _, meta = store.read_metadata()
+    query_meta = task.metadata(queries)
+    for row in rows:
+        assert 0 <= row["precision"] <= 1 and row["queries"] == 5 and row["k"] == 5
+        expected_chance = np.mean([np.mean(meta[row["concept"]] == v) for v in query_meta[row["concept"]]])
+        assert row["chance"] == pytest.approx(expected_chance)
+    table = CliRunner().invoke(main, ["-q", "eval", "precision", str(out / "store"), "--inputs",
+                                      str(tmp_path / "q.npz"), "--concept", "style"], catch_exceptions=False)
+    assert table.exit_code == 0 and "precision@10" in table.output and "chance" in table.output
+    bad = CliRunner().invoke(main, ["-q", "eval", "precision", str(out / "store"), "--inputs",
+                                    str(tmp_path / "q.npz"), "--concept", "colour"])
+    assert bad.exit_code == 2 and "colour" in bad.stderr
