@@ -10,8 +10,10 @@
    checkpoint (one group per module: 22 groups), learn weights on the first half of
    the queries (unlabeled: no retrained model and no fact-to-sequence link is looked
    at), and measure, under grad-dot and Gram (TRAK-style) preconditioning,
-   * LDS on the second half of the queries for uniform weights, learned weights and
-     the best single group (picked by LDS on the first half);
+   * LDS on the second half of the queries for uniform weights, learned weights,
+     the best single group (picked by LDS on the first half) and, as a diagnostic of
+     what any group weighting can reach, "oracle" weights fitted to the retrained
+     models' measurements of the first half;
    * fact retrieval: for every fact stated in exactly one training sequence, the
      query asking it ("lovu lives in" → object) and the reciprocal rank of that
      sequence among all training sequences; mean reciprocal rank (MRR).
@@ -51,7 +53,45 @@ from gradindex.query_features import QueryFeaturizer  # noqa: E402
 from gradindex.task import load_task  # noqa: E402
 
 DAMPINGS = (1e-3, 1e-2, 0.1, 1.0)
-ROWS = ("uniform", "learned", "best group")
+ROWS = ("uniform", "learned", "best group", "oracle")
+
+
+def oracle_weights(predictions: dict[str, np.ndarray], measured: np.ndarray, rows: np.ndarray,
+                   steps: int = 300) -> dict[str, float]:
+    """Group weights fitted to the retrained models themselves (labels!): maximise the mean Pearson
+    correlation of ``Σ_g w_g ŷ_g`` with the measurements on query ``rows`` (a differentiable stand-in
+    for LDS), over shares ``softmax(θ)`` of rms-normalised groups. An upper-bound diagnostic of what
+    any group weighting can do, not an attribution method."""
+    groups = list(predictions)
+    stacked = torch.tensor(np.stack([predictions[g][:, rows] for g in groups]))  # [G, M, Q]
+    target = torch.tensor(measured[:, rows])
+    target = target - target.mean(0)
+    rms = stacked.pow(2).mean((1, 2)).sqrt().clamp_min(1e-300)
+    theta = torch.zeros(len(groups), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.Adam([theta], lr=0.05)
+    for _ in range(steps):
+        combined = torch.einsum("g,gmq->mq", torch.softmax(theta, 0) / rms, stacked)
+        combined = combined - combined.mean(0)
+        corr = (combined * target).sum(0) / (combined.norm(dim=0) * target.norm(dim=0)).clamp_min(1e-300)
+        optimizer.zero_grad()
+        (-corr.mean()).backward()
+        optimizer.step()
+    weights = (torch.softmax(theta, 0) / rms).detach().numpy()
+    return dict(zip(groups, (weights / weights.mean()).tolist()))
+
+
+def learn_options(pairs: list[str]) -> dict:
+    """``key=value`` pairs -> LearnConfig fields (numbers parsed, the rest kept as strings)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--learn-option: expected key=value, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
 
 
 def fact_queries(task) -> tuple[list, np.ndarray]:
@@ -97,15 +137,19 @@ def run_seed(task, seed: int, retrained, queries, facts, targets, args: argparse
         predictions = group_predictions(precondition_features(store, raw, preconditioner, damping), sums)
         scores = group_mrr(store, raw_facts, preconditioner, damping, targets, position)
         uniform = {g: 1.0 for g in store.groups}
-        learned = learn_weights(store, LearnConfig(preconditioner=preconditioner, damping=args.damping, seed=seed),
+        learned = learn_weights(store, LearnConfig(preconditioner=preconditioner, damping=args.damping, seed=seed,
+                                                   **learn_options(args.learn_option)),
                                 queries=fit, save=False, show_progress=False)
         singles = {g: (lds(predictions[g], dev), lds(predictions[g], evaluation)) for g in store.groups}
         best = max(singles, key=lambda g: singles[g][0])
-        for row, weights in (("uniform", uniform), ("learned", learned.weights), ("best group", {g: float(g == best) for g in store.groups})):
+        oracle = oracle_weights(predictions, measured, dev)
+        for row, weights in (("uniform", uniform), ("learned", learned.weights),
+                             ("best group", {g: float(g == best) for g in store.groups}), ("oracle", oracle)):
             run[f"{row} {name} lds"] = lds(weighted_predictions(predictions, weights), evaluation)
             run[f"{row} {name} mrr"] = mrr(sum(float(w) * scores[g] for g, w in weights.items()))
         run[f"uniform {name} lds (fit half)"] = lds(weighted_predictions(predictions, uniform), dev)
         run[f"learned {name} lds (fit half)"] = lds(weighted_predictions(predictions, learned.weights), dev)
+        run[f"oracle {name} lds (fit half)"] = lds(weighted_predictions(predictions, oracle), dev)
         run[f"best group {name} name"] = best
         run[f"weights {name}"] = learned.weights
         run[f"shares {name}"] = learned.info["shares"]
@@ -126,7 +170,7 @@ def tables(runs: list[dict], args: argparse.Namespace) -> str:
              "|---|---|---|---|---|"]
     for row in ROWS:
         cells = [mean_std([r[f"{row} {p} {m}"] for r in runs]) for m in ("lds", "mrr") for p in PRECONDITIONERS]
-        label = row
+        label = {"oracle": "oracle weights (fit to the retrained models on the fit half; diagnostic)"}.get(row, row)
         if row == "best group":
             label += " (" + "; ".join(f"{p}: {', '.join(sorted({r[f'best group {p} name'] for r in runs}))}"
                                       for p in PRECONDITIONERS) + ")"
@@ -163,6 +207,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="retraining processes")
     parser.add_argument("--proj-dim", type=int, default=256, help="per module block")
     parser.add_argument("--damping", type=float, default=0.1, help="Gram damping (relative)")
+    parser.add_argument("--learn-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a LearnConfig field for the learned weights (repeatable), e.g. regularization=1.0")
+    parser.add_argument("--results", type=Path, default=None, help="results JSON (default OUT/results.json)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -185,9 +232,10 @@ def main() -> None:
     print(f"\nlm task: {len(task.train_dataset())} training sequences, {runs[0]['dim']} projected dims "
           f"({len(runs[0]['groups'])} groups); M = {args.models} retrained models (alpha 0.5); weights fit on {half} "
           f"queries, LDS on {len(queries) - half}; MRR over {len(facts)} facts stated once; Gram damping "
-          f"{args.damping:g}; retraining (or cache) {retrain_seconds:.0f}s; total {time.perf_counter() - started:.0f}s")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+          f"{args.damping:g}; learn options {learn_options(args.learn_option) or 'default'}; retraining (or cache) {retrain_seconds:.0f}s; total {time.perf_counter() - started:.0f}s")
+    results = args.results or args.out / "results.json"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                        "retrain_seconds": retrain_seconds, "runs": runs}, indent=1))
 
 
