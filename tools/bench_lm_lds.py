@@ -13,7 +13,9 @@
    * LDS on the second half of the queries for uniform weights, learned weights,
      the best single group (picked by LDS on the first half) and, as a diagnostic of
      what any group weighting can reach, "oracle" weights fitted to the retrained
-     models' measurements of the first half;
+     models' measurements of the first half; also the LDS of the same scores truncated
+     to each query's ``--top-k`` largest (what a top-k lookup returns; the bulk of small
+     scores is noise that swamps the subset sums);
    * fact retrieval: for every fact stated in exactly one training sequence, the
      query asking it ("lovu lives in" → object) and the reciprocal rank of that
      sequence among all training sequences; mean reciprocal rank (MRR).
@@ -44,6 +46,7 @@ from gradindex.lds import (  # noqa: E402
     group_predictions,
     lds_per_query,
     precondition_features,
+    predictions_from_scores,
     retrain,
     subset_sums,
     weighted_predictions,
@@ -54,6 +57,7 @@ from gradindex.task import load_task  # noqa: E402
 
 DAMPINGS = (1e-3, 1e-2, 0.1, 1.0)
 ROWS = ("uniform", "learned", "best group", "oracle")
+METRICS = ("lds", "mrr", "top-k lds")
 
 
 def oracle_weights(predictions: dict[str, np.ndarray], measured: np.ndarray, rows: np.ndarray,
@@ -102,14 +106,22 @@ def fact_queries(task) -> tuple[list, np.ndarray]:
     return [task.query_item(task.corpus.query(f)) for f in facts], np.array([position[f.sequences[0]] for f in facts])
 
 
-def group_mrr(store, raw: dict, preconditioner: Preconditioner, damping: float, targets: np.ndarray,
-              position: dict[int, int]) -> dict[str, np.ndarray]:
-    """Per-group scores ``[F, N]`` of the fact queries against every stored sequence, columns in
-    the task's training order."""
+def group_scores(store, raw: dict, preconditioner: Preconditioner, damping: float,
+                 position: dict[int, int]) -> dict[str, np.ndarray]:
+    """Per-group scores ``[Q, N]`` of queries (unpreconditioned features ``raw``) against every
+    stored sequence, columns in the task's training order."""
     ids, feats = store.read()
     order = np.argsort([position[int(i)] for i in ids])
     query = precondition_features(store, raw, preconditioner, damping)
     return {g: (query[g].astype(np.float64) @ feats[g].astype(np.float64).T)[:, order] for g in store.groups}
+
+
+def truncated(scores: np.ndarray, k: int) -> np.ndarray:
+    """``scores [Q, N]`` with all but each row's ``k`` largest set to 0 (ties at the k-th kept)."""
+    if k >= scores.shape[1]:
+        return scores
+    threshold = np.sort(scores, axis=1)[:, -k][:, None]
+    return np.where(scores >= threshold, scores, 0.0)
 
 
 def run_seed(task, seed: int, retrained, queries, facts, targets, args: argparse.Namespace) -> dict:
@@ -135,7 +147,8 @@ def run_seed(task, seed: int, retrained, queries, facts, targets, args: argparse
     for name, preconditioner in PRECONDITIONERS.items():
         damping = args.damping if preconditioner is Preconditioner.GRAM else 0.0
         predictions = group_predictions(precondition_features(store, raw, preconditioner, damping), sums)
-        scores = group_mrr(store, raw_facts, preconditioner, damping, targets, position)
+        scores = group_scores(store, raw_facts, preconditioner, damping, position)
+        query_scores = group_scores(store, raw, preconditioner, damping, position)
         uniform = {g: 1.0 for g in store.groups}
         learned = learn_weights(store, LearnConfig(preconditioner=preconditioner, damping=args.damping, seed=seed,
                                                    **learn_options(args.learn_option)),
@@ -147,6 +160,8 @@ def run_seed(task, seed: int, retrained, queries, facts, targets, args: argparse
                              ("best group", {g: float(g == best) for g in store.groups}), ("oracle", oracle)):
             run[f"{row} {name} lds"] = lds(weighted_predictions(predictions, weights), evaluation)
             run[f"{row} {name} mrr"] = mrr(sum(float(w) * scores[g] for g, w in weights.items()))
+            top = truncated(sum(float(w) * query_scores[g] for g, w in weights.items()), args.top_k)
+            run[f"{row} {name} top-k lds"] = lds(predictions_from_scores(top, retrained.masks), evaluation)
         run[f"uniform {name} lds (fit half)"] = lds(weighted_predictions(predictions, uniform), dev)
         run[f"learned {name} lds (fit half)"] = lds(weighted_predictions(predictions, learned.weights), dev)
         run[f"oracle {name} lds (fit half)"] = lds(weighted_predictions(predictions, oracle), dev)
@@ -159,17 +174,18 @@ def run_seed(task, seed: int, retrained, queries, facts, targets, args: argparse
     if seed == args.seeds[0]:
         for damping in DAMPINGS:
             predictions = group_predictions(precondition_features(store, raw, Preconditioner.GRAM, damping), sums)
-            scores = group_mrr(store, raw_facts, Preconditioner.GRAM, damping, targets, position)
+            scores = group_scores(store, raw_facts, Preconditioner.GRAM, damping, position)
             uniform = weighted_predictions(predictions, {g: 1.0 for g in store.groups})
             run[f"damping {damping:g}"] = (lds(uniform, dev), lds(uniform, evaluation), mrr(sum(scores.values())))
     return run
 
 
 def tables(runs: list[dict], args: argparse.Namespace) -> str:
-    lines = ["| weights | LDS grad-dot | LDS TRAK-precond. (Gram) | MRR grad-dot | MRR TRAK-precond. (Gram) |",
-             "|---|---|---|---|---|"]
+    k = args.top_k
+    lines = ["| weights | LDS grad-dot | LDS TRAK-precond. (Gram) | MRR grad-dot | MRR TRAK-precond. (Gram) "
+             f"| top-{k} LDS grad-dot | top-{k} LDS Gram |", "|---|---|---|---|---|---|---|"]
     for row in ROWS:
-        cells = [mean_std([r[f"{row} {p} {m}"] for r in runs]) for m in ("lds", "mrr") for p in PRECONDITIONERS]
+        cells = [mean_std([r[f"{row} {p} {m}"] for r in runs]) for m in METRICS for p in PRECONDITIONERS]
         label = {"oracle": "oracle weights (fit to the retrained models on the fit half; diagnostic)"}.get(row, row)
         if row == "best group":
             label += " (" + "; ".join(f"{p}: {', '.join(sorted({r[f'best group {p} name'] for r in runs}))}"
@@ -177,12 +193,13 @@ def tables(runs: list[dict], args: argparse.Namespace) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Paired learned − uniform (same seed), mean ± std over seeds; wins = seeds where learned > uniform:",
               "", "| metric | grad-dot | wins | TRAK-precond. | wins |", "|---|---|---|---|---|"]
-    for metric in ("lds", "mrr"):
+    for metric in METRICS:
         cells = []
         for p in PRECONDITIONERS:
             diff = [r[f"learned {p} {metric}"] - r[f"uniform {p} {metric}"] for r in runs]
             cells += [f"{np.mean(diff):+.4f} ± {np.std(diff):.4f}", f"{sum(d > 0 for d in diff)}/{len(diff)}"]
-        lines.append(f"| {metric.upper()} | " + " | ".join(cells) + " |")
+        label = {"lds": "LDS", "mrr": "MRR", "top-k lds": f"top-{k} LDS"}[metric]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     first = next(r for r in runs if r["seed"] == args.seeds[0])
     lines += ["", f"Uniform TRAK-precond. against the Gram damping (seed {args.seeds[0]}; LDS fit half / LDS evaluation "
               "half / MRR):", "", "| " + " | ".join(f"{d:g}" for d in DAMPINGS) + " |", "|" + "---|" * len(DAMPINGS),
@@ -207,6 +224,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="retraining processes")
     parser.add_argument("--proj-dim", type=int, default=256, help="per module block")
     parser.add_argument("--damping", type=float, default=0.1, help="Gram damping (relative)")
+    parser.add_argument("--top-k", type=int, default=10,
+                        help="k of the top-k LDS column (each query's scores truncated to its k largest)")
     parser.add_argument("--learn-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a LearnConfig field for the learned weights (repeatable), e.g. regularization=1.0")
     parser.add_argument("--results", type=Path, default=None, help="results JSON (default OUT/results.json)")
