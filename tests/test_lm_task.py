@@ -57,6 +57,21 @@ def test_default_corpus_states_facts_in_known_sequences():
     assert len(corpus.query_facts()) == corpus.config.num_queries
 
 
+def test_bundled_example_queries_ask_facts_of_the_default_corpus():
+    """data/lm-queries.jsonl (the README's query example) loads and asks facts the corpus states."""
+    task = LMTask()
+    path = DEFAULT_CORPUS.parent / "lm-queries.jsonl"
+    items = task.load_queries(path)
+    facts = {(task.corpus.query(f)["prompt"], f.object): f for f in task.corpus.facts}
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(items) == len(records) == 4
+    for record, item in zip(records, items):
+        fact = facts[(record["prompt"], record["completion"].split()[0])]
+        scored = task.decode(item["input_ids"][item["targets"]].tolist())
+        assert scored == (fact.object if "span" in record else record["completion"])
+    assert [len(facts[(r["prompt"], r["completion"].split()[0])].sequences) for r in records[:3]] == [1, 1, 1]
+
+
 def test_corpus_seed_changes_the_corpus(tmp_path):
     a = generate_corpus(CorpusConfig.load(write_tiny_corpus(tmp_path / "a.json")))
     b = generate_corpus(CorpusConfig.load(write_tiny_corpus(tmp_path / "b.json", seed=4)))
