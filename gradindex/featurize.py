@@ -35,6 +35,7 @@ from gradindex.store import (
     ShardInfo,
     commit_manifest,
     completed_shard,
+    local_store_path,
     prepare_store,
     read_shard,
     write_arrays,
@@ -184,7 +185,7 @@ def featurize(
     """Featurize the task's training set into a new store at ``out``."""
     torch_device = torch.device(device)
     run = prepare_run(task, config, checkpoint, torch_device, limit)
-    path = prepare_store(out, overwrite=overwrite, resume=resume)
+    path = prepare_store(local_store_path(out), overwrite=overwrite, resume=resume)
     started = time.perf_counter()
     with GradientProjector(run.model, run.groups, config.projection, torch_device) as projector:
         group_dims = projector.group_dims()

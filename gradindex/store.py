@@ -21,7 +21,9 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import urllib.parse
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -144,6 +146,33 @@ def completed_shard(store: str | Path, index: int, run_key: str) -> ShardInfo | 
     if info.run_key != run_key or final.stat().st_size != info.bytes or sha256_file(final) != info.sha256:
         return None
     return info
+
+
+def remove_temporaries(store: str | Path) -> list[Path]:
+    """Delete the temporary shard files a killed writer left behind (call with no writer running)."""
+    leftovers = sorted((Path(store) / SHARD_DIR).glob(".*.tmp-*"))
+    for file in leftovers:
+        file.unlink(missing_ok=True)
+    return leftovers
+
+
+def local_store_path(location: str | Path) -> Path:
+    """A store location as a local path: a plain path or a ``file://`` URI.
+
+    Other filesystems (``s3://``, ``gs://``, ``hdfs://``) are refused with a message: the
+    store is read and written through local paths, so every node must mount it.
+    """
+    text = str(location)
+    scheme = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]+):", text)  # one letter would be a Windows drive
+    if scheme is None:
+        return Path(location)
+    parsed = urllib.parse.urlparse(text)
+    if scheme.group(1).lower() == "file" and parsed.netloc in ("", "localhost"):
+        return Path(urllib.parse.unquote(parsed.path))
+    raise ConfigError(
+        f"store {text}: only local paths and file:// URIs are supported, not {scheme.group(1)}://; "
+        "write to a filesystem every Ray node mounts (NFS, a FUSE mount of the bucket)"
+    )
 
 
 # -- writing a store ----------------------------------------------------------------------------

@@ -1,0 +1,107 @@
+"""Ray paths on a local cluster bound to 127.0.0.1 with 2 CPUs (started once for the file).
+
+References are single-process runs: the distributed store must equal `featurize`'s
+bit for bit, a killed worker must leave nothing that looks complete, and a rerun
+must fill exactly the gap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("ray")
+
+from gradindex.cli import main  # noqa: E402
+from gradindex.config import FeaturizeConfig  # noqa: E402
+from gradindex.distributed import featurize_ray, local_ray  # noqa: E402
+from gradindex.errors import ArtifactNotFoundError, GradIndexError  # noqa: E402
+from gradindex.featurize import featurize  # noqa: E402
+from gradindex.store import MANIFEST, FeatureStore, completed_shard, shard_name  # noqa: E402
+from gradindex.task import load_task  # noqa: E402
+
+CONFIG = FeaturizeConfig(batch_size=4, shard_size=8)  # 40 examples -> 5 shards
+TINY = f"{Path(__file__).parent / 'tiny_task.py'}:TinyTask"  # a file spec: Ray workers import it by path
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with local_ray(num_cpus=2, log_to_driver=False) as ray:
+        yield ray
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(task, checkpoint, single-process reference store)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    task = load_task(TINY)
+    checkpoint = task.train(folder / "tiny.pt")
+    reference = featurize(task, folder / "single", CONFIG, checkpoint=checkpoint, show_progress=False)
+    return task, checkpoint, reference
+
+
+def assert_same_store(store: FeatureStore, reference: FeatureStore) -> None:
+    ids, feats = store.read()
+    ref_ids, ref_feats = reference.read()
+    np.testing.assert_array_equal(ids, ref_ids)
+    assert len(np.unique(ids)) == len(ids)  # every sample id exactly once
+    for group, block in ref_feats.items():
+        assert feats[group].dtype == block.dtype
+        np.testing.assert_array_equal(feats[group], block)  # bit for bit
+    assert [s["sha256"] for s in store.manifest["shards"]] == [s["sha256"] for s in reference.manifest["shards"]]
+    assert store.manifest["gram"] == reference.manifest["gram"]
+    assert store.manifest["run_key"] == reference.manifest["run_key"]
+    assert store.manifest["groups"] == reference.manifest["groups"]
+    assert not list(store.path.rglob("*.tmp-*"))
+
+
+def test_distributed_featurize_equals_single_process(cluster, tiny, tmp_path):
+    task, checkpoint, reference = tiny
+    store = featurize_ray(task, tmp_path / "ray", CONFIG, checkpoint=checkpoint, show_progress=False)
+    assert_same_store(store, reference)
+
+
+def test_killed_worker_leaves_no_complete_shard_and_rerun_fills_the_gap(cluster, tiny, tmp_path):
+    task, checkpoint, reference = tiny
+    out = tmp_path / "ray"
+    with pytest.raises(GradIndexError, match="rerun with --resume"):
+        featurize_ray(task, out, CONFIG, checkpoint=checkpoint, max_retries=0, fail_shards=[2], show_progress=False)
+    assert not (out / MANIFEST).exists()
+    with pytest.raises(ArtifactNotFoundError, match="incomplete"):
+        FeatureStore.open(out)
+    run_key = reference.manifest["run_key"]
+    assert completed_shard(out, 2, run_key) is None and not (out / shard_name(2)).exists()
+    assert list((out / "shards").glob(".part-00002.parquet.tmp-*"))  # the killed worker's partial file
+    survivors = {i: (out / shard_name(i)).stat().st_ino for i in (0, 1, 3, 4)}
+    assert all(completed_shard(out, i, run_key) is not None for i in survivors)
+
+    store = featurize_ray(task, out, CONFIG, checkpoint=checkpoint, resume=True, show_progress=False)
+    assert_same_store(store, reference)
+    # the rerun kept the completed shards (same files) and only redid the killed one
+    assert {i: (out / shard_name(i)).stat().st_ino for i in survivors} == survivors
+
+
+def test_dead_worker_is_replaced_within_the_run(cluster, tiny, tmp_path):
+    task, checkpoint, reference = tiny
+    store = featurize_ray(task, tmp_path / "ray", CONFIG, checkpoint=checkpoint, max_retries=1, fail_shards=[0, 3],
+                          show_progress=False)
+    assert_same_store(store, reference)
+
+
+def test_cli_featurize_on_ray_matches_single_process(cluster, tiny, tmp_path):
+    task, checkpoint, reference = tiny
+    args = ["-q", "featurize", TINY, "--out", f"file://{tmp_path / 'cli'}", "--checkpoint", str(checkpoint),
+            "--batch-size", "4", "--shard-size", "8",
+            "--ray", "--workers", "2"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    store = FeatureStore.open(tmp_path / "cli")
+    assert store.manifest["run_key"] == reference.manifest["run_key"]
+    ids, feats = store.read()
+    ref_ids, ref_feats = reference.read()
+    np.testing.assert_array_equal(ids, ref_ids)
+    for group, block in ref_feats.items():
+        np.testing.assert_array_equal(feats[group], block)
