@@ -294,15 +294,21 @@ class FeatureStore:
         return file
 
     def iter_shards(
-        self, groups: Sequence[str] | None = None, metadata: bool = False
+        self, groups: Sequence[str] | None = None, metadata: bool = False, shards: Sequence[int] | None = None
     ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]]:
-        """Yield ``(sample_ids [n], {group: [n, k_g]}, {meta: [n]})`` shard by shard."""
+        """Yield ``(sample_ids [n], {group: [n, k_g]}, {meta: [n]})`` shard by shard (``shards``: only those)."""
         groups = self.groups if groups is None else list(groups)
         unknown = set(groups) - set(self.groups)
         if unknown:
             raise ConfigError(f"{self.path}: unknown groups {sorted(unknown)}; the store has {self.groups}")
         meta_names = self.metadata_columns if metadata else []
-        for shard in self.manifest["shards"]:
+        listed = self.manifest["shards"]
+        if shards is not None:
+            bad = [s for s in shards if not 0 <= int(s) < len(listed)]
+            if bad:
+                raise ConfigError(f"{self.path}: no shards {bad}; the store has shards 0..{len(listed) - 1}")
+            listed = [listed[int(s)] for s in shards]
+        for shard in listed:
             ids, feats, meta = read_shard(self._checked(shard), groups, meta_names)
             if len(ids) != shard["rows"]:
                 raise StoreMismatchError(f"{self.path}: {shard['path']} has {len(ids)} rows, expected {shard['rows']}")
