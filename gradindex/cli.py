@@ -411,13 +411,30 @@ def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, 
 @checkpoint_option
 @device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Queries per backward pass.")
-def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_size) -> None:
-    """Top-k training examples of STORE for every query in --inputs."""
+@ray_option
+@click.option("--actors", type=click.IntRange(min=1), default=None,
+              help="With --ray: at most this many actors holding the index parts (default: one per part, "
+                   "at most one per GPU or CPU slot).")
+def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_size, ray_address, actors) -> None:
+    """Top-k training examples of STORE for every query in --inputs.
+
+    With --ray the parts of the concept's index (IndexConfig.shards_per_part) are held by Ray actors,
+    each query fans out to them and their top-k are merged: the same results as without.
+    """
     from gradindex.query import Attributor, metadata_lookup
 
     if k < 1:
         raise ConfigError(f"-k: expected a positive integer, got {k}")
-    attributor = Attributor.open(store_path, concept=concept, checkpoint=checkpoint, device=device)
+    if ray_address is None:
+        attributor = Attributor.open(store_path, concept=concept, checkpoint=checkpoint, device=device)
+    else:
+        from gradindex.distributed import import_ray
+
+        import_ray()  # the install hint before any work
+        from gradindex.distributed_query import open_ray_attributor
+
+        attributor = open_ray_attributor(store_path, concept=concept, checkpoint=checkpoint, device=device,
+                                         address=ray_address, actors=actors)
     queries = attributor.task.load_queries(inputs)
     top = attributor.attribute(queries, k=k, batch_size=batch_size)
     meta = metadata_lookup(attributor.store, top.sample_ids)

@@ -258,7 +258,9 @@ class _WorkerPool:
         else:
             self.device, options = "cpu", {"num_cpus": cpus_per_worker}
             slots = max(1, int(resources.get("CPU", 1)) // cpus_per_worker)
-        self.size = max(1, min(workers or slots, cap))
+        if workers is not None and workers > slots:
+            logger.warning("%d workers asked, the Ray cluster has room for %d; using %d", workers, slots, slots)
+        self.size = max(1, min(workers or slots, slots, cap))  # more would wait for resources forever
         spec = task.spec()
         target, _, name = spec["task"].rpartition(":")
         load_spec = f"{Path(target).resolve()}:{name}" if target.endswith(".py") else spec["task"]
