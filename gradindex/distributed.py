@@ -219,7 +219,7 @@ def featurize_ray(
         if todo:
             with ray_session(address) as session:
                 pool = _WorkerPool(session, task, config, checkpoint, device, limit, run.run_key, workers,
-                                   cpus_per_worker, min(len(todo), workers or len(todo)))
+                                   cpus_per_worker, len(todo))
                 logger.info("featurize on Ray: %d %s worker(s), %d of %d shards to do", pool.size, pool.device,
                             len(todo), len(shards))
                 results = pool.run(str(path), todo, max_retries, set(fail_shards), bar)
@@ -239,7 +239,12 @@ def featurize_ray(
             gram.add(results[index]["gram"], results[index]["rows"])
         infos.append(info.to_dict())
     remove_temporaries(path)
-    return commit_store(path, task, run, config, checkpoint, groups, infos, gram, time.perf_counter() - started)
+    extra = None
+    if results:  # what this run did on Ray (a rerun with every shard kept did nothing there)
+        extra = {"ray": {"workers": pool.size, "device": pool.device, "shards_run": len(results),
+                         "nodes": len({r["node"] for r in results.values()})}}
+    return commit_store(path, task, run, config, checkpoint, groups, infos, gram, time.perf_counter() - started,
+                        extra)
 
 
 class _WorkerPool:
