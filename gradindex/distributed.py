@@ -145,6 +145,10 @@ class FeaturizeWorker:
             )
         self.projector = GradientProjector(self.run.model, self.run.groups, self.config.projection, self.device)
 
+    def ready(self) -> str:
+        """Returns once the model and data are loaded: the node this worker runs on."""
+        return _node_id()
+
     def featurize_shard(self, store: str, shard: tuple[int, int, int], die: bool = False) -> dict[str, Any]:
         """Featurize and write one shard; ``die`` (a test hook) kills this process mid-shard."""
         if die:
@@ -161,6 +165,11 @@ def _die_mid_shard(store: str, shard: tuple[int, int, int]) -> None:
     with open(temporary_path(Path(store) / shard_name(shard[0])), "wb") as handle:
         handle.write(b"PAR1" + bytes(64))  # a Parquet header, no footer
     os._exit(1)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _node_id() -> str:
@@ -242,7 +251,8 @@ def featurize_ray(
     extra = None
     if results:  # what this run did on Ray (a rerun with every shard kept did nothing there)
         extra = {"ray": {"workers": pool.size, "device": pool.device, "shards_run": len(results),
-                         "nodes": len({r["node"] for r in results.values()})}}
+                         "nodes": len({r["node"] for r in results.values()}),
+                         "startup_seconds": round(pool.startup_seconds, 3), "work_seconds": round(pool.work_seconds, 3)}}
     return commit_store(path, task, run, config, checkpoint, groups, infos, gram, time.perf_counter() - started,
                         extra)
 
@@ -272,7 +282,22 @@ class _WorkerPool:
         self.actor_class = ray.remote(FeaturizeWorker).options(**options, scheduling_strategy="SPREAD")
         self.args = (spec, load_spec, config.to_dict(), None if checkpoint is None else str(Path(checkpoint).resolve()),
                      self.device, cpus_per_worker, limit, run_key)
+        started = time.perf_counter()
         self.actors = [self._start() for _ in range(self.size)]
+        try:
+            ray.get([actor.ready.remote() for actor in self.actors])
+        except ray.exceptions.RayError as err:
+            self.close()
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, GradIndexError):
+                raise cause from None
+            last = [line for line in str(err).strip().splitlines() if line.strip()][-1:] or [type(err).__name__]
+            raise GradIndexError(f"a Ray featurize worker failed to start: {last[0].strip()}") from None
+        self.startup_seconds = time.perf_counter() - started  # actors up: model, task and data loaded
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor, no_restart=True)
 
     def _start(self) -> Any:
         return self.actor_class.remote(*self.args)
@@ -292,6 +317,7 @@ class _WorkerPool:
             attempts[shard[0]] += 1
             running[self.actors[slot].featurize_shard.remote(store, shard, die)] = (slot, shard)
 
+        started = time.perf_counter()
         try:
             for slot in range(self.size):
                 if pending:
@@ -313,13 +339,13 @@ class _WorkerPool:
                     if attempts[shard[0]] <= max_retries:
                         pending.appendleft(shard)
                     else:
-                        failed[shard[0]] = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                        failed[shard[0]] = _first_line(err)
                     self.actors[slot] = self._start()
                 if pending:
                     submit(slot)
         finally:
-            for actor in self.actors:
-                ray.kill(actor, no_restart=True)
+            self.close()
+            self.work_seconds = time.perf_counter() - started  # first shard sent to last shard back
         if failed:
             first = min(failed)
             raise GradIndexError(
