@@ -167,3 +167,11 @@ def test_cli_query_on_ray_equals_local(cluster, indexed, tmp_path):
     assert local.exit_code == 0 and remote.exit_code == 0, remote.output
     assert remote.output == local.output
     assert len(local.output.splitlines()) == len(data[0])
+
+
+def test_worker_whose_run_key_differs_is_refused(cluster, tiny):
+    from gradindex.distributed import _WorkerPool
+
+    task, checkpoint, _ = tiny
+    with pytest.raises(GradIndexError, match="run key mismatch"):
+        _WorkerPool(cluster, task, CONFIG, checkpoint, "cpu", None, "another run", None, 1, 5)
