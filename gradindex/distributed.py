@@ -340,7 +340,8 @@ class _WorkerPool:
                         pending.appendleft(shard)
                     else:
                         failed[shard[0]] = _first_line(err)
-                    self.actors[slot] = self._start()
+                    if pending:
+                        self.actors[slot] = self._start()  # a fresh worker: loads the model again
                 if pending:
                     submit(slot)
         finally:
