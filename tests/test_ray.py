@@ -34,7 +34,7 @@ TINY = f"{Path(__file__).parent / 'tiny_task.py'}:TinyTask"  # a file spec: Ray 
 
 @pytest.fixture(scope="module")
 def cluster():
-    with local_ray(num_cpus=2, log_to_driver=False) as ray:
+    with local_ray(num_cpus=2, object_store_memory=256 << 20, log_to_driver=False) as ray:  # small CI /dev/shm
         yield ray
 
 
