@@ -100,6 +100,11 @@ inputs_option = click.option("--inputs", type=click.Path(path_type=Path), defaul
                              help="Query inputs file (the task's format; default: the task's held-out queries).")
 concept_option = click.option("--concept", default="all", show_default=True,
                               help="Concept: 'all' (the task's measurement) or one of the task's concepts.")
+ray_option = click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+                          metavar="[ADDRESS]",
+                          help="Run on Ray (pip install 'gradindex[ray]'): bare --ray starts a local cluster bound "
+                               "to 127.0.0.1; ADDRESS (auto, HOST:PORT, ray://HOST:PORT) joins a running one. "
+                               "Put it after the positional arguments.")
 
 
 def _apply(options):
@@ -223,18 +228,41 @@ def groups(task_spec, task_options, checkpoint, group_rules, proj_dim, group_dim
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Featurize only the first N examples.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
 @click.option("--resume", is_flag=True, help="Keep shards a previous identical run completed.")
+@ray_option
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="With --ray: at most this many workers (default: one per GPU, or per --cpus-per-worker CPUs).")
+@click.option("--cpus-per-worker", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --ray: CPU slots (and torch threads) of each worker.")
+@click.option("--max-retries", type=click.IntRange(min=0), default=2, show_default=True,
+              help="With --ray: times a shard is redone on a fresh worker after its worker died.")
 @click.pass_context
 def featurize(ctx, task_spec, out, task_options, checkpoint, group_rules, proj_dim, group_dims, proj_kind, seed,
-              factor_dim, dtype, batch_size, shard_size, device, limit, overwrite, resume) -> None:
-    """Compute per-example projected gradients of TASK's training set into a store."""
-    from gradindex.featurize import featurize as run_featurize
+              factor_dim, dtype, batch_size, shard_size, device, limit, overwrite, resume, ray_address, workers,
+              cpus_per_worker, max_retries) -> None:
+    """Compute per-example projected gradients of TASK's training set into a store.
+
+    With --ray the shards are computed by Ray workers (--device auto: one per GPU when
+    the cluster has GPUs) and the store is identical to a single-process run's.
+    """
     from gradindex.task import load_task
 
     config = _featurize_config(proj_dim, group_dims, proj_kind, seed, factor_dim, group_rules, dtype=dtype,
                                batch_size=batch_size, shard_size=shard_size)
-    task = load_task(task_spec, _task_options(task_options))
-    store = run_featurize(task, out, config, checkpoint=checkpoint, device=device, overwrite=overwrite,
-                          resume=resume, limit=limit, show_progress=_progress(ctx))
+    if ray_address is None:
+        from gradindex.featurize import featurize as run_featurize
+
+        task = load_task(task_spec, _task_options(task_options))
+        store = run_featurize(task, out, config, checkpoint=checkpoint, device=device, overwrite=overwrite,
+                              resume=resume, limit=limit, show_progress=_progress(ctx))
+    else:
+        from gradindex.distributed import featurize_ray, import_ray
+
+        import_ray()  # the install hint before any work
+        task = load_task(task_spec, _task_options(task_options))
+        store = featurize_ray(task, out, config, checkpoint=checkpoint, device=device, overwrite=overwrite,
+                              resume=resume, limit=limit, address=ray_address, workers=workers,
+                              cpus_per_worker=cpus_per_worker, max_retries=max_retries,
+                              show_progress=_progress(ctx))
     click.echo(f"{store.path}: {store.num_samples} examples, {len(store.groups)} groups, dimension {store.dim}, "
                f"{len(store.manifest['shards'])} shard(s), {store.manifest['featurize_seconds']:.2f}s")
 
@@ -383,13 +411,30 @@ def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, 
 @checkpoint_option
 @device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Queries per backward pass.")
-def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_size) -> None:
-    """Top-k training examples of STORE for every query in --inputs."""
+@ray_option
+@click.option("--actors", type=click.IntRange(min=1), default=None,
+              help="With --ray: at most this many actors holding the index parts (default: one per part, "
+                   "at most one per GPU or CPU slot).")
+def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_size, ray_address, actors) -> None:
+    """Top-k training examples of STORE for every query in --inputs.
+
+    With --ray the parts of the concept's index (IndexConfig.shards_per_part) are held by Ray actors,
+    each query fans out to them and their top-k are merged: the same results as without.
+    """
     from gradindex.query import Attributor, metadata_lookup
 
     if k < 1:
         raise ConfigError(f"-k: expected a positive integer, got {k}")
-    attributor = Attributor.open(store_path, concept=concept, checkpoint=checkpoint, device=device)
+    if ray_address is None:
+        attributor = Attributor.open(store_path, concept=concept, checkpoint=checkpoint, device=device)
+    else:
+        from gradindex.distributed import import_ray
+
+        import_ray()  # the install hint before any work
+        from gradindex.distributed_query import open_ray_attributor
+
+        attributor = open_ray_attributor(store_path, concept=concept, checkpoint=checkpoint, device=device,
+                                         address=ray_address, actors=actors)
     queries = attributor.task.load_queries(inputs)
     top = attributor.attribute(queries, k=k, batch_size=batch_size)
     meta = metadata_lookup(attributor.store, top.sample_ids)

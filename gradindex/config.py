@@ -42,7 +42,20 @@ class StorageDtype(enum.Enum):
 
 
 class IndexKind(enum.Enum):
+    AUTO = "auto"  # flat while N·D ≤ AUTO_FLAT_LIMIT, else ivfpq
     FLAT = "flat"  # exact inner-product search (faiss.IndexFlatIP)
+    IVF = "ivf"  # norm-banded inverted lists of raw vectors (exact scores of the probed cells)
+    IVFPQ = "ivfpq"  # norm-banded inverted lists of product-quantized codes, exact re-rank
+    HNSW = "hnsw"  # HNSW graph over the MIPS→L2 augmented vectors, exact re-rank
+
+
+class Balance(enum.Enum):
+    AUTO = "auto"  # on for the approximate kinds, off for flat
+    ON = "on"  # store (G_g + λI)^(-1/2)-whitened blocks, query with the inverse transform
+    OFF = "off"
+
+
+AUTO_FLAT_LIMIT = 100_000_000  # N·D up to which `auto` builds an exact flat index
 
 
 def parse_enum(enum_type: type[enum.Enum], value: Any, field_name: str) -> enum.Enum:
@@ -197,13 +210,27 @@ class FeaturizeConfig(_Config):
 
 @dataclass(frozen=True)
 class IndexConfig(_Config):
-    """One index partition: concept, weights source, preconditioner, FAISS kind."""
+    """One index partition: concept, weights source, preconditioner, FAISS kind and build knobs.
+
+    Zero means "choose from N and D" for ``nlist``, ``bands``, ``pq_bytes`` and ``train_size``
+    (see :func:`gradindex.index_kinds.resolve_build`).
+    """
 
     concept: str = "all"
-    kind: IndexKind = IndexKind.FLAT
+    kind: IndexKind = IndexKind.AUTO
     preconditioner: Preconditioner = Preconditioner.GRAM
     damping: float = DEFAULT_DAMPING
     device: str = "cpu"
+    balance: Balance = Balance.AUTO
+    nlist: int = 0  # direction cells per norm band (ivf, ivfpq)
+    bands: int = 0  # norm bands (ivf, ivfpq)
+    pq_bytes: int = 0  # bytes per PQ code (ivfpq); must divide D+... see resolve_build
+    hnsw_m: int = 32  # graph degree (hnsw)
+    ef_construction: int = 80  # (hnsw)
+    train_size: int = 0  # training sample rows (seeded, streamed from the store)
+    seed: int = 0
+    shards_per_part: int = 0  # store shards per index part (0 = one part for all)
+    keep_vectors: bool | None = None  # float16 re-rank vectors beside each part (None: ivfpq, hnsw)
 
     def __post_init__(self) -> None:
         if not isinstance(self.concept, str) or not self.concept or "/" in self.concept:
@@ -212,11 +239,38 @@ class IndexConfig(_Config):
         object.__setattr__(
             self, "preconditioner", parse_enum(Preconditioner, self.preconditioner, "IndexConfig.preconditioner")
         )
+        object.__setattr__(self, "balance", parse_enum(Balance, self.balance, "IndexConfig.balance"))
         if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not self.damping >= 0:
             raise ConfigError(f"IndexConfig.damping: expected a non-negative number, got {self.damping!r}")
         object.__setattr__(self, "damping", float(self.damping))
         if self.device not in ("cpu", "cuda", "auto"):
             raise ConfigError(f"IndexConfig.device: expected cpu, cuda or auto, got {self.device!r}")
+        for name in ("nlist", "bands", "pq_bytes", "train_size", "shards_per_part", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"IndexConfig.{name}: expected a non-negative integer (0 = auto), got {value!r}")
+        _require_positive(self.hnsw_m, "IndexConfig.hnsw_m")
+        _require_positive(self.ef_construction, "IndexConfig.ef_construction")
+        if self.keep_vectors not in (None, True, False):
+            raise ConfigError(f"IndexConfig.keep_vectors: expected true, false or null, got {self.keep_vectors!r}")
+
+
+@dataclass(frozen=True)
+class SearchConfig(_Config):
+    """Query-time knobs of an approximate index (0 = the kind's default; flat ignores them)."""
+
+    nprobe: int = 0  # direction cells probed per norm band (ivf, ivfpq); default 32
+    ef_search: int = 0  # HNSW beam width; default 256
+    rerank: int = 0  # candidates per query re-scored exactly (ivfpq, hnsw); default 50·k
+    prune: bool = True  # skip norm bands whose bound ‖q‖·max‖x‖ cannot beat the current k-th score
+
+    def __post_init__(self) -> None:
+        for name in ("nprobe", "ef_search", "rerank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"SearchConfig.{name}: expected a non-negative integer (0 = default), got {value!r}")
+        if not isinstance(self.prune, bool):
+            raise ConfigError(f"SearchConfig.prune: expected true or false, got {self.prune!r}")
 
 
 def _require_seed(value: Any, field_name: str) -> None:

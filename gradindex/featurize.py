@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,10 @@ from gradindex.precondition import GramAccumulator
 from gradindex.store import (
     GRAM_FILE,
     FeatureStore,
+    ShardInfo,
     commit_manifest,
     completed_shard,
+    local_store_path,
     prepare_store,
     read_shard,
     write_arrays,
@@ -63,6 +66,111 @@ def training_table(task: Task) -> tuple[Sequence, np.ndarray, dict[str, np.ndarr
     return dataset, ids.astype(np.int64), metadata
 
 
+@dataclass
+class FeaturizeRun:
+    """What one featurize run works on, shared by the single-process and the Ray paths."""
+
+    model: torch.nn.Module
+    groups: list[ParameterGroup]
+    dataset: Sequence
+    ids: np.ndarray  # [n] int64 sample ids of the featurized rows (rows 0..n-1 of the dataset)
+    metadata: dict[str, np.ndarray]  # {name: [n]}
+    fingerprint: str
+    run_key: str
+
+    def shards(self, shard_size: int) -> list[tuple[int, int, int]]:
+        """``(shard_index, start, stop)`` of every shard, in order."""
+        return [(i, start, min(len(self.ids), start + shard_size))
+                for i, start in enumerate(range(0, len(self.ids), shard_size))]
+
+
+def prepare_run(task: Task, config: FeaturizeConfig, checkpoint: str | Path | None, device: torch.device,
+                limit: int | None = None) -> FeaturizeRun:
+    """Load the model on ``device``, resolve its groups, read the training table and derive the run key."""
+    model = task.load_model(checkpoint).to(device).eval()
+    groups = resolve_groups(task, model, config)
+    dataset, ids, metadata = training_table(task)
+    if limit is not None:
+        ids, metadata = ids[:limit], {name: values[:limit] for name, values in metadata.items()}
+    fingerprint = model_fingerprint(model)
+    return FeaturizeRun(model, groups, dataset, ids, metadata, fingerprint,
+                        _run_key(fingerprint, config, groups, ids, task))
+
+
+def storage_dtype(config: FeaturizeConfig) -> Any:
+    return np.float16 if config.dtype is StorageDtype.FLOAT16 else np.float32
+
+
+def featurize_shard(
+    task: Task,
+    run: FeaturizeRun,
+    projector: GradientProjector,
+    config: FeaturizeConfig,
+    device: torch.device,
+    store: str | Path,
+    shard: tuple[int, int, int],
+    bar: Any = None,
+) -> tuple[ShardInfo, dict[str, np.ndarray]]:
+    """Featurize rows ``[start, stop)`` and write them as shard ``shard_index`` of ``store``.
+
+    The one per-shard routine of every featurize path (single process, Ray workers), so
+    the same shard has the same bytes whoever computes it. Returns the shard's info and
+    its features ``{group: [stop - start, k_g]}`` in the storage dtype.
+    """
+    shard_index, start, stop = shard
+    feats = featurize_rows(task, run.model, run.dataset, range(start, stop), projector, config.batch_size,
+                           device, storage_dtype(config), verify_first=(start == 0), bar=bar)
+    info = write_shard(store, shard_index, run.ids[start:stop], feats,
+                       {name: values[start:stop] for name, values in run.metadata.items()}, run.run_key)
+    if info.rows != stop - start:
+        raise TaskError(f"shard {shard_index}: {info.rows} rows written, expected {stop - start}")
+    return info, feats
+
+
+def group_entries(groups: list[ParameterGroup], projector: GradientProjector) -> list[dict[str, Any]]:
+    """The manifest's ``groups`` list: each group with its projected dim and block dims."""
+    group_dims = projector.group_dims()
+    return [
+        {**group.to_dict(), "dim": group_dims[group.name],
+         "blocks": [{**bp.block.to_dict(), **bp.dims()} for bp in projector.projectors[group.name]]}
+        for group in groups
+    ]
+
+
+def commit_store(
+    path: Path,
+    task: Task,
+    run: FeaturizeRun,
+    config: FeaturizeConfig,
+    checkpoint: str | Path | None,
+    groups: list[dict[str, Any]],
+    shards: list[dict[str, Any]],
+    gram: GramAccumulator,
+    seconds: float,
+    extra: dict[str, Any] | None = None,
+) -> FeatureStore:
+    """Write the Gram matrices, then the manifest (last): the store is complete."""
+    group_names = [g.name for g in run.groups]
+    gram_sha = write_arrays(path / GRAM_FILE, {f"g{group_names.index(g)}": m for g, m in gram.result().items()})
+    manifest = {
+        "task": task.spec(),
+        "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
+        "model_fingerprint": run.fingerprint,
+        "config": config.to_dict(),
+        "groups": groups,
+        "num_samples": int(len(run.ids)),
+        "dtype": config.dtype.value,
+        "metadata_columns": sorted(run.metadata),
+        "shards": shards,
+        "gram": {"sha256": gram_sha, "count": gram.count, "skipped_groups": gram.skipped},
+        "run_key": run.run_key,
+        "featurize_seconds": round(seconds, 3),
+        **(extra or {}),
+    }
+    commit_manifest(path, manifest)
+    return FeatureStore.open(path)
+
+
 def featurize(
     task: Task,
     out: str | Path,
@@ -76,60 +184,27 @@ def featurize(
 ) -> FeatureStore:
     """Featurize the task's training set into a new store at ``out``."""
     torch_device = torch.device(device)
-    model = task.load_model(checkpoint).to(torch_device).eval()
-    groups = resolve_groups(task, model, config)
-    dataset, ids, metadata = training_table(task)
-    if limit is not None:
-        ids, metadata = ids[:limit], {name: values[:limit] for name, values in metadata.items()}
-    fingerprint = model_fingerprint(model)
-    run_key = _run_key(fingerprint, config, groups, ids, task)
-    path = prepare_store(out, overwrite=overwrite, resume=resume)
-    dtype = np.float16 if config.dtype is StorageDtype.FLOAT16 else np.float32
+    run = prepare_run(task, config, checkpoint, torch_device, limit)
+    path = prepare_store(local_store_path(out), overwrite=overwrite, resume=resume)
     started = time.perf_counter()
-    with GradientProjector(model, groups, config.projection, torch_device) as projector:
+    with GradientProjector(run.model, run.groups, config.projection, torch_device) as projector:
         group_dims = projector.group_dims()
         gram = GramAccumulator(group_dims, config.gram_max_dim)
         shards = []
-        bar = tqdm(total=len(ids), desc="featurize", unit="ex", disable=not show_progress)
-        for shard_index, start in enumerate(range(0, len(ids), config.shard_size)):
-            stop = min(len(ids), start + config.shard_size)
-            info = completed_shard(path, shard_index, run_key) if resume else None
-            if info is not None:
+        bar = tqdm(total=len(run.ids), desc="featurize", unit="ex", disable=not show_progress)
+        for shard in run.shards(config.shard_size):
+            shard_index, start, stop = shard
+            info = completed_shard(path, shard_index, run.run_key) if resume else None
+            if info is not None and info.rows == stop - start:
                 gram.update(read_shard(path / info.path, list(group_dims))[1])
                 bar.update(stop - start)
             else:
-                feats = featurize_rows(task, model, dataset, range(start, stop), projector, config.batch_size,
-                                       torch_device, dtype, verify_first=(start == 0), bar=bar)
+                info, feats = featurize_shard(task, run, projector, config, torch_device, path, shard, bar)
                 gram.update(feats)
-                info = write_shard(path, shard_index, ids[start:stop], feats,
-                                   {name: values[start:stop] for name, values in metadata.items()}, run_key)
-            if info.rows != stop - start:
-                raise TaskError(f"shard {shard_index}: {info.rows} rows written, expected {stop - start}")
             shards.append(info.to_dict())
         bar.close()
-    grams = gram.result()
-    group_names = [g.name for g in groups]
-    gram_sha = write_arrays(path / GRAM_FILE, {f"g{group_names.index(g)}": m for g, m in grams.items()})
-    manifest = {
-        "task": task.spec(),
-        "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
-        "model_fingerprint": fingerprint,
-        "config": config.to_dict(),
-        "groups": [
-            {**group.to_dict(), "dim": group_dims[group.name],
-             "blocks": [{**bp.block.to_dict(), **bp.dims()} for bp in projector.projectors[group.name]]}
-            for group in groups
-        ],
-        "num_samples": int(len(ids)),
-        "dtype": config.dtype.value,
-        "metadata_columns": sorted(metadata),
-        "shards": shards,
-        "gram": {"sha256": gram_sha, "count": gram.count, "skipped_groups": gram.skipped},
-        "run_key": run_key,
-        "featurize_seconds": round(time.perf_counter() - started, 3),
-    }
-    commit_manifest(path, manifest)
-    return FeatureStore.open(path)
+        groups = group_entries(run.groups, projector)
+    return commit_store(path, task, run, config, checkpoint, groups, shards, gram, time.perf_counter() - started)
 
 
 def featurize_rows(

@@ -36,6 +36,12 @@ class GramAccumulator:
             rows = len(next(iter(features.values())))
         self.count += rows
 
+    def add(self, sums: Mapping[str, np.ndarray], rows: int) -> None:
+        """Add another accumulator's ``sums`` over ``rows`` examples (a Ray worker's shard)."""
+        for group, total in self.sums.items():
+            total += sums[group]
+        self.count += rows
+
     def result(self) -> dict[str, np.ndarray]:
         if self.count == 0:
             raise ConfigError("preconditioner: no training features were seen")

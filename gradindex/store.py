@@ -21,7 +21,9 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import urllib.parse
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -146,6 +148,33 @@ def completed_shard(store: str | Path, index: int, run_key: str) -> ShardInfo | 
     return info
 
 
+def remove_temporaries(store: str | Path) -> list[Path]:
+    """Delete the temporary shard files a killed writer left behind (call with no writer running)."""
+    leftovers = sorted((Path(store) / SHARD_DIR).glob(".*.tmp-*"))
+    for file in leftovers:
+        file.unlink(missing_ok=True)
+    return leftovers
+
+
+def local_store_path(location: str | Path) -> Path:
+    """A store location as a local path: a plain path or a ``file://`` URI.
+
+    Other filesystems (``s3://``, ``gs://``, ``hdfs://``) are refused with a message: the
+    store is read and written through local paths, so every node must mount it.
+    """
+    text = str(location)
+    scheme = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]+):", text)  # one letter would be a Windows drive
+    if scheme is None:
+        return Path(location)
+    parsed = urllib.parse.urlparse(text)
+    if scheme.group(1).lower() == "file" and parsed.netloc in ("", "localhost"):
+        return Path(urllib.parse.unquote(parsed.path))
+    raise ConfigError(
+        f"store {text}: only local paths and file:// URIs are supported, not {scheme.group(1)}://; "
+        "write to a filesystem every Ray node mounts (NFS, a FUSE mount of the bucket)"
+    )
+
+
 # -- writing a store ----------------------------------------------------------------------------
 def prepare_store(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
     """Make ``path`` ready for a new store. An existing complete store needs ``overwrite``.
@@ -265,15 +294,21 @@ class FeatureStore:
         return file
 
     def iter_shards(
-        self, groups: Sequence[str] | None = None, metadata: bool = False
+        self, groups: Sequence[str] | None = None, metadata: bool = False, shards: Sequence[int] | None = None
     ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]]:
-        """Yield ``(sample_ids [n], {group: [n, k_g]}, {meta: [n]})`` shard by shard."""
+        """Yield ``(sample_ids [n], {group: [n, k_g]}, {meta: [n]})`` shard by shard (``shards``: only those)."""
         groups = self.groups if groups is None else list(groups)
         unknown = set(groups) - set(self.groups)
         if unknown:
             raise ConfigError(f"{self.path}: unknown groups {sorted(unknown)}; the store has {self.groups}")
         meta_names = self.metadata_columns if metadata else []
-        for shard in self.manifest["shards"]:
+        listed = self.manifest["shards"]
+        if shards is not None:
+            bad = [s for s in shards if not 0 <= int(s) < len(listed)]
+            if bad:
+                raise ConfigError(f"{self.path}: no shards {bad}; the store has shards 0..{len(listed) - 1}")
+            listed = [listed[int(s)] for s in shards]
+        for shard in listed:
             ids, feats, meta = read_shard(self._checked(shard), groups, meta_names)
             if len(ids) != shard["rows"]:
                 raise StoreMismatchError(f"{self.path}: {shard['path']} has {len(ids)} rows, expected {shard['rows']}")

@@ -97,7 +97,7 @@ def test_demo_writes_report(tmp_path):
     assert result.output.count("top-3 training examples") == 2
     png = tmp_path / "demo" / "topk.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "demo" / "store" / "indexes" / "all.faiss").is_file()
+    assert list((tmp_path / "demo" / "store" / "indexes" / "all").glob("part-*.faiss"))
 
 
 def test_help_for_every_command():

@@ -1,0 +1,180 @@
+"""Sharded lookups on Ray (imported lazily; Ray is the optional extra ``gradindex[ray]``).
+
+In: a store whose concept partition was built in parts (``build-index --shards-per-part``,
+:mod:`gradindex.index_shards`) and query vectors ``u(q) [n, D]``. Out:
+:class:`~gradindex.topk.TopK` ``[n, k]`` equal to
+:class:`~gradindex.index_shards.ShardedIndex` ``.search`` on one machine.
+
+How: each :class:`IndexPartHolder` actor opens its parts once (on its GPU when the
+cluster has GPUs and FAISS can use them) and keeps them; :class:`RayIndex` puts the
+query vectors in the object store once, every actor returns the merged top-k of its
+parts, and the driver merges those with the exact
+:func:`~gradindex.topk.merge_topk` (ties by sample id, so the answer does not depend
+on how parts are spread over actors). :class:`RayIndex` stands in for ``GradIndex``
+inside an :class:`~gradindex.query.Attributor`; :func:`open_ray_attributor` builds one
+whose actors stay warm between queries until ``close()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradindex.config import IndexConfig
+from gradindex.distributed import ray_session
+from gradindex.errors import ConfigError
+from gradindex.index import import_faiss
+from gradindex.index_shards import check_queries, index_entry, open_part
+from gradindex.query import Attributor
+from gradindex.query_features import QueryFeaturizer
+from gradindex.store import FeatureStore
+from gradindex.topk import TopK, merge_topk
+from gradindex.weights import GroupWeights
+
+logger = logging.getLogger(__name__)
+
+
+class IndexPartHolder:
+    """One Ray actor holding some parts of a concept's partition, loaded once."""
+
+    def __init__(self, store_path: str, concept: str, parts: list[int], device: str, threads: int):
+        import_faiss().omp_set_num_threads(threads)
+        store = FeatureStore.open(store_path)
+        self.parts = [open_part(store, concept, i, device) for i in parts]
+
+    def describe(self) -> dict[str, Any]:
+        import ray
+
+        return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "parts": [p.name for p in self.parts], "device": self.parts[0].device}
+
+    def search(self, vectors: np.ndarray, k: int) -> TopK:
+        """The exact merge of this actor's parts' top-``k`` (each part padded to ``k``)."""
+        return merge_topk([p.search(vectors, k) for p in self.parts], k)
+
+
+class RayIndex:
+    """A concept's partition spread over Ray actors; ``search`` fans out and merges.
+
+    ``RayIndex.open(store, concept)``; keeps its actors (and the Ray connection it
+    opened, if any) until :meth:`close`. Usable as a context manager.
+    """
+
+    def __init__(self, entry: dict[str, Any], actors: list[Any], ray: Any, session: ExitStack):
+        self.entry = entry
+        self.config = IndexConfig.from_dict(entry["config"])
+        self.actors = actors
+        self._ray = ray
+        self._session = session
+
+    @classmethod
+    def open(cls, store: str | Path | FeatureStore, concept: str = "all", address: str | None = None,
+             actors: int | None = None, device: str = "auto", cpus_per_actor: int = 1) -> "RayIndex":
+        """Start the actors: one per part, at most ``actors`` and at most one per GPU (when the
+        cluster has GPUs and ``device`` is not ``cpu``) or per ``cpus_per_actor`` CPUs."""
+        store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+        entry = index_entry(store, concept)
+        count = len(entry["parts"])
+        if count == 0:
+            raise ConfigError(f"{store.path}: index {concept!r} has no parts; run build-index")
+        if (actors is not None and actors < 1) or cpus_per_actor < 1:
+            raise ConfigError(f"sharded query on Ray: expected actors >= 1 and cpus_per_actor >= 1, "
+                              f"got {actors} and {cpus_per_actor}")
+        session = ExitStack()
+        try:
+            ray = session.enter_context(ray_session(address))
+            gpus = int(ray.cluster_resources().get("GPU", 0))
+            if device != "cpu" and gpus:
+                options, slots, part_device = {"num_gpus": 1, "num_cpus": cpus_per_actor}, gpus, "cuda"
+            else:
+                cpus = int(ray.cluster_resources().get("CPU", 1))
+                options, slots, part_device = {"num_cpus": cpus_per_actor}, max(1, cpus // cpus_per_actor), "cpu"
+            if actors is not None and actors > slots:
+                logger.warning("%d actors asked, the Ray cluster has room for %d; using %d", actors, slots, slots)
+            size = min(count, actors or slots, slots)  # more would wait for resources forever
+            holder = ray.remote(IndexPartHolder).options(**options, scheduling_strategy="SPREAD")
+            groups = [list(g) for g in np.array_split(np.arange(count), size)]  # contiguous parts per actor
+            handles = [holder.remote(str(store.path), concept, [int(i) for i in g], part_device, cpus_per_actor)
+                       for g in groups]
+            ray.get([h.describe.remote() for h in handles])  # loaded (or the load error) before the first query
+        except BaseException:
+            session.close()
+            raise
+        logger.info("index %r: %d parts on %d Ray actor(s) (%s)", concept, count, size, part_device)
+        return cls(entry, handles, ray, session)
+
+    @property
+    def weights(self) -> GroupWeights:
+        return GroupWeights(self.config.concept, self.entry["weights"]["weights"], self.entry["weights"]["info"])
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.entry.get("ntotal", sum(p["ntotal"] for p in self.entry["parts"])))
+
+    @property
+    def kind(self) -> str:
+        return self.entry["kind"]
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Where each actor runs and which parts it holds."""
+        return self._ray.get([a.describe.remote() for a in self.actors])
+
+    def search(self, vectors: np.ndarray, k: int) -> TopK:
+        """Top-``k`` stored vectors by inner product for each row of ``vectors [n, D]``, all parts merged."""
+        if not self.actors:
+            raise ConfigError("RayIndex: closed")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ConfigError(f"k: expected a positive integer, got {k!r}")
+        vectors = check_queries(vectors, self.entry["dim"])
+        k = min(int(k), self.ntotal)
+        if k == 0:
+            return TopK(np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64))
+        shared = self._ray.put(vectors)
+        return merge_topk(self._ray.get([a.search.remote(shared, k) for a in self.actors]), k)
+
+    def close(self) -> None:
+        """Stop the actors (and the Ray connection this index opened)."""
+        for actor in self.actors:
+            self._ray.kill(actor)
+        self.actors = []
+        self._session.close()
+
+    def __enter__(self) -> "RayIndex":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class RayAttributor(Attributor):
+    """An :class:`~gradindex.query.Attributor` whose index lives on Ray actors (kept warm)."""
+
+    def close(self) -> None:
+        super().close()
+        self.index.close()
+
+    def __enter__(self) -> "RayAttributor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def open_ray_attributor(store: str | Path | FeatureStore, concept: str = "all", checkpoint: str | Path | None = None,
+                        device: str = "cpu", address: str | None = None, actors: int | None = None,
+                        index_device: str = "auto") -> RayAttributor:
+    """Query features on this machine (``device``), index parts on Ray actors."""
+    store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+    index = RayIndex.open(store, concept, address=address, actors=actors, device=index_device)
+    try:
+        featurizer = QueryFeaturizer.open(store, concept, index.config.preconditioner, index.config.damping,
+                                          checkpoint, device)
+    except BaseException:
+        index.close()
+        raise
+    return RayAttributor(featurizer, index)

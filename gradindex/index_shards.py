@@ -1,0 +1,212 @@
+"""Sharded index partitions: one FAISS part per range of store shards, searched together.
+
+Layout of a concept's partition (all paths relative to the store)::
+
+    indexes/<concept>/part-SSSSS-EEEEE.faiss  one part: the vectors of store shards S..E (inclusive)
+    indexes/<concept>/part-SSSSS-EEEEE.json   its sidecar (an :class:`IndexPart` record)
+    indexes/<concept>/part-SSSSS-EEEEE.f16    optional float16 vectors [ntotal, D] for exact re-ranking
+    indexes/<concept>/trained.faiss           the trained, empty index every part starts from (IVF kinds)
+    indexes/<concept>/transform.npz           the balancing transform (when one is applied)
+
+``manifest["indexes"][concept]`` lists the parts (``parts``: :class:`IndexPart`
+dicts in store-shard order) with the config, weights, transform and kind they
+were built with. Parts are built independently (``build_index(..., shards=...)``,
+one machine each) and a new store shard gets its own part without touching the
+others (``build_index(..., update=True)``).
+
+API (stable; the Ray fan-out builds on it):
+
+* :func:`list_parts` ``(store, concept) -> list[IndexPart]``
+* :func:`open_part` ``(store, concept, part, device=None, search=None) -> PartIndex``;
+  ``PartIndex.search(vectors [n, D], k) -> TopK`` over that part alone
+* :func:`gradindex.topk.merge_topk` ``(parts: list[TopK], k) -> TopK``: exact, ties by sample id
+* :class:`ShardedIndex` ``.open(store, concept, device=None, search=None)``: all parts,
+  ``.search(vectors, k)`` = ``merge_topk([p.search(vectors, k) for p in parts], k)``
+
+``vectors`` are always query vectors ``u(q)`` in the stored space ``v(x) = [√w_g φ_g(x)]``
+(what :class:`~gradindex.query.Attributor` computes); a part applies its own
+balancing transform to them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradindex.config import IndexConfig, SearchConfig
+from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
+from gradindex.index_kinds import PartIndex, QueryTransform, read_index, resolve_device
+from gradindex.store import FeatureStore, sha256_file
+from gradindex.topk import TopK, merge_topk
+from gradindex.weights import GroupWeights
+
+INDEX_DIR = "indexes"
+
+
+@dataclass(frozen=True)
+class IndexPart:
+    """One part of a concept's partition: the store shards it covers and its files."""
+
+    name: str  # "part-SSSSS-EEEEE"
+    file: str  # relative to the store
+    sha256: str
+    ntotal: int
+    shards: tuple[int, ...]  # store shard numbers (positions in manifest["shards"])
+    bytes: int
+    vectors_file: str = ""  # float16 re-rank vectors [ntotal, D], relative to the store ("" = none)
+    vectors_sha256: str = ""
+    ids_file: str = ""  # sample ids [ntotal] int64 (.npy): FAISS ids are row numbers within the part
+    ids_sha256: str = ""
+    trained_sha256: str = ""  # the trained index the part was filled from
+    info: dict[str, Any] | None = None  # kind-specific (e.g. per-band max norms and counts)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["shards"] = list(self.shards)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "IndexPart":
+        return cls(**{**data, "shards": tuple(int(s) for s in data["shards"])})
+
+
+def concept_dir(store: FeatureStore, concept: str) -> Path:
+    return store.path / INDEX_DIR / concept
+
+
+def part_name(shards: Sequence[int]) -> str:
+    return f"part-{min(shards):05d}-{max(shards):05d}"
+
+
+def index_entry(store: FeatureStore, concept: str) -> dict[str, Any]:
+    """``manifest["indexes"][concept]``, or a clear error naming the built concepts."""
+    entry = store.manifest.get("indexes", {}).get(concept)
+    if entry is None:
+        built = sorted(store.manifest.get("indexes", {})) or ["none"]
+        raise ArtifactNotFoundError(
+            f"{store.path}: no index for concept {concept!r} (built: {', '.join(built)}); "
+            f"run `gradindex build-index {store.path} --concept {concept}`"
+        )
+    if "parts" not in entry:
+        raise StoreMismatchError(f"{store.path}: index {concept!r} has an old single-file layout; run build-index again")
+    return entry
+
+
+def list_parts(store: FeatureStore, concept: str = "all") -> list[IndexPart]:
+    """The parts of ``concept``'s partition, in store-shard order."""
+    return [IndexPart.from_dict(p) for p in index_entry(store, concept)["parts"]]
+
+
+def _checked_file(store: FeatureStore, relative: str, digest: str) -> Path:
+    path = store.path / relative
+    if not path.is_file():
+        raise ArtifactNotFoundError(f"{store.path}: index file {relative} is missing; run build-index again")
+    if store.verify and sha256_file(path) != digest:
+        raise StoreMismatchError(f"{path}: checksum mismatch; the index was modified, run build-index again")
+    return path
+
+
+def load_transform(store: FeatureStore, entry: dict[str, Any]) -> QueryTransform | None:
+    info = entry.get("transform") or {}
+    if info.get("kind", "none") == "none":
+        return None
+    path = _checked_file(store, info["file"], info["sha256"])
+    return QueryTransform.load(path, info)
+
+
+def open_part(
+    store: FeatureStore,
+    concept: str,
+    part: IndexPart | int | str,
+    device: str | None = None,
+    search: SearchConfig | None = None,
+) -> PartIndex:
+    """One part opened for search (``part``: an :class:`IndexPart`, its position or its name)."""
+    entry = index_entry(store, concept)
+    parts = [IndexPart.from_dict(p) for p in entry["parts"]]
+    if isinstance(part, (int, np.integer)) and not isinstance(part, bool):
+        if not 0 <= part < len(parts):
+            raise ConfigError(f"index {concept!r}: part {part} out of range (it has {len(parts)} parts)")
+        part = parts[int(part)]
+    elif isinstance(part, str):
+        named = [p for p in parts if p.name == part]
+        if not named:
+            raise ConfigError(f"index {concept!r}: no part named {part!r} ({', '.join(p.name for p in parts)})")
+        part = named[0]
+    config = IndexConfig.from_dict(entry["config"])
+    index = read_index(_checked_file(store, part.file, part.sha256))
+    vectors = None
+    if part.vectors_file:
+        path = _checked_file(store, part.vectors_file, part.vectors_sha256)
+        vectors = np.memmap(path, dtype=np.float16, mode="r", shape=(part.ntotal, entry["dim"]))
+    sample_ids = np.load(_checked_file(store, part.ids_file, part.ids_sha256))
+    layout = entry.get("layout") or {}
+    directions = None
+    if layout:
+        from gradindex.index_kinds import banded_directions
+
+        directions = banded_directions(index, layout)
+    return PartIndex(
+        index, entry["kind"], entry["dim"], part.info or {}, load_transform(store, entry), vectors,
+        search or SearchConfig.from_dict(entry.get("search", {})),
+        resolve_device(device or config.device), name=part.name, sample_ids=sample_ids, layout=layout,
+        directions=directions,
+    )
+
+
+class ShardedIndex:
+    """A concept's whole partition: every part searched, top-k merged exactly (``GradIndex``)."""
+
+    def __init__(self, entry: dict[str, Any], parts: list[PartIndex], store: FeatureStore | None = None):
+        self.entry = entry
+        self.config = IndexConfig.from_dict(entry["config"])
+        self.parts = parts
+        self.store = store
+
+    @classmethod
+    def open(cls, store: FeatureStore, concept: str = "all", device: str | None = None,
+             search: SearchConfig | None = None) -> "ShardedIndex":
+        entry = index_entry(store, concept)
+        parts = [open_part(store, concept, i, device, search) for i in range(len(entry["parts"]))]
+        return cls(entry, parts, store)
+
+    @property
+    def kind(self) -> str:
+        return self.entry["kind"]
+
+    @property
+    def device(self) -> str:
+        return self.parts[0].device if self.parts else "cpu"
+
+    @property
+    def weights(self) -> GroupWeights:
+        return GroupWeights(self.config.concept, self.entry["weights"]["weights"], self.entry["weights"]["info"])
+
+    @property
+    def ntotal(self) -> int:
+        return sum(p.ntotal for p in self.parts)
+
+    def with_search(self, search: SearchConfig) -> "ShardedIndex":
+        """The same loaded parts with other query-time knobs."""
+        return ShardedIndex(self.entry, [p.with_search(search) for p in self.parts], self.store)
+
+    def search(self, vectors: np.ndarray, k: int) -> TopK:
+        """Top-``k`` stored vectors by inner product for each row of ``vectors [n, D]`` (all parts merged)."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ConfigError(f"k: expected a positive integer, got {k!r}")
+        vectors = check_queries(vectors, self.entry["dim"])
+        k = min(int(k), self.ntotal)
+        if k == 0 or not self.parts:
+            return TopK(np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64))
+        return merge_topk([p.search(vectors, k) for p in self.parts], k)
+
+
+def check_queries(vectors: np.ndarray, dim: int) -> np.ndarray:
+    vectors = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise ConfigError(f"query vectors: expected shape [n, {dim}], got {vectors.shape}")
+    return vectors

@@ -1,0 +1,71 @@
+"""Top-k results and their exact merge (no FAISS here).
+
+:class:`TopK` holds ``scores [n, k]`` (descending) and ``sample_ids [n, k]``
+(``-1`` = no result). :func:`merge_topk` merges the top-k lists of index parts
+(shards searched separately, on one machine or many) into the top-k of their
+union: exact, with ties broken by ascending sample id, so the result does not
+depend on the order or the number of parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradindex.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Top-k results: ``scores [n, k]`` (descending) and ``sample_ids [n, k]`` (-1 = no result)."""
+
+    scores: np.ndarray
+    sample_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return self.scores.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.scores.shape[1]
+
+
+def canonical_order(scores: np.ndarray, sample_ids: np.ndarray, k: int) -> TopK:
+    """The best ``k`` columns of each row: score descending, then sample id ascending, ``-1`` ids last."""
+    scores = np.asarray(scores, dtype=np.float32)
+    sample_ids = np.asarray(sample_ids, dtype=np.int64)
+    valid = sample_ids >= 0
+    key_score = np.where(valid, -scores.astype(np.float64), np.inf)
+    key_id = np.where(valid, sample_ids, np.iinfo(np.int64).max)
+    order = np.lexsort((key_id, key_score), axis=-1)[:, :k]
+    out_scores = np.take_along_axis(scores, order, 1)
+    out_ids = np.take_along_axis(sample_ids, order, 1)
+    out_scores = np.where(out_ids >= 0, out_scores, -np.inf).astype(np.float32)
+    return TopK(out_scores, out_ids)
+
+
+def merge_topk(parts: Sequence[TopK], k: int) -> TopK:
+    """The exact top-``k`` of the union of ``parts`` (each ``[n, k_i]`` for the same ``n`` queries).
+
+    Ties are broken by ascending sample id; rows with fewer than ``k`` results
+    are padded with score ``-inf`` and id ``-1``. A sample id present in two
+    parts is a caller error (parts cover disjoint store shards).
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k: expected a positive integer, got {k!r}")
+    parts = list(parts)
+    if not parts:
+        raise ConfigError("merge_topk: no parts to merge")
+    rows = {len(p) for p in parts}
+    if len(rows) != 1:
+        raise ConfigError(f"merge_topk: parts answer different numbers of queries {sorted(rows)}")
+    n = rows.pop()
+    scores = np.concatenate([np.asarray(p.scores, np.float32).reshape(n, -1) for p in parts], axis=1)
+    ids = np.concatenate([np.asarray(p.sample_ids, np.int64).reshape(n, -1) for p in parts], axis=1)
+    if scores.shape[1] < k:
+        pad = k - scores.shape[1]
+        scores = np.concatenate([scores, np.full((n, pad), -np.inf, np.float32)], axis=1)
+        ids = np.concatenate([ids, np.full((n, pad), -1, np.int64)], axis=1)
+    return canonical_order(scores, ids, int(k))
