@@ -14,6 +14,11 @@ For each model (the digits MLP and CNN, their default checkpoints):
    weights under grad-dot and Gram preconditioning, each group alone (the best
    one picked on the first half), and traker's TRAK (``TRAKer`` on the same
    checkpoint, the same total projection dimension and the projection seed).
+3. head-room (not an attribution): the *oracle* non-negative weighting, picked by its LDS
+   against the retrained models on the first half among uniform, each group alone and 500
+   seeded Dirichlet draws, scored on the second half — how much any group weighting can gain.
+
+Needs ``traker`` (``pip install traker``) for the TRAK columns.
 
 Prints markdown tables (mean ± std over seeds; paired learned − uniform
 differences) and writes ``OUT/results.json``. ``--variants`` adds the
@@ -82,7 +87,10 @@ def trak_scores(task, path: Path, proj_dim: int, seed: int, queries, damping: fl
     if path.is_file():
         with np.load(path) as data:
             return data["scores"]
-    from trak import TRAKer
+    try:
+        from trak import TRAKer
+    except ImportError as error:
+        raise SystemExit("bench_lds.py needs traker for its TRAK columns: pip install traker") from error
     from trak.projectors import BasicProjector, ProjectionType
 
     model = task.load_model(None).eval()
@@ -111,6 +119,25 @@ def trak_scores(task, path: Path, proj_dim: int, seed: int, queries, damping: fl
     np.savez(path, scores=scores)
     shutil.rmtree(save_dir, ignore_errors=True)
     return scores
+
+
+def oracle_lds(predictions: dict, groups: list[str], lds, dev: np.ndarray, evaluation: np.ndarray, seed: int,
+               candidates: int = 500) -> float:
+    """Head-room check, not an attribution: the non-negative weighting with the best LDS on the fit half
+    (looked up in the retrained models: uniform, each group alone and ``candidates`` seeded Dirichlet
+    draws of prediction-variance shares), scored on the evaluation half."""
+    scale = np.array([predictions[g][:, dev].std(0).mean() for g in groups])
+    scale[scale == 0] = 1.0
+    rng = np.random.default_rng(seed)
+    shares = [np.full(len(groups), 1.0 / len(groups)), *np.eye(len(groups)),
+              *rng.dirichlet(np.full(len(groups), 0.7), size=candidates)]
+    weightings = [np.ones(len(groups))] + [p / scale for p in shares]
+
+    def combine(w: np.ndarray) -> np.ndarray:
+        return sum(float(wg) * predictions[g] for wg, g in zip(w, groups))
+
+    best = max(weightings, key=lambda w: lds(combine(w), dev))
+    return lds(combine(best), evaluation)
 
 
 def run_arch(arch: str, args: argparse.Namespace) -> dict:
@@ -154,6 +181,7 @@ def run_arch(arch: str, args: argparse.Namespace) -> dict:
                 run[f"best group {name}"] = singles[best][1]
                 run[f"best group {name} name"] = best
                 run[f"groups {name}"] = {g: v[1] for g, v in singles.items()}
+                run[f"oracle {name}"] = oracle_lds(predictions, store.groups, lds, dev, evaluation, seed)
                 if args.variants:
                     for label, fields in VARIANTS.items():
                         variant = learn_weights(store, LearnConfig(preconditioner=preconditioner, damping=args.damping,
@@ -186,8 +214,8 @@ def mean_std(values: list[float]) -> str:
 def tables(runs: list[dict], args: argparse.Namespace) -> str:
     lines = [
         "| model | grouping | uniform grad-dot | learned grad-dot | uniform TRAK-precond. | learned TRAK-precond. "
-        "| traker TRAK | traker TRAK, damped | best single group (Gram) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| traker TRAK | traker TRAK, damped | best single group (Gram) | oracle grad-dot | oracle TRAK-precond. |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arch in args.archs:
         for grouping in args.groupings:
@@ -196,8 +224,9 @@ def tables(runs: list[dict], args: argparse.Namespace) -> str:
             cells = [mean_std([r[k] for r in sel]) for k in ("uniform grad-dot", "learned grad-dot", "uniform gram",
                                                             "learned gram", "traker TRAK", "traker TRAK damped",
                                                             "best group gram")]
+            oracle = [mean_std([r[f"oracle {p}"] for r in sel]) for p in PRECONDITIONERS]
             lines.append(f"| digits {arch} | {grouping} | " + " | ".join(cells[:-1]) + f" | {cells[-1]} "
-                         f"({', '.join(names)}) |")
+                         f"({', '.join(names)}) | " + " | ".join(oracle) + " |")
     lines += ["", "Paired learned − uniform (same seed, same queries), mean ± std over seeds; wins = seeds where "
               "learned > uniform:", "", "| model | grouping | grad-dot | wins | TRAK-precond. | wins |",
               "|---|---|---|---|---|---|"]
