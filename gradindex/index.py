@@ -219,12 +219,8 @@ def _build_part(store: FeatureStore, config: IndexConfig, weights: GroupWeights,
     folder = concept_dir(store, config.concept)
     name = part_name(shards)
     rows = sum(store.manifest["shards"][s]["rows"] for s in shards)
-    keep = config.keep_vectors if config.keep_vectors is not None else kind in (IndexKind.IVFPQ, IndexKind.HNSW)
-    max_norm = 0.0
-    if kind is IndexKind.HNSW:  # the MIPS→L2 augmentation needs the part's largest norm first
-        for _, vectors in iter_vector_batches(store, weights, state["transform"], shards):
-            max_norm = max(max_norm, float(np.linalg.norm(vectors, axis=1).max(initial=0.0)))
-    builder = PartBuilder(kind, state["trained"], state["extras"], hnsw_max_norm=max_norm)
+    keep = config.keep_vectors if config.keep_vectors is not None else kind is IndexKind.IVFPQ
+    builder = PartBuilder(kind, state["trained"], state["extras"])
     final = {suffix: folder / f"{name}{suffix}" for suffix in (".faiss", ".ids.npy", ".f16")}
     tmp = {suffix: temporary_path(path) for suffix, path in final.items()}
     ids_parts = []
