@@ -239,9 +239,7 @@ class PartBuilder:
     def __init__(self, kind: IndexKind, trained: Any, extras: Mapping[str, Any]):
         faiss = import_faiss()
         self.kind = kind
-        self.index = faiss.clone_index(trained)
-        if kind is IndexKind.FLAT:
-            self.index = faiss.IndexIDMap2(self.index)
+        self.index = faiss.clone_index(trained)  # FAISS ids = row numbers in the part (flat, hnsw: implicit)
         self.layout = dict(extras.get("layout", {}))
         self.directions = extras.get("directions")
         self.rows = 0
@@ -252,9 +250,7 @@ class PartBuilder:
         x = np.ascontiguousarray(x, np.float32)
         rows = np.arange(self.rows, self.rows + len(x), dtype=np.int64)
         self.rows += len(x)
-        if self.kind is IndexKind.FLAT:
-            self.index.add_with_ids(x, rows)
-        elif self.kind is IndexKind.HNSW:
+        if self.kind in (IndexKind.FLAT, IndexKind.HNSW):
             self.index.add(x)
         else:
             faiss = import_faiss()

@@ -135,3 +135,16 @@ def test_auto_rule_and_bad_knobs_give_clear_errors(store):
     assert result.exit_code == 2 and "IndexConfig.nlist" in result.output
     result = runner.invoke(main, ["build-index", str(store.path), "--update", "--train-only"])
     assert result.exit_code == 2 and "exclude each other" in result.output
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq"])
+def test_gpu_kinds_match_cpu(store, queries, kind):
+    config = IndexConfig(concept=f"gpu{kind}", kind=kind, nlist=8, pq_bytes=8, device="cuda")
+    gpu = build_index(store, config, show_progress=False)
+    assert gpu.device == "cuda"
+    cpu = GradIndex.open(FeatureStore.open(store.path), f"gpu{kind}", device="cpu")
+    search = SearchConfig(nprobe=8)
+    a, b = gpu.with_search(search).search(queries, 10), cpu.with_search(search).search(queries, 10)
+    assert recall_at_k(a, b) >= 0.95  # float16 storage on the GPU may swap near-ties
+    np.testing.assert_allclose(a.scores[:, 0], b.scores[:, 0], rtol=1e-2, atol=1e-3)
