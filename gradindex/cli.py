@@ -272,7 +272,7 @@ search_options = [
                  help="ivf/ivfpq: direction cells probed per norm band (0 = 32)."),
     click.option("--ef-search", type=int, default=0, show_default=True, help="hnsw: beam width (0 = 256)."),
     click.option("--rerank", type=int, default=0, show_default=True,
-                 help="ivfpq: candidates per norm band re-scored exactly (0 = 10·k)."),
+                 help="ivfpq: best candidates (by PQ score, over all bands) re-scored exactly (0 = 20·k)."),
     click.option("--no-prune", "no_prune", is_flag=True,
                  help="ivf/ivfpq: search every norm band (no ‖q‖·max‖x‖ bound)."),
 ]

@@ -261,7 +261,7 @@ class SearchConfig(_Config):
 
     nprobe: int = 0  # direction cells probed per norm band (ivf, ivfpq); default 32
     ef_search: int = 0  # HNSW beam width; default 256
-    rerank: int = 0  # candidates per query re-scored exactly (ivfpq, hnsw); default 50·k
+    rerank: int = 0  # candidates per query re-scored exactly (ivfpq; hnsw with kept vectors); default 20·k
     prune: bool = True  # skip norm bands whose bound ‖q‖·max‖x‖ cannot beat the current k-th score
 
     def __post_init__(self) -> None:

@@ -178,9 +178,10 @@ def _train(store: FeatureStore, config: IndexConfig, weights: GroupWeights, show
         rows = np.sort(np.random.default_rng(config.seed).choice(n, size=knobs["train_size"], replace=False))
         picked, offset = [], 0
         with tqdm(total=n, desc="training sample", unit="ex", disable=not show_progress) as bar:
-            for ids, vectors in iter_vector_batches(store, weights, transform):
+            for ids, feats, _ in store.iter_shards(store.groups):
                 lo, hi = np.searchsorted(rows, [offset, offset + len(ids)])
-                picked.append(vectors[rows[lo:hi] - offset])
+                block = {g: feats[g][rows[lo:hi] - offset] for g in store.groups}
+                picked.append(_vectors(block, weights, store.groups, transform))
                 offset += len(ids)
                 bar.update(len(ids))
         sample = np.concatenate(picked) if picked else sample

@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_NPROBE = 32
 DEFAULT_EF_SEARCH = 256
-DEFAULT_RERANK_PER_K = 10
+DEFAULT_RERANK_PER_K = 20
 PQ_TRAIN_ROWS = 16_384  # 64 rows per PQ centroid
 
 
@@ -384,16 +384,17 @@ class PartIndex:
             coarse = (rho[b] * probe_scores[active]).astype(np.float32)
             kk = int(min(depth, band_count[b]))
             scores, rows = self.index.search_preassigned(np.ascontiguousarray(q[active]), kk, lists, coarse)
-            if self.kind is IndexKind.IVFPQ and self.vectors is not None:
-                scores = self._rescore(q[active], rows)
             scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
             merged_scores = np.full((n, kk), -np.inf, np.float32)
             merged_rows = np.full((n, kk), -1, np.int64)
             merged_scores[active], merged_rows[active] = scores, rows
             all_scores = np.concatenate([best_scores, merged_scores], 1)
             all_rows = np.concatenate([best_rows, merged_rows], 1)
-            keep = k if exact else max(k, depth)
-            top = canonical_order(all_scores, all_rows, min(keep, all_scores.shape[1]))
+            top = canonical_order(all_scores, all_rows, min(depth, all_scores.shape[1]))
+            best_scores, best_rows = top.scores, top.sample_ids
+        if self.kind is IndexKind.IVFPQ and self.vectors is not None:  # one exact re-rank of the best `depth`
+            best_scores = self._rescore(q, best_rows)
+            top = canonical_order(best_scores, best_rows, min(k, best_scores.shape[1]))
             best_scores, best_rows = top.scores, top.sample_ids
         return best_scores, best_rows
 

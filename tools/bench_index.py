@@ -44,7 +44,7 @@ from gradindex.weights import GroupWeights, scaled_vectors  # noqa: E402
 SWEEPS = {
     "flat": [SearchConfig()],
     "ivf": [SearchConfig(nprobe=p) for p in (4, 8, 16, 32)],
-    "ivfpq": [SearchConfig(nprobe=p, rerank=r) for p, r in ((4, 100), (8, 100), (16, 100), (16, 200), (32, 200))],
+    "ivfpq": [SearchConfig(nprobe=p, rerank=r) for p, r in ((8, 100), (16, 100), (16, 200), (32, 200), (64, 400))],
     "hnsw": [SearchConfig(ef_search=e) for e in (32, 64, 128, 256)],
 }
 
@@ -130,7 +130,7 @@ def main() -> None:
     top_rows = np.searchsorted(ids, exact.sample_ids)  # store ids are sorted row numbers here
     share = float(np.mean(norms[top_rows] >= np.quantile(norms, 0.99)))
     print(f"(exact top-{args.k}: {share:.1%} of entries lie in the 1% of vectors with the largest norms)", flush=True)
-    del brute
+    del brute, matrix
     gc.collect()
 
     for kind in args.kinds.split(","):
