@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from gradindex.config import Balance, IndexConfig, IndexKind, SearchConfig
 from gradindex.errors import ConfigError
 from gradindex.index_kinds import (
-    PartBuilder, QueryTransform, banded_directions, gpu_available, import_faiss, resolve_build, resolve_device, resolve_kind,
+    PartBuilder, QueryTransform, banded_directions, gpu_available, half_to_float, import_faiss, resolve_build,
+    resolve_device, resolve_kind,
     train_index, write_index,
 )
 from gradindex.index_shards import (
@@ -141,6 +142,7 @@ def _clear(folder: Path) -> None:
 
 
 def _vectors(feats, weights: GroupWeights, groups: Sequence[str], transform: QueryTransform | None) -> np.ndarray:
+    feats = {g: half_to_float(b).numpy() if b.dtype == np.float16 else b for g, b in feats.items()}
     v = scaled_vectors(feats, weights, groups)
     return transform.stored(v) if transform is not None else v
 

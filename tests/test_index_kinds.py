@@ -112,6 +112,14 @@ def test_sharded_ivf_equals_single_ivf(store, queries):
         np.testing.assert_array_equal(a.sample_ids, b.sample_ids)
 
 
+def test_half_to_float_matches_numpy():
+    from gradindex.index_kinds import half_to_float
+
+    for shape in ((3, 40), (700, 40), (60_000, 40)):  # pieces, and one call above the parallel threshold
+        x = np.random.default_rng(0).normal(size=shape).astype(np.float16)
+        np.testing.assert_array_equal(half_to_float(x).numpy(), x.astype(np.float32))
+
+
 def test_auto_rule_and_bad_knobs_give_clear_errors(store):
     assert resolve_kind(IndexConfig(), 100_000, 1000) is IndexKind.FLAT
     assert resolve_kind(IndexConfig(), 100_001, 1000) is IndexKind.IVFPQ
