@@ -41,7 +41,8 @@ from gradindex.index_kinds import (
     train_index, write_index,
 )
 from gradindex.index_shards import (
-    INDEX_DIR, IndexPart, ShardedIndex, concept_dir, index_entry, list_parts, load_transform, open_part, part_name,
+    INDEX_DIR, IndexPart, ShardedIndex, checked_file, concept_dir, list_parts, load_transform,
+    open_part, part_name,
 )
 from gradindex.store import MANIFEST, FeatureStore, atomic_write_json, sha256_file, temporary_path, write_arrays
 from gradindex.topk import TopK, merge_topk
@@ -172,7 +173,7 @@ def _train(store: FeatureStore, config: IndexConfig, weights: GroupWeights, show
             raise ConfigError(f"--balance on: the store has no Gram matrix for groups {missing}; use --balance off")
         transform = QueryTransform.from_grams([grams[g] for g in store.groups], config.damping)
         path = folder / TRANSFORM_FILE
-        digest = write_arrays(path, transform.save(path))
+        digest = write_arrays(path, transform.arrays())
         transform_info = {"kind": "balance", "file": str(path.relative_to(store.path)), "sha256": digest,
                           "damping": config.damping}
     sample = np.zeros((0, dim), np.float32)
@@ -202,10 +203,8 @@ def _train(store: FeatureStore, config: IndexConfig, weights: GroupWeights, show
 
 
 def _load_state(store: FeatureStore, entry: dict[str, Any]) -> dict[str, Any]:
-    from gradindex.index_shards import _checked_file
-
     info = entry["trained"]
-    trained = import_faiss().read_index(str(_checked_file(store, info["file"], info["sha256"])))
+    trained = import_faiss().read_index(str(checked_file(store, info["file"], info["sha256"])))
     layout = entry.get("layout", {})
     extras: dict[str, Any] = {"layout": layout}
     if layout:

@@ -156,7 +156,8 @@ class QueryTransform:
     def query(self, u: np.ndarray) -> np.ndarray:
         return self._apply(np.asarray(u, np.float32), self.backward)
 
-    def save(self, path: str | Path) -> dict[str, np.ndarray]:
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays :meth:`load` reads back (save them with ``store.write_arrays``)."""
         arrays = {"dims": np.asarray(self.dims)}
         for i, (f, b) in enumerate(zip(self.forward, self.backward)):
             arrays[f"forward{i}"], arrays[f"backward{i}"] = f, b
