@@ -36,6 +36,7 @@ which is what IVF/PQ need.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -408,7 +409,9 @@ def half_to_float(x: np.ndarray) -> "torch.Tensor":
     """
     import torch
 
-    source = torch.from_numpy(np.ascontiguousarray(x))
+    with warnings.catch_warnings():  # read-only inputs (Parquet buffers, memory maps) are only read
+        warnings.simplefilter("ignore", UserWarning)
+        source = torch.from_numpy(np.ascontiguousarray(x))
     if source.numel() > (1 << 21):
         return source.float()
     out = torch.empty(source.shape, dtype=torch.float32)

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gradindex.config import IndexConfig, SearchConfig  # noqa: E402
 from gradindex.evaluate import recall_at_k  # noqa: E402
-from gradindex.index import build_index  # noqa: E402
+from gradindex.index import build_index, list_parts  # noqa: E402
 from gradindex.query_features import QueryFeaturizer, load_store_task  # noqa: E402
 from gradindex.store import FeatureStore  # noqa: E402
 from gradindex.topk import TopK  # noqa: E402
@@ -139,8 +139,9 @@ def main() -> None:
         t = time.perf_counter()
         index = build_index(store, config, show_progress=False)
         build = time.perf_counter() - t
-        index_bytes = sum(os.path.getsize(store.path / p.file) for p in index.parts)
-        rerank_bytes = sum(os.path.getsize(store.path / p.vectors_file) for p in index.parts if p.vectors_file)
+        parts = list_parts(store, config.concept)
+        index_bytes = sum(os.path.getsize(store.path / p.file) for p in parts)
+        rerank_bytes = sum(os.path.getsize(store.path / p.vectors_file) for p in parts if p.vectors_file)
         for search in SWEEPS[kind]:
             searcher = index.with_search(search)
             p50, p99, qps, got = time_queries(searcher.search, q1, queries, args.k)
