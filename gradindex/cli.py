@@ -228,6 +228,9 @@ def groups(task_spec, task_options, checkpoint, group_rules, proj_dim, group_dim
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Featurize only the first N examples.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
 @click.option("--resume", is_flag=True, help="Keep shards a previous identical run completed.")
+@click.option("--append", is_flag=True,
+              help="Add TASK's training examples missing from the existing store at --out as new shards (store's "
+                   "config and checkpoint; projection options are ignored); then `build-index --update`.")
 @ray_option
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="With --ray: at most this many workers (default: one per GPU, or per --cpus-per-worker CPUs).")
@@ -237,7 +240,7 @@ def groups(task_spec, task_options, checkpoint, group_rules, proj_dim, group_dim
               help="With --ray: times a shard is redone on a fresh worker after its worker died.")
 @click.pass_context
 def featurize(ctx, task_spec, out, task_options, checkpoint, group_rules, proj_dim, group_dims, proj_kind, seed,
-              factor_dim, dtype, batch_size, shard_size, device, limit, overwrite, resume, ray_address, workers,
+              factor_dim, dtype, batch_size, shard_size, device, limit, overwrite, resume, append, ray_address, workers,
               cpus_per_worker, max_retries) -> None:
     """Compute per-example projected gradients of TASK's training set into a store.
 
@@ -245,6 +248,17 @@ def featurize(ctx, task_spec, out, task_options, checkpoint, group_rules, proj_d
     the cluster has GPUs) and the store is identical to a single-process run's.
     """
     from gradindex.task import load_task
+
+    if append:
+        from gradindex.featurize_append import featurize_append
+
+        if overwrite or resume or ray_address is not None:
+            raise ConfigError("--append excludes --overwrite, --resume and --ray")
+        store, added = featurize_append(load_task(task_spec, _task_options(task_options)), out, checkpoint=checkpoint,
+                                        device=device, limit=limit, show_progress=_progress(ctx))
+        click.echo(f"{store.path}: appended {added} examples, now {store.num_samples} in "
+                   f"{len(store.manifest['shards'])} shard(s)")
+        return
 
     config = _featurize_config(proj_dim, group_dims, proj_kind, seed, factor_dim, group_rules, dtype=dtype,
                                batch_size=batch_size, shard_size=shard_size)
@@ -267,25 +281,91 @@ def featurize(ctx, task_spec, out, task_options, checkpoint, group_rules, proj_d
                f"{len(store.manifest['shards'])} shard(s), {store.manifest['featurize_seconds']:.2f}s")
 
 
+def _parse_shards(text: str | None) -> list[int] | None:
+    """``"0,3,5-7"`` → ``[0, 3, 5, 6, 7]``."""
+    if text is None:
+        return None
+    shards: list[int] = []
+    try:
+        for piece in text.split(","):
+            lo, sep, hi = piece.strip().partition("-")
+            shards.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    except ValueError:
+        raise ConfigError(f"--shards: expected shard numbers like 0,3,5-7, got {text!r}") from None
+    return shards
+
+
+search_options = [
+    click.option("--nprobe", type=int, default=0, show_default=True,
+                 help="ivf/ivfpq: direction cells probed per norm band (0 = 32)."),
+    click.option("--ef-search", type=int, default=0, show_default=True, help="hnsw: beam width (0 = 256)."),
+    click.option("--rerank", type=int, default=0, show_default=True,
+                 help="ivfpq: best candidates (by PQ score, over all bands) re-scored exactly (0 = 20·k)."),
+    click.option("--no-prune", "no_prune", is_flag=True,
+                 help="ivf/ivfpq: search every norm band (no ‖q‖·max‖x‖ bound)."),
+]
+
+
+def _search_config(nprobe, ef_search, rerank, no_prune):
+    from gradindex.config import SearchConfig
+
+    return SearchConfig(nprobe=nprobe, ef_search=ef_search, rerank=rerank, prune=not no_prune)
+
+
 @main.command("build-index")
 @click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
 @click.option("--concept", default="all", show_default=True, help="Concept partition (its weights are used).")
-@click.option("--kind", type=click.Choice(["flat"]), default="flat", show_default=True, help="FAISS index kind.")
+@click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "ivfpq", "hnsw"]), default="auto", show_default=True,
+              help="Index kind; auto = flat while N·D ≤ 1e8, else ivfpq.")
 @_apply(preconditioner_options)
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
-              help="Where FAISS searches (cuda needs a GPU build of FAISS).")
+              help="Where FAISS searches (cuda needs a GPU build of FAISS; falls back to the CPU with a message).")
+@click.option("--balance", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Store Gram-whitened blocks (G+λI)^-1/2 φ and map queries back (auto: on for approximate kinds).")
+@click.option("--nlist", type=int, default=0, show_default=True,
+              help="ivf/ivfpq: direction cells per norm band (0 = power of two nearest √N/2, 4..2048).")
+@click.option("--bands", type=int, default=0, show_default=True,
+              help="ivf/ivfpq: norm bands (0 = 8 from N ≥ 200k, else 4).")
+@click.option("--pq-bytes", type=int, default=0, show_default=True,
+              help="ivfpq: bytes per code, must divide D (0 = largest divisor of D ≤ min(96, D/8)).")
+@click.option("--hnsw-m", type=int, default=32, show_default=True, help="hnsw: graph degree.")
+@click.option("--ef-construction", type=int, default=80, show_default=True, help="hnsw: build beam width.")
+@click.option("--train-size", type=int, default=0, show_default=True,
+              help="Rows of the seeded training sample (0 = min(N, max(64·nlist, 20000))).")
+@click.option("--index-seed", type=int, default=0, show_default=True, help="Seed of the training sample and k-means.")
+@click.option("--shards-per-part", type=int, default=0, show_default=True,
+              help="Store shards per index part (0 = one part for the whole store).")
+@click.option("--keep-vectors/--no-keep-vectors", default=None,
+              help="Keep float16 vectors beside each part for exact re-ranking (default: ivfpq only).")
+@click.option("--shards", default=None, metavar="LIST",
+              help="Build only the part of these store shards (e.g. 0-4), e.g. one machine each, after --train-only.")
+@click.option("--update", is_flag=True, help="Add parts for store shards no part covers yet (after featurize --append).")
+@click.option("--train-only", is_flag=True, help="Train a fresh partition and build no parts (then --shards per machine).")
+@_apply(search_options)
 @click.pass_context
-def build_index_command(ctx, store_path, concept, kind, preconditioner, damping, device) -> None:
-    """Build the FAISS partition of a concept from STORE's features and weights."""
+def build_index_command(ctx, store_path, concept, kind, preconditioner, damping, device, balance, nlist, bands,
+                        pq_bytes, hnsw_m, ef_construction, train_size, index_seed, shards_per_part, keep_vectors,
+                        shards, update, train_only, nprobe, ef_search, rerank, no_prune) -> None:
+    """Build the FAISS partition of a concept from STORE's features and weights.
+
+    The query knobs given here (--nprobe, --ef-search, --rerank, --no-prune) become the
+    partition's defaults; `query` and `eval recall` can override them.
+    """
     from gradindex.config import IndexConfig
     from gradindex.index import build_index
     from gradindex.store import FeatureStore
 
-    config = IndexConfig(concept=concept, kind=kind, preconditioner=preconditioner, damping=damping, device=device)
+    config = IndexConfig(concept=concept, kind=kind, preconditioner=preconditioner, damping=damping, device=device,
+                         balance=balance, nlist=nlist, bands=bands, pq_bytes=pq_bytes, hnsw_m=hnsw_m,
+                         ef_construction=ef_construction, train_size=train_size, seed=index_seed,
+                         shards_per_part=shards_per_part, keep_vectors=keep_vectors)
+    if sum([update, train_only, shards is not None]) > 1:
+        raise ConfigError("--update, --train-only and --shards exclude each other")
     store = FeatureStore.open(store_path)
-    index = build_index(store, config, show_progress=_progress(ctx))
-    click.echo(f"{store.path}: index {concept!r} ({kind}, {preconditioner}) with {index.ntotal} vectors "
-               f"of dimension {store.dim}")
+    index = build_index(store, config, show_progress=_progress(ctx), shards=_parse_shards(shards), update=update,
+                        train_only=train_only, search=_search_config(nprobe, ef_search, rerank, no_prune))
+    click.echo(f"{store.path}: index {concept!r} ({index.kind}, {preconditioner}) with {index.ntotal} vectors "
+               f"of dimension {store.dim} in {len(index.parts)} part(s)")
 
 
 @main.command("learn-weights")
@@ -358,7 +438,7 @@ def weights_plot(store_path, out, concepts) -> None:
 
 @main.group("eval")
 def eval_group() -> None:
-    """Attribution quality: LDS, concept precision@k."""
+    """Attribution quality: LDS, concept precision@k; index recall@k."""
 
 
 @eval_group.command("lds")
@@ -411,11 +491,13 @@ def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, 
 @checkpoint_option
 @device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Queries per backward pass.")
+@_apply(search_options)
 @ray_option
 @click.option("--actors", type=click.IntRange(min=1), default=None,
               help="With --ray: at most this many actors holding the index parts (default: one per part, "
                    "at most one per GPU or CPU slot).")
-def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_size, ray_address, actors) -> None:
+def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_size, nprobe, ef_search, rerank,
+          no_prune, ray_address, actors) -> None:
     """Top-k training examples of STORE for every query in --inputs.
 
     With --ray the parts of the concept's index (IndexConfig.shards_per_part) are held by Ray actors,
@@ -425,8 +507,10 @@ def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_siz
 
     if k < 1:
         raise ConfigError(f"-k: expected a positive integer, got {k}")
+    search = _search_config(nprobe, ef_search, rerank, no_prune)
+    search = search if search.to_dict() != type(search)().to_dict() else None
     if ray_address is None:
-        attributor = Attributor.open(store_path, concept=concept, checkpoint=checkpoint, device=device)
+        attributor = Attributor.open(store_path, concept=concept, checkpoint=checkpoint, device=device, search=search)
     else:
         from gradindex.distributed import import_ray
 
@@ -434,7 +518,7 @@ def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_siz
         from gradindex.distributed_query import open_ray_attributor
 
         attributor = open_ray_attributor(store_path, concept=concept, checkpoint=checkpoint, device=device,
-                                         address=ray_address, actors=actors)
+                                         address=ray_address, actors=actors, search=search)
     queries = attributor.task.load_queries(inputs)
     top = attributor.attribute(queries, k=k, batch_size=batch_size)
     meta = metadata_lookup(attributor.store, top.sample_ids)
@@ -496,8 +580,38 @@ def info(store_path, as_json) -> None:
                        f"(uniform) -> {weights_info['snr_learned']:.3f}")
     for concept, entry in sorted(manifest.get("indexes", {}).items()):
         cfg = entry["config"]
-        click.echo(f"index {concept!r}: {cfg['kind']}, {cfg['preconditioner']} (damping {cfg['damping']}), "
-                   f"{entry['ntotal']} vectors")
+        click.echo(f"index {concept!r}: {entry.get('kind', cfg['kind'])}, {cfg['preconditioner']} "
+                   f"(damping {cfg['damping']}), {entry['ntotal']} vectors in {len(entry.get('parts', []))} part(s)")
+
+
+@eval_group.command("recall")
+@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.option("--concept", default="all", show_default=True, help="Concept partition to evaluate.")
+@click.option("-k", type=click.IntRange(min=1), default=10, show_default=True, help="Top-k depth.")
+@click.option("--inputs", type=click.Path(path_type=Path), default=None,
+              help="Query inputs file (default: the task's own held-out queries).")
+@click.option("--queries", "num_queries", type=click.IntRange(min=1), default=None,
+              help="Use only the first N queries.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_apply(search_options)
+@device_option
+def eval_recall(store_path, concept, k, inputs, num_queries, as_json, nprobe, ef_search, rerank, no_prune,
+                device) -> None:
+    """recall@k of an index partition against exact search over the same store."""
+    from gradindex.evaluate import index_recall
+    from gradindex.query_features import load_store_task
+    from gradindex.store import FeatureStore
+
+    store = FeatureStore.open(store_path)
+    queries = load_store_task(store).load_queries(inputs) if inputs is not None else None
+    search = _search_config(nprobe, ef_search, rerank, no_prune)
+    result = index_recall(store, concept, queries=queries, k=k, device=device, num_queries=num_queries,
+                          search=search if search.to_dict() != type(search)().to_dict() else None)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    _echo_table([{"concept": result.concept, "kind": result.kind, "vectors": result.ntotal,
+                  "queries": result.queries, f"recall@{k}": result.recall}])
 
 
 @eval_group.command("precision")

@@ -224,13 +224,13 @@ class IndexConfig(_Config):
     balance: Balance = Balance.AUTO
     nlist: int = 0  # direction cells per norm band (ivf, ivfpq)
     bands: int = 0  # norm bands (ivf, ivfpq)
-    pq_bytes: int = 0  # bytes per PQ code (ivfpq); must divide D+... see resolve_build
+    pq_bytes: int = 0  # bytes per PQ code (ivfpq, 8-bit sub-quantizers); must divide D
     hnsw_m: int = 32  # graph degree (hnsw)
     ef_construction: int = 80  # (hnsw)
     train_size: int = 0  # training sample rows (seeded, streamed from the store)
     seed: int = 0
     shards_per_part: int = 0  # store shards per index part (0 = one part for all)
-    keep_vectors: bool | None = None  # float16 re-rank vectors beside each part (None: ivfpq, hnsw)
+    keep_vectors: bool | None = None  # float16 re-rank vectors beside each part (None: ivfpq only)
 
     def __post_init__(self) -> None:
         if not isinstance(self.concept, str) or not self.concept or "/" in self.concept:
@@ -261,7 +261,7 @@ class SearchConfig(_Config):
 
     nprobe: int = 0  # direction cells probed per norm band (ivf, ivfpq); default 32
     ef_search: int = 0  # HNSW beam width; default 256
-    rerank: int = 0  # candidates per query re-scored exactly (ivfpq, hnsw); default 50·k
+    rerank: int = 0  # candidates per query re-scored exactly (ivfpq; hnsw with kept vectors); default 20·k
     prune: bool = True  # skip norm bands whose bound ‖q‖·max‖x‖ cannot beat the current k-th score
 
     def __post_init__(self) -> None:

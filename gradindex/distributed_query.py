@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from gradindex.config import IndexConfig
+from gradindex.config import IndexConfig, SearchConfig
 from gradindex.distributed import ray_session
 from gradindex.errors import ConfigError
 from gradindex.index import import_faiss
@@ -42,10 +42,12 @@ logger = logging.getLogger(__name__)
 class IndexPartHolder:
     """One Ray actor holding some parts of a concept's partition, loaded once."""
 
-    def __init__(self, store_path: str, concept: str, parts: list[int], device: str, threads: int):
+    def __init__(self, store_path: str, concept: str, parts: list[int], device: str, threads: int,
+                 search: dict[str, Any] | None = None):
         import_faiss().omp_set_num_threads(threads)
         store = FeatureStore.open(store_path)
-        self.parts = [open_part(store, concept, i, device) for i in parts]
+        knobs = SearchConfig.from_dict(search) if search is not None else None
+        self.parts = [open_part(store, concept, i, device, knobs) for i in parts]
 
     def describe(self) -> dict[str, Any]:
         import ray
@@ -74,9 +76,11 @@ class RayIndex:
 
     @classmethod
     def open(cls, store: str | Path | FeatureStore, concept: str = "all", address: str | None = None,
-             actors: int | None = None, device: str = "auto", cpus_per_actor: int = 1) -> "RayIndex":
+             actors: int | None = None, device: str = "auto", cpus_per_actor: int = 1,
+             search: SearchConfig | None = None) -> "RayIndex":
         """Start the actors: one per part, at most ``actors`` and at most one per GPU (when the
-        cluster has GPUs and ``device`` is not ``cpu``) or per ``cpus_per_actor`` CPUs."""
+        cluster has GPUs and ``device`` is not ``cpu``) or per ``cpus_per_actor`` CPUs.
+        ``search``: query-time knobs for every part (default: the ones the index was built with)."""
         store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
         entry = index_entry(store, concept)
         count = len(entry["parts"])
@@ -99,7 +103,8 @@ class RayIndex:
             size = min(count, actors or slots, slots)  # more would wait for resources forever
             holder = ray.remote(IndexPartHolder).options(**options, scheduling_strategy="SPREAD")
             groups = [list(g) for g in np.array_split(np.arange(count), size)]  # contiguous parts per actor
-            handles = [holder.remote(str(store.path), concept, [int(i) for i in g], part_device, cpus_per_actor)
+            handles = [holder.remote(str(store.path), concept, [int(i) for i in g], part_device, cpus_per_actor,
+                                     search.to_dict() if search is not None else None)
                        for g in groups]
             ray.get([h.describe.remote() for h in handles])  # loaded (or the load error) before the first query
         except BaseException:
@@ -167,10 +172,10 @@ class RayAttributor(Attributor):
 
 def open_ray_attributor(store: str | Path | FeatureStore, concept: str = "all", checkpoint: str | Path | None = None,
                         device: str = "cpu", address: str | None = None, actors: int | None = None,
-                        index_device: str = "auto") -> RayAttributor:
+                        index_device: str = "auto", search: SearchConfig | None = None) -> RayAttributor:
     """Query features on this machine (``device``), index parts on Ray actors."""
     store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
-    index = RayIndex.open(store, concept, address=address, actors=actors, device=index_device)
+    index = RayIndex.open(store, concept, address=address, actors=actors, device=index_device, search=search)
     try:
         featurizer = QueryFeaturizer.open(store, concept, index.config.preconditioner, index.config.damping,
                                           checkpoint, device)

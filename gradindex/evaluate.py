@@ -2,7 +2,8 @@
 
 * :func:`exact_topk`: blockwise exact maximum-inner-product top-k over
   ``(ids, vectors)`` blocks with a running merge (the reference FAISS is tested against).
-* :func:`recall_at_k`: fraction of the exact top-k an approximate search returned.
+* :func:`recall_at_k`: fraction of the exact top-k an approximate search returned;
+  :func:`index_recall` measures it for a built index partition against exact search on its store.
 * :func:`concept_precision`: per-query concept precision@k against factor labels, with chance;
   :func:`evaluate_precision` runs it for a store's concept partitions on a query set.
 """
@@ -45,6 +46,65 @@ def recall_at_k(approx: TopK, exact: TopK) -> float:
         for a, e in zip(approx.sample_ids, exact.sample_ids)
     ]
     return float(np.mean(hits)) if hits else 0.0
+
+
+@dataclass(frozen=True)
+class RecallResult:
+    """recall@k of one index partition against exact search over the same store."""
+
+    concept: str
+    kind: str
+    k: int
+    queries: int
+    recall: float
+    ntotal: int
+    search: dict
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def stored_vector_blocks(store: FeatureStore, weights) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """``(sample_ids, v(x) = [√w_g φ_g(x)])`` of the store, shard by shard (exact-search input)."""
+    from gradindex.weights import scaled_vectors
+
+    for ids, feats, _ in store.iter_shards(store.groups):
+        yield np.array(ids), scaled_vectors(feats, weights, store.groups)
+
+
+def index_recall(store: FeatureStore, concept: str = "all", query_vectors: np.ndarray | None = None,
+                 queries: Sequence | None = None, k: int = 10, search=None, device: str = "cpu",
+                 num_queries: int | None = None) -> RecallResult:
+    """recall@k of the ``concept`` partition (with ``search`` knobs) against exact search.
+
+    Query vectors ``u(q)``: ``query_vectors`` if given, else the task's (or ``queries``')
+    query features through the partition's preconditioner and weights.
+    """
+    from gradindex.index import GradIndex
+
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"k: expected a positive integer, got {k!r}")
+    index = GradIndex.open(store, concept, search=search)
+    if query_vectors is None:
+        attributor = Attributor(_featurizer(store, index, device), index)
+        try:
+            dataset = queries if queries is not None else attributor.task.query_dataset()
+            if num_queries is not None:
+                dataset = torch.utils.data.Subset(dataset, range(min(num_queries, len(dataset))))
+            query_vectors = attributor.query_vectors(dataset)
+        finally:
+            attributor.close()
+    exact = exact_topk(query_vectors, stored_vector_blocks(store, index.weights), k)
+    approx = index.search(query_vectors, k)
+    return RecallResult(concept, index.kind, k, len(query_vectors), recall_at_k(approx, exact), index.ntotal,
+                        (search.to_dict() if search is not None else index.entry.get("search", {})))
+
+
+def _featurizer(store: FeatureStore, index, device: str):
+    from gradindex.query_features import QueryFeaturizer
+
+    return QueryFeaturizer.open(store, index.config.concept, index.config.preconditioner, index.config.damping,
+                                device=device)
 
 
 def concept_precision(

@@ -36,11 +36,13 @@ from tqdm.auto import tqdm
 from gradindex.config import Balance, IndexConfig, IndexKind, SearchConfig
 from gradindex.errors import ConfigError
 from gradindex.index_kinds import (
-    PartBuilder, QueryTransform, banded_directions, gpu_available, import_faiss, resolve_build, resolve_device, resolve_kind,
+    PartBuilder, QueryTransform, banded_directions, gpu_available, half_to_float, import_faiss, resolve_build,
+    resolve_device, resolve_kind,
     train_index, write_index,
 )
 from gradindex.index_shards import (
-    INDEX_DIR, IndexPart, ShardedIndex, concept_dir, index_entry, list_parts, load_transform, open_part, part_name,
+    INDEX_DIR, IndexPart, ShardedIndex, checked_file, concept_dir, list_parts, load_transform,
+    open_part, part_name,
 )
 from gradindex.store import MANIFEST, FeatureStore, atomic_write_json, sha256_file, temporary_path, write_arrays
 from gradindex.topk import TopK, merge_topk
@@ -141,6 +143,7 @@ def _clear(folder: Path) -> None:
 
 
 def _vectors(feats, weights: GroupWeights, groups: Sequence[str], transform: QueryTransform | None) -> np.ndarray:
+    feats = {g: half_to_float(b).numpy() if b.dtype == np.float16 else b for g, b in feats.items()}
     v = scaled_vectors(feats, weights, groups)
     return transform.stored(v) if transform is not None else v
 
@@ -170,7 +173,7 @@ def _train(store: FeatureStore, config: IndexConfig, weights: GroupWeights, show
             raise ConfigError(f"--balance on: the store has no Gram matrix for groups {missing}; use --balance off")
         transform = QueryTransform.from_grams([grams[g] for g in store.groups], config.damping)
         path = folder / TRANSFORM_FILE
-        digest = write_arrays(path, transform.save(path))
+        digest = write_arrays(path, transform.arrays())
         transform_info = {"kind": "balance", "file": str(path.relative_to(store.path)), "sha256": digest,
                           "damping": config.damping}
     sample = np.zeros((0, dim), np.float32)
@@ -178,9 +181,10 @@ def _train(store: FeatureStore, config: IndexConfig, weights: GroupWeights, show
         rows = np.sort(np.random.default_rng(config.seed).choice(n, size=knobs["train_size"], replace=False))
         picked, offset = [], 0
         with tqdm(total=n, desc="training sample", unit="ex", disable=not show_progress) as bar:
-            for ids, vectors in iter_vector_batches(store, weights, transform):
+            for ids, feats, _ in store.iter_shards(store.groups):
                 lo, hi = np.searchsorted(rows, [offset, offset + len(ids)])
-                picked.append(vectors[rows[lo:hi] - offset])
+                block = {g: feats[g][rows[lo:hi] - offset] for g in store.groups}
+                picked.append(_vectors(block, weights, store.groups, transform))
                 offset += len(ids)
                 bar.update(len(ids))
         sample = np.concatenate(picked) if picked else sample
@@ -199,10 +203,8 @@ def _train(store: FeatureStore, config: IndexConfig, weights: GroupWeights, show
 
 
 def _load_state(store: FeatureStore, entry: dict[str, Any]) -> dict[str, Any]:
-    from gradindex.index_shards import _checked_file
-
     info = entry["trained"]
-    trained = import_faiss().read_index(str(_checked_file(store, info["file"], info["sha256"])))
+    trained = import_faiss().read_index(str(checked_file(store, info["file"], info["sha256"])))
     layout = entry.get("layout", {})
     extras: dict[str, Any] = {"layout": layout}
     if layout:
@@ -219,12 +221,8 @@ def _build_part(store: FeatureStore, config: IndexConfig, weights: GroupWeights,
     folder = concept_dir(store, config.concept)
     name = part_name(shards)
     rows = sum(store.manifest["shards"][s]["rows"] for s in shards)
-    keep = config.keep_vectors if config.keep_vectors is not None else kind in (IndexKind.IVFPQ, IndexKind.HNSW)
-    max_norm = 0.0
-    if kind is IndexKind.HNSW:  # the MIPS→L2 augmentation needs the part's largest norm first
-        for _, vectors in iter_vector_batches(store, weights, state["transform"], shards):
-            max_norm = max(max_norm, float(np.linalg.norm(vectors, axis=1).max(initial=0.0)))
-    builder = PartBuilder(kind, state["trained"], state["extras"], hnsw_max_norm=max_norm)
+    keep = config.keep_vectors if config.keep_vectors is not None else kind is IndexKind.IVFPQ
+    builder = PartBuilder(kind, state["trained"], state["extras"])
     final = {suffix: folder / f"{name}{suffix}" for suffix in (".faiss", ".ids.npy", ".f16")}
     tmp = {suffix: temporary_path(path) for suffix, path in final.items()}
     ids_parts = []

@@ -101,7 +101,8 @@ def list_parts(store: FeatureStore, concept: str = "all") -> list[IndexPart]:
     return [IndexPart.from_dict(p) for p in index_entry(store, concept)["parts"]]
 
 
-def _checked_file(store: FeatureStore, relative: str, digest: str) -> Path:
+def checked_file(store: FeatureStore, relative: str, digest: str) -> Path:
+    """``store.path / relative``, verified against its sha256 when the store verifies."""
     path = store.path / relative
     if not path.is_file():
         raise ArtifactNotFoundError(f"{store.path}: index file {relative} is missing; run build-index again")
@@ -114,7 +115,7 @@ def load_transform(store: FeatureStore, entry: dict[str, Any]) -> QueryTransform
     info = entry.get("transform") or {}
     if info.get("kind", "none") == "none":
         return None
-    path = _checked_file(store, info["file"], info["sha256"])
+    path = checked_file(store, info["file"], info["sha256"])
     return QueryTransform.load(path, info)
 
 
@@ -138,12 +139,12 @@ def open_part(
             raise ConfigError(f"index {concept!r}: no part named {part!r} ({', '.join(p.name for p in parts)})")
         part = named[0]
     config = IndexConfig.from_dict(entry["config"])
-    index = read_index(_checked_file(store, part.file, part.sha256))
+    index = read_index(checked_file(store, part.file, part.sha256))
     vectors = None
     if part.vectors_file:
-        path = _checked_file(store, part.vectors_file, part.vectors_sha256)
+        path = checked_file(store, part.vectors_file, part.vectors_sha256)
         vectors = np.memmap(path, dtype=np.float16, mode="r", shape=(part.ntotal, entry["dim"]))
-    sample_ids = np.load(_checked_file(store, part.ids_file, part.ids_sha256))
+    sample_ids = np.load(checked_file(store, part.ids_file, part.ids_sha256))
     layout = entry.get("layout") or {}
     directions = None
     if layout:

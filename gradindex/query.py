@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gradindex.config import SearchConfig
 from gradindex.errors import ConfigError
 from gradindex.index import GradIndex, TopK
 from gradindex.query_features import QueryFeaturizer
@@ -48,9 +49,10 @@ class Attributor:
         checkpoint: str | Path | None = None,
         device: str = "cpu",
         index_device: str | None = None,
+        search: SearchConfig | None = None,
     ) -> "Attributor":
         store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
-        index = GradIndex.open(store, concept, device=index_device)
+        index = GradIndex.open(store, concept, device=index_device, search=search)
         featurizer = QueryFeaturizer.open(store, concept, index.config.preconditioner, index.config.damping,
                                           checkpoint, device)
         return cls(featurizer, index)

@@ -1,0 +1,95 @@
+"""Incremental featurization: add a task's new training examples to an existing store.
+
+In: a complete store and its task, whose training set now holds examples the
+store lacks (sample ids not yet stored; e.g. the same task with a larger size).
+Out: the same store with new shards ``part-(S+1)…`` holding only those examples,
+the Gram matrices updated to all ``N + n`` rows (``G = (N·G_old + Σ φφᵀ_new) / (N + n)``),
+and the manifest rewritten last. Existing shards are not touched, so an index
+partition gets the new rows with ``build-index --update`` (one new part) instead
+of a rebuild. The checkpoint, featurize config and parameter groups must be the
+store's; rows already stored are skipped by sample id.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gradindex.config import FeaturizeConfig, StorageDtype
+from gradindex.errors import StoreMismatchError, TaskError
+from gradindex.featurize import _run_key, featurize_rows, resolve_groups, training_table
+from gradindex.gradients import GradientProjector
+from gradindex.groups import ParameterGroup
+from gradindex.precondition import GramAccumulator
+from gradindex.store import GRAM_FILE, FeatureStore, commit_manifest, write_arrays, write_shard
+from gradindex.task import Task, model_fingerprint
+
+
+def featurize_append(
+    task: Task,
+    out: str | Path,
+    checkpoint: str | Path | None = None,
+    device: str = "cpu",
+    limit: int | None = None,
+    show_progress: bool = True,
+) -> tuple[FeatureStore, int]:
+    """Featurize the task's training examples missing from the store at ``out``; ``(store, rows added)``."""
+    store = FeatureStore.open(out)
+    manifest = store.manifest
+    config = FeaturizeConfig.from_dict(manifest["config"])
+    torch_device = torch.device(device)
+    model = task.load_model(checkpoint or manifest.get("checkpoint")).to(torch_device).eval()
+    fingerprint = model_fingerprint(model)
+    if fingerprint != manifest["model_fingerprint"]:
+        raise StoreMismatchError(f"{store.path}: featurize --append needs the store's checkpoint (other parameters)")
+    groups = resolve_groups(task, model, config)
+    if [g.to_dict() for g in groups] != [ParameterGroup.from_dict(g).to_dict() for g in manifest["groups"]]:
+        raise StoreMismatchError(f"{store.path}: the model's parameter groups differ from the store's")
+    dataset, ids, metadata = training_table(task)
+    if limit is not None:
+        ids, metadata = ids[:limit], {name: values[:limit] for name, values in metadata.items()}
+    if sorted(metadata) != sorted(manifest.get("metadata_columns", [])):
+        raise TaskError(f"metadata columns {sorted(metadata)} differ from the store's {manifest['metadata_columns']}")
+    stored = np.concatenate([shard_ids for shard_ids, _, _ in store.iter_shards(groups=[])] or [np.zeros(0, np.int64)])
+    new_rows = np.flatnonzero(~np.isin(ids, stored))
+    if len(new_rows) == 0:
+        return store, 0
+    grams = store.read_gram()
+    count = int(manifest["gram"]["count"])
+    dtype = np.float16 if config.dtype is StorageDtype.FLOAT16 else np.float32
+    run_key = _run_key(fingerprint, config, groups, ids[new_rows], task)
+    started = time.perf_counter()
+    shards = list(manifest["shards"])
+    with GradientProjector(model, groups, config.projection, torch_device) as projector:
+        gram = GramAccumulator(projector.group_dims(), config.gram_max_dim)
+        for group, total in gram.sums.items():
+            if group in grams:
+                total += grams[group] * count
+        gram.count = count
+        with tqdm(total=len(new_rows), desc="featurize --append", unit="ex", disable=not show_progress) as bar:
+            for start in range(0, len(new_rows), config.shard_size):
+                rows = new_rows[start:start + config.shard_size]
+                feats = featurize_rows(task, model, dataset, rows.tolist(), projector, config.batch_size,
+                                       torch_device, dtype, bar=bar)
+                gram.update(feats)
+                info = write_shard(store.path, len(shards), ids[rows], feats,
+                                   {name: values[rows] for name, values in metadata.items()}, run_key)
+                shards.append(info.to_dict())
+    names = store.groups
+    gram_sha = write_arrays(store.path / GRAM_FILE, {f"g{names.index(g)}": m for g, m in gram.result().items()})
+    updated = {k: v for k, v in manifest.items() if k != "format_version"}
+    updated.update({
+        "task": task.spec(),
+        "shards": shards,
+        "num_samples": int(manifest["num_samples"] + len(new_rows)),
+        "gram": {**manifest["gram"], "sha256": gram_sha, "count": gram.count},
+        "appended": [*manifest.get("appended", []),
+                     {"rows": int(len(new_rows)), "first_shard": len(manifest["shards"]),
+                      "seconds": round(time.perf_counter() - started, 3)}],
+    })
+    commit_manifest(store.path, updated)
+    return FeatureStore.open(store.path), int(len(new_rows))
