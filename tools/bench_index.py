@@ -45,7 +45,7 @@ SWEEPS = {
     "flat": [SearchConfig()],
     "ivf": [SearchConfig(nprobe=p) for p in (4, 8, 16, 32)],
     "ivfpq": [SearchConfig(nprobe=p, rerank=r) for p, r in ((8, 100), (16, 100), (16, 200), (32, 200), (64, 400))],
-    "hnsw": [SearchConfig(ef_search=e) for e in (32, 64, 128, 256)],
+    "hnsw": [SearchConfig(ef_search=e) for e in (32, 64, 128, 256, 512, 1024)],
 }
 
 
