@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,8 +70,11 @@ def parse_enum(enum_type: type[enum.Enum], value: Any, field_name: str) -> enum.
         raise ConfigError(f"{field_name}: expected one of {choices}, got {value!r}") from None
 
 
-def _require_positive(value: Any, field_name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+def require_positive(value: Any, field_name: str, numpy_ok: bool = False) -> None:
+    """One-line ``ConfigError`` unless ``value`` is a positive ``int`` (never a bool; with
+    ``numpy_ok`` numpy integers pass too, e.g. a ``k`` computed from array shapes)."""
+    kind = numbers.Integral if numpy_ok else int
+    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
         raise ConfigError(f"{field_name}: expected a positive integer, got {value!r}")
 
 
@@ -160,14 +164,14 @@ class ProjectionConfig(_Config):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", parse_enum(ProjectionKind, self.kind, "ProjectionConfig.kind"))
-        _require_positive(self.proj_dim, "ProjectionConfig.proj_dim")
+        require_positive(self.proj_dim, "ProjectionConfig.proj_dim")
         pairs = tuple(tuple(item) for item in self.group_dims)
         for item in pairs:
             if len(item) != 2 or not isinstance(item[0], str):
                 raise ConfigError(f"ProjectionConfig.group_dims: expected (group, dim) pairs, got {item!r}")
-            _require_positive(item[1], f"ProjectionConfig.group_dims[{item[0]!r}]")
+            require_positive(item[1], f"ProjectionConfig.group_dims[{item[0]!r}]")
         object.__setattr__(self, "group_dims", pairs)
-        _require_positive(self.factor_dim, "ProjectionConfig.factor_dim")
+        require_positive(self.factor_dim, "ProjectionConfig.factor_dim")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"ProjectionConfig.seed: expected a non-negative integer, got {self.seed!r}")
 
@@ -198,9 +202,9 @@ class FeaturizeConfig(_Config):
         object.__setattr__(self, "dtype", parse_enum(StorageDtype, self.dtype, "FeaturizeConfig.dtype"))
         rules = tuple(GroupRule(**r) if isinstance(r, dict) else r for r in self.group_rules)
         object.__setattr__(self, "group_rules", rules)
-        _require_positive(self.batch_size, "FeaturizeConfig.batch_size")
-        _require_positive(self.shard_size, "FeaturizeConfig.shard_size")
-        _require_positive(self.gram_max_dim, "FeaturizeConfig.gram_max_dim")
+        require_positive(self.batch_size, "FeaturizeConfig.batch_size")
+        require_positive(self.shard_size, "FeaturizeConfig.shard_size")
+        require_positive(self.gram_max_dim, "FeaturizeConfig.gram_max_dim")
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -249,8 +253,8 @@ class IndexConfig(_Config):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"IndexConfig.{name}: expected a non-negative integer (0 = auto), got {value!r}")
-        _require_positive(self.hnsw_m, "IndexConfig.hnsw_m")
-        _require_positive(self.ef_construction, "IndexConfig.ef_construction")
+        require_positive(self.hnsw_m, "IndexConfig.hnsw_m")
+        require_positive(self.ef_construction, "IndexConfig.ef_construction")
         if self.keep_vectors not in (None, True, False):
             raise ConfigError(f"IndexConfig.keep_vectors: expected true, false or null, got {self.keep_vectors!r}")
 
@@ -296,7 +300,7 @@ class LDSConfig(_Config):
     training_seed: int | None = None
 
     def __post_init__(self) -> None:
-        _require_positive(self.num_models, "LDSConfig.num_models")
+        require_positive(self.num_models, "LDSConfig.num_models")
         if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) or not 0 < self.fraction < 1:
             raise ConfigError(f"LDSConfig.fraction: expected a number in (0, 1), got {self.fraction!r}")
         object.__setattr__(self, "fraction", float(self.fraction))
@@ -348,7 +352,7 @@ class LearnConfig(_Config):
         object.__setattr__(self, "method", parse_enum(LearnMethod, self.method, "LearnConfig.method"))
         object.__setattr__(self, "example_norm", parse_enum(ExampleNorm, self.example_norm, "LearnConfig.example_norm"))
         for name in ("num_queries", "reference_size", "top_k", "steps"):
-            _require_positive(getattr(self, name), f"LearnConfig.{name}")
+            require_positive(getattr(self, name), f"LearnConfig.{name}")
         for name in ("damping", "regularization", "lr"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:

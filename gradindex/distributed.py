@@ -201,7 +201,7 @@ def featurize_ray(
     has them). ``workers`` caps the pool. ``fail_shards`` is a test hook: the first
     attempt of those shards kills its worker mid-shard.
     """
-    ray = import_ray()
+    import_ray()  # the install hint before any work
     if cpus_per_worker < 1 or max_retries < 0 or (workers is not None and workers < 1):
         raise ConfigError(f"featurize on Ray: expected workers >= 1, cpus_per_worker >= 1 and max_retries >= 0, "
                           f"got {workers}, {cpus_per_worker}, {max_retries}")

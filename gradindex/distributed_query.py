@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from gradindex.config import IndexConfig, SearchConfig
+from gradindex.config import IndexConfig, SearchConfig, require_positive
 from gradindex.distributed import ray_session
 from gradindex.errors import ConfigError
 from gradindex.index import import_faiss
@@ -133,8 +133,7 @@ class RayIndex:
         """Top-``k`` stored vectors by inner product for each row of ``vectors [n, D]``, all parts merged."""
         if not self.actors:
             raise ConfigError("RayIndex: closed")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ConfigError(f"k: expected a positive integer, got {k!r}")
+        require_positive(k, "k", numpy_ok=True)
         vectors = check_queries(vectors, self.entry["dim"])
         k = min(int(k), self.ntotal)
         if k == 0:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gradindex.config import require_positive
 from gradindex.errors import ConfigError
 from gradindex.index import TopK
 from gradindex.query import Attributor
@@ -82,8 +83,7 @@ def index_recall(store: FeatureStore, concept: str = "all", query_vectors: np.nd
     """
     from gradindex.index import GradIndex
 
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"k: expected a positive integer, got {k!r}")
+    require_positive(k, "k")
     index = GradIndex.open(store, concept, search=search)
     if query_vectors is None:
         attributor = Attributor(_featurizer(store, index, device), index)

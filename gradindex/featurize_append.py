@@ -19,14 +19,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradindex.config import FeaturizeConfig, StorageDtype
+from gradindex.config import FeaturizeConfig
 from gradindex.errors import StoreMismatchError, TaskError
-from gradindex.featurize import _run_key, featurize_rows, resolve_groups, training_table
+from gradindex.featurize import _run_key, featurize_rows, prepare_run, storage_dtype
 from gradindex.gradients import GradientProjector
 from gradindex.groups import ParameterGroup
 from gradindex.precondition import GramAccumulator
 from gradindex.store import GRAM_FILE, FeatureStore, commit_manifest, write_arrays, write_shard
-from gradindex.task import Task, model_fingerprint
+from gradindex.task import Task
 
 
 def featurize_append(
@@ -42,16 +42,12 @@ def featurize_append(
     manifest = store.manifest
     config = FeaturizeConfig.from_dict(manifest["config"])
     torch_device = torch.device(device)
-    model = task.load_model(checkpoint or manifest.get("checkpoint")).to(torch_device).eval()
-    fingerprint = model_fingerprint(model)
-    if fingerprint != manifest["model_fingerprint"]:
+    run = prepare_run(task, config, checkpoint or manifest.get("checkpoint"), torch_device, limit)
+    if run.fingerprint != manifest["model_fingerprint"]:
         raise StoreMismatchError(f"{store.path}: featurize --append needs the store's checkpoint (other parameters)")
-    groups = resolve_groups(task, model, config)
+    model, groups, dataset, ids, metadata = run.model, run.groups, run.dataset, run.ids, run.metadata
     if [g.to_dict() for g in groups] != [ParameterGroup.from_dict(g).to_dict() for g in manifest["groups"]]:
         raise StoreMismatchError(f"{store.path}: the model's parameter groups differ from the store's")
-    dataset, ids, metadata = training_table(task)
-    if limit is not None:
-        ids, metadata = ids[:limit], {name: values[:limit] for name, values in metadata.items()}
     if sorted(metadata) != sorted(manifest.get("metadata_columns", [])):
         raise TaskError(f"metadata columns {sorted(metadata)} differ from the store's {manifest['metadata_columns']}")
     stored = np.concatenate([shard_ids for shard_ids, _, _ in store.iter_shards(groups=[])] or [np.zeros(0, np.int64)])
@@ -60,16 +56,13 @@ def featurize_append(
         return store, 0
     grams = store.read_gram()
     count = int(manifest["gram"]["count"])
-    dtype = np.float16 if config.dtype is StorageDtype.FLOAT16 else np.float32
-    run_key = _run_key(fingerprint, config, groups, ids[new_rows], task)
+    dtype = storage_dtype(config)
+    run_key = _run_key(run.fingerprint, config, groups, ids[new_rows], task)
     started = time.perf_counter()
     shards = list(manifest["shards"])
     with GradientProjector(model, groups, config.projection, torch_device) as projector:
         gram = GramAccumulator(projector.group_dims(), config.gram_max_dim)
-        for group, total in gram.sums.items():
-            if group in grams:
-                total += grams[group] * count
-        gram.count = count
+        gram.add({group: grams[group] * count if group in grams else 0.0 for group in gram.sums}, count)
         with tqdm(total=len(new_rows), desc="featurize --append", unit="ex", disable=not show_progress) as bar:
             for start in range(0, len(new_rows), config.shard_size):
                 rows = new_rows[start:start + config.shard_size]

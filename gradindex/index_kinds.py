@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from gradindex.config import AUTO_FLAT_LIMIT, IndexConfig, IndexKind, SearchConfig
+from gradindex.config import AUTO_FLAT_LIMIT, IndexConfig, IndexKind, SearchConfig, require_positive
 from gradindex.errors import ConfigError, MissingDependencyError
 from gradindex.topk import TopK, canonical_order
 
@@ -308,8 +308,7 @@ class PartIndex:
         return np.where(rows >= 0, self.sample_ids[np.clip(rows, 0, None)], -1)
 
     def search(self, vectors: np.ndarray, k: int) -> TopK:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ConfigError(f"k: expected a positive integer, got {k!r}")
+        require_positive(k, "k", numpy_ok=True)
         u = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
         if u.ndim != 2 or u.shape[1] != self.dim:
             raise ConfigError(f"query vectors: expected shape [n, {self.dim}], got {u.shape}")
@@ -355,12 +354,11 @@ class PartIndex:
         return np.where(rows >= 0, scores, -np.inf).astype(np.float32), rows
 
     def _search_banded(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        nlist, bands = self.layout["nlist"], self.layout["bands"]
+        nlist = self.layout["nlist"]
         rho = np.asarray(self.layout["rho"], np.float32)
         band_max = np.asarray(self.info["band_max"], np.float64)
         band_count = np.asarray(self.info["band_count"])
         nprobe = min(nlist, self.search_config.nprobe or DEFAULT_NPROBE)
-        exact = self.kind is IndexKind.IVF or self.vectors is not None
         depth = k if self.kind is IndexKind.IVF else self._rerank_depth(k)
         n = len(q)
         direction_scores = q @ self.directions.T  # [n, nlist]

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from gradindex.config import IndexConfig, SearchConfig
+from gradindex.config import IndexConfig, SearchConfig, require_positive
 from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
 from gradindex.index_kinds import PartIndex, QueryTransform, read_index, resolve_device
 from gradindex.store import FeatureStore, sha256_file
@@ -197,8 +197,7 @@ class ShardedIndex:
 
     def search(self, vectors: np.ndarray, k: int) -> TopK:
         """Top-``k`` stored vectors by inner product for each row of ``vectors [n, D]`` (all parts merged)."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ConfigError(f"k: expected a positive integer, got {k!r}")
+        require_positive(k, "k", numpy_ok=True)
         vectors = check_queries(vectors, self.entry["dim"])
         k = min(int(k), self.ntotal)
         if k == 0 or not self.parts:

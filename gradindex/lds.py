@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradindex.config import DEFAULT_DAMPING, LDSConfig, Preconditioner
+from gradindex.config import DEFAULT_DAMPING, LDSConfig, Preconditioner, require_positive
 from gradindex.errors import ConfigError, StoreMismatchError, TaskError
 from gradindex.precondition import QueryPreconditioner
 from gradindex.projection import derive_seed
@@ -238,8 +238,7 @@ def retrain(
     (``all`` plus ``task.concepts``). With ``workers > 1`` each worker rebuilds the
     task from ``task.spec()``, so the task must be loadable by :func:`load_task`.
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ConfigError(f"workers: expected a positive integer, got {workers!r}")
+    require_positive(workers, "workers")
     cache = Path(cache)
     dataset = task.train_dataset()
     sample_ids = np.asarray(task.sample_ids(dataset), dtype=np.int64)

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gradindex.config import SearchConfig
-from gradindex.errors import ConfigError
+from gradindex.config import SearchConfig, require_positive
 from gradindex.index import GradIndex, TopK
 from gradindex.query_features import QueryFeaturizer
 from gradindex.store import FeatureStore
@@ -63,8 +62,7 @@ class Attributor:
 
     def attribute(self, dataset: Sequence, k: int = 10, batch_size: int = 64) -> TopK:
         """Top-``k`` training examples for every query item."""
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ConfigError(f"k: expected a positive integer, got {k!r}")
+        require_positive(k, "k")
         return self.index.search(self.query_vectors(dataset, batch_size), k)
 
     def close(self) -> None:

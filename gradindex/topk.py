@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gradindex.config import require_positive
 from gradindex.errors import ConfigError
 
 
@@ -53,8 +54,7 @@ def merge_topk(parts: Sequence[TopK], k: int) -> TopK:
     are padded with score ``-inf`` and id ``-1``. A sample id present in two
     parts is a caller error (parts cover disjoint store shards).
     """
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ConfigError(f"k: expected a positive integer, got {k!r}")
+    require_positive(k, "k", numpy_ok=True)
     parts = list(parts)
     if not parts:
         raise ConfigError("merge_topk: no parts to merge")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from gradindex.config import FeaturizeConfig, IndexConfig, Preconditioner
 from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradindex.config import require_positive
 from gradindex.errors import ArtifactNotFoundError, ConfigError
 from gradindex.task import Task
 from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
@@ -99,8 +100,7 @@ class DiffusionTask(Task):
                 "tree's data/); pass --task-option config=PATH/concepts.json"
             )
         for name, value in (("draws", draws), ("steps", steps), ("num_train", num_train or 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"diffusion task {name}: expected a positive integer, got {value!r}")
+            require_positive(value, f"diffusion task {name}")
         self.concept_config = ConceptConfig.load(path)
         self.num_train = int(num_train or self.concept_config.num_train)
         self.seed = int(seed)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from gradindex.config import require_positive
 from gradindex.errors import ConfigError
 from gradindex.projection import derive_seed
 
@@ -53,9 +54,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch", "width", "depth", "cond_dim", "embed_dim", "mlp_ratio", "timesteps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"diffusion model {name}: expected a positive integer, got {value!r}")
+            require_positive(getattr(self, name), f"diffusion model {name}")
         if self.image_size % self.patch:
             raise ConfigError(f"diffusion model: patch {self.patch} does not divide image_size {self.image_size}")
         object.__setattr__(self, "num_values", tuple(int(v) for v in self.num_values))

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradindex.config import require_positive
 from gradindex.errors import ArtifactNotFoundError, ConfigError
 from gradindex.tasks.causal_lm import CausalLMTask, sequence_item
 from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
@@ -59,9 +60,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_length", "width", "layers", "heads", "mlp_ratio"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"lm model {name}: expected a positive integer, got {value!r}")
+            require_positive(getattr(self, name), f"lm model {name}")
         if self.width % self.heads:
             raise ConfigError(f"lm model: width {self.width} is not divisible by heads {self.heads}")
 
