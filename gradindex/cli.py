@@ -515,7 +515,7 @@ def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_siz
         from gradindex.distributed import import_ray
 
         import_ray()  # the install hint before any work
-        from gradindex.distributed_query import open_ray_attributor
+        from gradindex.index.ray_search import open_ray_attributor
 
         attributor = open_ray_attributor(store_path, concept=concept, checkpoint=checkpoint, device=device,
                                          address=ray_address, actors=actors, search=search)

@@ -217,7 +217,7 @@ class IndexConfig(_Config):
     """One index partition: concept, weights source, preconditioner, FAISS kind and build knobs.
 
     Zero means "choose from N and D" for ``nlist``, ``bands``, ``pq_bytes`` and ``train_size``
-    (see :func:`gradindex.index_kinds.resolve_build`).
+    (see :func:`gradindex.index.kinds.resolve_build`).
     """
 
     concept: str = "all"

@@ -8,7 +8,7 @@ Layout of a store directory::
                                columns ("meta:<name>")
     shards/part-00000.json   the shard's sidecar: rows, sha256, byte size, run key
     gram.npz                 per-group Gram matrices G_g = ΦᵀΦ/N, key "g<i>" = i-th group
-    indexes/<concept>/       FAISS index parts of a concept (written by gradindex.index; layout in index_shards)
+    indexes/<concept>/       FAISS index parts of a concept (written by gradindex.index; layout in gradindex.index.shards)
 
 Every file is written under a temporary name and renamed when complete. The
 manifest records each file's sha256, and readers verify a shard's checksum

@@ -11,7 +11,7 @@ from gradindex.config import IndexConfig, SearchConfig
 from gradindex.errors import ConfigError
 from gradindex.evaluate import exact_topk, index_recall, recall_at_k
 from gradindex.index import GradIndex, build_index, list_parts
-from gradindex.index_kinds import default_pq_bytes, resolve_build, resolve_kind
+from gradindex.index.kinds import default_pq_bytes, resolve_build, resolve_kind
 from gradindex.config import IndexKind
 from gradindex.precondition import GramAccumulator
 from gradindex.store import FeatureStore, commit_manifest, prepare_store, write_arrays, write_shard
@@ -113,7 +113,7 @@ def test_sharded_ivf_equals_single_ivf(store, queries):
 
 
 def test_half_to_float_matches_numpy():
-    from gradindex.index_kinds import half_to_float
+    from gradindex.index.kinds import half_to_float
 
     for shape in ((3, 40), (700, 40), (60_000, 40)):  # pieces, and one call above the parallel threshold
         x = np.random.default_rng(0).normal(size=shape).astype(np.float16)

@@ -103,7 +103,7 @@ def test_retraining_is_cached_and_resumable(tmp_path):
     subset = retrain(task, cache, LDSConfig(num_models=4, fraction=0.5), queries_file=tmp_path / "queries.npz",
                      workers=1, show_progress=False)
     assert [os.stat(f).st_mtime_ns for f in _model_files(cache)[:3]] == stamps
-    np.testing.assert_allclose(subset.measurements["all"], more.measurements["all"][:, :5])
+    np.testing.assert_allclose(subset.measurements["all"], more.measurements["all"][:, :5], rtol=1e-5)  # other batch shape, other BLAS sums
     with pytest.raises(StoreMismatchError, match="fraction"):
         retrain(task, cache, LDSConfig(num_models=2, fraction=0.3), workers=1, show_progress=False)
 

@@ -19,7 +19,7 @@ pytest.importorskip("ray")
 from gradindex.cli import main  # noqa: E402
 from gradindex.config import FeaturizeConfig, IndexConfig  # noqa: E402
 from gradindex.distributed import featurize_ray, local_ray  # noqa: E402
-from gradindex.distributed_query import RayIndex  # noqa: E402
+from gradindex.index.ray_search import RayIndex  # noqa: E402
 from gradindex.errors import ArtifactNotFoundError, GradIndexError  # noqa: E402
 from gradindex.featurize import featurize  # noqa: E402
 from gradindex.index import GradIndex, build_index, list_parts  # noqa: E402

@@ -14,7 +14,7 @@ pytest.importorskip("ray")
 
 from gradindex.config import FeaturizeConfig, IndexConfig  # noqa: E402
 from gradindex.distributed import featurize_ray, loopback_only  # noqa: E402
-from gradindex.distributed_query import RayIndex  # noqa: E402
+from gradindex.index.ray_search import RayIndex  # noqa: E402
 from gradindex.featurize import featurize  # noqa: E402
 from gradindex.index import GradIndex, build_index  # noqa: E402
 from gradindex.task import load_task  # noqa: E402

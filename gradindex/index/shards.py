@@ -39,7 +39,7 @@ import numpy as np
 
 from gradindex.config import IndexConfig, SearchConfig, require_positive
 from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
-from gradindex.index_kinds import PartIndex, QueryTransform, read_index, resolve_device
+from gradindex.index.kinds import PartIndex, QueryTransform, read_index, resolve_device
 from gradindex.store import FeatureStore, sha256_file
 from gradindex.topk import TopK, merge_topk
 from gradindex.weights import GroupWeights
@@ -148,7 +148,7 @@ def open_part(
     layout = entry.get("layout") or {}
     directions = None
     if layout:
-        from gradindex.index_kinds import banded_directions
+        from gradindex.index.kinds import banded_directions
 
         directions = banded_directions(index, layout)
     return PartIndex(

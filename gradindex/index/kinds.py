@@ -1,4 +1,4 @@
-"""FAISS index kinds for one index part (the only faiss importer besides :mod:`gradindex.index`).
+"""FAISS index kinds for one index part (with :mod:`gradindex.index.build`, the only faiss importers).
 
 In: training vectors (a seeded sample) and the part's vectors, in the stored
 space ``v(x) = [√w_g φ_g(x)]`` times the optional balancing transform.

@@ -1,5 +1,5 @@
-"""Build and open a concept's index partition (kinds in :mod:`gradindex.index_kinds`, parts in
-:mod:`gradindex.index_shards`).
+"""Build and open a concept's index partition (kinds in :mod:`gradindex.index.kinds`, parts in
+:mod:`gradindex.index.shards`).
 
 In: a :class:`~gradindex.store.FeatureStore`, an :class:`~gradindex.config.IndexConfig`
 and the concept's :class:`~gradindex.weights.GroupWeights`.
@@ -15,7 +15,7 @@ vector; ivfpq: ``pq_bytes`` + 8 a vector; hnsw: 4·(D+1) + graph) + the training
 sample (train_size × D × 4). The whole float32 matrix is never in memory for
 ivfpq; its float16 re-rank copy is written to disk as it goes.
 
-:class:`GradIndex` (= :class:`~gradindex.index_shards.ShardedIndex`) answers
+:class:`GradIndex` (= :class:`~gradindex.index.shards.ShardedIndex`) answers
 ``search(vectors [n, D], k) -> TopK`` by maximum inner product over all parts.
 """
 
@@ -35,12 +35,12 @@ from tqdm.auto import tqdm
 
 from gradindex.config import Balance, IndexConfig, IndexKind, SearchConfig
 from gradindex.errors import ConfigError
-from gradindex.index_kinds import (
+from gradindex.index.kinds import (
     PartBuilder, QueryTransform, banded_directions, gpu_available, half_to_float, import_faiss, resolve_build,
     resolve_device, resolve_kind,
     train_index, write_index,
 )
-from gradindex.index_shards import (
+from gradindex.index.shards import (
     INDEX_DIR, IndexPart, ShardedIndex, checked_file, concept_dir, list_parts, load_transform,
     open_part, part_name,
 )

@@ -1,9 +1,9 @@
 """Sharded lookups on Ray (imported lazily; Ray is the optional extra ``gradindex[ray]``).
 
 In: a store whose concept partition was built in parts (``build-index --shards-per-part``,
-:mod:`gradindex.index_shards`) and query vectors ``u(q) [n, D]``. Out:
+:mod:`gradindex.index.shards`) and query vectors ``u(q) [n, D]``. Out:
 :class:`~gradindex.topk.TopK` ``[n, k]`` equal to
-:class:`~gradindex.index_shards.ShardedIndex` ``.search`` on one machine.
+:class:`~gradindex.index.shards.ShardedIndex` ``.search`` on one machine.
 
 How: each :class:`IndexPartHolder` actor opens its parts once (on its GPU when the
 cluster has GPUs and FAISS can use them) and keeps them; :class:`RayIndex` puts the
@@ -28,8 +28,8 @@ import numpy as np
 from gradindex.config import IndexConfig, SearchConfig, require_positive
 from gradindex.distributed import ray_session
 from gradindex.errors import ConfigError
-from gradindex.index import import_faiss
-from gradindex.index_shards import check_queries, index_entry, open_part
+from gradindex.index.kinds import import_faiss
+from gradindex.index.shards import check_queries, index_entry, open_part
 from gradindex.query import Attributor
 from gradindex.query_features import QueryFeaturizer
 from gradindex.store import FeatureStore

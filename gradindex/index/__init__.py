@@ -1,0 +1,23 @@
+"""The index stage (DESIGN §1.5): √w-scaled vectors in FAISS, one partition per concept.
+
+Modules, in the order the data flows:
+
+* :mod:`~gradindex.index.kinds` — FAISS index kinds for one part (flat, norm-banded ivf / ivfpq, hnsw),
+  the balancing transform, GPU placement.
+* :mod:`~gradindex.index.shards` — a partition as parts per range of store shards; open and search them.
+* :mod:`~gradindex.index.build` — :func:`build_index`: train, fill and register a partition in the manifest.
+* :mod:`~gradindex.index.ray_search` — the same parts held warm by Ray actors (imported lazily; ``gradindex[ray]``).
+
+In: a :class:`~gradindex.store.FeatureStore` and its concept weights. Out: ``STORE/indexes/<concept>/``
+and :class:`GradIndex` answering ``search(vectors [n, D], k) -> TopK``.
+"""
+
+from gradindex.index.build import (
+    INDEX_DIR, GradIndex, IndexPart, ShardedIndex, TopK, build_index, gpu_available, import_faiss, list_parts,
+    merge_topk, open_part, resolve_device,
+)
+
+__all__ = [
+    "GradIndex", "IndexPart", "ShardedIndex", "TopK", "build_index", "gpu_available", "import_faiss",
+    "list_parts", "merge_topk", "open_part", "resolve_device", "INDEX_DIR",
+]
