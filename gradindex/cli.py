@@ -341,15 +341,19 @@ def _search_config(nprobe, ef_search, rerank, no_prune):
               help="Build only the part of these store shards (e.g. 0-4), e.g. one machine each, after --train-only.")
 @click.option("--update", is_flag=True, help="Add parts for store shards no part covers yet (after featurize --append).")
 @click.option("--train-only", is_flag=True, help="Train a fresh partition and build no parts (then --shards per machine).")
+@click.option("--target-recall", type=click.FloatRange(0, 1), default=0.95, show_default=True,
+              help="Calibrate the approximate kinds' query knobs left at 0 to the cheapest setting reaching this "
+                   "recall@10 on calibration queries (0 = no calibration).")
 @_apply(search_options)
 @click.pass_context
 def build_index_command(ctx, store_path, concept, kind, preconditioner, damping, device, balance, nlist, bands,
                         pq_bytes, hnsw_m, ef_construction, train_size, index_seed, shards_per_part, keep_vectors,
-                        shards, update, train_only, nprobe, ef_search, rerank, no_prune) -> None:
+                        shards, update, train_only, target_recall, nprobe, ef_search, rerank, no_prune) -> None:
     """Build the FAISS partition of a concept from STORE's features and weights.
 
     The query knobs given here (--nprobe, --ef-search, --rerank, --no-prune) become the
-    partition's defaults; `query` and `eval recall` can override them.
+    partition's defaults; the ones left at 0 are calibrated (--target-recall). `query` and
+    `eval recall` can override them.
     """
     from gradindex.config import IndexConfig
     from gradindex.index import build_index
@@ -363,9 +367,14 @@ def build_index_command(ctx, store_path, concept, kind, preconditioner, damping,
         raise ConfigError("--update, --train-only and --shards exclude each other")
     store = FeatureStore.open(store_path)
     index = build_index(store, config, show_progress=_progress(ctx), shards=_parse_shards(shards), update=update,
-                        train_only=train_only, search=_search_config(nprobe, ef_search, rerank, no_prune))
+                        train_only=train_only, search=_search_config(nprobe, ef_search, rerank, no_prune),
+                        target_recall=target_recall or None)
     click.echo(f"{store.path}: index {concept!r} ({index.kind}, {preconditioner}) with {index.ntotal} vectors "
                f"of dimension {store.dim} in {len(index.parts)} part(s)")
+    if "calibration" in index.entry:
+        from gradindex.index.calibrate import describe
+
+        click.echo(f"calibrated knobs: {describe(index.entry['calibration'], index.kind)}")
 
 
 @main.command("learn-weights")
@@ -582,6 +591,14 @@ def info(store_path, as_json) -> None:
         cfg = entry["config"]
         click.echo(f"index {concept!r}: {entry.get('kind', cfg['kind'])}, {cfg['preconditioner']} "
                    f"(damping {cfg['damping']}), {entry['ntotal']} vectors in {len(entry.get('parts', []))} part(s)")
+        if entry.get("calibration"):
+            from gradindex.index.calibrate import describe
+
+            click.echo(f"  search knobs {describe(entry['calibration'], entry['kind'])}")
+        elif entry.get("kind") in ("ivf", "ivfpq", "hnsw"):
+            from gradindex.index.calibrate import knob_text
+
+            click.echo(f"  search knobs {knob_text(entry.get('search', {}), entry['kind'])} (0 = default; not calibrated)")
 
 
 @eval_group.command("recall")

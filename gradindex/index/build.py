@@ -59,6 +59,7 @@ GradIndex = ShardedIndex
 ADD_BATCH = 65_536
 TRAINED_FILE = "trained.faiss"
 TRANSFORM_FILE = "transform.npz"
+CELLS_FILE = "cells.npz"
 
 
 def build_index(
@@ -70,6 +71,7 @@ def build_index(
     update: bool = False,
     search: SearchConfig | None = None,
     train_only: bool = False,
+    target_recall: float | None = None,
 ) -> ShardedIndex:
     """Build the ``config.concept`` partition and record it in the manifest.
 
@@ -78,6 +80,9 @@ def build_index(
     partition has no trained state yet) — one machine per part. ``update``: add parts for the
     store shards no part covers yet (e.g. after ``featurize --append``), leaving the rest as they are.
     ``train_only``: a fresh partition with its trained state and no parts yet (then ``shards=`` per machine).
+    ``target_recall``: afterwards, calibrate the approximate kinds' knobs (those ``search`` leaves at 0)
+    to the cheapest setting reaching that recall@10 (:mod:`gradindex.index.calibrate`) and record them
+    as the partition's defaults; skipped for ``train_only`` and ``shards`` (no whole partition yet).
     """
     groups = store.groups
     if weights is None:
@@ -125,7 +130,14 @@ def build_index(
     for part_shards in ranges:
         _build_part(store, config, weights, state, part_shards, show_progress)
     _commit_entry(store, config, weights, state, search)
-    return ShardedIndex.open(store, config.concept, device=config.device, search=search)
+    index = ShardedIndex.open(store, config.concept, device=config.device)
+    if target_recall and not train_only and shards is None and state["kind"] is not IndexKind.FLAT:
+        from gradindex.index.calibrate import calibrate
+
+        calibration = calibrate(store, index, target_recall, fixed=search)
+        record_search(store, config.concept, calibration.search, calibration.to_dict())
+        index = ShardedIndex.open(store, config.concept, device=config.device)
+    return index
 
 
 def _trained_fields(config: dict[str, Any]) -> dict[str, Any]:
@@ -189,6 +201,10 @@ def _train(store: FeatureStore, config: IndexConfig, weights: GroupWeights, show
                 bar.update(len(ids))
         sample = np.concatenate(picked) if picked else sample
     trained, extras = train_index(kind, sample, knobs, config)
+    cells_info = {}
+    if "cells" in extras:
+        path = folder / CELLS_FILE
+        cells_info = {"file": str(path.relative_to(store.path)), "sha256": write_arrays(path, extras["cells"].arrays())}
     path = folder / TRAINED_FILE
     tmp = temporary_path(path)
     try:
@@ -198,7 +214,7 @@ def _train(store: FeatureStore, config: IndexConfig, weights: GroupWeights, show
     finally:
         tmp.unlink(missing_ok=True)
     return {"kind": kind, "knobs": knobs, "transform": transform, "transform_info": transform_info,
-            "trained": trained, "extras": extras, "layout": extras.get("layout", {}),
+            "trained": trained, "extras": extras, "layout": extras.get("layout", {}), "cells_info": cells_info,
             "trained_info": {"file": str(path.relative_to(store.path)), "sha256": digest}}
 
 
@@ -211,7 +227,7 @@ def _load_state(store: FeatureStore, entry: dict[str, Any]) -> dict[str, Any]:
         extras["directions"] = banded_directions(trained, layout)
     return {"kind": IndexKind(entry["kind"]), "knobs": entry["knobs"], "transform": load_transform(store, entry),
             "transform_info": entry["transform"], "trained": trained, "extras": extras, "layout": layout,
-            "trained_info": info}
+            "cells_info": entry.get("cells", {}), "trained_info": info}
 
 
 # -- parts ----------------------------------------------------------------------------------------
@@ -277,6 +293,18 @@ def _manifest_lock(store: FeatureStore):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def record_search(store: FeatureStore, concept: str, search: SearchConfig, calibration: dict[str, Any]) -> None:
+    """Make ``search`` the partition's default knobs and record how they were calibrated."""
+    with _manifest_lock(store):
+        manifest = json.loads((store.path / MANIFEST).read_text())
+        entry = manifest.get("indexes", {}).get(concept)
+        if entry is None:
+            raise ConfigError(f"index {concept!r} vanished while it was calibrated; build it again")
+        entry.update({"search": search.to_dict(), "calibration": calibration})
+        atomic_write_json(store.path / MANIFEST, manifest)
+        store.manifest = manifest
+
+
 def _commit_entry(store: FeatureStore, config: IndexConfig, weights: GroupWeights, state: dict[str, Any],
                   search: SearchConfig | None) -> None:
     """Record every part sidecar of this training in the manifest (re-read under the lock)."""
@@ -304,6 +332,7 @@ def _commit_entry(store: FeatureStore, config: IndexConfig, weights: GroupWeight
             "transform": state["transform_info"],
             "trained": state["trained_info"],
             "layout": state["layout"],
+            "cells": state["cells_info"],
             "search": (search or SearchConfig()).to_dict(),
             "parts": [p.to_dict() for p in parts],
             "ntotal": int(sum(p.ntotal for p in parts)),

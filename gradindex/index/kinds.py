@@ -14,13 +14,15 @@ vectors with heavy-tailed norms):
   tail: the top band holds the largest 2^-(bands-1) of norms) and, within each
   band, into ``nlist`` direction cells (spherical k-means shared by the bands);
   cell ``(b, c)`` is inverted list ``b·nlist + c`` with centroid ``ρ_b·dir_c``
-  (``ρ_b`` the band's median norm). A query probes its ``nprobe`` best
-  directions in each band, bands in decreasing order of their largest norm,
-  and skips a band when ``‖q‖·max‖x‖`` over it cannot beat its current k-th
-  score (lossless given exact scores). ``ivf`` stores the raw vectors (exact
-  scores); ``ivfpq`` stores ``pq_bytes``-byte residual PQ codes and re-scores
-  the best ``rerank`` candidates per band exactly against float16 copies of
-  the vectors kept beside the part.
+  (``ρ_b`` the band's median norm). A query scans cells in decreasing order of
+  an estimate of their best score (:mod:`gradindex.index.probe`: the cell's
+  largest norm times the query's alignment with, and spread along, the
+  direction's stored vectors) until ``nprobe`` directions' worth of vectors are
+  scanned, skipping cells whose bound ``‖q‖·max‖x‖`` cannot beat the current
+  k-th exact score (lossless). ``ivf`` stores the raw vectors (exact scores);
+  ``ivfpq`` stores ``pq_bytes``-byte residual PQ codes and re-scores the best
+  ``rerank`` candidates exactly against float16 copies of the vectors kept
+  beside the part.
 * ``hnsw`` — ``IndexHNSWFlat`` with the inner-product metric over the balanced
   vectors (exact scores of the visited nodes). The MIPS→L2 augmentation
   ``[x, √(M² − ‖x‖²)]`` measured far worse here (recall@10 0.27/0.54/0.89 at
@@ -44,7 +46,8 @@ from typing import Any
 import numpy as np
 
 from gradindex.config import AUTO_FLAT_LIMIT, IndexConfig, IndexKind, SearchConfig, require_positive
-from gradindex.errors import ConfigError, MissingDependencyError
+from gradindex.errors import ConfigError, MissingDependencyError, StoreMismatchError
+from gradindex.index.probe import CellStats, search_banded
 from gradindex.topk import TopK, canonical_order
 
 logger = logging.getLogger(__name__)
@@ -216,7 +219,7 @@ def train_index(kind: IndexKind, sample: np.ndarray, knobs: Mapping[str, int], c
     index.own_fields = True
     quantizer.this.disown()
     layout = {"bands": bands, "nlist": nlist, "edges": edges, "rho": rho.tolist()}
-    return index, {"layout": layout, "directions": dirs}
+    return index, {"layout": layout, "directions": dirs, "cells": CellStats.fit(sample, dirs)}
 
 
 def assign_lists(x: np.ndarray, directions: np.ndarray, edges: Sequence[float]) -> np.ndarray:
@@ -245,8 +248,9 @@ class PartBuilder:
         self.layout = dict(extras.get("layout", {}))
         self.directions = extras.get("directions")
         self.rows = 0
-        self.band_max = [0.0] * self.layout.get("bands", 0)
-        self.band_count = [0] * self.layout.get("bands", 0)
+        cells = self.layout.get("bands", 0) * self.layout.get("nlist", 0)
+        self.cell_max = np.zeros(cells, np.float32)  # largest norm of each list (band·nlist + c)
+        self.cell_count = np.zeros(cells, np.int64)
 
     def add(self, x: np.ndarray) -> None:
         x = np.ascontiguousarray(x, np.float32)
@@ -257,16 +261,14 @@ class PartBuilder:
         else:
             faiss = import_faiss()
             lists = assign_lists(x, self.directions, self.layout["edges"])
-            norms = np.linalg.norm(x, axis=1)
-            band = lists // self.layout["nlist"]
-            for b in np.unique(band):
-                self.band_max[b] = max(self.band_max[b], float(norms[band == b].max()))
-                self.band_count[b] += int(np.sum(band == b))
+            np.maximum.at(self.cell_max, lists, np.linalg.norm(x, axis=1))
+            self.cell_count += np.bincount(lists, minlength=len(self.cell_count))
             self.index.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(rows), faiss.swig_ptr(lists))
 
     def info(self) -> dict[str, Any]:
+        """Per-part search facts: each cell's largest norm and size (banded kinds)."""
         if self.layout:
-            return {"band_max": self.band_max, "band_count": self.band_count}
+            return {"cell_max": [float(v) for v in self.cell_max], "cell_count": self.cell_count.tolist()}
         return {}
 
 
@@ -277,7 +279,7 @@ class PartIndex:
     def __init__(self, index: Any, kind: str, dim: int, info: Mapping[str, Any], transform: QueryTransform | None,
                  vectors: np.ndarray | None, search: SearchConfig, device: str = "cpu", name: str = "",
                  sample_ids: np.ndarray | None = None, layout: Mapping[str, Any] | None = None,
-                 directions: np.ndarray | None = None):
+                 directions: np.ndarray | None = None, cells: CellStats | None = None):
         self.kind = IndexKind(kind)
         self.dim = dim
         self.info = dict(info)
@@ -288,6 +290,10 @@ class PartIndex:
         self.sample_ids = sample_ids
         self.layout = dict(layout or {})
         self.directions = directions
+        self.cells = cells
+        if self.kind in (IndexKind.IVF, IndexKind.IVFPQ) and (cells is None or "cell_max" not in self.info):
+            raise StoreMismatchError(f"index part {name}: built by an older gradindex (no cell statistics); "
+                                     "run build-index again")
         self.cpu_index = index
         self.device = device
         self.index = to_gpu(index, self.kind) if device == "cuda" else index
@@ -354,49 +360,16 @@ class PartIndex:
         return np.where(rows >= 0, scores, -np.inf).astype(np.float32), rows
 
     def _search_banded(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        nlist = self.layout["nlist"]
-        rho = np.asarray(self.layout["rho"], np.float32)
-        band_max = np.asarray(self.info["band_max"], np.float64)
-        band_count = np.asarray(self.info["band_count"])
-        nprobe = min(nlist, self.search_config.nprobe or DEFAULT_NPROBE)
-        depth = k if self.kind is IndexKind.IVF else self._rerank_depth(k)
-        n = len(q)
-        direction_scores = q @ self.directions.T  # [n, nlist]
-        if nprobe < nlist:
-            probe = np.argpartition(-direction_scores, nprobe - 1, axis=1)[:, :nprobe]
-        else:
-            probe = np.broadcast_to(np.arange(nlist), (n, nlist))
-        probe_scores = np.take_along_axis(direction_scores, probe, 1)
-        qnorm = np.linalg.norm(q, axis=1).astype(np.float64)
-        best_scores = np.full((n, 0), -np.inf, np.float32)
-        best_rows = np.zeros((n, 0), np.int64)
-        self.index.nprobe = nprobe
-        for b in np.argsort(-band_max, kind="stable"):
-            if band_count[b] == 0:
-                continue
-            active = np.arange(n)
-            if self.search_config.prune and best_scores.shape[1] >= k:
-                kth = best_scores[:, k - 1].astype(np.float64)
-                active = np.flatnonzero(qnorm * band_max[b] > kth)
-                if len(active) == 0:
-                    continue
-            lists = (b * nlist + probe[active]).astype(np.int64)
-            coarse = (rho[b] * probe_scores[active]).astype(np.float32)
-            kk = int(min(depth, band_count[b]))
-            scores, rows = self.index.search_preassigned(np.ascontiguousarray(q[active]), kk, lists, coarse)
-            scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
-            merged_scores = np.full((n, kk), -np.inf, np.float32)
-            merged_rows = np.full((n, kk), -1, np.int64)
-            merged_scores[active], merged_rows[active] = scores, rows
-            all_scores = np.concatenate([best_scores, merged_scores], 1)
-            all_rows = np.concatenate([best_rows, merged_rows], 1)
-            top = canonical_order(all_scores, all_rows, min(depth, all_scores.shape[1]))
-            best_scores, best_rows = top.scores, top.sample_ids
-        if self.kind is IndexKind.IVFPQ and self.vectors is not None:  # one exact re-rank of the best `depth`
-            best_scores = self._rescore(q, best_rows)
-            top = canonical_order(best_scores, best_rows, min(k, best_scores.shape[1]))
-            best_scores, best_rows = top.scores, top.sample_ids
-        return best_scores, best_rows
+        nprobe = self.search_config.nprobe or DEFAULT_NPROBE
+        rerank = self.kind is IndexKind.IVFPQ and self.vectors is not None
+        depth = self._rerank_depth(k) if rerank else k
+        scores, rows = search_banded(
+            self.index, q, k, depth, self.layout, self.directions, self.cells,
+            np.asarray(self.info["cell_max"], np.float32), np.asarray(self.info["cell_count"], np.int64),
+            nprobe, self.search_config.prune, self._rescore if rerank else None,
+        )
+        top = canonical_order(scores, rows, min(k, scores.shape[1]))
+        return top.scores, top.sample_ids
 
 
 def half_to_float(x: np.ndarray) -> "torch.Tensor":

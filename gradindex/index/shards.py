@@ -7,6 +7,7 @@ Layout of a concept's partition (all paths relative to the store)::
     indexes/<concept>/part-SSSSS-EEEEE.f16    optional float16 vectors [ntotal, D] for exact re-ranking
     indexes/<concept>/trained.faiss           the trained, empty index every part starts from (IVF kinds)
     indexes/<concept>/transform.npz           the balancing transform (when one is applied)
+    indexes/<concept>/cells.npz               per-direction statistics that order a query's cells (IVF kinds)
 
 ``manifest["indexes"][concept]`` lists the parts (``parts``: :class:`IndexPart`
 dicts in store-shard order) with the config, weights, transform and kind they
@@ -40,6 +41,7 @@ import numpy as np
 from gradindex.config import IndexConfig, SearchConfig, require_positive
 from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
 from gradindex.index.kinds import PartIndex, QueryTransform, read_index, resolve_device
+from gradindex.index.probe import CellStats
 from gradindex.store import FeatureStore, sha256_file
 from gradindex.topk import TopK, merge_topk
 from gradindex.weights import GroupWeights
@@ -151,11 +153,14 @@ def open_part(
         from gradindex.index.kinds import banded_directions
 
         directions = banded_directions(index, layout)
+    cells = None
+    if entry.get("cells"):
+        cells = CellStats.load(checked_file(store, entry["cells"]["file"], entry["cells"]["sha256"]))
     return PartIndex(
         index, entry["kind"], entry["dim"], part.info or {}, load_transform(store, entry), vectors,
         search or SearchConfig.from_dict(entry.get("search", {})),
         resolve_device(device or config.device), name=part.name, sample_ids=sample_ids, layout=layout,
-        directions=directions,
+        directions=directions, cells=cells,
     )
 
 
