@@ -24,21 +24,22 @@ from gradindex.config import SearchConfig, require_positive
 from gradindex.index import GradIndex, TopK
 from gradindex.query_features import QueryFeaturizer
 from gradindex.store import FeatureStore
-from gradindex.weights import scaled_vectors
+from gradindex.weights import GroupWeights, scaled_vectors
 
 
 class Attributor:
     """Warm query engine for one concept partition of a store."""
 
-    def __init__(self, featurizer: QueryFeaturizer, index: GradIndex):
+    def __init__(self, featurizer: QueryFeaturizer, index: GradIndex, weights: GroupWeights | None = None):
+        """``weights``: the query side's (default: the partition's; the shared index's are the concept's ``w²``)."""
         self.featurizer = featurizer
         self.index = index
         self.store = featurizer.store
         self.task = featurizer.task
         self.model = featurizer.model
-        self.concept = index.config.concept
+        self.concept = featurizer.concept
         self.groups = featurizer.groups
-        self.weights = index.weights
+        self.weights = weights if weights is not None else index.weights
 
     @classmethod
     def open(
@@ -49,12 +50,17 @@ class Attributor:
         device: str = "cpu",
         index_device: str | None = None,
         search: SearchConfig | None = None,
+        shared: bool | None = None,
     ) -> "Attributor":
+        """``shared``: see :func:`gradindex.index.shared.resolve_partition` (default: the concept's own
+        partition when built, else the shared index)."""
+        from gradindex.index.shared import open_concept_index
+
         store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
-        index = GradIndex.open(store, concept, device=index_device, search=search)
+        index, weights = open_concept_index(store, concept, device=index_device, search=search, shared=shared)
         featurizer = QueryFeaturizer.open(store, concept, index.config.preconditioner, index.config.damping,
                                           checkpoint, device)
-        return cls(featurizer, index)
+        return cls(featurizer, index, weights)
 
     def query_vectors(self, dataset: Sequence, batch_size: int = 64) -> np.ndarray:
         """``u(q)`` for every item of ``dataset``: ``[n, D]`` float32."""

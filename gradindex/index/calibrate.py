@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -57,15 +57,21 @@ class CalibrationQueries:
     family: np.ndarray
     names: tuple[str, ...]
 
-    def halves(self) -> tuple["CalibrationQueries", "CalibrationQueries"]:
-        """(fitting, held-out): alternate positions within each family."""
+    def first_half(self) -> np.ndarray:
+        """``[m]`` bool: the even positions within each family (the fitting half)."""
         rank = np.zeros(len(self.family), np.int64)
         for f in range(len(self.names)):
             members = np.flatnonzero(self.family == f)
             rank[members] = np.arange(len(members))
-        even = rank % 2 == 0
-        return (CalibrationQueries(self.vectors[even], self.family[even], self.names),
-                CalibrationQueries(self.vectors[~even], self.family[~even], self.names))
+        return rank % 2 == 0
+
+    def subset(self, mask: np.ndarray) -> "CalibrationQueries":
+        return CalibrationQueries(self.vectors[mask], self.family[mask], self.names)
+
+    def halves(self) -> tuple["CalibrationQueries", "CalibrationQueries"]:
+        """(fitting, held-out): alternate positions within each family."""
+        first = self.first_half()
+        return self.subset(first), self.subset(~first)
 
     def family_means(self, recall: np.ndarray) -> dict[str, float]:
         return {name: float(recall[self.family == f].mean())
@@ -194,13 +200,6 @@ def _stack(families: dict[str, np.ndarray]) -> CalibrationQueries:
 
 
 # -- recall ---------------------------------------------------------------------------------------
-def per_query_recall(approx, exact) -> np.ndarray:
-    """``|approx ∩ exact| / k`` per query (ids; ``-1`` never counts): ``[n]``."""
-    k = max(1, exact.k)
-    return np.array([len(set(a[a >= 0].tolist()) & set(e[e >= 0].tolist())) / k
-                     for a, e in zip(approx.sample_ids, exact.sample_ids)])
-
-
 def exact_neighbours(store, index, vectors: np.ndarray, k: int):
     """Exact top-``k`` of ``vectors`` over the partition's stored vectors (streamed from the store)."""
     from gradindex.evaluate import exact_topk, stored_vector_blocks
@@ -210,6 +209,7 @@ def exact_neighbours(store, index, vectors: np.ndarray, k: int):
 
 def measure(index, search: SearchConfig, vectors: np.ndarray, exact, k: int) -> np.ndarray:
     """Per-query recall@k of ``index`` at ``search`` (queries searched in batches)."""
+    from gradindex.evaluate import per_query_recall
     from gradindex.topk import TopK
 
     searcher = index.with_search(search)
@@ -292,9 +292,9 @@ def calibrate(store, index, target: float, k: int = 10, queries: CalibrationQuer
     if queries is None:
         queries = calibration_queries(store, index, seed=seed, device=device)
     exact = exact_neighbours(store, index, queries.vectors, k)
-    fit, held = queries.halves()
-    fit_rows = _rows_of(queries, fit)
-    exact_fit, exact_held = _take(exact, fit_rows), _take(exact, ~fit_rows)
+    first = queries.first_half()
+    fit, held = queries.subset(first), queries.subset(~first)
+    exact_fit, exact_held = _take(exact, first), _take(exact, ~first)
     goal = min(1.0, target + MARGIN * (1 - target))
     setting, _, reached, grid = cheapest_reaching(index, fit, exact_fit, goal, k, fixed)
     held_recall = measure(index, setting, held.vectors, exact_held, k)
@@ -317,14 +317,6 @@ def _next_dominating(grid: Sequence[tuple[float, SearchConfig]], position: int) 
         if s.nprobe >= current.nprobe and s.rerank >= current.rerank and s.ef_search >= current.ef_search:
             return i
     return len(grid) - 1
-
-
-def _rows_of(queries: CalibrationQueries, half: CalibrationQueries) -> np.ndarray:
-    rank = np.zeros(len(queries.family), np.int64)
-    for f in range(len(queries.names)):
-        members = np.flatnonzero(queries.family == f)
-        rank[members] = np.arange(len(members))
-    return rank % 2 == 0
 
 
 def _take(top, mask: np.ndarray):

@@ -171,14 +171,19 @@ class RayAttributor(Attributor):
 
 def open_ray_attributor(store: str | Path | FeatureStore, concept: str = "all", checkpoint: str | Path | None = None,
                         device: str = "cpu", address: str | None = None, actors: int | None = None,
-                        index_device: str = "auto", search: SearchConfig | None = None) -> RayAttributor:
-    """Query features on this machine (``device``), index parts on Ray actors."""
+                        index_device: str = "auto", search: SearchConfig | None = None,
+                        shared: bool | None = None) -> RayAttributor:
+    """Query features on this machine (``device``), index parts on Ray actors (the concept's own
+    partition or the shared index: :func:`gradindex.index.shared.resolve_partition`)."""
+    from gradindex.index.shared import resolve_partition
+
     store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
-    index = RayIndex.open(store, concept, address=address, actors=actors, device=index_device, search=search)
+    partition, weights = resolve_partition(store, concept, shared)
+    index = RayIndex.open(store, partition, address=address, actors=actors, device=index_device, search=search)
     try:
         featurizer = QueryFeaturizer.open(store, concept, index.config.preconditioner, index.config.damping,
                                           checkpoint, device)
     except BaseException:
         index.close()
         raise
-    return RayAttributor(featurizer, index)
+    return RayAttributor(featurizer, index, weights)

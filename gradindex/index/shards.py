@@ -158,10 +158,20 @@ def open_part(
         cells = CellStats.load(checked_file(store, entry["cells"]["file"], entry["cells"]["sha256"]))
     return PartIndex(
         index, entry["kind"], entry["dim"], part.info or {}, load_transform(store, entry), vectors,
-        search or SearchConfig.from_dict(entry.get("search", {})),
+        effective_search(entry, search),
         resolve_device(device or config.device), name=part.name, sample_ids=sample_ids, layout=layout,
         directions=directions, cells=cells,
     )
+
+
+def effective_search(entry: dict[str, Any], search: SearchConfig | None = None) -> SearchConfig:
+    """The partition's default knobs (``entry["search"]``: given at build time or calibrated)
+    with the non-zero knobs of ``search`` (and its ``prune``) in their place."""
+    base = SearchConfig.from_dict(entry.get("search", {}))
+    if search is None:
+        return base
+    given = {name: value for name, value in search.to_dict().items() if value and name != "prune"}
+    return SearchConfig.from_dict({**base.to_dict(), **given, "prune": search.prune})
 
 
 class ShardedIndex:

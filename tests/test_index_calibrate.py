@@ -1,0 +1,124 @@
+"""Self-calibrated search knobs: chosen on calibration queries, checked on held-out ones, recorded, used."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from gradindex.cli import main
+from gradindex.config import IndexConfig, SearchConfig
+from gradindex.evaluate import exact_topk, per_query_recall
+from gradindex.index import GradIndex, build_index
+from gradindex.index import calibrate as cal
+from gradindex.precondition import GramAccumulator
+from gradindex.store import FeatureStore, commit_manifest, prepare_store, write_arrays, write_shard
+
+GROUPS = {"a": 24, "b": 16}
+N = 4000
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Clustered, heavy-tailed synthetic features in two groups (no task: stored-row families only)."""
+    rng = np.random.default_rng(0)
+    dim = sum(GROUPS.values())
+    centers = rng.normal(size=(16, dim))
+    basis = rng.normal(size=(12, dim)) * np.linspace(3, 0.3, 12)[:, None]
+    x = centers[rng.integers(0, 16, N)] + rng.normal(size=(N, 12)) @ basis * 0.5
+    x *= (rng.lognormal(0, 1.0, N) / np.linalg.norm(x, axis=1))[:, None]
+    feats = {"a": x[:, :24].astype(np.float32), "b": x[:, 24:].astype(np.float32)}
+    path = prepare_store(tmp_path_factory.mktemp("calibrate") / "store")
+    gram = GramAccumulator(GROUPS, 4096)
+    gram.update(feats)
+    shard = write_shard(path, 0, np.arange(N) * 2 + 1, feats)
+    sha = write_arrays(path / "gram.npz", {f"g{i}": m for i, m in enumerate(gram.result().values())})
+    commit_manifest(path, {"task": {"task": "none"}, "groups": [{"name": g, "dim": d} for g, d in GROUPS.items()],
+                           "num_samples": N, "shards": [shard.to_dict()], "gram": {"sha256": sha, "count": N}})
+    return FeatureStore.open(path)
+
+
+def test_stored_row_families_are_query_vectors_of_the_partition(store):
+    index = build_index(store, IndexConfig(concept="fam", kind="ivf", nlist=16), show_progress=False)
+    queries = cal.calibration_queries(store, index, per_family=20)
+    assert queries.names == ("rows", "negated", "blend", "rescaled", "noisy", "random")  # no task here
+    assert queries.vectors.shape == (120, 40) and np.isfinite(queries.vectors).all()
+    rows = queries.vectors[queries.family == 0]
+    np.testing.assert_array_equal(queries.vectors[queries.family == 1], -rows)
+    fit, held = queries.halves()
+    assert len(fit.vectors) == len(held.vectors) == 60 and set(fit.family.tolist()) == set(range(6))
+    # a stored row's query vector is −H⁻¹φ(x): its exact top-1 under flat search is what exact_topk says
+    again = cal.calibration_queries(store, index, per_family=20)
+    np.testing.assert_array_equal(again.vectors, queries.vectors)  # seeded
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq", "hnsw"])
+def test_build_with_target_recall_records_knobs_that_reach_it_on_held_out_queries(store, kind):
+    config = IndexConfig(concept=f"c{kind}", kind=kind, nlist=16, pq_bytes=8, hnsw_m=8, ef_construction=20)
+    index = build_index(store, config, show_progress=False, target_recall=0.9)
+    entry = index.entry
+    calibration = entry["calibration"]
+    assert calibration["target"] == 0.9 and calibration["k"] == 10 and calibration["reached"]
+    assert calibration["worst"] >= 0.9 and calibration["recall"] >= calibration["worst"]
+    knob = {"ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "ef_search"}[kind]
+    assert entry["search"][knob] > 0 and entry["search"] == calibration["search"]
+    assert index.parts[0].search_config == SearchConfig.from_dict(entry["search"])  # used by default
+    # an independent check on fresh queries of the same families (another seed)
+    fresh = cal.calibration_queries(store, index, per_family=40, seed=9)
+    ids, feats = store.read()
+    want = exact_topk(fresh.vectors, [(ids, np.concatenate([feats["a"], feats["b"]], 1))], 10)
+    got = GradIndex.open(FeatureStore.open(store.path), f"c{kind}").search(fresh.vectors, 10)
+    assert per_query_recall(got, want).mean() >= 0.85
+    if kind == "ivfpq":  # a knob given at query time replaces that knob only
+        opened = GradIndex.open(FeatureStore.open(store.path), f"c{kind}", search=SearchConfig(nprobe=1))
+        assert opened.parts[0].search_config == SearchConfig(nprobe=1, rerank=entry["search"]["rerank"])
+
+
+def test_cheapest_setting_reaches_the_target_and_the_next_cheaper_does_not(store):
+    index = build_index(store, IndexConfig(concept="cheap", kind="ivfpq", nlist=16, pq_bytes=8), show_progress=False)
+    queries = cal.calibration_queries(store, index, per_family=24)
+    exact = cal.exact_neighbours(store, index, queries.vectors, 10)
+    setting, recall, reached, grid = cal.cheapest_reaching(index, queries, exact, 0.9, 10)
+    assert reached and min(queries.family_means(recall).values()) >= 0.9
+    np.testing.assert_array_equal(recall, cal.measure(index, setting, queries.vectors, exact, 10))
+    same_rerank = [s for _, s in grid if s.rerank == setting.rerank and s.nprobe < setting.nprobe]
+    if same_rerank:
+        below = max(same_rerank, key=lambda s: s.nprobe)
+        assert min(queries.family_means(cal.measure(index, below, queries.vectors, exact, 10)).values()) < 0.9
+    # knobs given explicitly stay fixed; only the others are calibrated
+    fixed, _, _, grid = cal.cheapest_reaching(index, queries, exact, 0.9, 10, SearchConfig(nprobe=2))
+    assert fixed.nprobe == 2 and {s.nprobe for _, s in grid} == {2}
+
+
+def test_unreachable_target_is_reported_not_hidden(store):
+    index = build_index(store, IndexConfig(concept="hard", kind="hnsw", hnsw_m=4, ef_construction=8),
+                        show_progress=False)
+    result = cal.calibrate(store, index, 1.0, fixed=SearchConfig(ef_search=16),
+                           queries=cal.calibration_queries(store, index, per_family=16))
+    assert result.search.ef_search == 16
+    if not result.reached:
+        assert "NOT reached" in cal.describe(result, "hnsw")
+
+
+def test_cli_build_calibrates_with_the_tasks_queries_and_info_prints_the_knobs(concept_store, tmp_path):
+    path = tmp_path / "store"
+    shutil.copytree(concept_store.path, path)
+    runner = CliRunner()
+    result = runner.invoke(main, ["-q", "build-index", str(path), "--kind", "ivf", "--nlist", "4",
+                                  "--target-recall", "0.9"], catch_exceptions=False)
+    assert result.exit_code == 0 and "calibrated knobs: nprobe" in result.output, result.output
+    entry = json.loads((path / "manifest.json").read_text())["indexes"]["all"]
+    assert "task" in entry["calibration"]["families"]  # the toy task's own queries joined the calibration
+    info = runner.invoke(main, ["info", str(path)], catch_exceptions=False).output
+    assert "search knobs nprobe" in info and "held-out queries" in info
+    result = runner.invoke(main, ["-q", "eval", "recall", str(path), "--json"], catch_exceptions=False)
+    row = json.loads(result.output)
+    assert row["knobs"]["nprobe"] >= 1 and row["knobs_recall"] >= 0.95 and row["reached"]
+    result = runner.invoke(main, ["-q", "build-index", str(path), "--kind", "ivf", "--nlist", "4",
+                                  "--target-recall", "0"], catch_exceptions=False)
+    assert "calibrated" not in result.output
+    info = runner.invoke(main, ["info", str(path)], catch_exceptions=False).output
+    assert "(0 = default; not calibrated)" in info
