@@ -301,7 +301,7 @@ def _parse_shards(text: str | None) -> list[int] | None:
 search_options = [
     click.option("--nprobe", type=int, default=0, show_default=True,
                  help="ivf/ivfpq: scan budget, in directions' worth of vectors (N/nlist each), cells taken in "
-                      "order of estimated best score (0 = the partition's default: calibrated, else 32)."),
+                      "order of estimated best score (0 = the partition's default: calibrated, else 16)."),
     click.option("--ef-search", type=int, default=0, show_default=True,
                  help="hnsw: beam width (0 = the partition's default: calibrated, else 256)."),
     click.option("--rerank", type=int, default=0, show_default=True,

@@ -44,12 +44,12 @@ def store(tmp_path_factory):
 def test_stored_row_families_are_query_vectors_of_the_partition(store):
     index = build_index(store, IndexConfig(concept="fam", kind="ivf", nlist=16), show_progress=False)
     queries = cal.calibration_queries(store, index, per_family=20)
-    assert queries.names == ("rows", "negated", "blend", "rescaled", "noisy", "random")  # no task here
-    assert queries.vectors.shape == (120, 40) and np.isfinite(queries.vectors).all()
+    assert queries.names == ("rows", "negated", "blend", "rescaled", "noisy")  # no task here
+    assert queries.vectors.shape == (100, 40) and np.isfinite(queries.vectors).all()
     rows = queries.vectors[queries.family == 0]
     np.testing.assert_array_equal(queries.vectors[queries.family == 1], -rows)
     fit, held = queries.halves()
-    assert len(fit.vectors) == len(held.vectors) == 60 and set(fit.family.tolist()) == set(range(6))
+    assert len(fit.vectors) == len(held.vectors) == 50 and set(fit.family.tolist()) == set(range(5))
     # a stored row's query vector is −H⁻¹φ(x): its exact top-1 under flat search is what exact_topk says
     again = cal.calibration_queries(store, index, per_family=20)
     np.testing.assert_array_equal(again.vectors, queries.vectors)  # seeded

@@ -12,8 +12,11 @@ Calibration queries are query vectors ``u [m, D]`` in the partition's stored spa
 * ``rows``: a seeded sample of stored rows through the query path, ``u = −√w ⊙ H⁻¹φ(x)``;
 * ``negated``, ``blend`` (two rows' unit queries summed), ``rescaled`` (each group's block
   times ``e^U(−2, 2)``: other group weights), ``noisy`` (a unit query plus an isotropic unit
-  vector in the searched space), ``random`` (isotropic in the searched space): stored rows
-  made *unlike* the stored data, as queries from another distribution are.
+  vector in the searched space): stored rows made *unlike* the stored data, as queries from
+  another distribution are. On 10⁶ enlarged-digits vectors ``noisy`` and ``rescaled`` were as
+  hard as the hardest real query set measured (uniform-noise images). A purely isotropic
+  query was dropped: no gradient looks like it, and PQ re-ranking cannot separate its near-equal
+  top scores (recall@10 0.92 with every cell scanned and 1,600 re-ranked).
 
 Each family is split in two halves (even / odd positions). A setting *reaches* ``R`` when the
 mean recall@k of every family reaches it — the worst family, not the mean over all, decides,
@@ -38,7 +41,7 @@ from gradindex.config import IndexKind, SearchConfig
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("task", "rows", "negated", "blend", "rescaled", "noisy", "random")
+FAMILIES = ("task", "rows", "negated", "blend", "rescaled", "noisy")
 PER_FAMILY = 128  # stored-row queries per family
 TASK_QUERIES = 256
 MARGIN = 0.2  # share of 1 − R added to the target on the fitting half
@@ -146,7 +149,6 @@ def stored_row_queries(store, index, count: int = PER_FAMILY, seed: int = 0,
         "blend": unit(first) + unit(second),
         "rescaled": rescaled,
         "noisy": from_search(to_search(unit(first)) + noise),
-        "random": from_search(rng.normal(size=noise.shape).astype(np.float32)),
     }
 
 
@@ -159,10 +161,12 @@ def task_query_vectors(store, index, count: int = TASK_QUERIES, device: str = "c
     from gradindex.query_features import QueryFeaturizer
     from gradindex.weights import scaled_vectors
 
+    from gradindex.index.shared import SHARED
+
     config = index.config
+    concept = concept or ("all" if config.concept == SHARED else config.concept)
     try:
-        featurizer = QueryFeaturizer.open(store, concept or config.concept, config.preconditioner, config.damping,
-                                          device=device)
+        featurizer = QueryFeaturizer.open(store, concept, config.preconditioner, config.damping, device=device)
     except Exception as err:  # noqa: BLE001 - any task failure only drops this family
         logger.info("calibration without the task's queries (%s)", str(err).splitlines()[0] if str(err) else err)
         return None

@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,10 @@ from gradindex.topk import TopK, canonical_order
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_NPROBE = 32
+DEFAULT_NPROBE = 16  # uncalibrated default: 16 directions' worth of vectors (3% of the part at nlist 512)
 DEFAULT_EF_SEARCH = 256
 DEFAULT_RERANK_PER_K = 20
+SINGLE_THREAD_QUERIES = 8  # batches up to this size search on one thread (see PartIndex._threads)
 PQ_TRAIN_ROWS = 16_384  # 64 rows per PQ centroid
 
 
@@ -291,11 +293,15 @@ class PartIndex:
         self.layout = dict(layout or {})
         self.directions = directions
         self.cells = cells
-        if self.kind in (IndexKind.IVF, IndexKind.IVFPQ) and (cells is None or "cell_max" not in self.info):
-            raise StoreMismatchError(f"index part {name}: built by an older gradindex (no cell statistics); "
-                                     "run build-index again")
+        if self.kind in (IndexKind.IVF, IndexKind.IVFPQ):
+            if cells is None or "cell_max" not in self.info:
+                raise StoreMismatchError(f"index part {name}: built by an older gradindex (no cell statistics); "
+                                         "run build-index again")
+            self.cell_max = np.asarray(self.info["cell_max"], np.float32)
+            self.cell_count = np.asarray(self.info["cell_count"], np.int64)
         self.cpu_index = index
         self.device = device
+        self._thread_control = None
         self.index = to_gpu(index, self.kind) if device == "cuda" else index
 
     @property
@@ -321,19 +327,31 @@ class PartIndex:
         k = int(k)
         if self.ntotal == 0:
             return TopK(np.full((len(u), k), -np.inf, np.float32), np.full((len(u), k), -1, np.int64))
-        q = self.transform.query(u) if self.transform is not None else u
-        if self.kind is IndexKind.FLAT:
-            scores, rows = self.index.search(q, min(k, self.ntotal))
-        elif self.kind is IndexKind.HNSW:
-            scores, rows = self._search_hnsw(q, k)
-        else:
-            scores, rows = self._search_banded(q, k)
+        with self._threads(len(u)):
+            q = self.transform.query(u) if self.transform is not None else u
+            if self.kind is IndexKind.FLAT:
+                scores, rows = self.index.search(q, min(k, self.ntotal))
+            elif self.kind is IndexKind.HNSW:
+                scores, rows = self._search_hnsw(q, k)
+            else:
+                scores, rows = self._search_banded(q, k)
         top = canonical_order(scores, self._ids(rows), min(k, scores.shape[1]))
         if top.k < k:
             pad = k - top.k
             top = TopK(np.concatenate([top.scores, np.full((len(u), pad), -np.inf, np.float32)], 1),
                        np.concatenate([top.sample_ids, np.full((len(u), pad), -1, np.int64)], 1))
         return top
+
+    def _threads(self, queries: int):
+        """One BLAS / OpenMP thread for small batches: their products are too small to share, and
+        waking (or spinning) a second thread cost a batch-1 query 3× its time on a busy 2-core box."""
+        if queries > SINGLE_THREAD_QUERIES or self.device != "cpu":
+            return nullcontext()
+        if self._thread_control is None:
+            from threadpoolctl import ThreadpoolController
+
+            self._thread_control = ThreadpoolController()
+        return self._thread_control.limit(limits=1)
 
     # exact re-scoring of candidate rows (-1 = none) against the kept float16 vectors
     def _rescore(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -364,8 +382,7 @@ class PartIndex:
         rerank = self.kind is IndexKind.IVFPQ and self.vectors is not None
         depth = self._rerank_depth(k) if rerank else k
         scores, rows = search_banded(
-            self.index, q, k, depth, self.layout, self.directions, self.cells,
-            np.asarray(self.info["cell_max"], np.float32), np.asarray(self.info["cell_count"], np.int64),
+            self.index, q, k, depth, self.layout, self.directions, self.cells, self.cell_max, self.cell_count,
             nprobe, self.search_config.prune, self._rescore if rerank else None,
         )
         top = canonical_order(scores, rows, min(k, scores.shape[1]))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -81,11 +82,18 @@ class CellStats:
         with np.load(path) as data:
             return cls(data["mean"], data["basis"], data["variance"])
 
+    @cached_property
+    def _projection(self) -> np.ndarray:
+        """``[D, D + nlist]``: the principal axes, then the mean directions (one product per query)."""
+        return np.ascontiguousarray(np.concatenate([self.basis, self.mean.T], axis=1), np.float32)
+
     def direction_estimates(self, q: np.ndarray, z: float = SPREAD_Z) -> np.ndarray:
         """``q·μ_c + z·spread_c(q)`` for every direction: ``[n, nlist]`` (``q [n, D]``)."""
-        projected = q @ self.basis
+        dim = self.basis.shape[0]
+        both = q @ self._projection
+        projected, aligned = both[:, :dim], both[:, dim:]
         spread = np.sqrt(np.maximum((projected * projected) @ self.variance.T, 0.0))
-        return q @ self.mean.T + np.float32(z) * spread
+        return aligned + np.float32(z) * spread
 
 
 def cell_order(q: np.ndarray, stats: CellStats, cell_max: np.ndarray, cell_count: np.ndarray,
@@ -132,9 +140,10 @@ def search_banded(
     """``(scores [n, ≤depth], rows [n, ≤depth])`` of ``q [n, D]`` in a banded IVF part.
 
     ``index``: the part's ``IndexIVFFlat``/``IndexIVFPQ`` (lists ``band·nlist + c``, centroids
-    ``ρ_b·d_c``, ``d_c`` = ``directions [nlist, D]``); ``depth``: candidates kept (``k`` for ivf, the re-rank depth for ivfpq);
-    ``rescore(q, rows) -> exact scores`` (ivfpq; ``None`` when FAISS's scores are exact).
-    Scores are exact when ``rescore`` is given or the index stores raw vectors.
+    ``ρ_b·d_c``, ``d_c`` = ``directions [nlist, D]``); ``depth``: candidates kept (``k`` for ivf,
+    the re-rank depth for ivfpq); ``rescore(q, rows) -> exact scores`` (ivfpq with kept vectors;
+    ``None`` when FAISS's scores are exact or no exact copy exists). The returned scores are
+    exact unless the index is an IVF-PQ without ``rescore``.
     """
     from gradindex.topk import canonical_order
 
@@ -142,41 +151,49 @@ def search_banded(
     rho = np.asarray(layout["rho"], np.float32)
     total = float(cell_count.sum())
     budget = total if nprobe >= nlist else nprobe * total / nlist
+    coarse = q @ directions.T  # [n, nlist]: q·d_c; list (b, c) has q·centroid = ρ_b · this
     lists = cell_order(q, stats, cell_max, cell_count, budget)
-    n = len(q)
-    qnorm = np.linalg.norm(q.astype(np.float64), axis=1)
     first, rest = [], []
-    for i, cells in enumerate(lists):
+    for cells in lists:
         scanned = np.cumsum(cell_count[cells])
         cut = max(1, int(np.searchsorted(scanned, FIRST_ROUND * budget, side="left")) + 1)
         first.append(cells[:cut])
         rest.append(cells[cut:])
-    best_scores, best_rows = _scan(index, q, first, depth, rho, directions, nlist)
-    if rescore is not None:
-        best_scores = rescore(q, best_rows)
-        top = canonical_order(best_scores, best_rows, best_scores.shape[1])
-        best_scores, best_rows = top.scores, top.sample_ids
+    scores, rows = _scan(index, q, first, depth, rho, coarse, nlist)
     if prune:
-        kth = np.where(best_scores.shape[1] >= k, best_scores[:, min(k, best_scores.shape[1]) - 1], -np.inf)
+        kth = _kth_lower_bound(q, scores, rows, k, rescore)
+        qnorm = np.linalg.norm(q.astype(np.float64), axis=1)
         rest = [cells[qnorm[i] * cell_max[cells] * (1 + BOUND_SLACK) >= kth[i]] for i, cells in enumerate(rest)]
     if any(len(cells) for cells in rest):
-        scores, rows = _scan(index, q, rest, depth, rho, directions, nlist)
-        if rescore is not None:
-            scores = rescore(q, rows)
-        top = canonical_order(np.concatenate([best_scores, scores], 1), np.concatenate([best_rows, rows], 1),
-                              min(depth, best_scores.shape[1] + scores.shape[1]))
-        best_scores, best_rows = top.scores, top.sample_ids
-    return best_scores, best_rows
+        more_scores, more_rows = _scan(index, q, rest, depth, rho, coarse, nlist)
+        top = canonical_order(np.concatenate([scores, more_scores], 1), np.concatenate([rows, more_rows], 1),
+                              min(depth, scores.shape[1] + more_scores.shape[1]))
+        scores, rows = top.scores, top.sample_ids
+    if rescore is not None:
+        scores = rescore(q, rows)
+    return scores, rows
 
 
-def _scan(index: Any, q: np.ndarray, lists: list[np.ndarray], depth: int, rho: np.ndarray, directions: np.ndarray,
+def _kth_lower_bound(q: np.ndarray, scores: np.ndarray, rows: np.ndarray, k: int,
+                     rescore: Callable[[np.ndarray, np.ndarray], np.ndarray] | None) -> np.ndarray:
+    """``[n]``: the k-th best *exact* score among the first round's best candidates (``-inf``
+    with fewer than ``k``) — at most the true k-th best score, so a cell whose bound is below it
+    holds nothing of the top-k. With PQ scores, the best ``2k`` by PQ score are re-scored."""
+    if scores.shape[1] < k:
+        return np.full(len(q), -np.inf)
+    if rescore is not None:
+        head = rows[:, :min(2 * k, rows.shape[1])]  # FAISS returns each query's results best first
+        scores = rescore(q, head)
+    return -np.partition(-scores, k - 1, axis=1)[:, k - 1].astype(np.float64)
+
+
+def _scan(index: Any, q: np.ndarray, lists: list[np.ndarray], depth: int, rho: np.ndarray, coarse: np.ndarray,
           nlist: int) -> tuple[np.ndarray, np.ndarray]:
     """FAISS's top-``depth`` of each query over its ``lists`` (scores ``-inf`` / rows ``-1`` where none)."""
     padded = pad_lists(lists)
     valid = padded >= 0
     band, direction = np.divmod(np.where(valid, padded, 0), nlist)
-    coarse = np.take_along_axis(q @ directions.T, direction, 1) * rho[band]  # q·centroid of each list
-    coarse = np.where(valid, coarse, 0).astype(np.float32)
+    centroid_scores = np.where(valid, np.take_along_axis(coarse, direction, 1) * rho[band], 0).astype(np.float32)
     index.nprobe = padded.shape[1]
-    scores, rows = index.search_preassigned(np.ascontiguousarray(q, np.float32), int(depth), padded, coarse)
+    scores, rows = index.search_preassigned(np.ascontiguousarray(q, np.float32), int(depth), padded, centroid_scores)
     return np.where(rows >= 0, scores, -np.inf).astype(np.float32), rows

@@ -146,7 +146,8 @@ def open_part(
     if part.vectors_file:
         path = checked_file(store, part.vectors_file, part.vectors_sha256)
         vectors = np.memmap(path, dtype=np.float16, mode="r", shape=(part.ntotal, entry["dim"]))
-    sample_ids = np.load(checked_file(store, part.ids_file, part.ids_sha256))
+    # memory-mapped like the float16 copy: a query reads only its k results' ids
+    sample_ids = np.load(checked_file(store, part.ids_file, part.ids_sha256), mmap_mode="r")
     layout = entry.get("layout") or {}
     directions = None
     if layout:
