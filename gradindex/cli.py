@@ -100,6 +100,13 @@ inputs_option = click.option("--inputs", type=click.Path(path_type=Path), defaul
                              help="Query inputs file (the task's format; default: the task's held-out queries).")
 concept_option = click.option("--concept", default="all", show_default=True,
                               help="Concept: 'all' (the task's measurement) or one of the task's concepts.")
+trust_options = [
+    click.option("--trust-task", is_flag=True,
+                 help="Run the task code the store's manifest names even if it is not built in (only for stores "
+                      "you trust: a store's task is code)."),
+    click.option("--task", "task_spec", default=None, metavar="SPEC",
+                 help="The store's task spec (file.py:Class or module:Class): consent to run exactly that code."),
+]
 ray_option = click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
                           metavar="[ADDRESS]",
                           help="Run on Ray (pip install 'gradindex[ray]'): bare --ray starts a local cluster bound "
@@ -388,19 +395,35 @@ def build_index_command(ctx, store_path, concept, kind, preconditioner, damping,
 @click.option("--method", type=click.Choice(["auto", "snr", "agreement"]), default="auto", show_default=True,
               help="Objective: SNR of each query's scores, or agreement of the top-k of queries sharing the "
                    "concept's value (needs the queries' values); auto: agreement for a concept when possible.")
+@click.option("--reset", is_flag=True,
+              help="Forget the concept's learned weights (every setting): it is uniform again; then build-index.")
 @device_option
+@_apply(trust_options)
 @click.pass_context
 def learn_weights_command(ctx, store_path, concept, inputs, preconditioner, damping, num_queries, reference_size,
-                          top_k, example_norm, regularization, steps, lr, seed, method, device) -> None:
-    """Learn STORE's per-group weights for a concept from unlabeled queries."""
+                          top_k, example_norm, regularization, steps, lr, seed, method, reset, device, trust_task,
+                          task_spec) -> None:
+    """Learn STORE's per-group weights for a concept from unlabeled queries (kept per preconditioner
+    and damping; the concept 'uniform' is reserved for uniform weights)."""
+    from gradindex.config import UNIFORM_CONCEPT
     from gradindex.learn import learn_weights
     from gradindex.query_features import load_store_task
     from gradindex.store import FeatureStore
+    from gradindex.weights import reset_weights
 
+    if concept == UNIFORM_CONCEPT:
+        raise ConfigError(f"concept {UNIFORM_CONCEPT!r} is reserved: its weights are always uniform; learn weights for "
+                          "'all' or one of the task's concepts")
     config = LearnConfig(preconditioner=preconditioner, damping=damping, num_queries=num_queries,
                          reference_size=reference_size, top_k=top_k, example_norm=example_norm,
                          regularization=regularization, steps=steps, lr=lr, seed=seed, method=method)
-    store = FeatureStore.open(store_path)
+    store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
+    if reset:
+        removed = reset_weights(store, concept)
+        click.echo(f"concept {concept!r}: " + (f"learned weights removed ({', '.join(removed)}); " if removed else
+                                              "no learned weights; ") +
+                   f"it uses uniform weights now (run build-index again for its index)")
+        return
     queries = None if inputs is None else load_store_task(store).load_queries(inputs)
     weights = learn_weights(store, config, queries=queries, concept=concept, device=device,
                             show_progress=_progress(ctx))
@@ -425,14 +448,14 @@ def weights_group() -> None:
 @click.option("--concept", "concepts", multiple=True,
               help="Concepts to draw (default: every concept with weights, and 'all'); repeatable.")
 def weights_plot(store_path, out, concepts) -> None:
-    """Draw STORE's group weights as a bar chart, one panel per concept."""
+    """Draw STORE's group weights as a bar chart, one panel per concept (and learned setting)."""
+    from dataclasses import replace
+
     from gradindex.report import write_weights_chart
     from gradindex.store import FeatureStore
-    from gradindex.weights import GroupWeights
 
     store = FeatureStore.open(store_path, verify=False)
-    names = list(concepts) or sorted(set(store.manifest.get("weights", {})) | {"all"})
-    panels = [GroupWeights.from_manifest(store.manifest, c, store.groups) for c in names]
+    panels = [replace(weights, concept=label) for label, weights in _weight_panels(store.manifest, store.groups, concepts)]
     click.echo(f"wrote {write_weights_chart(out, panels, store.groups)}")
 
 
@@ -458,16 +481,17 @@ def eval_group() -> None:
               help="Gram damping of the uniform and single-group rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @device_option
+@_apply(trust_options)
 @click.pass_context
 def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, workers, inputs, concept, damping,
-             as_json, device) -> None:
+             as_json, device, trust_task, task_spec) -> None:
     """LDS of STORE's attributions (uniform, each group alone, learned) against retrained models."""
     from gradindex.lds import lds_report, retrain
     from gradindex.query_features import check_concept, load_store_task
     from gradindex.store import FeatureStore
 
     config = LDSConfig(num_models=num_models, fraction=fraction, seed=seed, training_seed=training_seed)
-    store = FeatureStore.open(store_path)
+    store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
     task = load_store_task(store)
     check_concept(task, concept)
     retrained = retrain(task, cache or store.path / "lds", config, queries_file=inputs, workers=workers,
@@ -496,28 +520,32 @@ def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, 
 @click.option("--actors", type=click.IntRange(min=1), default=None,
               help="With --ray: at most this many actors holding the index parts (default: one per part, "
                    "at most one per GPU or CPU slot).")
+@_apply(trust_options)
 def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_size, nprobe, ef_search, rerank,
-          no_prune, ray_address, actors) -> None:
+          no_prune, ray_address, actors, trust_task, task_spec) -> None:
     """Top-k training examples of STORE for every query in --inputs.
 
     With --ray the parts of the concept's index (IndexConfig.shards_per_part) are held by Ray actors,
     each query fans out to them and their top-k are merged: the same results as without.
     """
     from gradindex.query import Attributor, metadata_lookup
+    from gradindex.store import FeatureStore
 
     if k < 1:
         raise ConfigError(f"-k: expected a positive integer, got {k}")
     search = _search_config(nprobe, ef_search, rerank, no_prune)
     search = search if search.to_dict() != type(search)().to_dict() else None
-    if ray_address is None:
-        attributor = Attributor.open(store_path, concept=concept, checkpoint=checkpoint, device=device, search=search)
-    else:
+    if ray_address is not None:
         from gradindex.distributed import import_ray
 
         import_ray()  # the install hint before any work
+    store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
+    if ray_address is None:
+        attributor = Attributor.open(store, concept=concept, checkpoint=checkpoint, device=device, search=search)
+    else:
         from gradindex.index.ray_search import open_ray_attributor
 
-        attributor = open_ray_attributor(store_path, concept=concept, checkpoint=checkpoint, device=device,
+        attributor = open_ray_attributor(store, concept=concept, checkpoint=checkpoint, device=device,
                                          address=ray_address, actors=actors, search=search)
     queries = attributor.task.load_queries(inputs)
     top = attributor.attribute(queries, k=k, batch_size=batch_size)
@@ -542,9 +570,10 @@ def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_siz
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 def info(store_path, as_json) -> None:
     """Show a store's manifest: task, groups, dims, shards, weights, indexes."""
+    from gradindex.config import UNIFORM_CONCEPT, setting_key
     from gradindex.groups import ParameterGroup
     from gradindex.store import FeatureStore
-    from gradindex.weights import GroupWeights
+    from gradindex.weights import GroupWeights, learned_weights
 
     store = FeatureStore.open(store_path, verify=False)
     manifest = store.manifest
@@ -558,30 +587,50 @@ def info(store_path, as_json) -> None:
     click.echo(f"examples:    {store.num_samples} in {len(manifest['shards'])} shard(s), {manifest['dtype']}")
     click.echo(f"projection:  {config['projection']['kind']}, proj_dim {config['projection']['proj_dim']}, "
                f"seed {config['projection']['seed']}; dimension {store.dim}")
-    concepts = sorted(set(manifest.get("weights", {})) | set(manifest.get("indexes", {})) | {"all"})
+    panels = _weight_panels(manifest, store.groups)
     rows = []
     for group in manifest["groups"]:
         row = {"group": group["name"], "params": ParameterGroup.from_dict(group).numel,
                "dim": group["dim"]}
-        for concept in concepts:
-            weights = GroupWeights.from_manifest(manifest, concept, store.groups)
-            row[f"w[{concept}]"] = weights.weights[group["name"]]
-            if "shares" in weights.info:
-                row[f"share[{concept}]"] = weights.info["shares"][group["name"]]
+        for label, weights in panels:
+            row[f"w[{label}]"] = weights.weights[group["name"]]
+            if group["name"] in weights.info.get("shares", {}):
+                row[f"share[{label}]"] = weights.info["shares"][group["name"]]
         rows.append(row)
     _echo_table(rows)
-    for concept in concepts:
-        weights_info = GroupWeights.from_manifest(manifest, concept, store.groups).info
-        if "config" in weights_info:
-            setting = weights_info["config"]
-            click.echo(f"weights {concept!r}: {weights_info['method']} for {setting['preconditioner']} "
-                       f"(damping {setting['damping']}), {weights_info['num_queries']} queries x "
-                       f"{weights_info['reference_size']} examples, mean SNR {weights_info['snr_uniform']:.3f} "
-                       f"(uniform) -> {weights_info['snr_learned']:.3f}")
+    for concept in sorted(manifest.get("weights", {})):
+        for key, weights in learned_weights(manifest, concept, store.groups).items():
+            info = weights.info
+            snr = (f", {info['num_queries']} queries x {info['reference_size']} examples, mean SNR "
+                   f"{info['snr_uniform']:.3f} (uniform) -> {info['snr_learned']:.3f}"
+                   if {"num_queries", "reference_size", "snr_uniform", "snr_learned"} <= set(info) else "")
+            click.echo(f"weights {concept!r}: {info.get('method', 'given')} for {key}{snr}; digest {weights.digest()}")
     for concept, entry in sorted(manifest.get("indexes", {}).items()):
         cfg = entry["config"]
-        click.echo(f"index {concept!r}: {entry.get('kind', cfg['kind'])}, {cfg['preconditioner']} "
-                   f"(damping {cfg['damping']}), {entry['ntotal']} vectors in {len(entry.get('parts', []))} part(s)")
+        key = setting_key(cfg["preconditioner"], cfg["damping"])
+        built = GroupWeights(concept, entry["weights"]["weights"], entry["weights"].get("info", {}))
+        line = (f"index {concept!r}: {entry['kind']}, {key}, {entry['ntotal']} vectors in {len(entry['parts'])} "
+                f"part(s); built with weights {built.describe()}")
+        current = GroupWeights.from_manifest(manifest, concept, store.groups, cfg["preconditioner"], cfg["damping"])
+        if concept != UNIFORM_CONCEPT and current.weights != built.weights:
+            line += f"; the store's current weights are {current.describe()}: run build-index again to use them"
+        click.echo(line)
+
+
+def _weight_panels(manifest: dict[str, Any], groups: list[str], concepts=()) -> list[tuple[str, Any]]:
+    """``(label, GroupWeights)`` per concept (default: every one with weights or an index, and 'all')
+    and learned setting (uniform for a concept without any)."""
+    from gradindex.weights import GroupWeights, learned_weights
+
+    panels = []
+    every = sorted(set(manifest.get("weights", {})) | set(manifest.get("indexes", {})) | {"all"})
+    for concept in concepts or every:
+        learned = learned_weights(manifest, concept, groups)
+        if not learned:
+            panels.append((concept, GroupWeights.uniform(concept, groups)))
+        for key, weights in learned.items():
+            panels.append((concept if len(learned) == 1 else f"{concept} {key}", weights))
+    return panels
 
 
 @eval_group.command("recall")
@@ -595,14 +644,15 @@ def info(store_path, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_apply(search_options)
 @device_option
+@_apply(trust_options)
 def eval_recall(store_path, concept, k, inputs, num_queries, as_json, nprobe, ef_search, rerank, no_prune,
-                device) -> None:
+                device, trust_task, task_spec) -> None:
     """recall@k of an index partition against exact search over the same store."""
     from gradindex.evaluate import index_recall
     from gradindex.query_features import load_store_task
     from gradindex.store import FeatureStore
 
-    store = FeatureStore.open(store_path)
+    store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
     queries = load_store_task(store).load_queries(inputs) if inputs is not None else None
     search = _search_config(nprobe, ef_search, rerank, no_prune)
     result = index_recall(store, concept, queries=queries, k=k, device=device, num_queries=num_queries,
@@ -623,14 +673,15 @@ def eval_recall(store_path, concept, k, inputs, num_queries, as_json, nprobe, ef
 @click.option("-k", type=click.IntRange(min=1), default=10, show_default=True, help="Top-k depth.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per concept.")
 @device_option
-def eval_precision(store_path, inputs, concepts, k, as_json, device) -> None:
+@_apply(trust_options)
+def eval_precision(store_path, inputs, concepts, k, as_json, device, trust_task, task_spec) -> None:
     """Concept precision@k: the fraction of a query's top-k training examples that share its
     value of the concept (DESIGN §4), with the chance level of a random top-k beside."""
     from gradindex.evaluate import evaluate_precision
     from gradindex.query_features import load_store_task
     from gradindex.store import FeatureStore
 
-    store = FeatureStore.open(store_path)
+    store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
     queries = load_store_task(store).load_queries(inputs) if inputs is not None else None
     rows = [result.to_dict() for result in evaluate_precision(store, queries, concepts, k=k, device=device)]
     if as_json:

@@ -15,16 +15,19 @@ the store was built from.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from gradindex.config import SearchConfig, require_positive
+from gradindex.config import UNIFORM_CONCEPT, SearchConfig, require_positive, setting_key
 from gradindex.index import GradIndex, TopK
 from gradindex.query_features import QueryFeaturizer
 from gradindex.store import FeatureStore
-from gradindex.weights import scaled_vectors
+from gradindex.weights import GroupWeights, scaled_vectors
+
+logger = logging.getLogger(__name__)
 
 
 class Attributor:
@@ -49,11 +52,15 @@ class Attributor:
         device: str = "cpu",
         index_device: str | None = None,
         search: SearchConfig | None = None,
+        trust_task: bool = False,
     ) -> "Attributor":
+        """``trust_task``: run the task code the store names even if it is not built in
+        (:func:`~gradindex.query_features.load_store_task`)."""
         store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
         index = GradIndex.open(store, concept, device=index_device, search=search)
         featurizer = QueryFeaturizer.open(store, concept, index.config.preconditioner, index.config.damping,
-                                          checkpoint, device)
+                                          checkpoint, device, trust_task)
+        warn_if_weights_changed(store, concept, index)
         return cls(featurizer, index)
 
     def query_vectors(self, dataset: Sequence, batch_size: int = 64) -> np.ndarray:
@@ -67,6 +74,22 @@ class Attributor:
 
     def close(self) -> None:
         self.featurizer.close()
+
+
+def warn_if_weights_changed(store: FeatureStore, concept: str, index: GradIndex) -> bool:
+    """One warning (stderr) when the store's current weights for the index's concept and setting are
+    not the ones the index was built with (weights learned or reset after ``build-index``)."""
+    if concept == UNIFORM_CONCEPT:
+        return False
+    config = index.config
+    current = GroupWeights.from_manifest(store.manifest, concept, store.groups, config.preconditioner, config.damping)
+    if current.weights == index.weights.weights:
+        return False
+    logger.warning(
+        "warning: index %r of %s was built with weights %s; the store's current %s weights for it are %s: "
+        "run `gradindex build-index %s --concept %s` to use them", concept, store.path, index.weights.describe(),
+        setting_key(config.preconditioner, config.damping), current.describe(), store.path, concept)
+    return True
 
 
 def metadata_lookup(store: FeatureStore, sample_ids: np.ndarray) -> dict[str, np.ndarray]:
