@@ -167,7 +167,10 @@ def validate_manifest(manifest: Any, where: str) -> dict[str, Any]:
     manifest = upgrade(manifest)
     error = jsonschema.exceptions.best_match(_VALIDATOR.iter_errors(manifest))
     if error is not None:
-        _fail(where, ".".join(str(p) for p in error.absolute_path), _describe(error))
+        path = [str(p) for p in error.absolute_path]
+        if error.validator == "required" and isinstance(error.instance, dict):
+            path += [next(name for name in error.validator_value if name not in error.instance)]
+        _fail(where, ".".join(path), _describe(error))
     manifest = _canonical(manifest, where)
     for field, check in _consistency(manifest):
         try:
@@ -313,7 +316,7 @@ def _describe(error: jsonschema.ValidationError) -> str:
         wanted = error.validator_value if isinstance(error.validator_value, str) else " or ".join(error.validator_value)
         return f"expected {wanted}, got {_type_name(error.instance)}"
     if error.validator == "required":
-        return error.message
+        return "missing"
     text = error.message
     return text if len(text) <= 160 else text[:157] + "..."
 

@@ -473,3 +473,49 @@ def test_resume_refuses_the_shards_of_another_run_when_groups_are_projected(tmp_
     for group, block in clean.read()[1].items():
         assert not np.allclose(seed0.read()[1][group], block)  # the seed changes the projected features
         np.testing.assert_array_equal(resumed.read()[1][group], block)
+
+
+# -- stores of format version 1 ------------------------------------------------------------------------------
+def _as_version_1(store: Path) -> None:
+    """Rewrite a store in the version-1 layout: gram.npz, index files in indexes/<concept>/, weights
+    without settings, no projection format."""
+    data = manifest(store)
+    (store / data["gram"]["file"]).rename(store / "gram.npz")
+    del data["gram"]["file"]
+    for concept, entry in data["indexes"].items():
+        folder = store / entry.pop("folder")
+        entry.pop("weights_digest")
+        for file in folder.iterdir():
+            file.rename(store / "indexes" / concept / file.name)
+        folder.rmdir()
+        entry["trained"]["file"] = f"indexes/{concept}/trained.faiss"
+        for part in entry["parts"]:
+            part["file"] = f"indexes/{concept}/{Path(part['file']).name}"
+            part["ids_file"] = f"indexes/{concept}/{Path(part['ids_file']).name}"
+            (store / "indexes" / concept / f"{part['name']}.json").write_text(json.dumps(part))  # its sidecar
+    data["weights"] = {concept: next(iter(settings.values())) for concept, settings in data.get("weights", {}).items()}
+    del data["projection_format"]
+    data["format_version"] = 1
+    write_manifest(store, data)
+
+
+def test_a_version_1_store_is_read_and_upgraded(tmp_path):
+    path = make_store(tmp_path, limit=24, index=None)
+    learn_weights(FeatureStore.open(path, trust_task=True), LearnConfig(steps=5), show_progress=False)
+    build_index(FeatureStore.open(path), IndexConfig(), show_progress=False)
+    before = answers(path)
+    learned = GroupWeights.from_manifest(manifest(path), "all", FeatureStore.open(path).groups)
+    _as_version_1(path)
+    assert manifest(path)["format_version"] == 1
+    assert same_answers(answers(path), before)
+    assert GroupWeights.from_manifest(FeatureStore.open(path).manifest, "all", learned.weights).weights == learned.weights
+    featurize_append(TinyTask(), path, show_progress=False)  # rewrites the manifest: version 2 from here on
+    build_index(FeatureStore.open(path), IndexConfig(), update=True, show_progress=False)
+    data = manifest(path)
+    assert data["format_version"] == 2 and list(data["weights"]["all"]) == ["gram@0.1"]
+    assert data["projection_format"] == {"version": 1, "chunk_bytes": 1 << 26}
+    assert data["indexes"]["all"]["ntotal"] == 40 and len(answers(path)[0]) == 8
+    build_index(FeatureStore.open(path), IndexConfig(), show_progress=False)  # a fresh build: old files go
+    assert sorted(p.name for p in (path / "indexes" / "all").iterdir() if p.name != ".lock") == \
+        [Path(manifest(path)["indexes"]["all"]["folder"]).name]
+    assert [p.name for p in path.glob("gram*.npz")] == [manifest(path)["gram"]["file"]]

@@ -93,7 +93,8 @@ def entry_folder(store: FeatureStore, concept: str, entry: dict[str, Any]) -> Pa
     if "folder" not in entry:
         return top
     folder = store.path / entry["folder"]
-    if inside_store(store.path, entry["folder"], "index folder").parent != top.resolve():
+    real = inside_store(store.path, entry["folder"], "index folder")
+    if top.resolve() not in (real, real.parent):
         raise StoreMismatchError(f"{store.path}: index {concept!r} names folder {entry['folder']!r} outside {top}")
     return folder
 
