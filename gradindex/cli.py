@@ -422,7 +422,7 @@ def learn_weights_command(ctx, store_path, concept, inputs, preconditioner, damp
         removed = reset_weights(store, concept)
         click.echo(f"concept {concept!r}: " + (f"learned weights removed ({', '.join(removed)}); " if removed else
                                               "no learned weights; ") +
-                   f"it uses uniform weights now (run build-index again for its index)")
+                   "it uses uniform weights now (run build-index again for its index)")
         return
     queries = None if inputs is None else load_store_task(store).load_queries(inputs)
     weights = learn_weights(store, config, queries=queries, concept=concept, device=device,
@@ -455,7 +455,8 @@ def weights_plot(store_path, out, concepts) -> None:
     from gradindex.store import FeatureStore
 
     store = FeatureStore.open(store_path, verify=False)
-    panels = [replace(weights, concept=label) for label, weights in _weight_panels(store.manifest, store.groups, concepts)]
+    panels = [replace(weights, concept=label)
+              for label, weights in _weight_panels(store.manifest, store.groups, concepts)]
     click.echo(f"wrote {write_weights_chart(out, panels, store.groups)}")
 
 

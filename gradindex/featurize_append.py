@@ -22,7 +22,9 @@ from tqdm.auto import tqdm
 
 from gradindex.config import FeaturizeConfig
 from gradindex.errors import StoreMismatchError, TaskError
-from gradindex.featurize import _run_key, check_sidecars, featurize_rows, planned_group_entries, prepare_run, storage_dtype
+from gradindex.featurize import (
+    _run_key, check_sidecars, featurize_rows, planned_group_entries, prepare_run, storage_dtype,
+)
 from gradindex.gradients import GradientProjector
 from gradindex.precondition import GramAccumulator
 from gradindex.projection import check_projection_format

@@ -9,7 +9,7 @@ Layout of a store directory::
     shards/part-00000.json   the shard's sidecar: rows, sha256, byte size, run key
     gram-<sha>.npz           per-group Gram matrices G_g = ΦᵀΦ/N, key "g<i>" = i-th group (named by its
                              content, so a new one never replaces the one the manifest lists)
-    indexes/<concept>/       FAISS index builds of a concept (written by gradindex.index; layout in gradindex.index.shards)
+    indexes/<concept>/       FAISS index builds of a concept (gradindex.index; layout in gradindex.index.shards)
     .manifest.lock           the lock every manifest read-modify-write takes (:func:`modify_manifest`)
     .writer.lock             held by the featurize run writing the store (:func:`writer_lock`)
 
@@ -517,7 +517,8 @@ class FeatureStore:
             with np.load(file) as data:
                 grams = {group: data[f"g{i}"] for i, group in enumerate(self.groups) if f"g{i}" in data.files}
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
-            raise StoreMismatchError(f"{self.path}: {name} is not a readable .npz file ({err}); featurize again") from None
+            raise StoreMismatchError(f"{self.path}: {name} is not a readable .npz file ({err}); featurize again") \
+                from None
         wrong = {g: m.shape for g, m in grams.items() if m.shape != (dims[g], dims[g])}
         if wrong:
             raise StoreMismatchError(f"{self.path}: {name} holds Gram matrices of the wrong shapes {wrong}")
@@ -535,7 +536,8 @@ def shard_rows(file: str | Path) -> int:
     try:
         return pq.read_metadata(file).num_rows
     except (pa.ArrowException, OSError) as err:
-        raise StoreMismatchError(f"{file}: not a readable Parquet shard ({_first_line(err)}); featurize again") from None
+        raise StoreMismatchError(f"{file}: not a readable Parquet shard ({_first_line(err)}); featurize again") \
+            from None
 
 
 def read_shard(

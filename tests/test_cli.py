@@ -80,7 +80,8 @@ def test_errors_are_one_line_with_exit_2(built, tmp_path):
     assert_one_line_error(run("query", root / "store", "--trust-task", "--inputs", root / "queries.npz", "-k", 0),
                           "positive integer")
     np.savez(tmp_path / "bad.npz", x=np.zeros((3, 5)), y=np.zeros(3, dtype=int))
-    assert_one_line_error(run("query", root / "store", "--trust-task", "--inputs", tmp_path / "bad.npz"), "shape [n, 4]")
+    assert_one_line_error(run("query", root / "store", "--trust-task", "--inputs", tmp_path / "bad.npz"),
+                          "shape [n, 4]")
     other = TinyTask().train(tmp_path / "other.pt", seed=3)
     assert_one_line_error(run("query", root / "store", "--task", TASK, "--inputs", root / "queries.npz",
                               "--checkpoint", other),

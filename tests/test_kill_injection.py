@@ -174,7 +174,8 @@ def _featurize_scenario(refs, work: Path):
 
     def final():
         assert np.array_equal(_rows(work), refs["ids"]["full"])
-        assert [s["sha256"] for s in manifest(work)["shards"]] == [s["sha256"] for s in manifest(refs["full"])["shards"]]
+        shas = [s["sha256"] for s in manifest(work)["shards"]]
+        assert shas == [s["sha256"] for s in manifest(refs["full"])["shards"]]
         assert not temporaries(work)
 
     return None, op, after_stop, recover, final

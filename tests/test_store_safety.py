@@ -13,7 +13,6 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -31,7 +30,7 @@ from gradindex.query import Attributor, metadata_lookup
 from gradindex.store import MANIFEST, FeatureStore, commit_manifest, prepare_store, write_shard
 from gradindex.weights import GroupWeights, save_weights
 from store_helpers import (
-    CONFIG, TASK_SPEC, answers, census, copy_store, make_store, manifest, minimal_manifest, same_answers, stored_ids,
+    CONFIG, answers, census, copy_store, make_store, manifest, minimal_manifest, same_answers, stored_ids,
     temporaries, write_manifest,
 )
 from tiny_task import CrashingTask, TinyTask
@@ -508,7 +507,8 @@ def test_a_version_1_store_is_read_and_upgraded(tmp_path):
     _as_version_1(path)
     assert manifest(path)["format_version"] == 1
     assert same_answers(answers(path), before)
-    assert GroupWeights.from_manifest(FeatureStore.open(path).manifest, "all", learned.weights).weights == learned.weights
+    upgraded = FeatureStore.open(path).manifest
+    assert GroupWeights.from_manifest(upgraded, "all", learned.weights).weights == learned.weights
     featurize_append(TinyTask(), path, show_progress=False)  # rewrites the manifest: version 2 from here on
     build_index(FeatureStore.open(path), IndexConfig(), update=True, show_progress=False)
     data = manifest(path)

@@ -36,7 +36,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gradindex.config import Balance, IndexConfig, IndexKind, SearchConfig
-from gradindex.errors import ConfigError, StoreMismatchError
+from gradindex.errors import ConfigError, GradIndexError, StoreMismatchError
 from gradindex.index.kinds import (
     PartBuilder, QueryTransform, banded_directions, check_index_kind, gpu_available, half_to_float, import_faiss,
     read_index, resolve_build,
@@ -140,8 +140,11 @@ def build_index(
             for part_shards in ranges:
                 _build_part(store, config, weights, state, part_shards, folder, show_progress)
             _commit_entry(store, config, weights, state, search, folder)
-    finally:
-        _tidy(store, config.concept)
+    except BaseException:
+        with suppress(GradIndexError, OSError):  # best effort: the build's own error is the one to report
+            _tidy(store, config.concept)
+        raise
+    _tidy(store, config.concept)
     return ShardedIndex.open(store, config.concept, device=config.device, search=search)
 
 

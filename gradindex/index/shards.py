@@ -233,7 +233,8 @@ class ShardedIndex:
 
     @property
     def weights(self) -> GroupWeights:
-        return GroupWeights(self.config.concept, self.entry["weights"]["weights"], self.entry["weights"].get("info", {}))
+        built = self.entry["weights"]
+        return GroupWeights(self.config.concept, built["weights"], built.get("info", {}))
 
     @property
     def ntotal(self) -> int:
