@@ -227,12 +227,11 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return validate_manifest(data, str(path))
 
 
-def modify_manifest(path: str | Path, change: Callable[[dict[str, Any] | None], Mapping[str, Any]],
-                    after: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def modify_manifest(path: str | Path, change: Callable[[dict[str, Any] | None], Mapping[str, Any]]) -> dict[str, Any]:
     """The one read-modify-write of ``manifest.json``: under the store lock, reread the manifest
-    (``None`` when there is none yet), write ``change(manifest)`` atomically, run ``after(new)``
-    still under the lock, and return the new manifest. Every writer goes through here, so
-    concurrent writers never lose each other's updates."""
+    (``None`` when there is none yet), validate ``change(manifest)``, write it atomically and
+    return it. Every writer goes through here, so concurrent writers never lose each other's
+    updates, and nothing is written that could not be read back."""
     path = Path(path)
     with store_lock(path):
         for stale in path.glob(f".{MANIFEST}.tmp-*"):  # of a killed writer: nobody else writes one now
@@ -241,8 +240,6 @@ def modify_manifest(path: str | Path, change: Callable[[dict[str, Any] | None], 
         new = {k: v for k, v in change(current).items() if k != "format_version"}
         new = validate_manifest({"format_version": FORMAT_VERSION, **new}, str(path))
         atomic_write_json(path / MANIFEST, new)
-        if after is not None:
-            after(new)
         return new
 
 
