@@ -599,6 +599,7 @@ def serve(store_path, concepts, host, port, max_batch, max_wait_ms, max_body_mb,
 
 
 def _serve_on_ray(store_path, concepts, config, checkpoint, device, search, ray_address, actors, replicas) -> None:
+    import signal
     import time
 
     from gradindex.distributed import import_ray, ray_session
@@ -608,7 +609,11 @@ def _serve_on_ray(store_path, concepts, config, checkpoint, device, search, ray_
     serve_module = import_serve()  # the install hints before any work
     if config.port == 0:
         raise ConfigError("--port 0 is not supported with --ray (Serve's proxy needs a fixed port)")
+    def stop(signum, frame):
+        raise KeyboardInterrupt  # SIGTERM (a service manager's stop) cleans up like Ctrl-C
+
     with ray_session(ray_address):
+        signal.signal(signal.SIGTERM, stop)  # after ray.init, which installs its own handler
         try:
             url = deploy(store_path, concepts, config, checkpoint=checkpoint, device=device, search=search,
                          actors=actors, replicas_per_part=replicas, api_replicas=replicas)
