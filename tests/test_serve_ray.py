@@ -7,7 +7,6 @@ nodes. The reference is `gradindex query --json` without Ray: the same objects.
 
 from __future__ import annotations
 
-import json
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
