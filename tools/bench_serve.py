@@ -91,6 +91,15 @@ class Client:
         self.connection.close()
 
 
+def batching(address: str) -> dict:
+    """The server's batching counters (a fresh connection: an idle one is closed after 5 s)."""
+    client = Client(address)
+    try:
+        return client.call("GET", "/v1/info")["batching"]
+    finally:
+        client.close()
+
+
 def load_level(address: str, bodies: list[dict], clients: int, seconds: float, max_requests: int) -> dict:
     """``clients`` threads sending ``bodies`` round-robin until ``seconds`` pass or ``max_requests`` are sent."""
     latencies: list[float] = []
@@ -116,8 +125,7 @@ def load_level(address: str, bodies: list[dict], clients: int, seconds: float, m
         finally:
             client.close()
 
-    info = Client(address)
-    before = info.call("GET", "/v1/info")["batching"]
+    before = batching(address)
     threads = [threading.Thread(target=worker, args=(c,)) for c in range(clients)]
     start = time.perf_counter()
     for thread in threads:
@@ -125,8 +133,7 @@ def load_level(address: str, bodies: list[dict], clients: int, seconds: float, m
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - start
-    after = info.call("GET", "/v1/info")["batching"]
-    info.close()
+    after = batching(address)
     batches = after["batches"] - before["batches"]
     return {"clients": clients, "requests": len(latencies), "seconds": wall, "qps": len(latencies) / wall,
             "p50_ms": 1e3 * percentile(latencies, 50), "p99_ms": 1e3 * percentile(latencies, 99),

@@ -399,7 +399,7 @@ class PartIndex:
         return best_scores, best_rows
 
 
-FLAT_GEMM_MIN_QUERIES = 8  # from this many queries on, a CPU flat part is searched by matrix products
+FLAT_GEMM_MIN_QUERIES = 2  # from this many queries on, a CPU flat part is searched by matrix products
 FLAT_GEMM_BLOCK_ROWS = 1 << 16  # stored vectors per product (bounds the [n, rows] score block)
 
 

@@ -67,11 +67,18 @@ class AttributionEngine:
             for concept in dict.fromkeys(concepts or ("all",)):
                 attributors[concept] = Attributor.open(store, concept=concept, checkpoint=checkpoint, device=device,
                                                        search=search)
-            return cls(store, attributors, config)
+            engine = cls(store, attributors, config)
+            engine.warm_up()
+            return engine
         except BaseException:
             for attributor in attributors.values():
                 attributor.close()
             raise
+
+    def warm_up(self) -> None:
+        """Search each index once with a batch (first-use costs, such as BLAS set-up, before the first request)."""
+        for attributor in self.attributors.values():
+            attributor.index.search(np.zeros((2, attributor.index.entry["dim"]), np.float32), 1)
 
     @property
     def concepts(self) -> list[str]:
