@@ -21,12 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from lm_reference import write_tiny_corpus  # noqa: E402
+from tiny_task import TinyTask  # noqa: E402
 
 from gradindex.cli import main  # noqa: E402
 from gradindex.config import FeaturizeConfig, IndexConfig, ProjectionConfig, ServeConfig  # noqa: E402
@@ -306,3 +308,30 @@ def test_cli_serve_without_fastapi_prints_the_install_hint(digits, monkeypatch):
 def test_cli_serve_refuses_an_unknown_concept(digits):
     result = CliRunner().invoke(main, ["serve", str(digits[0].path), "--concept", "style", "--port", "0"])
     assert result.exit_code == 2 and "style" in result.output
+
+
+# -- Task.queries_from_json's default: through the task's own query file ---------------------------
+class JsonlTask(TinyTask):
+    """TinyTask reading JSONL query files ({"x": [4 numbers], "y": label} a line)."""
+
+    def load_queries(self, path):
+        records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        x = np.array([r["x"] for r in records], np.float32)
+        return torch.utils.data.TensorDataset(torch.from_numpy(x), torch.tensor([r["y"] for r in records]))
+
+
+def test_default_queries_from_json_goes_through_the_query_file(tmp_path):
+    task = TinyTask()
+    x, y = task.x[40:44], task.y[40:44]
+    np.savez(tmp_path / "q.npz", x=x, y=y)
+    from_file = task.load_queries(tmp_path / "q.npz")
+    from_json = task.queries_from_json({"x": x.tolist(), "y": y.tolist()})  # an object of arrays -> .npz
+    for a, b in zip(from_json.tensors, from_file.tensors):
+        assert torch.equal(a, b)
+    records = JsonlTask().queries_from_json([{"x": row.tolist(), "y": int(label)} for row, label in zip(x, y)])
+    for a, b in zip(records.tensors, from_file.tensors):  # a list of records -> .jsonl
+        assert torch.equal(a, b)
+    with pytest.raises(ConfigError, match="not a rectangular array"):
+        task.queries_from_json({"x": [[1.0], [1.0, 2.0]], "y": [0, 1]})
+    with pytest.raises(ConfigError, match="an object of arrays or a list of records"):
+        task.queries_from_json("x")

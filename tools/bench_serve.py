@@ -60,6 +60,13 @@ def query_inputs(store: str, count: int) -> tuple[np.ndarray, np.ndarray]:
     return (x[:count].numpy().reshape(-1, 8, 8) * 16.0).astype(np.float32), y[:count].numpy()
 
 
+def store_size(store: str) -> str:
+    manifest = json.loads((Path(store) / "manifest.json").read_text())
+    index = manifest.get("indexes", {}).get("all", {})
+    dim = sum(g["dim"] for g in manifest["groups"])
+    return f"{manifest['num_samples']} vectors × {dim} ({index.get('kind', 'no index')} index)"
+
+
 def time_query_calls(store: str, inputs: Path, k: int, calls: int, env: dict[str, str]) -> tuple[list[float], list]:
     times, answer = [], None
     for _ in range(calls):
@@ -192,7 +199,10 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=60)
 
-    print(f"\n`gradindex query` per call: median {query_wall:.2f} s wall over {len(query_times)} calls; "
+    threads = os.environ.get("OMP_NUM_THREADS", "default")
+    print(f"\n{args.store}: {store_size(args.store)}; OMP_NUM_THREADS={threads}; --max-batch {args.max_batch} "
+          f"--max-wait-ms {args.max_wait_ms:g}; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    print(f"`gradindex query` per call: median {query_wall:.2f} s wall over {len(query_times)} calls; "
           f"`serve` start-up to first answer {startup:.1f} s\n")
     print("| clients | requests | p50 ms | p99 ms | QPS | queries / batch | p50 vs `query` per call |")
     print("|---|---|---|---|---|---|---|")
