@@ -36,14 +36,15 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
 from gradindex.manifest_schema import FORMAT_VERSION, manifest_paths, validate_manifest
+
+if TYPE_CHECKING:  # pyarrow is imported where shards are read or written: `info` reads only the manifest
+    import pyarrow as pa
 
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
@@ -116,6 +117,9 @@ def write_shard(
     run_key: str = "",
 ) -> ShardInfo:
     """Write one shard (temp name → rename), then its sidecar; return its :class:`ShardInfo`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     store = Path(store)
     (store / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     rows = len(sample_ids)
@@ -530,6 +534,9 @@ def _present(manifest: dict[str, Any] | None, path: Path) -> dict[str, Any]:
 
 def shard_rows(file: str | Path) -> int:
     """The row count a Parquet shard's footer records (a one-line error if it is no Parquet file)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
         return pq.read_metadata(file).num_rows
     except (pa.ArrowException, OSError) as err:
@@ -545,6 +552,9 @@ def read_shard(
     The one place shards are read: a file that is no shard of this layout is a one-line
     ``StoreMismatchError``.
     """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     columns = ["sample_id", *(FEATURE_PREFIX + g for g in groups), *(META_PREFIX + m for m in meta_names)]
     try:
         table = pq.read_table(file, columns=columns)
