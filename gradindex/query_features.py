@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gradindex.config import DEFAULT_DAMPING, FeaturizeConfig, Preconditioner
+from gradindex.devices import resolve_device
 from gradindex.errors import ConfigError, StoreMismatchError
 from gradindex.featurize import featurize_rows, resolve_groups
 from gradindex.gradients import GradientProjector
@@ -88,7 +89,7 @@ class QueryFeaturizer:
         store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
         task = load_store_task(store)
         check_concept(task, concept)
-        torch_device = torch.device(device)
+        torch_device = resolve_device(device)
         model = task.load_model(checkpoint or store.manifest.get("checkpoint")).to(torch_device).eval()
         fingerprint = model_fingerprint(model)
         if fingerprint != store.manifest["model_fingerprint"]:
