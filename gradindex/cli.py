@@ -49,6 +49,8 @@ class _Group(click.Group):
             message = task_code_error(err)
             if message is None and isinstance(err, OSError) and err.errno != errno.EPIPE:  # click handles EPIPE
                 message = _os_error_line(err)
+            if message is None and isinstance(err, ValueError) and "null byte" in str(err):
+                message = "a path or argument contains a NUL byte (\\x00)"
             if message is None and isinstance(err, EOFError):
                 message = f"unexpected end of data ({err or 'a truncated or empty input file?'})"
             if message is None:

@@ -86,12 +86,30 @@ def parse_enum(enum_type: type[enum.Enum], value: Any, field_name: str) -> enum.
         raise ConfigError(f"{field_name}: expected one of {choices}, got {value!r}") from None
 
 
-def require_positive(value: Any, field_name: str, numpy_ok: bool = False) -> None:
+def require_positive(value: Any, field_name: str, numpy_ok: bool = False, maximum: int | None = None) -> None:
     """One-line ``ConfigError`` unless ``value`` is a positive ``int`` (never a bool; with
-    ``numpy_ok`` numpy integers pass too, e.g. a ``k`` computed from array shapes)."""
+    ``numpy_ok`` numpy integers pass too, e.g. a ``k`` computed from array shapes), at most ``maximum``."""
     kind = numbers.Integral if numpy_ok else int
     if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
         raise ConfigError(f"{field_name}: expected a positive integer, got {value!r}")
+    require_at_most(value, maximum, field_name)
+
+
+def require_at_most(value: Any, maximum: int | None, field_name: str) -> None:
+    """One-line ``ConfigError`` when an integer knob exceeds what the stage can honour (memory, FAISS's C ints)."""
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{field_name}: expected at most {maximum:,}, got {value!r}")
+
+
+#: Upper bounds of integer knobs: beyond them a value only exhausts memory or time (or overflows FAISS's
+#: 32-bit C ints), never helps.
+INT32_MAX = 2**31 - 1
+MAX_NLIST = 1 << 16  # direction cells per norm band
+MAX_BANDS = 32  # the top band would hold 2^-31 of the norms
+MAX_HNSW_M = 512
+MAX_EF = 1 << 16  # HNSW beam widths (efConstruction, efSearch)
+MAX_STEPS = 100_000  # weight-learning Adam steps
+MAX_MODELS = 100_000  # LDS retrained models
 
 
 def require_number(value: Any, field_name: str, minimum: float | None = None, maximum: float | None = None,
@@ -226,14 +244,14 @@ class ProjectionConfig(_Config):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", parse_enum(ProjectionKind, self.kind, "ProjectionConfig.kind"))
-        require_positive(self.proj_dim, "ProjectionConfig.proj_dim")
+        require_positive(self.proj_dim, "ProjectionConfig.proj_dim", maximum=MAX_INDEX_DIM)
         pairs = tuple(tuple(item) for item in self.group_dims)
         for item in pairs:
             if len(item) != 2 or not isinstance(item[0], str):
                 raise ConfigError(f"ProjectionConfig.group_dims: expected (group, dim) pairs, got {item!r}")
-            require_positive(item[1], f"ProjectionConfig.group_dims[{item[0]!r}]")
+            require_positive(item[1], f"ProjectionConfig.group_dims[{item[0]!r}]", maximum=MAX_INDEX_DIM)
         object.__setattr__(self, "group_dims", pairs)
-        require_positive(self.factor_dim, "ProjectionConfig.factor_dim")
+        require_positive(self.factor_dim, "ProjectionConfig.factor_dim", maximum=MAX_INDEX_DIM)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"ProjectionConfig.seed: expected a non-negative integer, got {self.seed!r}")
 
@@ -309,12 +327,14 @@ class IndexConfig(_Config):
         object.__setattr__(self, "damping", check_damping(self.damping, "IndexConfig.damping"))
         if self.device not in ("cpu", "cuda", "auto"):
             raise ConfigError(f"IndexConfig.device: expected cpu, cuda or auto, got {self.device!r}")
+        limits = {"nlist": MAX_NLIST, "bands": MAX_BANDS, "pq_bytes": MAX_INDEX_DIM, "seed": INT32_MAX - 1}
         for name in ("nlist", "bands", "pq_bytes", "train_size", "shards_per_part", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"IndexConfig.{name}: expected a non-negative integer (0 = auto), got {value!r}")
-        require_positive(self.hnsw_m, "IndexConfig.hnsw_m")
-        require_positive(self.ef_construction, "IndexConfig.ef_construction")
+            require_at_most(value, limits.get(name), f"IndexConfig.{name}")
+        require_positive(self.hnsw_m, "IndexConfig.hnsw_m", maximum=MAX_HNSW_M)
+        require_positive(self.ef_construction, "IndexConfig.ef_construction", maximum=MAX_EF)
         if self.keep_vectors not in (None, True, False):
             raise ConfigError(f"IndexConfig.keep_vectors: expected true, false or null, got {self.keep_vectors!r}")
 
@@ -329,10 +349,12 @@ class SearchConfig(_Config):
     prune: bool = True  # skip norm bands whose bound ‖q‖·max‖x‖ cannot beat the current k-th score
 
     def __post_init__(self) -> None:
+        limits = {"nprobe": MAX_NLIST, "ef_search": MAX_EF, "rerank": INT32_MAX}
         for name in ("nprobe", "ef_search", "rerank"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"SearchConfig.{name}: expected a non-negative integer (0 = default), got {value!r}")
+            require_at_most(value, limits[name], f"SearchConfig.{name}")
         if not isinstance(self.prune, bool):
             raise ConfigError(f"SearchConfig.prune: expected true or false, got {self.prune!r}")
 
@@ -360,7 +382,7 @@ class LDSConfig(_Config):
     training_seed: int | None = None
 
     def __post_init__(self) -> None:
-        require_positive(self.num_models, "LDSConfig.num_models")
+        require_positive(self.num_models, "LDSConfig.num_models", maximum=MAX_MODELS)
         object.__setattr__(self, "fraction", require_number(self.fraction, "LDSConfig.fraction", above=0, below=1))
         _require_seed(self.seed, "LDSConfig.seed")
         if self.training_seed is not None:
@@ -410,7 +432,7 @@ class LearnConfig(_Config):
         object.__setattr__(self, "method", parse_enum(LearnMethod, self.method, "LearnConfig.method"))
         object.__setattr__(self, "example_norm", parse_enum(ExampleNorm, self.example_norm, "LearnConfig.example_norm"))
         for name in ("num_queries", "reference_size", "top_k", "steps"):
-            require_positive(getattr(self, name), f"LearnConfig.{name}")
+            require_positive(getattr(self, name), f"LearnConfig.{name}", maximum=MAX_STEPS if name == "steps" else None)
         object.__setattr__(self, "damping", check_damping(self.damping, "LearnConfig.damping"))
         object.__setattr__(self, "regularization", require_number(self.regularization, "LearnConfig.regularization",
                                                                   minimum=0))

@@ -29,10 +29,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -43,7 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gradindex.config import DEFAULT_DAMPING, LDSConfig, Preconditioner, check_damping, require_positive
-from gradindex.errors import ConfigError, StoreMismatchError, TaskError
+from gradindex.errors import ConfigError, GradIndexError, StoreMismatchError, TaskError
 from gradindex.precondition import QueryPreconditioner
 from gradindex.projection import derive_seed
 from gradindex.query_features import QueryFeaturizer, measurement_function
@@ -292,7 +294,12 @@ def retrain(
                                      initializer=torch.set_num_threads, initargs=(threads,)) as pool:
                 futures = [pool.submit(_run_job, job) for job in jobs]
                 for done, future in enumerate(as_completed(futures), start=1):
-                    future.result()
+                    try:
+                        future.result()
+                    except GradIndexError:
+                        raise
+                    except Exception as err:  # the task's code failed in a worker: one line, not its traceback
+                        raise TaskError(f"LDS worker: {_worker_failure(err)}") from err
                     finished(done)
         bar.close()
     measurements = {c: np.zeros((config.num_models, len(queries))) for c in concepts}
@@ -409,6 +416,23 @@ def _measurement_path(cache: Path, key: str, model: int) -> Path:
 
 def _positions(sample_ids: np.ndarray) -> dict[int, int]:
     return {int(i): p for p, i in enumerate(sample_ids)}
+
+
+def _worker_failure(err: BaseException) -> str:
+    """What failed in a worker process, with the innermost frame outside gradindex and the
+    standard library (the task's own file:line) when the worker's traceback names one."""
+    if isinstance(err, BrokenProcessPool):
+        return ("a training process died (the task's train() or load_model() called sys.exit, crashed or ran out "
+                "of memory); rerun with --workers 1 to see where")
+    text = " ".join(str(err).split())
+    what = f"{type(err).__name__}" + (f": {text[:300]}" if text else "")
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', str(getattr(err.__cause__, "tb", "")))
+    package, library = str(Path(__file__).parent), str(Path(os.__file__).parent)
+    own = [f for f in frames if not f[0].startswith((package, library)) and "<frozen" not in f[0]]
+    if own:
+        file, line, function = own[-1]
+        return f"task code ({function}) raised {what} ({file}:{line})"
+    return what
 
 
 def _check_loadable(spec: Mapping[str, Any]) -> None:

@@ -87,23 +87,23 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise ArtifactNotFoundError(f"no query inputs file at {path}")
     records = []
-    number = 0
-    try:
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except (ValueError, RecursionError) as err:
-                    raise ConfigError(f"{path}:{number}: not valid JSON ({type(err).__name__}: "
-                                      f"{' '.join(str(err).split())[:200]})") from None
-                if not isinstance(record, dict):
-                    raise ConfigError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-                records.append((number, record))
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}:{number + 1}: not UTF-8 text (byte {err.object[err.start]:#04x}); "
-                          "JSONL query files must be UTF-8") from None
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark is not JSON
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"{path}:{number}: not UTF-8 text (byte {err.object[err.start]:#04x}); "
+                                  "JSONL query files must be UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError) as err:
+                raise ConfigError(f"{path}:{number}: not valid JSON ({type(err).__name__}: "
+                                  f"{' '.join(str(err).split())[:200]})") from None
+            if not isinstance(record, dict):
+                raise ConfigError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            records.append((number, record))
     if not records:
         raise ConfigError(f"{path}: no queries (expected JSONL lines like {{\"prompt\": ..., \"completion\": ...}})")
     return records

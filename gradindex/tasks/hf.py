@@ -179,5 +179,6 @@ class HFCausalLMTask(CausalLMTask):
 
     def query_dataset(self) -> Sequence:
         if not self.query_file:
-            raise ConfigError("hf task: no default queries; pass the option query_file=FILE.jsonl")
+            raise ConfigError("hf task: no default queries; pass a query file with --inputs FILE.jsonl, or the task "
+                              "option query_file=FILE.jsonl")
         return self.load_queries(self.query_file)
