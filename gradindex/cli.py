@@ -69,7 +69,7 @@ def _usage_line(err: click.UsageError) -> str:
 
 
 def _os_error_line(err: OSError) -> str:
-    """``cannot write PATH: No space left on device`` and the like."""
+    """``PATH: No space left on device`` and the like (the error's own text when it names no file)."""
     target = err.filename if err.filename is not None else ""
     reason = err.strerror or str(err) or type(err).__name__
     return f"{target}: {reason}" if target else f"{type(err).__name__}: {reason}"
@@ -128,6 +128,8 @@ proj_options = [
                  help="Side of each stacked Kronecker head for linear/conv/embedding blocks "
                       "(√proj-dim: one LoGra Kronecker product)."),
 ]
+
+
 def _device(ctx: click.Context, param: click.Parameter, value: str) -> str:
     from gradindex.config import parse_device
 
@@ -153,6 +155,8 @@ ray_option = click.option("--ray", "ray_address", is_flag=False, flag_value="loc
                           help="Run on Ray (pip install 'gradindex[ray]'): bare --ray starts a local cluster bound "
                                "to 127.0.0.1; ADDRESS (auto, HOST:PORT, ray://HOST:PORT) joins a running one. "
                                "Put it after the positional arguments.")
+
+
 def _timeout(ctx: click.Context, param: click.Parameter, value: float) -> float:
     from gradindex.config import require_number
 
@@ -530,7 +534,7 @@ def eval_group() -> None:
 def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, workers, inputs, concept, damping,
              as_json, device) -> None:
     """LDS of STORE's attributions (uniform, each group alone, learned) against retrained models."""
-    from gradindex.config import check_damping, require_positive
+    from gradindex.config import MAX_WORKERS, check_damping, require_positive
     from gradindex.devices import resolve_device
     from gradindex.lds import lds_report, retrain
     from gradindex.query_features import check_concept, load_store_task
@@ -539,7 +543,7 @@ def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, 
 
     config = LDSConfig(num_models=num_models, fraction=fraction, seed=seed, training_seed=training_seed)
     check_damping(damping, "--damping")
-    require_positive(workers, "--workers")
+    require_positive(workers, "--workers", maximum=MAX_WORKERS)
     resolve_device(device, "--device")
     store = FeatureStore.open(store_path)
     task = load_store_task(store)

@@ -110,6 +110,7 @@ MAX_HNSW_M = 512
 MAX_EF = 1 << 16  # HNSW beam widths (efConstruction, efSearch)
 MAX_STEPS = 100_000  # weight-learning Adam steps
 MAX_MODELS = 100_000  # LDS retrained models
+MAX_WORKERS = 1024  # local training processes
 
 
 def require_number(value: Any, field_name: str, minimum: float | None = None, maximum: float | None = None,

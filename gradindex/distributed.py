@@ -128,8 +128,9 @@ def check_ray_address(address: str | None, timeout: float = CONNECT_TIMEOUT) -> 
             pass
     except OSError as err:
         reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or type(err).__name__)
-        raise ConfigError(f"--ray {address}: no Ray cluster answers there ({reason} within {timeout:g} s); start one "
-                          "with `ray start --head`, check the address, or use a bare --ray for a local cluster") from None
+        raise ConfigError(f"--ray {address}: no Ray cluster answers there ({reason} within {timeout:g} s); start "
+                          "one with `ray start --head`, check the address, or use a bare --ray for a local "
+                          "cluster") from None
 
 
 @contextmanager

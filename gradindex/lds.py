@@ -44,7 +44,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradindex.config import DEFAULT_DAMPING, LDSConfig, Preconditioner, check_damping, require_positive
+from gradindex.config import (
+    DEFAULT_DAMPING,
+    MAX_WORKERS,
+    LDSConfig,
+    Preconditioner,
+    check_damping,
+    require_positive,
+)
 from gradindex.errors import ConfigError, GradIndexError, StoreMismatchError, TaskError
 from gradindex.precondition import QueryPreconditioner
 from gradindex.projection import derive_seed
@@ -244,7 +251,7 @@ def retrain(
     ``workers > 1`` each worker rebuilds the task from ``task.spec()``, so the task
     must be loadable by :func:`load_task`.
     """
-    require_positive(workers, "workers")
+    require_positive(workers, "workers", maximum=MAX_WORKERS)
     require_training_routine(task, "LDS")
     cache = Path(cache)
     dataset = task.train_dataset()

@@ -103,6 +103,8 @@ class QueryFeaturizer:
     def group_features(self, dataset: Sequence, batch_size: int = 64,
                        show_progress: bool = False) -> dict[str, np.ndarray]:
         """``{group: −ψ_g(q) [n, k_g]}`` (float32) for every item of ``dataset``."""
+        if len(dataset) == 0:
+            raise ConfigError("no queries: the query inputs hold no items")
         with tqdm(total=len(dataset), desc="query features", unit="q", disable=not show_progress) as bar:
             feats = featurize_rows(self.task, self.model, dataset, range(len(dataset)), self.projector, batch_size,
                                    self.device, measurement=self.measurement, bar=bar)

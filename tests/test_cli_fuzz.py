@@ -41,7 +41,7 @@ TASK = f"{Path(__file__).parent / 'tiny_task.py'}:TinyTask"
 CASES: dict[tuple, int] = {}  # distinct case -> exit status
 FRESH = itertools.count()  # fresh output names
 
-FUZZ = settings(derandomize=True, database=None, deadline=None, max_examples=40, print_blob=False,
+FUZZ = settings(derandomize=True, database=None, deadline=None, max_examples=120, print_blob=False,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.data_too_large])
 
@@ -359,6 +359,8 @@ def test_eval_lds_and_demo(world, cwd, data):
         words = _flags(data.draw, options)
         if "--models" not in words:
             words += ["--models", "2"]  # the default (64 models) is for real runs
+        if "--workers" not in words:
+            words += ["--workers", "1"]  # the default (2 spawned processes) takes seconds to start
         check(["eval", "lds", str(world / "store-lds"), *words])
     else:
         options = {"-k": SMALL_INTS, "--queries": SMALL_INTS, "--device": DEVICES,
@@ -384,7 +386,7 @@ def lm_store(tmp_path_factory):
     return root / "store", task.query_records(), task.vocab_size
 
 
-@settings(FUZZ, max_examples=30)
+@settings(FUZZ, max_examples=60)
 @given(data=st.data())
 def test_lm_query_files(lm_store, cwd, data):
     store, good, vocab_size = lm_store
@@ -403,7 +405,7 @@ def digits_store(tmp_path_factory):
     return root / "store"
 
 
-@settings(FUZZ, max_examples=30)
+@settings(FUZZ, max_examples=60)
 @given(data=st.data())
 def test_digits_query_files(digits_store, cwd, data):
     path = cwd / data.draw(st.sampled_from(["q.npz", "q.npy", "q.bin"]))
