@@ -34,6 +34,8 @@ class _Group(click.Group):
         try:
             return super().make_context(info_name, args, parent, **extra)
         except click.UsageError as err:
+            if isinstance(err, _HELP):
+                raise
             _fail(_usage_line(err))
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -42,6 +44,8 @@ class _Group(click.Group):
         except GradIndexError as err:
             _fail(str(err))
         except click.UsageError as err:
+            if isinstance(err, _HELP):
+                raise
             _fail(_usage_line(err))
         except (Exception, SystemExit) as err:
             from gradindex.task import task_code_error
@@ -61,6 +65,9 @@ class _Group(click.Group):
 def _fail(message: str) -> None:
     click.echo("error: " + " ".join(message.split()), err=True)
     sys.exit(2)
+
+
+_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # a bare group prints its help (click >= 8.2)
 
 
 def _usage_line(err: click.UsageError) -> str:

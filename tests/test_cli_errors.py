@@ -71,6 +71,18 @@ def write_task(folder: Path, body: str, name: str = "user_task.py") -> str:
     return f"{path}:UserTask"
 
 
+# -- usage errors -------------------------------------------------------------------------------------------
+def test_usage_errors_are_one_line_and_bare_groups_still_show_their_help(tmp_path):
+    one_line_error(run("featurize", TASK, "--out", tmp_path / "s", "--proj-dim", "abc"),
+                   "featurize: Invalid value for '--proj-dim'", "--help")
+    one_line_error(run("query"), "Missing argument 'STORE'")
+    one_line_error(run("nosuch"), "No such command 'nosuch'")
+    one_line_error(CliRunner().invoke(main, ["--bogus"]), "No such option '--bogus'")
+    for group in ([], ["eval"]):
+        shown = CliRunner().invoke(main, group)
+        assert "Usage:" in shown.output and "Commands:" in shown.output and "error:" not in shown.output
+
+
 # -- item 9: devices, task options, errors inside user task code, sys.exit -------------------------------
 def test_device_strings_are_checked_once_in_config():
     for good in ("cpu", "cuda", "cuda:1", "mps"):

@@ -383,7 +383,7 @@ def lm_store(tmp_path_factory):
         "--out", root / "store", "--proj-dim", 4)
     _ok("build-index", root / "store")
     task = load_task("lm", options)
-    return root / "store", task.query_records(), task.vocab_size
+    return root / "store", task.query_records(), len(task.tokenizer)
 
 
 @settings(FUZZ, max_examples=60)
