@@ -46,10 +46,11 @@ class _Group(click.Group):
             if isinstance(err, _HELP):
                 raise
             _fail(_usage_line(err))
+        except (click.exceptions.Exit, click.Abort):
+            raise
         except (Exception, SystemExit) as err:
-            from gradindex.task import task_code_error
-
-            message = task_code_error(err)
+            task_module = sys.modules.get("gradindex.task")  # not imported: no task code ran (and no torch)
+            message = task_module.task_code_error(err) if task_module is not None else None
             if message is None and isinstance(err, OSError) and err.errno != errno.EPIPE:  # click handles EPIPE
                 message = _os_error_line(err)
             if message is None and isinstance(err, ValueError) and "null byte" in str(err):

@@ -434,6 +434,9 @@ def write_score_matrix(path: str | Path, num_queries: int, num_samples: int,
             path.unlink(missing_ok=True)  # never an old matrix beside the new ids
             os.replace(ids_tmp, score_ids_path(path))
         else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
             schema = pa.schema([("sample_id", pa.int64()), ("scores", pa.list_(pa.float32(), num_queries))])
             rows = 0
             with pq.ParquetWriter(tmp, schema, compression="none") as writer:

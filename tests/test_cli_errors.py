@@ -227,10 +227,10 @@ def test_non_utf8_jsonl_is_one_error(lm_task, tmp_path):
 
 
 def test_full_disk_during_featurize_is_one_line_and_leaves_no_complete_store(built, tmp_path, monkeypatch):
-    import gradindex.store as store_module
+    import pyarrow.parquet
 
     _, checkpoint = built
-    real = store_module.pq.write_table
+    real = pyarrow.parquet.write_table
     calls = []
 
     def full_disk(table, where, **kwargs):
@@ -240,7 +240,7 @@ def test_full_disk_during_featurize_is_one_line_and_leaves_no_complete_store(bui
             raise OSError(errno.ENOSPC, "No space left on device", str(where))
         return real(table, where, **kwargs)
 
-    monkeypatch.setattr(store_module.pq, "write_table", full_disk)
+    monkeypatch.setattr(pyarrow.parquet, "write_table", full_disk)
     out = tmp_path / "store"
     one_line_error(run("featurize", TASK, "--out", out, "--checkpoint", checkpoint, "--proj-dim", 8,
                        "--shard-size", 16), "No space left on device")
