@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from gradindex.config import FeaturizeConfig
+from gradindex.devices import resolve_device
 from gradindex.errors import StoreMismatchError, TaskError
 from gradindex.featurize import (
     _run_key, check_sidecars, featurize_rows, planned_group_entries, prepare_run, storage_dtype,
@@ -63,7 +63,7 @@ def _append(task: Task, store: FeatureStore, checkpoint: str | Path | None, devi
     manifest = store.manifest
     check_projection_format(manifest["projection_format"], str(store.path))
     config = FeaturizeConfig.from_dict(manifest["config"])
-    torch_device = torch.device(device)
+    torch_device = resolve_device(device)
     run = prepare_run(task, config, checkpoint or manifest.get("checkpoint"), torch_device, limit)
     if run.fingerprint != manifest["model_fingerprint"]:
         raise StoreMismatchError(f"{store.path}: featurize --append needs the store's checkpoint (other parameters)")

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from gradindex.config import Balance, IndexConfig, IndexKind, SearchConfig
+from gradindex.config import Balance, IndexConfig, IndexKind, SearchConfig, check_index_dim
 from gradindex.errors import ConfigError, GradIndexError, StoreMismatchError
 from gradindex.index.kinds import (
     PartBuilder, QueryTransform, banded_directions, check_index_kind, gpu_available, half_to_float, import_faiss,
@@ -95,6 +95,7 @@ def build_index(
     store shards no part covers yet (e.g. after ``featurize --append``), leaving the rest as they are.
     ``train_only``: a fresh partition with its trained state and no parts yet (then ``shards=`` per machine).
     """
+    check_index_dim(store.dim, f"build-index {store.path}")
     groups = store.groups
     concept_dir(store, config.concept)  # a safe folder before anything is read or written
     if weights is None:
