@@ -814,13 +814,21 @@ def info(store_path, as_json) -> None:
             snr = (f", {learned['num_queries']} queries x {learned['reference_size']} examples, mean SNR "
                    f"{learned['snr_uniform']:.3f} (uniform) -> {learned['snr_learned']:.3f}"
                    if {"num_queries", "reference_size", "snr_uniform", "snr_learned"} <= set(learned) else "")
-            click.echo(f"weights {concept!r}: {learned['method']} for {key}{snr}; digest {learned['digest']}")
+            setting = _setting(learned) if "preconditioner" in learned else key
+            click.echo(f"weights {concept!r}: {learned['method']} for {setting}{snr}; digest {learned['digest']}")
     for concept, index in summary["indexes"].items():
-        line = (f"index {concept!r}: {index['kind']}, {index['setting']}, {index['ntotal']} vectors in "
+        line = (f"index {concept!r}: {index['kind']}, {_setting(index)}, {index['ntotal']} vectors in "
                 f"{index['parts']} part(s); built with weights {index['weights']}")
         if index["stale"]:
             line += f"; the store's current weights are {index['current_weights']}: run build-index again to use them"
         click.echo(line)
+
+
+def _setting(config: dict[str, Any]) -> str:
+    """``gram (damping 0.1)`` or ``identity``: the damping only where it applies."""
+    if config.get("preconditioner") == "gram":
+        return f"gram (damping {config.get('damping')})"
+    return str(config.get("preconditioner"))
 
 
 @eval_group.command("recall")

@@ -50,8 +50,9 @@ def store_summary(store: FeatureStore) -> dict[str, Any]:
     for concept in sorted(manifest.get("weights", {})):
         for key, w in learned_weights(manifest, concept, store.groups).items():
             keep = ("num_queries", "reference_size", "snr_uniform", "snr_learned")
+            setting = {k: v for k, v in (w.info.get("config") or {}).items() if k in ("preconditioner", "damping")}
             learned.setdefault(concept, {})[key] = {"method": w.info.get("method", "given"), "digest": w.digest(),
-                                                    **{k: w.info[k] for k in keep if k in w.info}}
+                                                    **setting, **{k: w.info[k] for k in keep if k in w.info}}
     indexes = {}
     for concept, entry in sorted(manifest.get("indexes", {}).items()):
         cfg = entry["config"]
