@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from gradindex.config import Balance, IndexConfig, IndexKind, SearchConfig, check_index_dim
+from gradindex.config import Balance, IndexConfig, IndexKind, SearchConfig, check_index_dim, setting_key
 from gradindex.errors import ConfigError, GradIndexError, StoreMismatchError
 from gradindex.index.kinds import (
     PartBuilder, QueryTransform, banded_directions, check_index_kind, gpu_available, half_to_float, import_faiss,
@@ -60,7 +60,7 @@ from gradindex.store import (
     temporary_path, write_arrays,
 )
 from gradindex.topk import TopK, merge_topk
-from gradindex.weights import GroupWeights, scaled_vectors
+from gradindex.weights import GroupWeights, learned_weights, scaled_vectors
 
 __all__ = [
     "GradIndex", "IndexPart", "ShardedIndex", "TopK", "build_index", "gpu_available", "import_faiss",
@@ -101,6 +101,10 @@ def build_index(
     if weights is None:
         weights = GroupWeights.from_manifest(store.manifest, config.concept, groups, config.preconditioner,
                                              config.damping)
+        other = learned_weights(store.manifest, config.concept, groups)
+        if other and weights.info.get("method") == "uniform":
+            logger.info("concept %r has weights learned for %s, none for %s: this index uses uniform weights",
+                        config.concept, ", ".join(other), setting_key(config.preconditioner, config.damping))
     weights.check_setting(config.preconditioner, config.damping)
     num_shards = len(store.manifest["shards"])
     existing = store.manifest.get("indexes", {}).get(config.concept)
