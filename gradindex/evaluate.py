@@ -19,9 +19,10 @@ import torch
 from gradindex.config import require_positive
 from gradindex.errors import ConfigError
 from gradindex.index import TopK
-from gradindex.query import Attributor
+from gradindex.query import Attributor, stored_vector_blocks
 from gradindex.query_features import load_store_task
 from gradindex.store import FeatureStore
+from gradindex.task import default_queries
 
 
 def exact_topk(queries: np.ndarray, blocks: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> TopK:
@@ -73,14 +74,6 @@ class RecallResult:
         return dict(self.__dict__)
 
 
-def stored_vector_blocks(store: FeatureStore, weights) -> Iterable[tuple[np.ndarray, np.ndarray]]:
-    """``(sample_ids, v(x) = [√w_g φ_g(x)])`` of the store, shard by shard (exact-search input)."""
-    from gradindex.weights import scaled_vectors
-
-    for ids, feats, _ in store.iter_shards(store.groups):
-        yield np.array(ids), scaled_vectors(feats, weights, store.groups)
-
-
 def index_recall(store: FeatureStore, concept: str = "all", query_vectors: np.ndarray | None = None,
                  queries: Sequence | None = None, k: int = 10, search=None, device: str = "cpu",
                  num_queries: int | None = None, shared: bool | None = None,
@@ -103,7 +96,7 @@ def index_recall(store: FeatureStore, concept: str = "all", query_vectors: np.nd
                                           device=device)
         attributor = Attributor(featurizer, index, weights)
         try:
-            dataset = queries if queries is not None else attributor.task.query_dataset()
+            dataset = queries if queries is not None else default_queries(attributor.task)
             if num_queries is not None:
                 dataset = torch.utils.data.Subset(dataset, range(min(num_queries, len(dataset))))
             query_vectors = attributor.query_vectors(dataset)
@@ -121,8 +114,8 @@ def index_recall(store: FeatureStore, concept: str = "all", query_vectors: np.nd
         setting, per_query, reached, _ = cheapest_reaching(index, single, exact, target, k, search)
         knobs, knobs_recall = setting.to_dict(), float(per_query.mean())
     return RecallResult(concept, index.kind, k, len(query_vectors), recall, index.ntotal,
-                        (search.to_dict() if search is not None else index.entry.get("search", {})),
-                        target, knobs, knobs_recall, reached)
+                        index.parts[0].search_config.to_dict() if index.parts else {}, target, knobs, knobs_recall,
+                        reached)
 
 
 def concept_precision(
@@ -196,7 +189,7 @@ def evaluate_precision(
             f"{store.path}: no concept partition to evaluate (the task measures {list(task.concepts) or 'none'}, "
             f"built: {sorted(built) or 'none'}); run `gradindex build-index {store.path} --concept C`"
         )
-    queries = task.query_dataset() if queries is None else queries
+    queries = default_queries(task) if queries is None else queries
     query_meta = task.metadata(queries)
     train_ids, train_meta = store.read_metadata() if store.metadata_columns else (None, {})
     results = []

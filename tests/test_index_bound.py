@@ -18,6 +18,7 @@ from gradindex.config import IndexConfig, SearchConfig
 from gradindex.index import build_index
 from gradindex.index.probe import CellStats
 from gradindex.store import FeatureStore, commit_manifest, prepare_store, write_shard
+from store_helpers import minimal_manifest
 
 DIM = 8
 
@@ -26,8 +27,7 @@ def make_store(path, x: np.ndarray) -> FeatureStore:
     """A one-group store holding ``x [n, DIM]`` (sample ids 0..n-1)."""
     path = prepare_store(path)
     shard = write_shard(path, 0, np.arange(len(x)), {"g": x.astype(np.float32)})
-    commit_manifest(path, {"task": {"task": "none"}, "groups": [{"name": "g", "dim": DIM}],
-                           "num_samples": len(x), "shards": [shard.to_dict()]})
+    commit_manifest(path, minimal_manifest([shard.to_dict()], {"g": DIM}))
     return FeatureStore.open(path)
 
 

@@ -16,6 +16,7 @@ from gradindex.index import GradIndex, build_index
 from gradindex.index import calibrate as cal
 from gradindex.precondition import GramAccumulator
 from gradindex.store import FeatureStore, commit_manifest, prepare_store, write_arrays, write_shard
+from store_helpers import minimal_manifest
 
 GROUPS = {"a": 24, "b": 16}
 N = 4000
@@ -36,8 +37,7 @@ def store(tmp_path_factory):
     gram.update(feats)
     shard = write_shard(path, 0, np.arange(N) * 2 + 1, feats)
     sha = write_arrays(path / "gram.npz", {f"g{i}": m for i, m in enumerate(gram.result().values())})
-    commit_manifest(path, {"task": {"task": "none"}, "groups": [{"name": g, "dim": d} for g, d in GROUPS.items()],
-                           "num_samples": N, "shards": [shard.to_dict()], "gram": {"sha256": sha, "count": N}})
+    commit_manifest(path, minimal_manifest([shard.to_dict()], GROUPS, gram={"sha256": sha, "count": N}))
     return FeatureStore.open(path)
 
 
@@ -111,10 +111,14 @@ def test_cli_build_calibrates_with_the_tasks_queries_and_info_prints_the_knobs(c
                                   "--target-recall", "0.9"], catch_exceptions=False)
     assert result.exit_code == 0 and "calibrated knobs: nprobe" in result.output, result.output
     entry = json.loads((path / "manifest.json").read_text())["indexes"]["all"]
+    assert "task" not in entry["calibration"]["families"]  # a file task runs only with consent
+    result = runner.invoke(main, ["-q", "build-index", str(path), "--kind", "ivf", "--nlist", "4",
+                                  "--target-recall", "0.9", "--trust-task"], catch_exceptions=False)
+    entry = json.loads((path / "manifest.json").read_text())["indexes"]["all"]
     assert "task" in entry["calibration"]["families"]  # the toy task's own queries joined the calibration
     info = runner.invoke(main, ["info", str(path)], catch_exceptions=False).output
     assert "search knobs nprobe" in info and "held-out queries" in info
-    result = runner.invoke(main, ["-q", "eval", "recall", str(path), "--json"], catch_exceptions=False)
+    result = runner.invoke(main, ["-q", "eval", "recall", str(path), "--json", "--trust-task"], catch_exceptions=False)
     row = json.loads(result.output)
     assert row["knobs"]["nprobe"] >= 1 and row["knobs_recall"] >= 0.95 and row["reached"]
     result = runner.invoke(main, ["-q", "build-index", str(path), "--kind", "ivf", "--nlist", "4",

@@ -26,12 +26,12 @@ def store(concept_store, tmp_path_factory):
     """A copy of the two-concept toy store with distinct learned-looking weights per concept."""
     path = tmp_path_factory.mktemp("shared") / "store"
     shutil.copytree(concept_store.path, path)
-    store = FeatureStore.open(path)
+    store = FeatureStore.open(path, trust_task=True)
     rng = np.random.default_rng(0)
     for concept in ("first", "second"):
         weights = {g: float(w) for g, w in zip(store.groups, rng.lognormal(0, 1.5, len(store.groups)))}
         save_weights(store, GroupWeights(concept, weights, {"method": "test"}))
-    return FeatureStore.open(path)
+    return FeatureStore.open(path, trust_task=True)
 
 
 def test_query_weights_put_all_of_w_on_the_query_side():
@@ -67,7 +67,7 @@ def test_shared_top_k_equals_each_concepts_own_partition(store, kind):
 def test_concept_without_a_partition_falls_back_to_the_shared_index(store, tmp_path):
     path = tmp_path / "store"
     shutil.copytree(store.path, path)
-    fresh = FeatureStore.open(path)
+    fresh = FeatureStore.open(path, trust_task=True)
     manifest = dict(fresh.manifest)
     manifest["indexes"] = {k: v for k, v in manifest.get("indexes", {}).items() if k != "second"}
     fresh.update_manifest({"indexes": manifest["indexes"]})
@@ -85,13 +85,13 @@ def test_shared_index_on_the_cli(store):
     runner = CliRunner()
     result = runner.invoke(main, ["-q", "build-index", str(store.path), "--shared", "--kind", "flat"],
                            catch_exceptions=False)
-    assert result.exit_code == 0 and "'_shared'" in result.output
+    assert result.exit_code == 0 and f"'{SHARED}'" in result.output
     for concept in ("first", "second"):
         result = runner.invoke(main, ["-q", "eval", "recall", str(store.path), "--concept", concept, "--shared",
-                                      "--json"], catch_exceptions=False)
+                                      "--json", "--trust-task"], catch_exceptions=False)
         assert result.exit_code == 0, result.output
         row = json.loads(result.output)
         assert row["recall"] == 1.0 and row["kind"] == "flat" and row["knobs"] is None
     result = runner.invoke(main, ["build-index", str(store.path), "--shared", "--concept", "first"])
     assert result.exit_code == 2 and "drop --concept" in result.output
-    assert index_recall(FeatureStore.open(store.path), "first", shared=True, k=5).recall == 1.0
+    assert index_recall(FeatureStore.open(store.path, trust_task=True), "first", shared=True, k=5).recall == 1.0

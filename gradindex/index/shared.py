@@ -6,7 +6,7 @@ once (preconditioned queries, balanced like any approximate partition) and queri
 ``c`` with ``u_c(q) = [w^c_g ψ^c_g(q)]``, so one set of N vectors serves every concept's
 weights with the same scores (exact kinds: the same top-k).
 
-It is the partition ``indexes/_shared/`` (manifest ``indexes["_shared"]``), built by
+It is the partition ``indexes/shared.phi/`` (manifest ``indexes["shared.phi"]``), built by
 ``build-index STORE --shared`` with uniform stored weights; ``query --concept C`` uses C's own
 partition when there is one and the shared index otherwise (``--shared``: always the shared one).
 
@@ -19,17 +19,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from gradindex.config import Preconditioner
 from gradindex.errors import ArtifactNotFoundError
 from gradindex.index.shards import ShardedIndex
 from gradindex.store import FeatureStore
 from gradindex.weights import GroupWeights
 
-SHARED = "_shared"  # the shared index's partition name (not a concept)
-
-
-def is_shared(entry: dict[str, Any]) -> bool:
-    return entry.get("config", {}).get("concept") == SHARED
+SHARED = "shared.phi"  # the shared index's partition name (a dot: never a task's concept name)
 
 
 def query_weights(weights: GroupWeights) -> GroupWeights:
@@ -52,9 +47,9 @@ def resolve_partition(store: FeatureStore, concept: str = "all", shared: bool | 
         return concept, None
     if SHARED not in indexes:
         raise ArtifactNotFoundError(f"{store.path}: no shared index; run `gradindex build-index {store.path} --shared`")
-    weights = GroupWeights.from_manifest(store.manifest, concept, store.groups)
-    config = indexes[SHARED]["config"]
-    weights.check_setting(Preconditioner(config["preconditioner"]), config["damping"])
+    config = indexes[SHARED]["config"]  # the concept's weights learned for the shared index's setting
+    weights = GroupWeights.from_manifest(store.manifest, concept, store.groups, config["preconditioner"],
+                                         config["damping"])
     return SHARED, query_weights(weights)
 
 
