@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="Also write the rows here.")
     args = parser.parse_args()
 
-    store = FeatureStore.open(args.store)
+    store = FeatureStore.open(args.store, trust_task=True)  # the benchmark's own store: its task is our tool
     n, dim = store.num_samples, store.dim
     print(f"store {store.path}: N={n:,} D={dim} ({store.manifest['dtype']}), task {store.manifest['task']}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, faiss threads "
