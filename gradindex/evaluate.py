@@ -111,7 +111,7 @@ def index_recall(store: FeatureStore, concept: str = "all", query_vectors: np.nd
 
         single = CalibrationQueries(np.ascontiguousarray(query_vectors, np.float32), np.zeros(len(query_vectors), int),
                                     ("inputs",))
-        setting, per_query, reached, _ = cheapest_reaching(index, single, exact, target, k, search)
+        setting, per_query, reached = cheapest_reaching(index, single, exact, target, k, search)
         knobs, knobs_recall = setting.to_dict(), float(per_query.mean())
     return RecallResult(concept, index.kind, k, len(query_vectors), recall, index.ntotal,
                         index.parts[0].search_config.to_dict() if index.parts else {}, target, knobs, knobs_recall,

@@ -35,7 +35,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -144,11 +144,19 @@ def build_index(
         todo = [s for s in range(num_shards) if s not in covered]
         per = config.shards_per_part or max(1, len(todo))
         ranges = [todo[i:i + per] for i in range(0, len(todo), per)]
+    calibrating = bool(target_recall) and not train_only and shards is None
+    plan = None
     try:
         with _claim_folder(store, config.concept, existing if reuse else None) as folder:
             state = _load_state(store, existing) if reuse else _train(store, config, weights, folder, show_progress)
+            if calibrating and not reuse and state["kind"] is not IndexKind.FLAT:
+                from gradindex.index.calibrate import CalibrationPlan
+
+                plan = CalibrationPlan.prepare(store, config, weights, state["transform"], state["sample"],
+                                               seed=config.seed, device="cpu")
             for part_shards in ranges:
-                _build_part(store, config, weights, state, part_shards, folder, show_progress)
+                _build_part(store, config, weights, state, part_shards, folder, show_progress,
+                            observe=plan.observe if plan is not None else None)
             _commit_entry(store, config, weights, state, search, folder)
     except BaseException:
         with suppress(GradIndexError, OSError):  # best effort: the build's own error is the one to report
@@ -156,10 +164,12 @@ def build_index(
         raise
     _tidy(store, config.concept)
     index = ShardedIndex.open(store, config.concept, device=config.device)
-    if target_recall and not train_only and shards is None and index.kind != IndexKind.FLAT.value:
+    if calibrating and index.kind != IndexKind.FLAT.value:
         from gradindex.index.calibrate import calibrate
 
-        calibration = calibrate(store, index, target_recall, fixed=search)
+        calibration = calibrate(store, index, target_recall, fixed=search, seed=config.seed,
+                                queries=plan.queries if plan is not None else None,
+                                exact=plan.exact.result() if plan is not None else None)
         record_search(store, config.concept, index.entry, calibration.search, calibration.to_dict())
         index = ShardedIndex.open(store, config.concept, device=config.device)
     return index
@@ -303,6 +313,7 @@ def _train(store: FeatureStore, config: IndexConfig, weights: GroupWeights, fold
         tmp.unlink(missing_ok=True)
     return {"kind": kind, "knobs": knobs, "transform": transform, "transform_info": transform_info,
             "trained": trained, "extras": extras, "layout": extras.get("layout", {}), "cells_info": cells_info,
+            "sample": sample,
             "trained_info": {"file": str(path.relative_to(store.path)), "sha256": digest}}
 
 
@@ -321,7 +332,9 @@ def _load_state(store: FeatureStore, entry: dict[str, Any]) -> dict[str, Any]:
 
 # -- parts ----------------------------------------------------------------------------------------
 def _build_part(store: FeatureStore, config: IndexConfig, weights: GroupWeights, state: dict[str, Any],
-                shards: Sequence[int], folder: Path, show_progress: bool) -> IndexPart:
+                shards: Sequence[int], folder: Path, show_progress: bool,
+                observe: Callable[[np.ndarray, np.ndarray], None] | None = None) -> IndexPart:
+    """Fill one part from ``shards``; ``observe(ids, vectors)`` also sees every added batch."""
     kind = state["kind"]
     name = part_name(shards)
     rows = sum(store.manifest["shards"][s]["rows"] for s in shards)
@@ -335,6 +348,8 @@ def _build_part(store: FeatureStore, config: IndexConfig, weights: GroupWeights,
                 tqdm(total=rows, desc=f"index {config.concept} {name}", unit="ex", disable=not show_progress) as bar:
             for ids, vectors in iter_vector_batches(store, weights, state["transform"], shards):
                 builder.add(vectors)
+                if observe is not None:
+                    observe(ids, vectors)
                 ids_parts.append(ids.astype(np.int64))
                 if handle is not None:
                     handle.write(vectors.astype(np.float16).tobytes())

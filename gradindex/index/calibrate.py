@@ -5,6 +5,11 @@ Out: :class:`Calibration` — the :class:`~gradindex.config.SearchConfig` (``npr
 ``rerank`` for ivf / ivfpq, ``ef_search`` for hnsw) that ``build-index --target-recall R``
 records as the partition's default, with the recall it measured.
 
+During a build (:class:`CalibrationPlan`) the stored rows come from the training sample and the
+exact top-k of the calibration queries is kept up to date while the parts are filled, so
+calibrating reads the store no further; afterwards (``build-index --update``, ``eval recall``)
+:func:`calibrate` reads what it needs itself.
+
 Calibration queries are query vectors ``u [m, D]`` in the partition's stored space, in
 *families* (:func:`calibration_queries`):
 
@@ -24,7 +29,10 @@ so one easy family cannot hide a hard one. The cheapest setting reaching ``R + m
 first half (``margin`` = a fifth of ``1 − R``) is then checked on the second, held-out half and
 raised until that half reaches ``R`` too; the held-out recall is what is recorded. Cost model:
 vectors scanned (``nprobe · N / nlist``) plus :data:`RERANK_COST` per re-ranked candidate
-(ivfpq), or ``ef_search`` (hnsw).
+(ivfpq), or ``ef_search`` (hnsw). Recall is taken as monotone in each knob: a binary search
+over ``nprobe`` / ``ef_search``; for ivfpq one search with the deepest re-rank gives the recall
+of every shallower one (a search with ``rerank = r`` re-scores exactly the first ``r`` of the
+deepest one's candidates in PQ order).
 """
 
 from __future__ import annotations
@@ -37,19 +45,21 @@ from typing import Any
 
 import numpy as np
 
-from gradindex.config import IndexKind, SearchConfig
+from gradindex.config import IndexConfig, IndexKind, SearchConfig
+from gradindex.topk import TopK, canonical_order
 
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("task", "rows", "negated", "blend", "rescaled", "noisy")
 PER_FAMILY = 128  # stored-row queries per family
-TASK_QUERIES = 256
+TASK_QUERIES = 128
 MARGIN = 0.2  # share of 1 − R added to the target on the fitting half
 RERANK_COST = 16.0  # one exact float16 re-score ≈ 16 PQ code scans (768 multiply-adds vs 96 look-ups)
 NPROBE_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 RERANK_PER_K = (5, 10, 20, 40, 80, 160)
 EF_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
-SEARCH_BATCH = 64  # queries per search call while sweeping (bounds the re-rank buffer)
+SEARCH_BATCH = 256  # queries per search call while sweeping
+EXACT_BATCH = 256  # queries per product in the exact top-k
 
 
 @dataclass(frozen=True)
@@ -102,231 +112,322 @@ class Calibration:
 
 
 # -- queries ------------------------------------------------------------------------------------
-def stored_row_queries(store, index, count: int = PER_FAMILY, seed: int = 0,
-                       query_weights=None) -> dict[str, np.ndarray]:
-    """The stored-row families (see the module docstring) as query vectors ``{family: [count, D]}``.
+@dataclass(frozen=True)
+class QuerySide:
+    """What turns stored rows and task queries into a partition's query vectors ``u``:
+    its config (concept, preconditioner, damping), stored-side weights and balancing transform."""
 
-    ``query_weights``: the per-group scales of the query side (default: the partition's ``√w``).
-    """
+    config: IndexConfig
+    weights: Any  # GroupWeights
+    transform: Any = None  # QueryTransform | None
+
+    @classmethod
+    def of(cls, index) -> "QuerySide":
+        return cls(index.config, index.weights, index.parts[0].transform if index.parts else None)
+
+    def to_search(self, u: np.ndarray) -> np.ndarray:
+        """Query vectors in the searched (balanced) space."""
+        return self.transform.query(u) if self.transform is not None else u
+
+    def from_search(self, q: np.ndarray) -> np.ndarray:
+        return self.transform.stored(q) if self.transform is not None else q
+
+
+def sample_scaled_rows(store, weights, count: int, seed: int = 0) -> np.ndarray:
+    """``√w ⊙ φ(x)`` ``[count, D]`` of a seeded sample of stored rows (one pass over the store)."""
+    from gradindex.weights import scaled_vectors
+
+    rows = np.sort(np.random.default_rng([seed, 7211]).choice(store.num_samples, size=min(store.num_samples, count),
+                                                              replace=False))
+    picked, offset = [], 0
+    for ids, feats, _ in store.iter_shards(store.groups):
+        lo, hi = np.searchsorted(rows, [offset, offset + len(ids)])
+        block = {g: np.asarray(feats[g][rows[lo:hi] - offset], np.float32) for g in store.groups}
+        picked.append(scaled_vectors(block, weights, store.groups))
+        offset += len(ids)
+    return np.concatenate(picked)
+
+
+def row_queries(store, side: QuerySide, scaled_rows: np.ndarray, count: int = PER_FAMILY,
+                seed: int = 0) -> dict[str, np.ndarray]:
+    """The stored-row families (see the module docstring) as query vectors ``{family: [count, D]}``,
+    from ``scaled_rows [m, D]`` = ``√w ⊙ φ(x)`` of stored rows (the query side of a row is
+    ``u = −√w ⊙ H⁻¹φ(x)``; the preconditioner is per group, so it applies to ``√w ⊙ φ`` alike)."""
     import torch
 
     from gradindex.config import Preconditioner
     from gradindex.precondition import QueryPreconditioner
-    from gradindex.weights import scaled_vectors
 
     groups = store.groups
-    n = store.num_samples
-    rng = np.random.default_rng([seed, 7211])
-    rows = np.sort(rng.choice(n, size=min(n, 2 * count), replace=False))
-    picked, offset = {g: [] for g in groups}, 0
-    for ids, feats, _ in store.iter_shards(groups):
-        lo, hi = np.searchsorted(rows, [offset, offset + len(ids)])
-        for g in groups:
-            picked[g].append(np.asarray(feats[g][rows[lo:hi] - offset], np.float32))
-        offset += len(ids)
-    feats = {g: np.concatenate(picked[g]) for g in groups}
-    config = index.config
+    dims = [store.group_dims[g] for g in groups]
+    edges = np.concatenate([[0], np.cumsum(dims)]).astype(int)
+    config = side.config
     grams = store.read_gram() if config.preconditioner is Preconditioner.GRAM else None
     precondition = QueryPreconditioner(config.preconditioner, grams, config.damping, groups)
-    psi = precondition({g: torch.from_numpy(feats[g]) for g in groups})
-    weights = query_weights if query_weights is not None else index.weights
-    u = scaled_vectors({g: (-psi[g]).numpy() for g in groups}, weights, groups)
-    transform = index.parts[0].transform if index.parts else None
-    to_search = (lambda x: transform.query(x)) if transform is not None else (lambda x: x)
-    from_search = (lambda x: transform.stored(x)) if transform is not None else (lambda x: x)
+    blocks = {g: torch.from_numpy(np.ascontiguousarray(scaled_rows[:, edges[i]:edges[i + 1]], np.float32))
+              for i, g in enumerate(groups)}
+    psi = precondition(blocks)
+    u = -np.concatenate([psi[g].numpy() for g in groups], axis=1).astype(np.float32)
+    rng = np.random.default_rng([seed, 7212])
     order = rng.permutation(len(u))
-    first, second = u[order[:count]], u[order[count:2 * count]] if len(u) >= 2 * count else u[order[:count]][::-1]
-    unit = lambda x: x / np.maximum(np.linalg.norm(to_search(x), axis=1, keepdims=True), 1e-30)  # noqa: E731
-    dims = [store.group_dims[g] for g in groups]
-    edges = np.concatenate([[0], np.cumsum(dims)])
+    first = u[order[:count]]
+    second = u[order[count:2 * count]] if len(u) >= 2 * count else first[::-1]
+    unit = lambda x: x / np.maximum(np.linalg.norm(side.to_search(x), axis=1, keepdims=True), 1e-30)  # noqa: E731
     scales = np.exp(rng.uniform(-2, 2, (len(first), len(groups)))).astype(np.float32)
-    rescaled = first * np.repeat(scales, dims, axis=1)
     noise = rng.normal(size=(len(first), int(edges[-1]))).astype(np.float32)
     noise /= np.linalg.norm(noise, axis=1, keepdims=True)
     return {
         "rows": first,
         "negated": -first,
         "blend": unit(first) + unit(second),
-        "rescaled": rescaled,
-        "noisy": from_search(to_search(unit(first)) + noise),
+        "rescaled": first * np.repeat(scales, dims, axis=1),
+        "noisy": side.from_search(side.to_search(unit(first)) + noise),
     }
 
 
-def task_query_vectors(store, index, count: int = TASK_QUERIES, device: str = "cpu",
-                       concept: str | None = None, query_weights=None) -> np.ndarray | None:
-    """Up to ``count`` of the task's own queries as query vectors, or ``None`` when the task
-    (or its model) cannot be loaded or has no queries."""
+def task_query_vectors(store, side: QuerySide, count: int = TASK_QUERIES, device: str = "cpu") -> np.ndarray | None:
+    """Up to ``count`` of the task's own queries as query vectors (the task's ``all`` measurement
+    for the shared index), or ``None`` when the task may not or cannot run or has no queries."""
     import torch
 
+    from gradindex.index.shared import SHARED
     from gradindex.query_features import QueryFeaturizer
     from gradindex.weights import scaled_vectors
 
-    from gradindex.index.shared import SHARED
-
-    config = index.config
-    concept = concept or ("all" if config.concept == SHARED else config.concept)
+    config = side.config
+    concept = "all" if config.concept == SHARED else config.concept
+    featurizer = None
     try:
         featurizer = QueryFeaturizer.open(store, concept, config.preconditioner, config.damping, device=device)
-    except Exception as err:  # noqa: BLE001 - any task failure only drops this family
-        logger.info("calibration without the task's queries (%s)", str(err).splitlines()[0] if str(err) else err)
-        return None
-    try:
         dataset = featurizer.task.query_dataset()
         if dataset is None or len(dataset) == 0:
             return None
-        dataset = torch.utils.data.Subset(dataset, range(min(count, len(dataset))))
-        feats = featurizer.group_features(dataset)
-    except Exception as err:  # noqa: BLE001
-        logger.info("calibration without the task's queries (%s)", str(err).splitlines()[0] if str(err) else err)
+        feats = featurizer.group_features(torch.utils.data.Subset(dataset, range(min(count, len(dataset)))))
+    except Exception as err:  # noqa: BLE001 - any task failure (consent, model, data) only drops this family
+        logger.info("calibration without the task's queries (%s)", (str(err).splitlines() or [repr(err)])[0])
         return None
     finally:
-        featurizer.close()
-    weights = query_weights if query_weights is not None else index.weights
-    return scaled_vectors(feats, weights, featurizer.groups)
+        if featurizer is not None:
+            featurizer.close()
+    return scaled_vectors(feats, side.weights, featurizer.groups)
 
 
-def calibration_queries(store, index, per_family: int = PER_FAMILY, task_queries: int = TASK_QUERIES,
-                        seed: int = 0, device: str = "cpu") -> CalibrationQueries:
-    """Every family's queries (``task`` only when the task's queries can be computed)."""
+def calibration_queries(store, side: QuerySide, scaled_rows: np.ndarray | None = None,
+                        per_family: int = PER_FAMILY, task_queries: int = TASK_QUERIES, seed: int = 0,
+                        device: str = "cpu") -> CalibrationQueries:
+    """Every family's queries (``task`` only when the task's queries can be computed); stored rows
+    from ``scaled_rows`` when given, else sampled from the store."""
     families: dict[str, np.ndarray] = {}
-    task = task_query_vectors(store, index, task_queries, device) if task_queries else None
+    task = task_query_vectors(store, side, task_queries, device) if task_queries else None
     if task is not None and len(task):
         families["task"] = task
-    families.update(stored_row_queries(store, index, per_family, seed))
-    return _stack(families)
-
-
-def _stack(families: dict[str, np.ndarray]) -> CalibrationQueries:
+    if scaled_rows is None:
+        scaled_rows = sample_scaled_rows(store, side.weights, 2 * per_family, seed)
+    families.update(row_queries(store, side, scaled_rows, per_family, seed))
     names = tuple(families)
     vectors = np.concatenate([families[n] for n in names]).astype(np.float32)
     family = np.concatenate([np.full(len(families[n]), i) for i, n in enumerate(names)])
     return CalibrationQueries(np.ascontiguousarray(vectors), family, names)
 
 
-# -- recall ---------------------------------------------------------------------------------------
-def exact_neighbours(store, index, vectors: np.ndarray, k: int):
+# -- exact neighbours -----------------------------------------------------------------------------
+class ExactNeighbours:
+    """The running exact top-``k`` of fixed query vectors over stored vectors streamed in.
+
+    ``queries [m, D]`` are in the searched space (balanced when the partition is); ``observe(ids,
+    vectors)`` takes stored vectors in the same space (the build's add batches)."""
+
+    def __init__(self, queries: np.ndarray, k: int):
+        import torch
+
+        self.queries = torch.from_numpy(np.ascontiguousarray(queries, np.float32))
+        self.k = k
+        self.scores = torch.full((len(queries), 0), -torch.inf)
+        self.ids = torch.zeros((len(queries), 0), dtype=torch.int64)
+
+    def observe(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        import torch
+
+        block = torch.from_numpy(np.ascontiguousarray(vectors, np.float32))
+        block_ids = torch.from_numpy(np.array(ids, np.int64))
+        scores, out_ids = [], []
+        for start in range(0, len(self.queries), EXACT_BATCH):
+            s = torch.cat([self.scores[start:start + EXACT_BATCH], self.queries[start:start + EXACT_BATCH] @ block.T], 1)
+            i = torch.cat([self.ids[start:start + EXACT_BATCH], block_ids.expand(len(s), -1)], 1)
+            top = torch.topk(s, min(self.k, s.shape[1]), dim=1)
+            scores.append(top.values)
+            out_ids.append(torch.gather(i, 1, top.indices))
+        self.scores, self.ids = torch.cat(scores), torch.cat(out_ids)
+
+    def result(self) -> TopK:
+        return TopK(self.scores.numpy(), self.ids.numpy())
+
+
+def exact_neighbours(store, index, vectors: np.ndarray, k: int) -> TopK:
     """Exact top-``k`` of ``vectors`` over the partition's stored vectors (streamed from the store)."""
     from gradindex.evaluate import exact_topk, stored_vector_blocks
 
     return exact_topk(vectors, stored_vector_blocks(store, index.weights), k)
 
 
-def measure(index, search: SearchConfig, vectors: np.ndarray, exact, k: int) -> np.ndarray:
+@dataclass
+class CalibrationPlan:
+    """Calibration prepared during a build: queries from the training sample (and the task),
+    their exact top-k filled by :meth:`observe` from the build's add batches."""
+
+    queries: CalibrationQueries
+    exact: ExactNeighbours
+
+    @classmethod
+    def prepare(cls, store, config: IndexConfig, weights, transform, sample: np.ndarray, k: int = 10,
+                seed: int = 0, device: str = "cpu") -> "CalibrationPlan":
+        """``sample [m, D]``: the training sample as stored (``√w ⊙ φ``, balanced by ``transform``)."""
+        side = QuerySide(config, weights, transform)
+        rows = np.random.default_rng([seed, 7213]).permutation(len(sample))[:2 * PER_FAMILY]
+        scaled = side.to_search(sample[rows]) if transform is not None else sample[rows]  # H^½ undoes H^-½
+        queries = calibration_queries(store, side, scaled, seed=seed, device=device)
+        return cls(queries, ExactNeighbours(side.to_search(queries.vectors), k))
+
+    def observe(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self.exact.observe(ids, vectors)
+
+
+# -- recall ---------------------------------------------------------------------------------------
+def measure(index, search: SearchConfig, vectors: np.ndarray, exact: TopK, k: int) -> np.ndarray:
     """Per-query recall@k of ``index`` at ``search`` (queries searched in batches)."""
     from gradindex.evaluate import per_query_recall
-    from gradindex.topk import TopK
 
     searcher = index.with_search(search)
     parts = [searcher.search(vectors[i:i + SEARCH_BATCH], k) for i in range(0, len(vectors), SEARCH_BATCH)]
-    approx = TopK(np.concatenate([p.scores for p in parts]), np.concatenate([p.sample_ids for p in parts]))
-    return per_query_recall(approx, exact)
+    return per_query_recall(TopK(np.concatenate([p.scores for p in parts]),
+                                 np.concatenate([p.sample_ids for p in parts])), exact)
 
 
-# -- choosing knobs -----------------------------------------------------------------------------
-def candidates(index, k: int, fixed: SearchConfig | None = None) -> list[tuple[float, SearchConfig]]:
-    """``(cost, setting)`` of the kind's knob grid, cheapest first (``fixed``'s non-zero knobs kept)."""
-    fixed = fixed or SearchConfig()
-    kind = IndexKind(index.kind)
-    out: list[tuple[float, SearchConfig]] = []
-    if kind is IndexKind.HNSW:
-        grid = [fixed.ef_search] if fixed.ef_search else list(EF_GRID)
-        out = [(float(ef), replace(fixed, ef_search=ef)) for ef in grid]
-    elif kind in (IndexKind.IVF, IndexKind.IVFPQ):
-        nlist = int(index.entry["layout"]["nlist"])
-        probes = [fixed.nprobe] if fixed.nprobe else sorted({min(p, nlist) for p in NPROBE_GRID})
-        reranks = [0]
-        if kind is IndexKind.IVFPQ:
-            reranks = [fixed.rerank] if fixed.rerank else [r * k for r in RERANK_PER_K]
-        per_probe = index.ntotal / nlist
-        out = [(p * per_probe + RERANK_COST * r, replace(fixed, nprobe=p, rerank=r)) for p in probes for r in reranks]
-    out.sort(key=lambda item: item[0])
+def rerank_recalls(index, search: SearchConfig, vectors: np.ndarray, exact: TopK, k: int,
+                   reranks: Sequence[int]) -> dict[int, np.ndarray]:
+    """ivfpq: per-query recall@k at ``search``'s nprobe for every re-rank depth in ``reranks``, from
+    one search at the deepest (each part's candidates in PQ order with exact scores)."""
+    from gradindex.evaluate import per_query_recall
+
+    deepest = max(reranks)
+    ranked = []
+    for part in index.parts:
+        searcher = part.with_search(replace(search, rerank=deepest))
+        chunks = [searcher.ranked_candidates(vectors[i:i + SEARCH_BATCH], k)
+                  for i in range(0, len(vectors), SEARCH_BATCH)]
+        ranked.append((np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])))
+    out = {}
+    for r in reranks:
+        scores = np.concatenate([s[:, :max(k, r)] for s, _ in ranked], axis=1)
+        ids = np.concatenate([i[:, :max(k, r)] for _, i in ranked], axis=1)
+        out[r] = per_query_recall(canonical_order(scores, ids, k), exact)
     return out
 
 
-def cheapest_reaching(index, queries: CalibrationQueries, exact, target: float, k: int,
-                      fixed: SearchConfig | None = None,
-                      ) -> tuple[SearchConfig, np.ndarray, bool, list[tuple[float, SearchConfig]]]:
-    """The cheapest setting whose every family reaches ``target`` on ``queries``.
+# -- choosing knobs -----------------------------------------------------------------------------
+class _Sweep:
+    """Recall of the kind's knob settings on some queries, measured on demand and cached."""
 
-    Returns ``(setting, per-query recall there, reached, the grid)``; when none reaches, the most
-    expensive setting of the grid. Recall is taken as monotone in each knob: for every value of
-    the other knob, a binary search over ``nprobe`` / ``ef_search``.
-    """
-    grid = candidates(index, k, fixed)
-    cache: dict[tuple, np.ndarray] = {}
+    def __init__(self, index, queries: CalibrationQueries, exact: TopK, k: int, fixed: SearchConfig | None):
+        self.index, self.queries, self.exact, self.k = index, queries, exact, k
+        self.fixed = fixed or SearchConfig()
+        self.kind = IndexKind(index.kind)
+        if self.kind is IndexKind.HNSW:
+            self.probes = [self.fixed.ef_search] if self.fixed.ef_search else list(EF_GRID)
+            self.reranks = [0]
+        else:
+            nlist = int(index.entry["layout"]["nlist"])
+            self.probes = [self.fixed.nprobe] if self.fixed.nprobe else sorted({min(p, nlist) for p in NPROBE_GRID})
+            self.reranks = [0]
+            if self.kind is IndexKind.IVFPQ:
+                self.reranks = [self.fixed.rerank] if self.fixed.rerank else [r * k for r in RERANK_PER_K]
+            self.per_probe = index.ntotal / nlist
+        self.cache: dict[int, dict[int, np.ndarray]] = {}
 
-    def recall(setting: SearchConfig) -> np.ndarray:
-        key = tuple(setting.to_dict().items())
-        if key not in cache:
-            cache[key] = measure(index, setting, queries.vectors, exact, k)
-        return cache[key]
+    def setting(self, probe: int, rerank: int) -> SearchConfig:
+        if self.kind is IndexKind.HNSW:
+            return replace(self.fixed, ef_search=probe)
+        return replace(self.fixed, nprobe=probe, rerank=rerank)
 
-    def reaches(setting: SearchConfig) -> bool:
-        return min(queries.family_means(recall(setting)).values()) >= target
+    def cost(self, probe: int, rerank: int) -> float:
+        return float(probe) if self.kind is IndexKind.HNSW else probe * self.per_probe + RERANK_COST * rerank
 
-    lines: dict[int, list[tuple[float, SearchConfig]]] = {}
-    for cost, setting in grid:
-        lines.setdefault(setting.rerank, []).append((cost, setting))
-    best: tuple[float, SearchConfig] | None = None
-    for rerank in sorted(lines):
-        line = sorted(lines[rerank], key=lambda item: item[0])
-        if best is not None and line[0][0] >= best[0]:
-            continue
-        if not reaches(line[-1][1]):
-            continue
-        lo, hi = 0, len(line) - 1
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if reaches(line[mid][1]):
-                hi = mid
+    def recalls(self, probe: int) -> dict[int, np.ndarray]:
+        """``{rerank: per-query recall}`` at one probe value (hnsw, ivf: rerank 0)."""
+        if probe not in self.cache:
+            setting = self.setting(probe, max(self.reranks))
+            if self.kind is IndexKind.IVFPQ and self.index.parts and self.index.parts[0].vectors is not None:
+                self.cache[probe] = rerank_recalls(self.index, setting, self.queries.vectors, self.exact, self.k,
+                                                   self.reranks)
             else:
-                lo = mid + 1
-        if best is None or line[lo][0] < best[0]:
-            best = line[lo]
-    if best is None:
-        top = grid[-1][1]
-        return top, recall(top), False, grid
-    return best[1], recall(best[1]), True, grid
+                recall = measure(self.index, setting, self.queries.vectors, self.exact, self.k)
+                self.cache[probe] = {r: recall for r in self.reranks}
+        return self.cache[probe]
+
+    def shallowest(self, probe: int, target: float) -> int | None:
+        """The smallest re-rank depth whose every family reaches ``target`` at ``probe``, if any."""
+        for r in self.reranks:
+            if min(self.queries.family_means(self.recalls(probe)[r]).values()) >= target:
+                return r
+        return None
+
+
+def cheapest_reaching(index, queries: CalibrationQueries, exact: TopK, target: float, k: int,
+                      fixed: SearchConfig | None = None) -> tuple[SearchConfig, np.ndarray, bool]:
+    """The cheapest setting whose every family reaches ``target`` on ``queries``: ``(setting,
+    per-query recall there, reached)``; the most expensive setting tried when none reaches.
+
+    A binary search finds the smallest probe value (``nprobe`` / ``ef_search``) reaching at the
+    deepest re-rank; the next two probe values, which may need a shallower re-rank, compete on cost.
+    """
+    sweep = _Sweep(index, queries, exact, k, fixed)
+    probes = sweep.probes
+    if sweep.shallowest(probes[-1], target) is None:
+        return sweep.setting(probes[-1], sweep.reranks[-1]), sweep.recalls(probes[-1])[sweep.reranks[-1]], False
+    lo, hi = 0, len(probes) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sweep.shallowest(probes[mid], target) is not None:
+            hi = mid
+        else:
+            lo = mid + 1
+    options = []
+    for probe in probes[lo:lo + 3]:
+        rerank = sweep.shallowest(probe, target)
+        if rerank is not None:
+            options.append((sweep.cost(probe, rerank), probe, rerank))
+    _, probe, rerank = min(options)
+    return sweep.setting(probe, rerank), sweep.recalls(probe)[rerank], True
 
 
 def calibrate(store, index, target: float, k: int = 10, queries: CalibrationQueries | None = None,
-              fixed: SearchConfig | None = None, seed: int = 0, device: str = "cpu") -> Calibration:
-    """Choose ``index``'s default knobs for recall@k ≥ ``target`` (see the module docstring)."""
+              exact: TopK | None = None, fixed: SearchConfig | None = None, seed: int = 0,
+              device: str = "cpu") -> Calibration:
+    """Choose ``index``'s default knobs for recall@k ≥ ``target`` (see the module docstring);
+    ``queries`` and their ``exact`` top-k are computed here unless given (a build's plan)."""
     start = time.perf_counter()
     if queries is None:
-        queries = calibration_queries(store, index, seed=seed, device=device)
-    exact = exact_neighbours(store, index, queries.vectors, k)
+        queries = calibration_queries(store, QuerySide.of(index), seed=seed, device=device)
+    if exact is None:
+        exact = exact_neighbours(store, index, queries.vectors, k)
     first = queries.first_half()
     fit, held = queries.subset(first), queries.subset(~first)
-    exact_fit, exact_held = _take(exact, first), _take(exact, ~first)
+    exact_held = TopK(exact.scores[~first], exact.sample_ids[~first])
     goal = min(1.0, target + MARGIN * (1 - target))
-    setting, _, reached, grid = cheapest_reaching(index, fit, exact_fit, goal, k, fixed)
+    setting, _, reached = cheapest_reaching(index, fit, TopK(exact.scores[first], exact.sample_ids[first]), goal, k,
+                                            fixed)
+    sweep = _Sweep(index, held, exact_held, k, fixed)
+    probe = setting.ef_search if sweep.kind is IndexKind.HNSW else setting.nprobe
+    position = sweep.probes.index(probe)
     held_recall = measure(index, setting, held.vectors, exact_held, k)
-    position = next(i for i, (_, s) in enumerate(grid) if s == setting)
-    while min(held.family_means(held_recall).values()) < target and position + 1 < len(grid):
-        position = _next_dominating(grid, position)
-        setting = grid[position][1]
+    while min(held.family_means(held_recall).values()) < target and position + 1 < len(sweep.probes):
+        position += 1  # raise the probe value, keeping the re-rank depth
+        setting = sweep.setting(sweep.probes[position], setting.rerank)
         held_recall = measure(index, setting, held.vectors, exact_held, k)
     families = held.family_means(held_recall)
     worst = min(families.values())
     return Calibration(setting, float(target), int(k), float(held_recall.mean()), float(worst), families,
                        len(queries.vectors), bool(reached and worst >= target), time.perf_counter() - start)
-
-
-def _next_dominating(grid: Sequence[tuple[float, SearchConfig]], position: int) -> int:
-    """The next grid position whose knobs are all at least the current ones (last if none)."""
-    current = grid[position][1]
-    for i in range(position + 1, len(grid)):
-        s = grid[i][1]
-        if s.nprobe >= current.nprobe and s.rerank >= current.rerank and s.ef_search >= current.ef_search:
-            return i
-    return len(grid) - 1
-
-
-def _take(top, mask: np.ndarray):
-    from gradindex.topk import TopK
-
-    return TopK(top.scores[mask], top.sample_ids[mask])
 
 
 def describe(calibration: Calibration | dict[str, Any], kind: str) -> str:

@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_NPROBE = 16  # uncalibrated default: 16 directions' worth of vectors (3% of the part at nlist 512)
 DEFAULT_EF_SEARCH = 256
 DEFAULT_RERANK_PER_K = 20
+RESCORE_FLOATS = 1 << 23  # float32 candidates gathered at once by an exact re-rank (32 MB)
 SINGLE_THREAD_QUERIES = 8  # batches up to this size search on one thread (see PartIndex._threads)
 PQ_TRAIN_ROWS = 16_384  # 64 rows per PQ centroid
 PQ_CENTROIDS = 256  # 8-bit sub-quantizers
@@ -395,13 +396,19 @@ class PartIndex:
 
     # exact re-scoring of candidate rows (-1 = none) against the kept float16 vectors
     def _rescore(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Exact scores ``[n, c]`` of candidate ``rows [n, c]`` (-1 = none: ``-inf``) for ``q [n, D]``,
+        a few queries at a time (the gathered float32 candidates stay under ``RESCORE_FLOATS``)."""
         import torch
 
         valid = rows >= 0
-        flat = np.where(valid, rows, 0).reshape(-1)
-        gathered = half_to_float(np.take(self.vectors, flat, axis=0))
-        gathered = gathered.reshape(rows.shape[0], rows.shape[1], self.dim)
-        scores = torch.bmm(gathered, torch.from_numpy(q)[:, :, None])[:, :, 0].numpy()
+        safe = np.where(valid, rows, 0)
+        scores = np.empty(rows.shape, np.float32)
+        step = max(1, RESCORE_FLOATS // max(1, rows.shape[1] * self.dim))
+        for start in range(0, len(rows), step):
+            block = safe[start:start + step]
+            gathered = half_to_float(np.take(self.vectors, block.reshape(-1), axis=0))
+            gathered = gathered.reshape(block.shape[0], block.shape[1], self.dim)
+            scores[start:start + step] = torch.bmm(gathered, torch.from_numpy(q[start:start + step])[:, :, None])[:, :, 0]
         return np.where(valid, scores, -np.inf).astype(np.float32)
 
     def _rerank_depth(self, k: int) -> int:
@@ -416,6 +423,20 @@ class PartIndex:
         if self.vectors is not None:
             scores = self._rescore(q, rows)
         return np.where(rows >= 0, scores, -np.inf).astype(np.float32), rows
+
+    def ranked_candidates(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """ivfpq with kept vectors: ``(exact scores, sample ids)`` ``[n, rerank]`` of the candidates a
+        search re-scores, in PQ-score order (-1 = none); a search with a shallower ``rerank = r``
+        re-scores exactly the first ``r`` of them (calibration measures every depth from one search)."""
+        if self.kind is not IndexKind.IVFPQ or self.vectors is None:
+            raise ConfigError(f"index part {self.name}: ranked candidates need an ivfpq part with kept vectors")
+        u = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+        q = self.transform.query(u) if self.transform is not None else u
+        scores, rows = search_banded(
+            self.index, q, k, self._rerank_depth(k), self.layout, self.directions, self.cells, self.cell_max,
+            self.cell_count, self.search_config.nprobe or DEFAULT_NPROBE, self.search_config.prune, self._rescore,
+        )
+        return scores, self._ids(rows)
 
     def _search_banded(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         nprobe = self.search_config.nprobe or DEFAULT_NPROBE
