@@ -40,6 +40,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -140,6 +141,12 @@ def partition_bytes(store: FeatureStore, concept: str, entry: dict) -> tuple[flo
     return float(ram), float(disk)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (every thread)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", required=True)
@@ -183,7 +190,7 @@ def main() -> None:
                                                   scaled_vectors(feats, query_weights(weights), store.groups))
                 concept_exact[concept, name] = (exact[name] if set(values) == {1.0} else
                                                 batched(brute.search, concept_queries[concept, name][1], args.k))
-    rows = [{"kind": "brute force (torch matmul)", "knobs": "", "build_s": 0.0, "calibration_s": 0.0,
+    rows = [{"kind": "brute force (torch matmul)", "knobs": "", "build_s": 0.0, "calibration_s": 0.0, "build_cpu_s": 0.0,
              "calibrated_recall": None, "bytes_per_vector": 4.0 * dim, "rerank_bytes": 0.0, "p50_ms": p50,
              "p99_ms": p99, "qps_1000": qps, "recall_task": 1.0, "recall_unlike": 1.0, "speedup_b1": 1.0}]
     print_row(rows[-1], header=True)
@@ -191,8 +198,10 @@ def main() -> None:
     gc.collect()
 
     def measure(index, search: SearchConfig | None, label: str, total_s: float, entry: dict, concept: str,
-                sets: dict[str, np.ndarray] | None = None, exacts: dict[str, TopK] | None = None) -> dict:
-        """One row: ``index`` at ``search`` (None: its recorded knobs); ``total_s`` = build + calibration."""
+                sets: dict[str, np.ndarray] | None = None, exacts: dict[str, TopK] | None = None,
+                cpu_s: float = 0.0) -> dict:
+        """One row: ``index`` at ``search`` (None: its recorded knobs); ``total_s`` = build + calibration
+        wall seconds, ``cpu_s`` their CPU seconds."""
         searcher = index.with_search(search) if search is not None else index
         sets, exacts = sets or queries, exacts or exact
         p50, p99, qps = time_queries(searcher.search, sets["unlike"][: args.latency_queries], sets["unlike"], args.k)
@@ -200,7 +209,8 @@ def main() -> None:
         calibration = entry.get("calibration") or {}
         knobs = search.to_dict() if search is not None else entry.get("search", {})
         row = {"kind": label, "knobs": knob_text(knobs, entry["kind"]),
-               "build_s": total_s - calibration.get("seconds", 0.0), "calibration_s": calibration.get("seconds", 0.0), "calibrated_recall": calibration.get("worst"),
+               "build_s": total_s - calibration.get("seconds", 0.0), "calibration_s": calibration.get("seconds", 0.0),
+               "build_cpu_s": cpu_s, "calibrated_recall": calibration.get("worst"),
                "bytes_per_vector": ram / n, "rerank_bytes": disk / n, "p50_ms": p50, "p99_ms": p99, "qps_1000": qps,
                "recall_task": recall_at_k(batched(searcher.search, sets["task"], args.k), exacts["task"]),
                "recall_unlike": recall_at_k(batched(searcher.search, sets["unlike"], args.k), exacts["unlike"]),
@@ -211,32 +221,32 @@ def main() -> None:
 
     for kind in args.kinds.split(","):
         config = IndexConfig(concept="all", kind=kind, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), cpu_seconds()
         index = build_index(store, config, show_progress=False, target_recall=args.target_recall)
-        total = time.perf_counter() - t
-        measure(index, None, f"{kind} (calibrated)" if kind != "flat" else kind, total, index.entry, "all")
+        total, cpu = time.perf_counter() - t, cpu_seconds() - cpu
+        measure(index, None, f"{kind} (calibrated)" if kind != "flat" else kind, total, index.entry, "all", cpu_s=cpu)
         for search in SWEEPS[kind]:
-            measure(index, search, kind, total, index.entry, "all")
+            measure(index, search, kind, total, index.entry, "all", cpu_s=cpu)
         del index
         gc.collect()
 
     if args.shared:
         print("\nshared index of φ vs one partition per concept weighting (ivfpq, calibrated):")
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), cpu_seconds()
         shared = build_index(store, IndexConfig(concept=SHARED, kind="ivfpq"), GroupWeights.uniform(SHARED, store.groups),
                              show_progress=False, target_recall=args.target_recall)
-        shared_s = time.perf_counter() - t
+        shared_s, shared_cpu = time.perf_counter() - t, cpu_seconds() - cpu
         for concept, values in CONCEPT_WEIGHTS.items():
             weights = GroupWeights(f"bench-{concept}", dict(zip(store.groups, values)))
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), cpu_seconds()
             own = build_index(store, IndexConfig(concept=f"bench-{concept}", kind="ivfpq"), weights,
                               show_progress=False, target_recall=args.target_recall)
-            own_s = time.perf_counter() - t
+            own_s, own_cpu = time.perf_counter() - t, cpu_seconds() - cpu
             exacts = {name: concept_exact[concept, name] for name in ("task", "unlike")}
             measure(own, None, f"partition '{concept}'", own_s, own.entry, f"bench-{concept}",
-                    {name: concept_queries[concept, name][0] for name in ("task", "unlike")}, exacts)
+                    {name: concept_queries[concept, name][0] for name in ("task", "unlike")}, exacts, own_cpu)
             measure(shared, None, f"shared, '{concept}' weights", shared_s, shared.entry, SHARED,
-                    {name: concept_queries[concept, name][1] for name in ("task", "unlike")}, exacts)
+                    {name: concept_queries[concept, name][1] for name in ("task", "unlike")}, exacts, shared_cpu)
             del own
             gc.collect()
 
@@ -253,12 +263,14 @@ def main() -> None:
 
 def print_row(row: dict, header: bool = False) -> None:
     if header:
-        print("\n| kind | knobs | build s | calibration s (held-out worst family) | index B/vec (RAM) "
+        print("\n| kind | knobs | build s | calibration s (held-out worst family) | build + calibration CPU s "
+              "| index B/vec (RAM) "
               "| memory-mapped B/vec (disk) | p50 ms (b=1) | p99 ms (b=1) | QPS (b=1000) | recall@10 task "
               "| recall@10 unlike | b=1 QPS vs brute |")
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     calibrated = f" ({row['calibrated_recall']:.3f})" if row["calibrated_recall"] is not None else ""
     print(f"| {row['kind']} | {row['knobs']} | {row['build_s']:.0f} | {row['calibration_s']:.0f}{calibrated} "
+          f"| {row['build_cpu_s']:.0f} "
           f"| {row['bytes_per_vector']:.0f} | {row['rerank_bytes']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} "
           f"| {row['qps_1000']:.0f} | {row['recall_task']:.3f} | {row['recall_unlike']:.3f} "
           f"| {row['speedup_b1']:.1f}× |", flush=True)
