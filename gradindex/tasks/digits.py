@@ -29,6 +29,7 @@ from torch import nn
 from gradindex.errors import ArtifactNotFoundError, ConfigError
 from gradindex.task import Task
 from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
+from gradindex.tasks.classification import margin
 
 logger = logging.getLogger(__name__)
 
@@ -173,11 +174,7 @@ class DigitsTask(Task):
 
     def compute_measurement(self, batch, model: nn.Module) -> torch.Tensor:
         x, y = batch
-        logits = model(x)
-        y = torch.where(y < 0, logits.argmax(1), y)
-        true = logits.gather(1, y[:, None])[:, 0]
-        others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), -torch.inf)
-        return true - torch.logsumexp(others, dim=1)
+        return margin(model(x), y)
 
     # -- display -----------------------------------------------------------------------------
     def render(self, item) -> np.ndarray:
