@@ -67,19 +67,21 @@ ARCH_KIND = "tabular-mlp"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 60
+    epochs: int = 20
     batch_size: int = 32
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
 
 
-#: name -> (sklearn loader, number of classes (0 = regression), training schedule). The diabetes
-#: regression is noisy (a linear fit explains about half the variance) and an MLP overfits it fast:
-#: fewer epochs, a lower rate and more weight decay keep its held-out R² positive.
+#: name -> (sklearn loader, number of classes (0 = regression), training schedule). Short schedules
+#: with weight decay: trained longer, the classifiers drive their training losses to 0 (the cancer
+#: MLP after 60 epochs at lr 3e-3: median training-example gradient norm 3e-8, 33 of 427 exactly
+#: 0), which leaves gradient attribution nothing to work with, and the diabetes regression (noisy: a
+#: linear fit explains about half the variance) overfits to a held-out R² near 0.
 DATASETS = {
-    "cancer": ("load_breast_cancer", 2, TrainConfig()),
-    "wine": ("load_wine", 3, TrainConfig()),
-    "diabetes": ("load_diabetes", 0, TrainConfig(epochs=20, lr=1e-3, weight_decay=1e-2)),
+    "cancer": ("load_breast_cancer", 2, TrainConfig(epochs=10)),
+    "wine": ("load_wine", 3, TrainConfig(epochs=20)),
+    "diabetes": ("load_diabetes", 0, TrainConfig(epochs=20)),
 }
 
 
