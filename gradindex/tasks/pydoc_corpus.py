@@ -6,7 +6,9 @@ each, and the :class:`VocabTokenizer`.
 
 * Text: the 79 (Python 3.11; the count and text follow the interpreter's version) help
   topics of ``pydoc_data.topics.topics`` — the language reference's prose, grammar and
-  examples — taken in sorted topic order, lower-cased.
+  examples — taken in sorted topic order, lower-cased, without the lines that only draw
+  (heading underlines, table borders: :data:`RULE_LINE`), which would otherwise become
+  chunks of 32 identical symbols.
 * Tokens (:data:`TOKEN_PATTERN`): runs of letters, runs of digits, and every other
   non-space character alone. Deterministic; no training, no download.
 * Chunks: each topic's token stream is cut into consecutive chunks of ``length``
@@ -34,6 +36,7 @@ from gradindex.errors import ConfigError
 PAD, BOS, UNK = "<pad>", "<bos>", "<unk>"
 SPECIALS = (PAD, BOS, UNK)
 TOKEN_PATTERN = re.compile(r"<unk>|[a-z]+|[0-9]+|[^\sa-z0-9]")
+RULE_LINE = re.compile(r"^\s*[-=+*|~^]{3,}[-=+*|~^\s]*$", re.MULTILINE)
 
 
 def pydoc_topics() -> dict[str, str]:
@@ -48,6 +51,11 @@ def split_tokens(text: str) -> list[str]:
     return TOKEN_PATTERN.findall(text.lower())
 
 
+def prose(text: str) -> str:
+    """``text`` without its drawing-only lines (:data:`RULE_LINE`: underlines, table borders)."""
+    return RULE_LINE.sub("", text)
+
+
 class VocabTokenizer:
     """Regex tokenizer over a fixed vocabulary; tokens outside it become ``<unk>``."""
 
@@ -60,6 +68,12 @@ class VocabTokenizer:
 
     def __len__(self) -> int:
         return len(self.vocabulary)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, VocabTokenizer) and other.vocabulary == self.vocabulary
+
+    def __hash__(self) -> int:
+        return hash(self.vocabulary)
 
     def encode(self, text: str) -> list[int]:
         return [self.ids.get(token, self.unk_id) for token in split_tokens(text)]
@@ -113,7 +127,7 @@ def build_corpus(config: PydocCorpusConfig = PydocCorpusConfig(), topics: dict[s
     train_chunks: list[tuple[int, list[str]]] = []
     held_chunks: list[tuple[int, list[str]]] = []
     for topic, name in enumerate(names):
-        tokens = split_tokens(topics[name])
+        tokens = split_tokens(prose(topics[name]))
         count = min(config.max_chunks_per_topic, len(tokens) // config.length)
         for i in range(count):
             chunk = tokens[i * config.length : (i + 1) * config.length]
