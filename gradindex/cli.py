@@ -97,7 +97,7 @@ preconditioner_options = [
                  help="Gram damping, relative to the group's mean eigenvalue."),
 ]
 inputs_option = click.option("--inputs", type=click.Path(path_type=Path), default=None,
-                             help="Query inputs file (the task's format; default: the task's held-out queries).")
+                             help="Query inputs file (the task's format; default: the task's own queries of --split).")
 split_option = click.option("--split", type=click.Choice(["fit", "eval", "all"]), default=None,
                             help="Which of the task's default queries (without --inputs): fit (learn-weights' "
                                  "default), eval (eval lds' default; disjoint from fit) or all.")
