@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from gradindex.config import FeaturizeConfig
+from gradindex.config import FeaturizeConfig, check_index_dim, require_number
 from gradindex.errors import ConfigError, GradIndexError, MissingDependencyError, StoreMismatchError
 from gradindex.featurize import commit_store, featurize_shard, group_entries, prepare_run
 from gradindex.gradients import GradientProjector
@@ -51,6 +51,7 @@ from gradindex.store import (
     remove_temporaries,
     shard_name,
     temporary_path,
+    writer_lock,
 )
 from gradindex.task import Task, load_task
 
@@ -104,6 +105,35 @@ def local_ray(num_cpus: int | None = None, **init_args: Any) -> Iterator[Any]:
             ray.shutdown()
 
 
+#: Seconds to wait for a Ray cluster address to accept a connection (``--ray-timeout``).
+CONNECT_TIMEOUT = 30.0
+
+
+def check_ray_address(address: str | None, timeout: float = CONNECT_TIMEOUT) -> None:
+    """A one-line :class:`ConfigError` unless something accepts TCP connections at ``address``
+    (``HOST:PORT`` or ``ray://HOST:PORT``) within ``timeout`` seconds; ``None``, ``local`` and
+    ``auto`` are not probed (``auto`` fails fast by itself). Ray's own connect retries for
+    minutes; this makes an unreachable address an error within ``timeout``."""
+    import socket
+
+    if address in (None, "", "local", "auto"):
+        return
+    timeout = require_number(timeout, "--ray-timeout", above=0)
+    text = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--ray {address!r}: expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as err:
+        reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or type(err).__name__)
+        raise ConfigError(f"--ray {address}: no Ray cluster answers there ({reason} within {timeout:g} s); start "
+                          "one with `ray start --head`, check the address, or use a bare --ray for a local "
+                          "cluster") from None
+
+
 @contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[Any]:
     """A connected ``ray`` module.
@@ -120,7 +150,11 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         with local_ray(num_cpus, log_to_driver=False) as ray:
             yield ray
     else:
-        ray.init(address=address, log_to_driver=False)
+        check_ray_address(address)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except ConnectionError as err:
+            raise ConfigError(f"--ray {address}: cannot connect ({' '.join(str(err).split())})") from None
         try:
             yield ray
         finally:
@@ -209,10 +243,21 @@ def featurize_ray(
         raise ConfigError(f"featurize on Ray: --device must be cpu, cuda or auto, got {device!r}")
     cpu = torch.device("cpu")
     run = prepare_run(task, config, checkpoint, cpu, limit)
-    path = prepare_store(local_store_path(out), overwrite=overwrite, resume=resume)
+    with writer_lock(local_store_path(out)) as path:
+        prepare_store(path, overwrite=overwrite, resume=resume)
+        return _featurize_ray_into(path, task, run, config, checkpoint, device, resume, limit, address, workers,
+                                   cpus_per_worker, max_retries, show_progress, fail_shards)
+
+
+def _featurize_ray_into(path: Path, task: Task, run: Any, config: FeaturizeConfig, checkpoint: str | Path | None,
+                        device: str, resume: bool, limit: int | None, address: str | None, workers: int | None,
+                        cpus_per_worker: int, max_retries: int, show_progress: bool,
+                        fail_shards: Collection[int]) -> FeatureStore:
+    cpu = torch.device("cpu")
     started = time.perf_counter()
     with GradientProjector(run.model, run.groups, config.projection, cpu) as projector:
         group_dims = projector.group_dims()
+        check_index_dim(sum(group_dims.values()), "featurize")
         groups = group_entries(run.groups, projector)
     shards = run.shards(config.shard_size)
     kept: dict[int, ShardInfo] = {}

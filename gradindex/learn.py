@@ -235,6 +235,10 @@ def learn_weights(
     evaluation can warn about overlap."""
     started = time.perf_counter()
     split = parse_enum(QuerySplit, split, "learn_weights split")
+    reference_size = min(config.reference_size, store.num_samples)
+    if config.top_k >= reference_size:
+        raise ConfigError(f"top_k {config.top_k}: expected fewer than the {reference_size} training examples of the "
+                          "reference sample (the top-k would be all of them, an SNR of 0); lower --top-k")
     featurizer = QueryFeaturizer.open(store, concept, config.preconditioner, config.damping, device=device)
     try:
         source = (query_source or "given") if queries is not None else split.value
@@ -248,6 +252,8 @@ def learn_weights(
     _, reference = reference_sample(store, config.reference_size, config.seed)
     groups = store.groups
     weights, diagnostics = fit_weights(score_matrices(query_features, reference, groups), config, values)
+    if not np.all(np.isfinite(weights)):
+        raise ConfigError(f"weight learning diverged (non-finite weights) with lr {config.lr:g}; lower --lr")
     info = {
         "method": method.value,
         "config": config.to_dict(),

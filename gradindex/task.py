@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -130,6 +131,31 @@ class Task:
         """Read a query inputs file (format defined by the task)."""
         raise NotImplementedError(f"{type(self).__name__} cannot read query files ({path})")
 
+    def queries_from_json(self, inputs: Any) -> Sequence:
+        """Query items from the JSON ``inputs`` of a ``gradindex serve`` request: the fields of a
+        query file as JSON — an object of arrays (an ``.npz``'s) or a list of records (a JSONL's).
+
+        Default: write ``inputs`` as the file :meth:`load_queries` reads (an object → ``.npz``,
+        each value through ``numpy.asarray``; a list → ``.jsonl``, one record a line) and read it
+        back, so a task that reads query files answers requests unchanged. Override it to build
+        the items directly (the built-in tasks do).
+        """
+        import json
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="gradindex-queries-") as folder:
+            if isinstance(inputs, dict):
+                path = Path(folder) / "queries.npz"
+                arrays = {str(key): json_array(value, f"inputs.{key}") for key, value in inputs.items()}
+                np.savez(path, **arrays)
+            elif isinstance(inputs, list):
+                path = Path(folder) / "queries.jsonl"
+                path.write_text("".join(json.dumps(record) + "\n" for record in inputs), encoding="utf-8")
+            else:
+                raise ConfigError(f"inputs: expected an object of arrays or a list of records, "
+                                  f"got {type(inputs).__name__}")
+            return self.load_queries(path)
+
     def render(self, item: Any) -> np.ndarray | None:
         """An image ``[H, W]`` or ``[H, W, 3]`` of one example, for reports; None if not visual."""
         return None
@@ -160,7 +186,7 @@ def task_queries(task: Task, split: QuerySplit | str = QuerySplit.ALL) -> Sequen
     """The task's default queries of ``split``: all of ``query_dataset()``, or the ``Subset`` of its
     fit or eval positions (checked: disjoint, in range, together all of them)."""
     split = parse_enum(QuerySplit, split, "query split")
-    dataset = task.query_dataset()
+    dataset = default_queries(task)
     if split is QuerySplit.ALL:
         return dataset
     return torch.utils.data.Subset(dataset, query_split_positions(task, len(dataset))[split.value].tolist())
@@ -222,6 +248,17 @@ def hash_into(digest: Any, value: Any) -> None:
         digest.update(repr(value).encode())
 
 
+def json_array(value: Any, where: str) -> np.ndarray:
+    """A JSON value (nested lists of numbers, or of strings) as a numpy array; ragged or mixed → ConfigError."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{where}: not a rectangular array ({err})") from None
+    if array.dtype == object or array.dtype.kind not in "biufU":
+        raise ConfigError(f"{where}: expected a rectangular array of numbers or strings")
+    return array
+
+
 def _move(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
@@ -230,6 +267,25 @@ def _move(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_move(value, device) for value in batch)
     return batch
+
+
+def default_queries(task: Task) -> Sequence:
+    """``task.query_dataset()``, or a one-line error asking for ``--inputs`` when the task has none."""
+    message = (f"task {type(task).__name__} defines no default queries (query_dataset()); "
+               "pass a query inputs file with --inputs FILE")
+    if type(task).query_dataset is Task.query_dataset:
+        raise ConfigError(message)
+    try:
+        return task.query_dataset()
+    except NotImplementedError:
+        raise ConfigError(message) from None
+
+
+def require_training_routine(task: Task, what: str = "LDS") -> None:
+    """A one-line error unless the task overrides :meth:`Task.train` (retraining needs it)."""
+    if type(task).train is Task.train:
+        raise ConfigError(f"task {type(task).__name__} defines no train(path, indices, seed); {what} needs to "
+                          "retrain the model on subsets of the training set, so it cannot run on this task")
 
 
 def make_batch(task: Task, dataset: Sequence, indices: Sequence[int] | np.ndarray) -> Any:
@@ -244,14 +300,46 @@ def make_batch(task: Task, dataset: Sequence, indices: Sequence[int] | np.ndarra
     return task.collate([dataset[int(i)] for i in indices])
 
 
+def is_builtin_spec(spec: str) -> bool:
+    """Whether ``spec`` names gradindex's own code: a built-in name or ``gradindex.tasks.<module>:Class``
+    (never a file path). Other specs run code from elsewhere and need the user's consent when a
+    store names them (:func:`gradindex.query_features.load_store_task`)."""
+    from gradindex.tasks import BUILTIN_TASKS
+
+    if spec in BUILTIN_TASKS:
+        return True
+    target, sep, name = spec.rpartition(":")
+    parts = target.split(".")
+    return (bool(sep and name) and parts[:2] == ["gradindex", "tasks"] and len(parts) == 3
+            and parts[2].isidentifier() and name.isidentifier())
+
+
+def resolve_spec(spec: str) -> str:
+    """``spec`` with a ``file.py`` path made absolute (the form stored in a manifest: it works from
+    any directory); other specs unchanged."""
+    target, sep, name = spec.rpartition(":")
+    if sep and target.endswith(".py"):
+        return f"{Path(target).expanduser().resolve()}:{name}"
+    return spec
+
+
 def load_task(spec: str, options: dict[str, Any] | None = None) -> Task:
-    """Instantiate a task from a built-in name, ``file.py:Class`` or ``module:Class``."""
+    """Instantiate a task from a built-in name, ``file.py:Class`` or ``module:Class``.
+
+    The task records its spec with a file path resolved (:func:`resolve_spec`), so the manifest of
+    a store featurized from a relative ``tasks.py:MyTask`` works from any directory.
+    """
     from gradindex.tasks import BUILTIN_TASKS
 
     options = dict(options or {})
     if spec in BUILTIN_TASKS:
         module_name, class_name, defaults = BUILTIN_TASKS[spec]
         cls = getattr(importlib.import_module(module_name), class_name)
+        accepted = task_options(cls)
+        unknown = sorted(set(options) - set(accepted)) if accepted is not None else []
+        if unknown:
+            raise ConfigError(f"task {spec!r}: unknown option(s) {', '.join(unknown)}; it accepts "
+                              f"{', '.join(accepted) or 'no options'}")
         task = cls(**{**defaults, **options})
     else:
         cls = _import_task_class(spec)
@@ -261,8 +349,68 @@ def load_task(spec: str, options: dict[str, Any] | None = None) -> Task:
             raise ConfigError(f"task {spec!r}: cannot construct {cls.__name__} with options {options}: {err}") from None
     if not isinstance(task, Task):
         raise TaskError(f"task {spec!r}: {type(task).__name__} is not a subclass of gradindex.Task")
-    task._spec = spec
+    task._spec = resolve_spec(spec)
     return task
+
+
+def task_options(cls: type) -> list[str] | None:
+    """The keyword options ``cls(**options)`` accepts (``None``: any, it takes ``**options``)."""
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters) and cls.__init__ is not Task.__init__:
+        return None
+    return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def task_code_error(err: BaseException) -> str | None:
+    """One line describing ``err`` if it was raised inside a user's task code, else ``None``.
+
+    User task code is any method of a :class:`Task` subclass defined outside gradindex (and
+    the code it calls) and the module of a ``file.py:Class`` spec. The line names the hook
+    gradindex called (the outermost such frame: ``compute_train_loss``, ``__init__``, …), the
+    exception and the innermost ``file:line`` of the user's file, e.g.
+    ``task hook compute_train_loss raised ValueError: bad shape (my_task.py:42)``. A
+    ``SystemExit`` from task code becomes such a line too (exit status 2, not the task's).
+    """
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append(tb)
+        tb = tb.tb_next
+    hook, user_files = None, set()
+    for tb in frames:
+        frame = tb.tb_frame
+        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames[:1] else None
+        if isinstance(owner, Task) and not type(owner).__module__.startswith("gradindex."):
+            hook = hook or f"{type(owner).__name__}.{frame.f_code.co_name}"
+            user_files.update(_defining_files(type(owner)))
+        elif str(frame.f_globals.get("__name__", "")).startswith(_FILE_MODULE_PREFIX):
+            hook = hook or f"{frame.f_code.co_name} (module {frame.f_code.co_filename})"
+            user_files.add(frame.f_code.co_filename)
+    if hook is None:
+        return None
+    where = next((tb for tb in reversed(frames) if tb.tb_frame.f_code.co_filename in user_files), None)
+    location = f" ({where.tb_frame.f_code.co_filename}:{where.tb_lineno})" if where is not None else ""
+    if isinstance(err, SystemExit):
+        what = f"called sys.exit({err.code!r})"
+    else:
+        text = " ".join(str(err).split())
+        what = f"raised {type(err).__name__}" + (f": {text[:300]}" if text else "")
+    return f"task hook {hook} {what}{location}"
+
+
+def _defining_files(cls: type) -> set[str]:
+    """Source files of ``cls`` and of its non-gradindex base classes."""
+    files = set()
+    for klass in cls.__mro__:
+        module = sys.modules.get(klass.__module__)
+        if module is not None and not klass.__module__.startswith(("gradindex.", "builtins")):
+            path = getattr(module, "__file__", None)
+            if path:
+                files.add(path)
+    return files
+
+
+_FILE_MODULE_PREFIX = "_gradindex_task_"
 
 
 def _import_task_class(spec: str) -> type:
@@ -278,7 +426,7 @@ def _import_task_class(spec: str) -> type:
         path = Path(target)
         if not path.is_file():
             raise ArtifactNotFoundError(f"task {spec!r}: no such file {path}")
-        module_name = f"_gradindex_task_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
+        module_name = f"{_FILE_MODULE_PREFIX}{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
         module = sys.modules.get(module_name)
         if module is None:
             module_spec = importlib.util.spec_from_file_location(module_name, path)
@@ -286,20 +434,37 @@ def _import_task_class(spec: str) -> type:
             sys.modules[module_name] = module
             try:
                 module_spec.loader.exec_module(module)
-            except Exception as err:
+            except (Exception, SystemExit) as err:  # a task module calling sys.exit() must not end gradindex
                 del sys.modules[module_name]
-                raise TaskError(f"task {spec!r}: importing {path} failed: {type(err).__name__}: {err}") from err
+                raise TaskError(f"task {spec!r}: importing {path} failed: {_import_failure(err)}") from err
     else:
         try:
             module = importlib.import_module(target)
         except ImportError as err:
             raise ArtifactNotFoundError(f"task {spec!r}: cannot import module {target!r}: {err}") from None
+        except (Exception, SystemExit) as err:
+            raise TaskError(f"task {spec!r}: importing module {target!r} failed: {_import_failure(err)}") from err
     cls = getattr(module, class_name, None)
     if cls is None:
         raise ConfigError(f"task {spec!r}: {target} defines no {class_name!r}")
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise TaskError(f"task {spec!r}: {class_name} is not a subclass of gradindex.Task")
     return cls
+
+
+def _import_failure(err: BaseException) -> str:
+    """``TypeName: message (file:line)`` of an exception raised while a task module was imported."""
+    if isinstance(err, SystemExit):
+        what = f"it called sys.exit({err.code!r})"
+    else:
+        what = f"{type(err).__name__}: {' '.join(str(err).split())}"
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    line = getattr(err, "lineno", None) if isinstance(err, SyntaxError) else None
+    if isinstance(err, SyntaxError):
+        return f"{what} ({err.filename}:{line})"
+    return f"{what} ({tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})" if tb is not None else what
 
 
 def model_fingerprint(model: nn.Module) -> str:
