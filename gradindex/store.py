@@ -27,7 +27,6 @@ and stands lease objects in for the two locks.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import io
 import json
@@ -478,7 +477,8 @@ class FeatureStore:
             return {}
         name = info.get("file", GRAM_FILE)
         try:
-            file = self.storage.fetch(name, info["sha256"], True, f"{self.path}: {name} listed in the manifest is missing",
+            file = self.storage.fetch(name, info["sha256"], True,
+                                      f"{self.path}: {name} listed in the manifest is missing",
                                       f"{self.path}: checksum mismatch in {name}; featurize again",
                                       "manifest field gram.file")
         except ArtifactNotFoundError:

@@ -80,7 +80,8 @@ def test_a_cluster_without_a_shared_disk_featurizes_indexes_and_queries_through_
                           fail_shards=[2])  # one worker dies mid-shard and is replaced
     assert store.path == uri
     assert store.manifest["ray"]["nodes"] == 2  # both nodes wrote shards, straight to the bucket
-    assert store.manifest["shards"] == reference.manifest["shards"] and store.manifest["gram"] == reference.manifest["gram"]
+    assert store.manifest["shards"] == reference.manifest["shards"]
+    assert store.manifest["gram"] == reference.manifest["gram"]
     remote, local = objects(s3_server, uri), local_files(tmp_path / "local")
     assert sorted(remote) == sorted(local)
     assert all(remote[name] == local[name] for name in local if name != "manifest.json")
