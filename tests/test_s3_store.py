@@ -152,12 +152,13 @@ def test_learn_weights_build_index_query_and_eval_from_s3_answer_what_local_answ
                   "--shards-per-part", "2"],
                  ["query", store, "--inputs", str(queries), "-k", "5", "--json"],
                  ["eval", "recall", store, "-k", "5", "--inputs", str(queries), "--json"],
-                 ["info", store]]
+                 ["info", store],
+                 ["weights", "plot", store, "--out", str(queries.with_name(f"weights-{len(outputs)}.png"))]]
         outputs[store] = []
         for step in steps:
             code, output = cli(*step)
             assert code == 0, (step, output)
-            outputs[store].append(output.replace(store, "STORE"))
+            outputs[store].append(output.replace(store, "STORE").replace("weights-1.png", "weights-0.png"))
     assert outputs[uri][1:] == outputs[str(local)][1:]  # the learned table may differ in its timing line only
     remote, reference = FeatureStore.open(uri), FeatureStore.open(local)
     assert _same_weights(remote.manifest["weights"], reference.manifest["weights"])
@@ -183,8 +184,11 @@ def test_serve_from_s3_answers_what_query_on_the_local_store_answers(s3_env, dig
 
     local, uri, queries, inputs = digits_pair
     for store in (str(local), uri):
-        code, output = cli("build-index", store, "--kind", "flat", "--concept", "uniform")
-        assert code == 0, output
+        for _ in range(2):  # a rebuild replaces the build folder; the old one is removed from the bucket too
+            code, output = cli("build-index", store, "--kind", "flat", "--concept", "uniform")
+            assert code == 0, output
+    folder = FeatureStore.open(uri).manifest["indexes"]["uniform"]["folder"]
+    assert {name.rsplit("/", 1)[0] for name in objects(s3_env, uri) if name.startswith("indexes/uniform/")} == {folder}
     engine = AttributionEngine.open(uri, ["uniform"], config=ServeConfig(max_wait_ms=0))
     with ServerThread(create_app(engine)) as running:
         status, body = post(running.url, {"inputs": inputs, "k": 4, "concept": "uniform"})
@@ -359,3 +363,50 @@ def test_local_locations_are_untouched(tmp_path):
     assert open_storage("relative/store").root == Path("relative/store")
     with pytest.raises(ConfigError, match="not hdfs://"):
         open_storage("hdfs://host/path")
+
+
+KILL_BEFORE_INDEX_COMMIT = """
+import importlib, os, sys
+build = importlib.import_module("gradindex.index.build")
+def killed(*args, **kwargs):
+    os._exit(9)  # every part is in the bucket, the manifest not switched yet
+build._commit_entry = killed
+from gradindex.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_killed_rebuild_leaves_the_old_index_answering_and_the_next_build_clears_it(s3_env, checkpoint):
+    uri = new_uri()
+    store = featurize(TinyTask(), uri, CONFIG, checkpoint=checkpoint, show_progress=False)
+    build_index(store, IndexConfig(shards_per_part=2), show_progress=False)
+    before, entry = answers(uri), FeatureStore.open(uri).manifest["indexes"]["all"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(Path(__file__).parent)])}
+    killed = subprocess.run([sys.executable, "-c", KILL_BEFORE_INDEX_COMMIT, "-q", "build-index", uri, "--kind", "hnsw"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 9, killed.stderr
+    folders = {name.split("/")[2] for name in objects(s3_env, uri) if name.startswith("indexes/all/")}
+    assert len(folders) == 2  # the killed build's folder is there, unlisted
+    assert FeatureStore.open(uri).manifest["indexes"]["all"] == entry and same_answers(answers(uri), before)
+    time.sleep(3.5)  # the killed builder's folder lease expires
+    build_index(FeatureStore.open(uri), IndexConfig(shards_per_part=2), show_progress=False)
+    left = {name.split("/")[2] for name in objects(s3_env, uri) if name.startswith("indexes/all/")}
+    assert left == {FeatureStore.open(uri).manifest["indexes"]["all"]["folder"].split("/")[2]}
+    assert same_answers(answers(uri), before)
+
+
+def test_lease_objects_behave_like_the_local_locks(s3_env):
+    storage = open_storage(new_uri())
+    with storage.lock("b/.lock", shared=True), storage.lock("b/.lock", shared=True):  # shared leases coexist
+        with pytest.raises(BlockingIOError):
+            with storage.lock("b/.lock", blocking=False):  # an exclusive one (a tidy) is refused meanwhile
+                pass
+    with storage.lock("b/.lock", blocking=False):
+        with pytest.raises(BlockingIOError):
+            with storage.lock("b/.lock", shared=True, blocking=False):
+                pass
+    assert storage.list("b") == {}  # every lease deleted on release
+    stale = {"owner": "gone", "host": "elsewhere", "pid": 1, "renewed": time.time() - 10, "ttl": 3}
+    storage.write_bytes("b/.lock", json.dumps(stale).encode())  # a killed holder's, not renewed for 10 s
+    with storage.lock("b/.lock", blocking=False):
+        pass
