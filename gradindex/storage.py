@@ -12,8 +12,8 @@ In: a store location — a path, a ``file://`` URI, or ``s3://bucket/prefix``. O
   (FAISS parts, memory-mapped re-rank vectors, shards for pyarrow) are downloaded once per
   machine to ``$GRADINDEX_CACHE`` (default ``$GRADINDEX_HOME/cache``), under
   ``<store-hash>/<folder>/<sha256[:16]>-<name>``, verified against their manifest sha256 when
-  downloaded and again on each process's first use; locks are lease objects (best effort,
-  see :class:`_Lease`).
+  downloaded and again on each process's first use; locks are lease objects
+  (:mod:`gradindex.leases`).
 
 Connection settings of ``s3://`` (read from the environment, so Ray workers on other nodes
 use the same): ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN`` (or
@@ -21,7 +21,8 @@ the AWS config files / instance metadata, as the AWS SDK finds them), ``AWS_REGI
 ``AWS_DEFAULT_REGION``, and the endpoint of an S3-compatible server:
 ``GRADINDEX_S3_ENDPOINT``, else ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``
 (``http://127.0.0.1:8333``). Connect timeout ``GRADINDEX_S3_TIMEOUT`` seconds (default 5),
-two attempts per request. Every failure is one line naming the location
+two attempts per request; ``GRADINDEX_S3_CONDITIONAL=0`` turns off the conditional PUTs that make
+the locks exact (:mod:`gradindex.leases`). Every failure is one line naming the location
 (:class:`~gradindex.errors.ObjectStoreError`).
 """
 
@@ -29,14 +30,10 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import fnmatch
 import os
 import re
 import shutil
-import socket
-import threading
-import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
@@ -305,24 +302,33 @@ def _seconds(name: str, default: float) -> float:
     return value
 
 
-def s3_filesystem() -> Any:
-    """A ``pyarrow.fs.S3FileSystem`` configured from the environment (module docstring)."""
-    from pyarrow import fs
-
-    options: dict[str, Any] = {"connect_timeout": _seconds("GRADINDEX_S3_TIMEOUT", 5.0),
-                               "request_timeout": _seconds("GRADINDEX_S3_TIMEOUT", 5.0) * 6,
-                               "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=2)}
+def s3_settings() -> dict[str, Any]:
+    """``{"endpoint": "scheme://host:port" or None, "region": str or None, "timeout": seconds}`` from the
+    environment (module docstring); a one-line :class:`ConfigError` for a malformed value."""
     endpoint = _endpoint()
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if endpoint:
         parsed = urllib.parse.urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.path not in ("", "/"):
             raise ConfigError(f"S3 endpoint {endpoint!r}: expected http(s)://HOST[:PORT]")
-        options["endpoint_override"] = parsed.netloc
-        options["scheme"] = parsed.scheme
+        endpoint = f"{parsed.scheme}://{parsed.netloc}"
         region = region or "us-east-1"  # an S3-compatible server ignores it; never look it up
-    if region:
-        options["region"] = region
+    return {"endpoint": endpoint, "region": region, "timeout": _seconds("GRADINDEX_S3_TIMEOUT", 5.0)}
+
+
+def s3_filesystem() -> Any:
+    """A ``pyarrow.fs.S3FileSystem`` configured from the environment (module docstring)."""
+    from pyarrow import fs
+
+    settings = s3_settings()
+    options: dict[str, Any] = {"connect_timeout": settings["timeout"], "request_timeout": settings["timeout"] * 6,
+                               "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=2)}
+    if settings["endpoint"]:
+        scheme, _, netloc = settings["endpoint"].partition("://")
+        options["endpoint_override"] = netloc
+        options["scheme"] = scheme
+    if settings["region"]:
+        options["region"] = settings["region"]
     return fs.S3FileSystem(**options)
 
 
@@ -529,114 +535,24 @@ class ObjectStorage(Storage):
     def scratch(self, name: str) -> Path:
         return self._cache_dir() / name
 
+    def conditional(self) -> Any:
+        """The conditional-PUT client of this bucket (:class:`gradindex.leases.ConditionalPuts`), or
+        ``None`` where there is none (no botocore, a server that ignores the conditions, or
+        ``GRADINDEX_S3_CONDITIONAL=0``); probed once."""
+        if not hasattr(self, "_conditional"):
+            from gradindex.leases import ConditionalPuts
+
+            self._conditional = ConditionalPuts.probe(self)
+        return self._conditional
+
     @contextmanager
     def lock(self, relative: str, shared: bool = False, blocking: bool = True) -> Iterator[None]:
-        """A lease object standing for an ``flock`` (see :class:`_Lease`)."""
-        lease = _Lease(self, relative, shared)
+        """A lease object standing for an ``flock`` (see :mod:`gradindex.leases`)."""
+        from gradindex.leases import Lease
+
+        lease = Lease(self, relative, shared)
         lease.acquire(blocking)
         try:
             yield
         finally:
             lease.release()
-
-
-def lease_seconds() -> float:
-    """How long a lease object stays valid without renewal (``GRADINDEX_LEASE_SECONDS``, default 60)."""
-    return _seconds("GRADINDEX_LEASE_SECONDS", 60.0)
-
-
-class _Lease:
-    """A lock on object storage, best effort: pyarrow exposes no conditional PUT.
-
-    The holder writes a small JSON object (owner, host, pid, time, ttl) — ``<name>`` for an
-    exclusive lease, ``<name>-<owner>`` for a shared one — renews it every ``ttl/3`` s from a
-    thread and deletes it on release. A lease not renewed for ``ttl`` s (its holder was killed)
-    no longer counts. Acquiring: wait (``blocking``) or raise ``BlockingIOError`` while another
-    live lease conflicts (exclusive: any; shared: an exclusive one); write ours; wait a moment and
-    read the objects again; if another writer's lease appeared meanwhile, the one with the
-    smaller owner id keeps it and the other backs off. Two processes that pass both checks within
-    the same instant can still both hold it: refusal of concurrent writers is best effort on
-    object storage. Clocks of the machines are assumed to agree to well within ``ttl``.
-    """
-
-    SETTLE = 0.2
-
-    def __init__(self, storage: ObjectStorage, name: str, shared: bool):
-        self.storage, self.name, self.shared = storage, name, shared
-        self.owner = uuid.uuid4().hex
-        self.ttl = lease_seconds()
-        self.object = f"{name}-{self.owner}" if shared else name
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _body(self) -> bytes:
-        return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
-                           "renewed": time.time(), "ttl": self.ttl}).encode()
-
-    def _others(self) -> list[dict[str, Any]]:
-        """Live leases on the same name held by others, that conflict with ours."""
-        folder = str(PurePosixPath(self.name).parent)
-        folder = "" if folder == "." else folder
-        live = []
-        for relative in self.storage.list(folder, recursive=False):
-            exclusive = relative == self.name
-            if not (exclusive or (relative.startswith(f"{self.name}-") and not self.shared)):
-                continue
-            try:
-                lease = json.loads(self.storage.read_bytes(relative))
-                fresh = float(lease["renewed"]) + float(lease["ttl"]) > time.time()
-            except (ObjectStoreError, ValueError, KeyError, TypeError):
-                continue  # deleted meanwhile, or not a lease
-            if fresh and lease.get("owner") != self.owner:
-                live.append(lease)
-        return live
-
-    def acquire(self, blocking: bool) -> None:
-        deadline = time.monotonic() + 3 * self.ttl
-        while True:
-            others = self._others()
-            if not others:
-                self.storage.write_bytes(self.object, self._body())
-                time.sleep(self.SETTLE)
-                mine = self._mine()
-                others = self._others()
-                if mine and not others:
-                    break
-                if mine:
-                    self.storage.delete(self.object)  # a conflicting lease appeared meanwhile: back off
-            if not blocking:
-                raise BlockingIOError(f"{self.storage.location}/{self.name} is held by {_holder(others)}")
-            if time.monotonic() > deadline:
-                raise ObjectStoreError(f"{self.storage.location}/{self.name}: still held by {_holder(others)} after "
-                                       f"{3 * self.ttl:g} s; if that process is gone, wait {self.ttl:g} s")
-            time.sleep(self.SETTLE * (1 + (uuid.uuid4().int % 5)))
-        self._thread = threading.Thread(target=self._renew, daemon=True, name=f"lease {self.name}")
-        self._thread.start()
-
-    def _mine(self) -> bool:
-        """Whether our lease object still holds our owner id (a racing writer's PUT may have replaced it)."""
-        try:
-            return json.loads(self.storage.read_bytes(self.object)).get("owner") == self.owner
-        except (ObjectStoreError, ValueError, AttributeError):
-            return False
-
-    def _renew(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
-            try:
-                self.storage.write_bytes(self.object, self._body())
-            except ObjectStoreError:
-                pass  # the next renewal tries again; past ttl others may take it
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        if self._mine():
-            self.storage.delete(self.object)
-
-
-def _holder(leases: list[dict[str, Any]]) -> str:
-    if not leases:
-        return "another process"
-    lease = leases[0]
-    return f"process {lease.get('pid')} on {lease.get('host')}"

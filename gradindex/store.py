@@ -191,7 +191,7 @@ def writer_lock(path: str | Path | Storage) -> Iterator[Storage]:
     yields the store's :class:`~gradindex.storage.Storage`.
 
     A second run into the same folder is refused at once (two runs would mix their shards; on
-    object storage this refusal is best effort, see :class:`gradindex.storage._Lease`).
+    object storage this refusal is best effort, see :class:`gradindex.leases`).
     """
     storage = open_storage(path)
     storage.make_root()

@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -51,7 +52,7 @@ def objects(server, uri: str) -> dict[str, bytes]:
 
     base = uri[len("s3://"):]
     filesystem = server.filesystem()
-    infos = filesystem.get_file_info(fs.FileSelector(base, recursive=True))
+    infos = filesystem.get_file_info(fs.FileSelector(base, recursive=True, allow_not_found=True))
     out = {}
     for info in infos:
         if info.type == fs.FileType.File:
@@ -395,8 +396,16 @@ def test_a_killed_rebuild_leaves_the_old_index_answering_and_the_next_build_clea
     assert same_answers(answers(uri), before)
 
 
-def test_lease_objects_behave_like_the_local_locks(s3_env):
+@pytest.mark.parametrize("conditional", ["1", "0"])
+def test_lease_objects_behave_like_the_local_locks(s3_env, monkeypatch, conditional):
+    """Exact (conditional PUTs through botocore) and best effort (plain PUTs) alike."""
+    monkeypatch.setenv("GRADINDEX_S3_CONDITIONAL", conditional)
     storage = open_storage(new_uri())
+    if conditional == "1":
+        pytest.importorskip("botocore")
+        assert storage.conditional() is not None  # SeaweedFS honours If-None-Match / If-Match
+    else:
+        assert storage.conditional() is None
     with storage.lock("b/.lock", shared=True), storage.lock("b/.lock", shared=True):  # shared leases coexist
         with pytest.raises(BlockingIOError):
             with storage.lock("b/.lock", blocking=False):  # an exclusive one (a tidy) is refused meanwhile
@@ -410,3 +419,29 @@ def test_lease_objects_behave_like_the_local_locks(s3_env):
     storage.write_bytes("b/.lock", json.dumps(stale).encode())  # a killed holder's, not renewed for 10 s
     with storage.lock("b/.lock", blocking=False):
         pass
+
+
+def test_exclusive_leases_are_exact_with_conditional_puts(s3_env):
+    """Eight writers race for one lease at the same instant: exactly one gets it."""
+    pytest.importorskip("botocore")
+    storage = open_storage(new_uri())
+    assert storage.conditional() is not None
+    barrier, won, refused = threading.Barrier(8), [], []
+
+    def race():
+        mine = open_storage(storage.location)
+        barrier.wait()
+        try:
+            with mine.lock(".writer.lock", blocking=False):
+                won.append(1)
+                time.sleep(1.0)
+        except BlockingIOError:
+            refused.append(1)
+
+    threads = [threading.Thread(target=race) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert (len(won), len(refused)) == (1, 7)
+    assert storage.list() == {}  # the winner's lease is gone
