@@ -6,6 +6,7 @@ S3 and their gRPC ports), writes an S3 identity config granting one admin identi
 (SeaweedFS refuses to create buckets without one), turns telemetry off, keeps its data in a
 temporary folder, waits until a PUT and a GET go through, and returns a :class:`SeaweedFS` whose
 ``stop()`` kills it. :func:`find_weed` says why no server can be had (the tests then skip).
+:func:`round_winners` races writers for one lease (the lock test and ``tools/race_leases.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,3 +126,29 @@ def start_seaweedfs(folder: Path, timeout: float = 90.0) -> SeaweedFS:
     tail = (folder / "weed.log").read_bytes()[-2000:].decode(errors="replace")
     server.stop()
     raise RuntimeError(f"SeaweedFS did not serve S3 within {timeout:g} s ({last}); log tail: {tail}")
+
+
+def round_winners(uri: str, writers: int) -> int:
+    """How many of ``writers`` threads, released together, get the exclusive ``.writer.lock`` of the store
+    ``uri`` without waiting (each holds it for a second): 1 is right."""
+    from gradindex.storage import open_storage
+
+    barrier, won = threading.Barrier(writers), []
+
+    def race() -> None:
+        storage = open_storage(uri)
+        storage.conditional()  # probed before the barrier, so the race is the lock alone
+        barrier.wait()
+        try:
+            with storage.lock(".writer.lock", blocking=False):
+                won.append(1)
+                time.sleep(1.0)
+        except BlockingIOError:
+            pass
+
+    threads = [threading.Thread(target=race) for _ in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return len(won)

@@ -13,38 +13,12 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
-import time
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from s3_server import BUCKET, start_seaweedfs  # noqa: E402
-
-from gradindex.storage import open_storage  # noqa: E402
-
-
-def round_winners(uri: str, writers: int) -> int:
-    barrier, won = threading.Barrier(writers), []
-
-    def race() -> None:
-        storage = open_storage(uri)
-        storage.conditional()  # probed before the barrier, so the race is the lock alone
-        barrier.wait()
-        try:
-            with storage.lock(".writer.lock", blocking=False):
-                won.append(1)
-                time.sleep(1.0)
-        except BlockingIOError:
-            pass
-
-    threads = [threading.Thread(target=race) for _ in range(writers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return len(won)
+from s3_server import BUCKET, round_winners, start_seaweedfs  # noqa: E402
 
 
 def main() -> None:
