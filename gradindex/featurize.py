@@ -37,8 +37,8 @@ from gradindex.projection import block_dims, projection_format
 from gradindex.store import (
     FeatureStore,
     ShardInfo,
-    commit_manifest,
     Storage,
+    commit_manifest,
     completed_shard,
     open_storage,
     prepare_store,
