@@ -219,7 +219,7 @@ def main() -> None:
         print_row(row)
         return row
 
-    for kind in args.kinds.split(","):
+    for kind in filter(None, args.kinds.split(",")):  # --kinds "": only the --shared comparison
         config = IndexConfig(concept="all", kind=kind, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
         t, cpu = time.perf_counter(), cpu_seconds()
         index = build_index(store, config, show_progress=False, target_recall=args.target_recall)
