@@ -15,7 +15,7 @@ from typing import Any
 import click
 import numpy as np
 
-from gradindex.config import DEFAULT_DAMPING, ExampleNorm, LDSConfig, LearnConfig
+from gradindex.config import AUTO_DAMPING, DEFAULT_DAMPING, ExampleNorm, LDSConfig, LearnConfig, LearnMethod
 from gradindex.errors import ConfigError, GradIndexError
 
 
@@ -90,11 +90,31 @@ device_option = click.option("--device", default="cpu", show_default=True,
                              help="Torch device for gradients (cpu, cuda, cuda:1, ...).")
 
 
+class _Damping(click.ParamType):
+    """A relative Gram damping on the command line: a number or ``auto``."""
+
+    name = "NUMBER|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)) or value == AUTO_DAMPING:
+            return value
+        text = str(value).strip().lower()
+        if text == AUTO_DAMPING:
+            return AUTO_DAMPING
+        try:
+            return float(text)
+        except ValueError:
+            self.fail(f"expected a non-negative number or 'auto', got {value!r}", param, ctx)
+
+
+DAMPING = _Damping()
+_DAMPING_HELP = ("Gram damping, relative to each group's mean eigenvalue; 'auto' chooses one per group from the "
+                 "stored training features (no labels; the value is recorded in the manifest, `info` shows it).")
+
 preconditioner_options = [
     click.option("--preconditioner", type=click.Choice(["gram", "identity"]), default="gram", show_default=True,
                  help="Query-side preconditioner: per-group Gram inverse (TRAK-style) or none (grad-dot)."),
-    click.option("--damping", type=float, default=DEFAULT_DAMPING, show_default=True,
-                 help="Gram damping, relative to the group's mean eigenvalue."),
+    click.option("--damping", type=DAMPING, default=DEFAULT_DAMPING, show_default=True, help=_DAMPING_HELP),
 ]
 inputs_option = click.option("--inputs", type=click.Path(path_type=Path), default=None,
                              help="Query inputs file (the task's format; default: the task's held-out queries).")
@@ -385,9 +405,12 @@ def build_index_command(ctx, store_path, concept, kind, preconditioner, damping,
 @click.option("--steps", type=int, default=_LEARN.steps, show_default=True, help="Adam steps.")
 @click.option("--lr", type=float, default=_LEARN.lr, show_default=True, help="Adam learning rate.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the query and reference samples.")
-@click.option("--method", type=click.Choice(["auto", "snr", "agreement"]), default="auto", show_default=True,
-              help="Objective: SNR of each query's scores, or agreement of the top-k of queries sharing the "
-                   "concept's value (needs the queries' values); auto: agreement for a concept when possible.")
+@click.option("--method", type=click.Choice([m.value for m in LearnMethod]), default=_LEARN.method.value,
+              show_default=True,
+              help="Objective: snr (each query's top-k stands out of its scores), ssl (the paper's normalised "
+                   "top-k mean with weights on the query side), agreement (queries sharing the concept's value "
+                   "share their top-k; needs the queries' values); auto: agreement for a concept when possible, "
+                   "else snr.")
 @device_option
 @click.pass_context
 def learn_weights_command(ctx, store_path, concept, inputs, preconditioner, damping, num_queries, reference_size,
@@ -405,13 +428,13 @@ def learn_weights_command(ctx, store_path, concept, inputs, preconditioner, damp
     weights = learn_weights(store, config, queries=queries, concept=concept, device=device,
                             show_progress=_progress(ctx))
     info = weights.info
+    resolved = info["config"]["damping"]
     _echo_table([{"group": g, "weight": weights.weights[g], "share": info["shares"][g],
-                  "uniform share": info["uniform_shares"][g]} for g in store.groups])
-    click.echo(f"concept {concept!r} ({preconditioner}): mean SNR {info['snr_uniform']:.3f} (uniform) -> "
-               f"{info['snr_learned']:.3f} over {info['num_queries']} queries x {info['reference_size']} "
-               f"training examples, {info['seconds']:.1f}s; saved in {store.path}/manifest.json")
-    if "agreement_learned" in info:
-        click.echo(f"objective: agreement {info['agreement_uniform']:.3f} (uniform) -> {info['agreement_learned']:.3f}")
+                  "uniform share": info["uniform_shares"][g],
+                  **({"damping": resolved[g]} if isinstance(resolved, dict) else {})} for g in store.groups])
+    click.echo(f"concept {concept!r} ({preconditioner}, damping {_damping_text(resolved)}): {_objective_text(info)} "
+               f"over {info['num_queries']} queries x {info['reference_size']} training examples, "
+               f"{info['seconds']:.1f}s; saved in {store.path}/manifest.json")
 
 
 @main.group("weights")
@@ -454,8 +477,8 @@ def eval_group() -> None:
 @click.option("--workers", type=int, default=2, show_default=True, help="Training processes.")
 @inputs_option
 @concept_option
-@click.option("--damping", type=float, default=DEFAULT_DAMPING, show_default=True,
-              help="Gram damping of the uniform and single-group rows.")
+@click.option("--damping", type=DAMPING, default=DEFAULT_DAMPING, show_default=True,
+              help="Gram damping of the uniform and single-group rows (a number or 'auto').")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @device_option
 @click.pass_context
@@ -559,6 +582,12 @@ def info(store_path, as_json) -> None:
     click.echo(f"projection:  {config['projection']['kind']}, proj_dim {config['projection']['proj_dim']}, "
                f"seed {config['projection']['seed']}; dimension {store.dim}")
     concepts = sorted(set(manifest.get("weights", {})) | set(manifest.get("indexes", {})) | {"all"})
+    per_group = {}  # per-group (auto) dampings: the index's, else the weights'
+    for concept in concepts:
+        entry = manifest.get("indexes", {}).get(concept, {}).get("config") or \
+            manifest.get("weights", {}).get(concept, {}).get("info", {}).get("config", {})
+        if isinstance(entry.get("damping"), dict) and entry.get("preconditioner") == "gram":
+            per_group[concept] = entry["damping"]
     rows = []
     for group in manifest["groups"]:
         row = {"group": group["name"], "params": ParameterGroup.from_dict(group).numel,
@@ -568,6 +597,8 @@ def info(store_path, as_json) -> None:
             row[f"w[{concept}]"] = weights.weights[group["name"]]
             if "shares" in weights.info:
                 row[f"share[{concept}]"] = weights.info["shares"][group["name"]]
+        for concept, damping in per_group.items():
+            row[f"damping[{concept}]"] = damping[group["name"]]
         rows.append(row)
     _echo_table(rows)
     for concept in concepts:
@@ -575,13 +606,13 @@ def info(store_path, as_json) -> None:
         if "config" in weights_info:
             setting = weights_info["config"]
             click.echo(f"weights {concept!r}: {weights_info['method']} for {setting['preconditioner']} "
-                       f"(damping {setting['damping']}), {weights_info['num_queries']} queries x "
-                       f"{weights_info['reference_size']} examples, mean SNR {weights_info['snr_uniform']:.3f} "
-                       f"(uniform) -> {weights_info['snr_learned']:.3f}")
+                       f"(damping {_damping_text(setting['damping'])}), {weights_info['num_queries']} queries x "
+                       f"{weights_info['reference_size']} examples, {_objective_text(weights_info)}")
     for concept, entry in sorted(manifest.get("indexes", {}).items()):
         cfg = entry["config"]
         click.echo(f"index {concept!r}: {entry.get('kind', cfg['kind'])}, {cfg['preconditioner']} "
-                   f"(damping {cfg['damping']}), {entry['ntotal']} vectors in {len(entry.get('parts', []))} part(s)")
+                   f"(damping {_damping_text(cfg['damping'])}), {entry['ntotal']} vectors in "
+                   f"{len(entry.get('parts', []))} part(s)")
 
 
 @eval_group.command("recall")
@@ -643,6 +674,23 @@ def eval_precision(store_path, inputs, concepts, k, as_json, device) -> None:
 
 def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
+
+
+def _damping_text(damping: Any) -> str:
+    """A damping as `info` and `learn-weights` print it: the number, or 'auto' with its per-group range."""
+    if isinstance(damping, dict):
+        values = list(damping.values())
+        return f"auto, per group {min(values):.3g}…{max(values):.3g}" if values else "auto"
+    return f"{damping:g}" if isinstance(damping, (int, float)) else str(damping)
+
+
+def _objective_text(info: dict[str, Any]) -> str:
+    """The learned weights' objective against uniform weights', e.g. 'mean SNR 5.1 (uniform) -> 5.3'."""
+    name = {"ssl": "ssl", "agreement": "agreement"}.get(info.get("method"), "snr")
+    label = {"ssl": "ssl objective", "agreement": "agreement", "snr": "mean SNR"}[name]
+    if f"{name}_learned" not in info:
+        return ""
+    return f"{label} {info[f'{name}_uniform']:.3f} (uniform) -> {info[f'{name}_learned']:.3f}"
 
 
 def _echo_table(rows: list[dict[str, Any]]) -> None:

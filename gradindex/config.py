@@ -20,6 +20,8 @@ from gradindex.errors import ConfigError
 #: Gram damping relative to each group's mean eigenvalue, λ_g = damping · trace(G_g) / k_g. 0.1 measured
 #: best (or within noise of best) for uniform-weight LDS on the digits MLP and CNN among 1e-3 … 1 (README).
 DEFAULT_DAMPING = 0.1
+#: ``damping="auto"``: chosen per group from the stored features (gradindex.damping)
+AUTO_DAMPING = "auto"
 
 
 class ProjectionKind(enum.Enum):
@@ -35,6 +37,15 @@ class Preconditioner(enum.Enum):
 
     IDENTITY = "identity"  # gradient dot product (TracIn at one checkpoint)
     GRAM = "gram"  # TRAK-style (ΦᵀΦ/N + λI)⁻¹ per group
+
+
+class DampingCriterion(enum.Enum):
+    """How ``damping="auto"`` picks each group's relative damping from the stored features alone."""
+
+    CV_LIKELIHOOD = "cv-likelihood"  # K-fold held-out Gaussian likelihood under N(0, G + λI), per group
+    CV_SHARED = "cv-shared"  # the same, one relative damping for all groups (summed likelihoods)
+    LEDOIT_WOLF = "ledoit-wolf"  # Ledoit–Wolf shrinkage ρ as ρ / (1 − ρ)
+    OAS = "oas"  # oracle-approximating shrinkage ρ as ρ / (1 − ρ)
 
 
 class StorageDtype(enum.Enum):
@@ -68,6 +79,22 @@ def parse_enum(enum_type: type[enum.Enum], value: Any, field_name: str) -> enum.
     except ValueError:
         choices = ", ".join(member.value for member in enum_type)
         raise ConfigError(f"{field_name}: expected one of {choices}, got {value!r}") from None
+
+
+def parse_damping(value: Any, field_name: str) -> float | str | dict[str, float]:
+    """A relative Gram damping: a non-negative number, ``"auto"`` (chosen from the stored
+    features, :mod:`gradindex.damping`) or a resolved ``{group: number}`` mapping."""
+    if isinstance(value, str) and value.strip().lower() == AUTO_DAMPING:
+        return AUTO_DAMPING
+    if isinstance(value, dict):
+        return {str(g): _non_negative(v, f"{field_name}[{g!r}]") for g, v in value.items()}
+    return _non_negative(value, field_name, "a non-negative number or 'auto'")
+
+
+def _non_negative(value: Any, field_name: str, expected: str = "a non-negative number") -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0 or value == float("inf"):
+        raise ConfigError(f"{field_name}: expected {expected}, got {value!r}")
+    return float(value)
 
 
 def require_positive(value: Any, field_name: str, numpy_ok: bool = False) -> None:
@@ -223,7 +250,7 @@ class IndexConfig(_Config):
     concept: str = "all"
     kind: IndexKind = IndexKind.AUTO
     preconditioner: Preconditioner = Preconditioner.GRAM
-    damping: float = DEFAULT_DAMPING
+    damping: float | str | dict[str, float] = DEFAULT_DAMPING
     device: str = "cpu"
     balance: Balance = Balance.AUTO
     nlist: int = 0  # direction cells per norm band (ivf, ivfpq)
@@ -244,9 +271,7 @@ class IndexConfig(_Config):
             self, "preconditioner", parse_enum(Preconditioner, self.preconditioner, "IndexConfig.preconditioner")
         )
         object.__setattr__(self, "balance", parse_enum(Balance, self.balance, "IndexConfig.balance"))
-        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not self.damping >= 0:
-            raise ConfigError(f"IndexConfig.damping: expected a non-negative number, got {self.damping!r}")
-        object.__setattr__(self, "damping", float(self.damping))
+        object.__setattr__(self, "damping", parse_damping(self.damping, "IndexConfig.damping"))
         if self.device not in ("cpu", "cuda", "auto"):
             raise ConfigError(f"IndexConfig.device: expected cpu, cuda or auto, got {self.device!r}")
         for name in ("nlist", "bands", "pq_bytes", "train_size", "shards_per_part", "seed"):
@@ -323,6 +348,7 @@ class LearnMethod(enum.Enum):
     AUTO = "auto"  # AGREEMENT for a concept whose values the queries carry, else SNR
     SNR = "snr"  # a few training examples stand out per query (DESIGN §1.3)
     AGREEMENT = "agreement"  # queries sharing the concept's value share their top-k (DESIGN §1.4)
+    SSL = "ssl"  # the paper's objective: normalised mean of each query's current top-k (DESIGN §1.3)
 
 
 @dataclass(frozen=True)
@@ -334,7 +360,7 @@ class LearnConfig(_Config):
     """
 
     preconditioner: Preconditioner = Preconditioner.GRAM
-    damping: float = DEFAULT_DAMPING
+    damping: float | str | dict[str, float] = DEFAULT_DAMPING
     num_queries: int = 256
     reference_size: int = 2048
     top_k: int = 10
@@ -353,7 +379,8 @@ class LearnConfig(_Config):
         object.__setattr__(self, "example_norm", parse_enum(ExampleNorm, self.example_norm, "LearnConfig.example_norm"))
         for name in ("num_queries", "reference_size", "top_k", "steps"):
             require_positive(getattr(self, name), f"LearnConfig.{name}")
-        for name in ("damping", "regularization", "lr"):
+        object.__setattr__(self, "damping", parse_damping(self.damping, "LearnConfig.damping"))
+        for name in ("regularization", "lr"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ConfigError(f"LearnConfig.{name}: expected a non-negative number, got {value!r}")

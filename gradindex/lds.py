@@ -41,11 +41,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradindex.config import DEFAULT_DAMPING, LDSConfig, Preconditioner, require_positive
+from gradindex.config import AUTO_DAMPING, DEFAULT_DAMPING, LDSConfig, Preconditioner, require_positive
+from gradindex.damping import resolve_damping
 from gradindex.errors import ConfigError, StoreMismatchError, TaskError
-from gradindex.precondition import QueryPreconditioner
 from gradindex.projection import derive_seed
-from gradindex.query_features import QueryFeaturizer, measurement_function
+from gradindex.query_features import QueryFeaturizer, measurement_function, precondition_features
 from gradindex.store import FeatureStore, atomic_write_json, temporary_path, write_arrays
 from gradindex.task import Task, load_task, make_batch
 from gradindex.weights import GroupWeights
@@ -123,16 +123,6 @@ def weighted_predictions(predictions: Mapping[str, np.ndarray], weights: Mapping
     return sum(float(weights[g]) * predictions[g] for g in predictions)
 
 
-def precondition_features(store: FeatureStore, raw: Mapping[str, np.ndarray], preconditioner: Preconditioner,
-                          damping: float) -> dict[str, np.ndarray]:
-    """Apply a preconditioner to unpreconditioned query features ``{group: [Q, k_g]}``."""
-    if preconditioner is Preconditioner.IDENTITY:
-        return dict(raw)
-    groups = list(raw)
-    apply = QueryPreconditioner(preconditioner, store.read_gram(), damping, groups)
-    return {g: block.numpy() for g, block in apply({g: torch.from_numpy(raw[g]) for g in groups}).items()}
-
-
 def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Sequence, concept: str = "all",
                damping: float = DEFAULT_DAMPING, device: str = "cpu", show_progress: bool = False) -> list[dict[str, Any]]:
     """LDS of the standard attributions of ``store`` for ``queries`` (the ones ``retrained`` measured).
@@ -140,7 +130,7 @@ def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Seque
     Rows: uniform weights, each single group alone (the per-group diagnostic) and
     the concept's learned weights when the manifest has them (under the setting
     they were learned for), for grad-dot and Gram preconditioning. Each row has
-    ``attribution``, ``preconditioner``, ``damping``, ``lds`` (mean over queries)
+    ``attribution``, ``preconditioner``, ``damping`` (``"auto"`` for a per-group one), ``lds`` (mean over queries)
     and ``sem`` (its standard error).
     """
     featurizer = QueryFeaturizer.open(store, concept, Preconditioner.IDENTITY, device=device)
@@ -151,13 +141,14 @@ def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Seque
     sums = subset_sums(store, retrained.masks, retrained.sample_ids)
     groups = store.groups
     learned = GroupWeights.from_manifest(store.manifest, concept, groups)
-    settings = [(Preconditioner.IDENTITY, 0.0), (Preconditioner.GRAM, damping)]
+    settings = [(Preconditioner.IDENTITY, 0.0), (Preconditioner.GRAM, resolve_damping(store, damping))]
     rows = []
 
-    def add(name: str, predictions: np.ndarray, preconditioner: Preconditioner, setting_damping: float) -> None:
+    def add(name: str, predictions: np.ndarray, preconditioner: Preconditioner, setting_damping) -> None:
         per_query = retrained.lds(predictions, concept)
+        label = AUTO_DAMPING if isinstance(setting_damping, Mapping) else setting_damping
         rows.append({"attribution": name, "preconditioner": preconditioner.value,
-                     "damping": setting_damping if preconditioner is Preconditioner.GRAM else None,
+                     "damping": label if preconditioner is Preconditioner.GRAM else None,
                      "lds": float(per_query.mean()), "sem": float(per_query.std(ddof=1) / np.sqrt(len(per_query)))
                      if len(per_query) > 1 else 0.0})
 
@@ -169,7 +160,7 @@ def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Seque
     learned_setting = learned.info.get("config")
     if learned_setting:
         preconditioner = Preconditioner(learned_setting["preconditioner"])
-        learned_damping = float(learned_setting.get("damping", damping))
+        learned_damping = resolve_damping(store, learned_setting.get("damping", damping), preconditioner)
         predictions = group_predictions(precondition_features(store, raw, preconditioner, learned_damping), sums)
         add("learned", weighted_predictions(predictions, learned.weights), preconditioner, learned_damping)
     return rows

@@ -47,6 +47,24 @@ not concave in the shares, so ascent starts from the best of ``G`` screened poin
 for a concept whose values the queries carry, and the SNR otherwise; on the
 ``diffusion`` task it is the one that finds each concept's blocks (tools/bench_concepts.py).
 
+SSL (``LearnMethod.SSL``), the objective of Li, Le, Xu & Salzmann, "Learning to Weight Parameters
+for Training Data Attribution" (arXiv 2506.05647), on the raw group scores (no example norm, no
+per-group normalisation): weights ``w = softmax(θ)`` (non-negative, summing to 1) scale the query
+side, ``τ(q, x) = Σ_g w_g S_g(q, x)``, and Adam minimises from uniform ``w`` (the unweighted
+baseline)::
+
+    mean_q L_q(w) + λ‖w‖²,    L_q(w) = −(1/‖τ(q, ·)‖₂) · mean of the top-k of τ(q, ·),
+
+the top-k being each query's current ranking, recomputed every step (pseudo-positives), the norm
+over the reference sample. ``L_q`` does not change when every score is multiplied by one positive
+number, so neither does the result. Multiplying one group's scores by ``c`` is the same as
+multiplying its weight by ``c``: the loss term sees only the products ``w_g S_g``, so its optima move
+with the rescaling (the combined scores stay the same), while the start (uniform ``w``) and the pull
+``λ‖w‖²`` (towards uniform) are in raw units — the learned attribution is therefore *not* invariant
+to one group's scale, exactly as the unweighted baseline it starts from is not (grad-dot). Under the
+Gram preconditioner with relative damping a group's scores do not change when its gradients are
+rescaled, so there the question does not arise.
+
 Deterministic for a fixed ``seed`` (query and reference samples; the
 optimisation itself is deterministic CPU math on float32 scores).
 """
@@ -60,10 +78,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from gradindex.config import ExampleNorm, LearnConfig, LearnMethod
+from gradindex.config import AUTO_DAMPING, ExampleNorm, LearnConfig, LearnMethod, Preconditioner
+from gradindex.damping import resolve_damping
 from gradindex.errors import ConfigError
 from gradindex.projection import derive_seed
-from gradindex.query_features import QueryFeaturizer
+from gradindex.query_features import QueryFeaturizer, precondition_features
 from gradindex.store import FeatureStore
 from gradindex.weights import GroupWeights, save_weights
 
@@ -109,6 +128,61 @@ def agreement(scores: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
     return torch.log(cosine[pairs].mean()) - torch.log(cosine[~same].mean())
 
 
+def ssl_loss(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Per-row ``−(mean of the top-k) / ‖row‖₂`` of ``scores [Q, R]`` -> ``[Q]`` (the paper's ``L_q``)."""
+    k = min(top_k, scores.shape[1])
+    top = torch.topk(scores, k, dim=1).values.mean(1)
+    return -top / scores.norm(dim=1).clamp_min(torch.finfo(scores.dtype).tiny)
+
+
+def fit_ssl(scores: np.ndarray, config: LearnConfig) -> tuple[np.ndarray, dict]:
+    """Raw weights ``[G]`` (mean 1) minimising ``mean_q L_q(softmax θ) + λ‖softmax θ‖²`` on the raw group
+    scores ``scores [G, Q, R]`` (the paper's objective; λ = ``config.regularization``), from θ = 0.
+
+    A group whose scores are all zero gets weight 0. Returns the weights and diagnostics
+    (``ssl_uniform``/``ssl_learned``: the mean ``−L_q``, higher is better).
+    """
+    scores = _checked_scores(scores)
+    rms = scores.pow(2).mean((1, 2)).sqrt()
+    live = rms > 0
+    raw = scores[live] / rms[live].max()  # one common factor: the loss does not see it
+    theta = torch.zeros(int(live.sum()), requires_grad=True)
+    optimizer = torch.optim.Adam([theta], lr=config.lr)
+
+    def loss_of(weights: torch.Tensor) -> torch.Tensor:
+        return ssl_loss(torch.einsum("g,gqr->qr", weights, raw), config.top_k).mean()
+
+    for _ in range(config.steps):
+        weights = torch.softmax(theta, 0)
+        loss = loss_of(weights) + config.regularization * weights.pow(2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        learned = torch.softmax(theta, 0)
+        full = torch.zeros(scores.shape[0], dtype=scores.dtype)
+        full[live] = learned
+        uniform = torch.full_like(learned, 1.0 / len(learned))
+        contribution = full * rms  # each group's share of the combined score scale
+        diagnostics = {
+            "shares": (contribution / contribution.sum()).tolist(),
+            "uniform_shares": (rms / rms.sum()).tolist(),
+            "ssl_uniform": float(-loss_of(uniform)),
+            "ssl_learned": float(-loss_of(learned)),
+        }
+    return (full / full.mean()).numpy(), diagnostics
+
+
+def _checked_scores(scores: np.ndarray) -> torch.Tensor:
+    scores = torch.as_tensor(np.asarray(scores, dtype=np.float32))
+    if scores.ndim != 3 or min(scores.shape) < 1:
+        raise ConfigError(f"weight learning: expected scores [groups, queries, references], got {tuple(scores.shape)}")
+    if scores.shape[1] < 2 or scores.shape[2] < 2:
+        raise ConfigError(f"weight learning needs at least 2 queries and 2 reference examples, got "
+                          f"{scores.shape[1]} and {scores.shape[2]}")
+    return scores
+
+
 def objective(shares: torch.Tensor, normalised: torch.Tensor, config: LearnConfig,
               same: torch.Tensor | None = None) -> torch.Tensor:
     """The objective of the example-normed combination ``Σ_g p_g X_g`` (no regularisation):
@@ -125,12 +199,7 @@ def fit_weights(scores: np.ndarray, config: LearnConfig, values: np.ndarray | No
 
     Returns the weights and a dict of diagnostics (shares, objective values).
     """
-    scores = torch.as_tensor(np.asarray(scores, dtype=np.float32))
-    if scores.ndim != 3 or min(scores.shape) < 1:
-        raise ConfigError(f"weight learning: expected scores [groups, queries, references], got {tuple(scores.shape)}")
-    if scores.shape[1] < 2 or scores.shape[2] < 2:
-        raise ConfigError(f"weight learning needs at least 2 queries and 2 reference examples, got "
-                          f"{scores.shape[1]} and {scores.shape[2]}")
+    scores = _checked_scores(scores)
     if config.example_norm is not ExampleNorm.NONE:
         scores = scores - scores.mean(1, keepdim=True)  # centring is linear: do it per group once
     rms = scores.pow(2).mean((1, 2)).sqrt()
@@ -227,35 +296,59 @@ def learn_weights(
 ) -> GroupWeights:
     """Learn ``concept``'s group weights from unlabeled queries (default: the task's held-out queries)."""
     started = time.perf_counter()
-    featurizer = QueryFeaturizer.open(store, concept, config.preconditioner, config.damping, device=device)
+    featurizer = QueryFeaturizer.open(store, concept, Preconditioner.IDENTITY, device=device)
     try:
         if queries is None:
             queries = featurizer.task.query_dataset()
         chosen = query_sample(queries, config.num_queries, config.seed)
         method, values = _method_and_values(featurizer.task, queries, chosen, concept, config.method)
-        query_features = featurizer.group_features(chosen, show_progress=show_progress)
+        raw = featurizer.group_features(chosen, show_progress=show_progress)
     finally:
         featurizer.close()
-    _, reference = reference_sample(store, config.reference_size, config.seed)
-    groups = store.groups
-    weights, diagnostics = fit_weights(score_matrices(query_features, reference, groups), config, values)
-    info = {
-        "method": method.value,
-        "config": config.to_dict(),
-        "num_queries": len(chosen),
-        "reference_size": len(next(iter(reference.values()))),
-        "shares": dict(zip(groups, diagnostics["shares"])),
-        "uniform_shares": dict(zip(groups, diagnostics["uniform_shares"])),
-        "snr_uniform": diagnostics["snr_uniform"],
-        "snr_learned": diagnostics["snr_learned"],
-        **{key: diagnostics[key] for key in ("agreement_uniform", "agreement_learned") if key in diagnostics},
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    result = GroupWeights(concept, {g: float(w) for g, w in zip(groups, weights)}, info)
-    logger.info("learned weights for concept %r: mean SNR %.3f (uniform %.3f)", concept,
-                info["snr_learned"], info["snr_uniform"])
+    result = learn_from_features(store, raw, config, concept, method, values)
+    result.info["seconds"] = round(time.perf_counter() - started, 3)
     if save:
         save_weights(store, result)
+    return result
+
+
+def learn_from_features(store: FeatureStore, raw_query_features: Mapping[str, np.ndarray],
+                        config: LearnConfig = LearnConfig(), concept: str = "all",
+                        method: LearnMethod | None = None, values: np.ndarray | None = None) -> GroupWeights:
+    """Weights from unpreconditioned query features ``{group: −φ_g(q) [Q, k_g]}`` (the identity
+    setting of :class:`~gradindex.query_features.QueryFeaturizer`) and a seeded reference sample of
+    the store; ``config.damping`` ``"auto"`` is resolved here (:mod:`gradindex.damping`).
+
+    ``method`` ``None`` means ``config.method`` with ``AUTO`` read as agreement when ``values [Q]``
+    (each query's concept value) are given and SNR otherwise. Nothing is saved.
+    """
+    method = method or config.method
+    if method is LearnMethod.AUTO:
+        method = LearnMethod.AGREEMENT if values is not None else LearnMethod.SNR
+    damping = resolve_damping(store, config.damping, config.preconditioner)
+    query_features = precondition_features(store, raw_query_features, config.preconditioner, damping)
+    _, reference = reference_sample(store, config.reference_size, config.seed)
+    groups = store.groups
+    scores = score_matrices(query_features, reference, groups)
+    if method is LearnMethod.SSL:
+        weights, diagnostics = fit_ssl(scores, config)
+    else:
+        weights, diagnostics = fit_weights(scores, config, values if method is LearnMethod.AGREEMENT else None)
+    setting = {**config.to_dict(), "damping": damping}  # the resolved damping: what the index must use
+    info = {
+        "method": method.value,
+        "config": setting,
+        **({"damping_requested": AUTO_DAMPING} if config.damping == AUTO_DAMPING else {}),
+        "num_queries": len(next(iter(raw_query_features.values()))),
+        "reference_size": len(next(iter(reference.values()))),
+        "shares": dict(zip(groups, diagnostics.pop("shares"))),
+        "uniform_shares": dict(zip(groups, diagnostics.pop("uniform_shares"))),
+        **diagnostics,
+    }
+    result = GroupWeights(concept, {g: float(w) for g, w in zip(groups, weights)}, info)
+    objective_name = {LearnMethod.SSL: "ssl", LearnMethod.AGREEMENT: "agreement"}.get(method, "snr")
+    logger.info("learned %s weights for concept %r: objective %.4f (uniform %.4f)", method.value, concept,
+                info[f"{objective_name}_learned"], info[f"{objective_name}_uniform"])
     return result
 
 
@@ -265,12 +358,12 @@ def _method_and_values(task, queries: Sequence, chosen: Sequence, concept: str,
     values = task.metadata(queries).get(concept) if concept != "all" else None
     if method is LearnMethod.AUTO:
         method = LearnMethod.AGREEMENT if values is not None else LearnMethod.SNR
-    if method is LearnMethod.SNR:
+    if method in (LearnMethod.SNR, LearnMethod.SSL):
         return method, None
     if values is None:
         raise ConfigError(
             f"agreement weights for concept {concept!r} need each query's value of it (the task's metadata of the "
-            "queries, e.g. the prompts of generated queries); use --method snr"
+            "queries, e.g. the prompts of generated queries); use --method snr or ssl"
         )
     values = np.asarray(values)
     if isinstance(chosen, torch.utils.data.Subset):

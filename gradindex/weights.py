@@ -60,14 +60,15 @@ class GroupWeights:
     def scales(self, groups: Sequence[str]) -> dict[str, float]:
         return {g: float(np.sqrt(self.weights[g])) for g in groups}
 
-    def check_setting(self, preconditioner: Preconditioner, damping: float) -> None:
-        """Learned weights fit one attribution setting; refuse them for another."""
+    def check_setting(self, preconditioner: Preconditioner, damping: "float | Mapping[str, float]") -> None:
+        """Learned weights fit one attribution setting (``damping``: resolved, one number or per group);
+        refuse them for another."""
         learned = self.info.get("config")
         if not learned:
             return
-        wanted = {"preconditioner": preconditioner.value}
+        wanted: dict[str, Any] = {"preconditioner": preconditioner.value}
         if preconditioner is Preconditioner.GRAM:
-            wanted["damping"] = float(damping)
+            wanted["damping"] = dict(damping) if isinstance(damping, Mapping) else float(damping)
         differ = {k: learned.get(k) for k in wanted if learned.get(k) != wanted[k]}
         if differ:
             raise ConfigError(

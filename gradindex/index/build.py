@@ -21,6 +21,7 @@ ivfpq; its float16 re-rank copy is written to disk as it goes.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -33,7 +34,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from gradindex.config import Balance, IndexConfig, IndexKind, SearchConfig
+from gradindex.config import AUTO_DAMPING, Balance, IndexConfig, IndexKind, SearchConfig
+from gradindex.damping import resolve_damping
 from gradindex.errors import ConfigError
 from gradindex.index.kinds import (
     PartBuilder, QueryTransform, banded_directions, gpu_available, half_to_float, import_faiss, resolve_build,
@@ -44,6 +46,7 @@ from gradindex.index.shards import (
     INDEX_DIR, IndexPart, ShardedIndex, checked_file, concept_dir, list_parts, load_transform,
     open_part, part_name,
 )
+from gradindex.precondition import group_damping
 from gradindex.store import MANIFEST, FeatureStore, atomic_write_json, sha256_file, temporary_path, write_arrays
 from gradindex.topk import TopK, merge_topk
 from gradindex.weights import GroupWeights, scaled_vectors
@@ -80,6 +83,8 @@ def build_index(
     ``train_only``: a fresh partition with its trained state and no parts yet (then ``shards=`` per machine).
     """
     groups = store.groups
+    requested = config.damping
+    config = dataclasses.replace(config, damping=resolve_damping(store, config.damping, config.preconditioner))
     if weights is None:
         weights = GroupWeights.from_manifest(store.manifest, config.concept, groups)
     weights.check_setting(config.preconditioner, config.damping)
@@ -124,7 +129,7 @@ def build_index(
         ranges = [todo[i:i + per] for i in range(0, len(todo), per)]
     for part_shards in ranges:
         _build_part(store, config, weights, state, part_shards, show_progress)
-    _commit_entry(store, config, weights, state, search)
+    _commit_entry(store, config, weights, state, search, requested)
     return ShardedIndex.open(store, config.concept, device=config.device, search=search)
 
 
@@ -171,7 +176,8 @@ def _train(store: FeatureStore, config: IndexConfig, weights: GroupWeights, show
         missing = [g for g in store.groups if g not in grams]
         if missing:
             raise ConfigError(f"--balance on: the store has no Gram matrix for groups {missing}; use --balance off")
-        transform = QueryTransform.from_grams([grams[g] for g in store.groups], config.damping)
+        transform = QueryTransform.from_grams([grams[g] for g in store.groups],
+                                              [group_damping(config.damping, g) for g in store.groups])
         path = folder / TRANSFORM_FILE
         digest = write_arrays(path, transform.arrays())
         transform_info = {"kind": "balance", "file": str(path.relative_to(store.path)), "sha256": digest,
@@ -278,7 +284,7 @@ def _manifest_lock(store: FeatureStore):
 
 
 def _commit_entry(store: FeatureStore, config: IndexConfig, weights: GroupWeights, state: dict[str, Any],
-                  search: SearchConfig | None) -> None:
+                  search: SearchConfig | None, requested: Any = None) -> None:
     """Record every part sidecar of this training in the manifest (re-read under the lock)."""
     folder = concept_dir(store, config.concept)
     with _manifest_lock(store):
@@ -307,6 +313,7 @@ def _commit_entry(store: FeatureStore, config: IndexConfig, weights: GroupWeight
             "search": (search or SearchConfig()).to_dict(),
             "parts": [p.to_dict() for p in parts],
             "ntotal": int(sum(p.ntotal for p in parts)),
+            **({"damping_requested": AUTO_DAMPING} if requested == AUTO_DAMPING else {}),
         }
         manifest["indexes"] = {**manifest.get("indexes", {}), config.concept: entry}
         atomic_write_json(store.path / MANIFEST, manifest)
