@@ -27,6 +27,7 @@ averaged over seeds) — and writes ``OUT/results.json``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -67,25 +68,26 @@ def default_tasks() -> list[str]:
 
 
 def query_split(task, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions ``(fit, eval)`` in ``task.query_dataset()``: the task's own split when it has one,
-    else the first and second half."""
-    split = getattr(task, "query_split", None)
-    if callable(split):
-        fit, evaluation = split()
-        return np.asarray(fit, dtype=int), np.asarray(evaluation, dtype=int)
-    half = count // 2
-    return np.arange(half), np.arange(half, count)
+    """Positions ``(fit, eval)`` in ``task.query_dataset()``: the task's own split (``Task.query_splits``)."""
+    try:
+        from gradindex.task import query_split_positions
+    except ImportError:  # before the fit/eval split existed: halves
+        half = count // 2
+        return np.arange(half), np.arange(half, count)
+    splits = query_split_positions(task, count)
+    return splits["fit"], splits["eval"]
 
 
 class Cells:
     """``folder/cells.json``: ``{name: {"key": settings, ...results}}``; a cell is recomputed when its key changes."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, common: dict):
         self.path = path
+        self.common = common
         self.data = json.loads(path.read_text()) if path.is_file() else {}
 
     def get(self, name: str, key: dict, compute) -> dict:
-        key = {**key, "version": VERSION}
+        key = json.loads(json.dumps(cell_safe({**key, **self.common, "version": VERSION})))
         cell = self.data.get(name)
         if cell is None or cell.get("key") != key:
             started = time.perf_counter()
@@ -144,7 +146,8 @@ def run_seed(name: str, task, seed: int, retrained, queries, fit, evaluation, ar
     folder = args.out / name / f"seed{seed}"
     store = open_or_featurize(task, folder / "store", seed, proj_dim=args.proj_dim)
     bench = Workbench(store, retrained, queries, folder)
-    cells = Cells(folder / "cells.json")
+    split = hashlib.sha256(np.asarray(fit, np.int64).tobytes() + np.asarray(evaluation, np.int64).tobytes())
+    cells = Cells(folder / "cells.json", {"split": split.hexdigest()[:16], "models": len(retrained.masks)})
     groups = store.groups
     out: dict = {"task": name, "seed": seed, "groups": groups, "dim": store.dim, "num_train": store.num_samples}
     auto = resolve_damping(store, AUTO_DAMPING)
@@ -272,11 +275,13 @@ def tables(results: dict[str, list[dict]]) -> str:
             cells = [_pooled(runs, f"{m}|{setting}", f"uniform|{setting}") for m in ("snr", "ssl", "oracle")]
             lines.append(f"| {name} | {setting} | " + " | ".join(f"{m:+.4f} ± {se:.4f} ({sd:.4f})"
                                                                   for m, se, sd in cells) + " |")
+    objectives = ("snr standardized", "snr", "ssl")
     lines += ["", "Gram damping, uniform weights (seed mean): eval LDS over the sweep; the best damping on the fit "
-              "queries; the label-free criteria (median of their per-group choice → eval LDS):", "",
+              "queries; the label-free criteria (median of their per-group choice → eval LDS); the damping that "
+              "maximises each unsupervised objective of uniform weights on the fit queries (median → eval LDS):", "",
               "| task | " + " | ".join(f"{d:g}" for d in SWEEP) + " | best (fit) | "
-              + " | ".join(c.value for c in DampingCriterion) + " |",
-              "|---|" + "---|" * (len(SWEEP) + 1 + len(DampingCriterion))]
+              + " | ".join(c.value for c in DampingCriterion) + " | " + " | ".join(f"max {o}" for o in objectives) + " |",
+              "|---|" + "---|" * (len(SWEEP) + 1 + len(DampingCriterion) + len(objectives))]
     for name, runs in results.items():
         sweep = {d: np.mean([r["sweep"][f"{d:g}"][1] for r in runs]) for d in SWEEP}
         fit = {d: np.mean([r["sweep"][f"{d:g}"][0] for r in runs]) for d in SWEEP}
@@ -285,6 +290,9 @@ def tables(results: dict[str, list[dict]]) -> str:
         for c in DampingCriterion:
             med = np.median([np.median(list(r["criteria"][c.value]["damping"].values())) for r in runs])
             crit.append(f"{med:.3g} → {np.mean([np.mean(r['criteria'][c.value]['eval']) for r in runs]):.3f}")
+        for objective in objectives:
+            chosen = [max(SWEEP, key=lambda d: r["sweep objectives"][f"{d:g}"][objective]) for r in runs]
+            crit.append(f"{np.median(chosen):g} → {np.mean([r['sweep'][f'{d:g}'][1] for r, d in zip(runs, chosen)]):.3f}")
         lines.append(f"| {name} | " + " | ".join(f"{sweep[d]:.3f}" for d in SWEEP) + f" | {best:g} ({sweep[best]:.3f}) | "
                      + " | ".join(crit) + " |")
     return "\n".join(lines)
