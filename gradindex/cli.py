@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from gradindex.config import AUTO_DAMPING, DEFAULT_DAMPING, ExampleNorm, LDSConfig, LearnConfig, LearnMethod
+from gradindex.config import AUTO_DAMPING, DEFAULT_DAMPING, ExampleNorm, GroupNorm, LDSConfig, LearnConfig, LearnMethod
 from gradindex.errors import ConfigError, GradIndexError
 
 
@@ -398,9 +398,14 @@ def build_index_command(ctx, store_path, concept, kind, preconditioner, damping,
               help="Training examples scored per query (a seeded sample of the store).")
 @click.option("--top-k", type=int, default=_LEARN.top_k, show_default=True, help="k of the SNR's top-k signal.")
 @click.option("--example-norm", type=click.Choice([n.value for n in ExampleNorm]), default=_LEARN.example_norm.value,
-              show_default=True, help="What is done to each training example's scores across the queries.")
+              show_default=True, help="What is done to each training example's scores across the queries "
+                                      "(auto: none for --method ssl, as in the paper; standardize otherwise).")
+@click.option("--group-norm", type=click.Choice([n.value for n in GroupNorm]), default=_LEARN.group_norm.value,
+              show_default=True, help="rms: groups scaled to unit rms, shares pulled (KL) to equal shares; none: raw "
+                                      "scores, weights pulled by λ‖w‖² to uniform (auto: none for --method ssl, as in "
+                                      "the paper; rms otherwise).")
 @click.option("--regularization", type=float, default=_LEARN.regularization, show_default=True,
-              help="Strength of the KL pull towards equal shares of the (normalised) groups.")
+              help="Strength of the pull: KL to equal shares (--group-norm rms) or λ‖w‖² (none).")
 @click.option("--steps", type=int, default=_LEARN.steps, show_default=True, help="Adam steps.")
 @click.option("--lr", type=float, default=_LEARN.lr, show_default=True, help="Adam learning rate.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the query and reference samples.")
@@ -413,14 +418,14 @@ def build_index_command(ctx, store_path, concept, kind, preconditioner, damping,
 @device_option
 @click.pass_context
 def learn_weights_command(ctx, store_path, concept, inputs, preconditioner, damping, num_queries, reference_size,
-                          top_k, example_norm, regularization, steps, lr, seed, method, device) -> None:
+                          top_k, example_norm, group_norm, regularization, steps, lr, seed, method, device) -> None:
     """Learn STORE's per-group weights for a concept from unlabeled queries."""
     from gradindex.learn import learn_weights
     from gradindex.query_features import load_store_task
     from gradindex.store import FeatureStore
 
     config = LearnConfig(preconditioner=preconditioner, damping=damping, num_queries=num_queries,
-                         reference_size=reference_size, top_k=top_k, example_norm=example_norm,
+                         reference_size=reference_size, top_k=top_k, example_norm=example_norm, group_norm=group_norm,
                          regularization=regularization, steps=steps, lr=lr, seed=seed, method=method)
     store = FeatureStore.open(store_path)
     queries = None if inputs is None else load_store_task(store).load_queries(inputs)

@@ -338,9 +338,18 @@ class LDSConfig(_Config):
 class ExampleNorm(enum.Enum):
     """What weight learning does to each reference training example's scores across the queries."""
 
+    AUTO = "auto"  # none for an explicit --method ssl (the paper), standardize otherwise
     NONE = "none"
     CENTER = "center"  # subtract its mean over queries (it no longer tops every query)
     STANDARDIZE = "standardize"  # ... and divide by its std over queries (its gradient norm no longer counts)
+
+
+class GroupNorm(enum.Enum):
+    """How weight learning scales the groups' scores before combining them (see gradindex.learn)."""
+
+    AUTO = "auto"  # none for an explicit --method ssl (the paper), rms otherwise
+    RMS = "rms"  # unit-rms groups; shares start at and are pulled (KL) towards equal shares
+    NONE = "none"  # raw scores; weights start uniform, pulled by λ‖w‖² (the paper)
 
 
 class LearnMethod(enum.Enum):
@@ -365,7 +374,8 @@ class LearnConfig(_Config):
     num_queries: int = 256
     reference_size: int = 2048
     top_k: int = 10
-    example_norm: ExampleNorm = ExampleNorm.STANDARDIZE
+    example_norm: ExampleNorm = ExampleNorm.AUTO
+    group_norm: GroupNorm = GroupNorm.AUTO
     regularization: float = 0.1
     steps: int = 200
     lr: float = 0.05
@@ -378,6 +388,7 @@ class LearnConfig(_Config):
         )
         object.__setattr__(self, "method", parse_enum(LearnMethod, self.method, "LearnConfig.method"))
         object.__setattr__(self, "example_norm", parse_enum(ExampleNorm, self.example_norm, "LearnConfig.example_norm"))
+        object.__setattr__(self, "group_norm", parse_enum(GroupNorm, self.group_norm, "LearnConfig.group_norm"))
         for name in ("num_queries", "reference_size", "top_k", "steps"):
             require_positive(getattr(self, name), f"LearnConfig.{name}")
         object.__setattr__(self, "damping", parse_damping(self.damping, "LearnConfig.damping"))

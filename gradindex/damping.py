@@ -172,7 +172,7 @@ def auto_damping(store: FeatureStore, criterion: DampingCriterion, save: bool = 
 
 
 #: the criterion ``damping="auto"`` uses (README: "Weight learning and LDS")
-DEFAULT_CRITERION = DampingCriterion.CV_LIKELIHOOD
+DEFAULT_CRITERION = DampingCriterion.CV_SHARED
 
 
 def resolve_damping(store: FeatureStore, damping: "float | str | Mapping[str, float]",

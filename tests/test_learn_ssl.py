@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from gradindex.cli import main
 from gradindex.config import LearnConfig, Preconditioner
-from gradindex.learn import fit_ssl, learn_weights, ssl_loss
+from gradindex.learn import fit_weights, learn_weights, ssl_loss
 from gradindex.precondition import QueryPreconditioner
 
 SSL = LearnConfig(method="ssl", steps=150, regularization=0.01)
@@ -32,7 +32,7 @@ def test_ssl_loss_equals_a_per_query_loop():
 
 
 def test_planted_pure_noise_group_is_turned_down():
-    weights, info = fit_ssl(_scores(), SSL)
+    weights, info = fit_weights(_scores(), SSL)
     assert weights[2] < 0.5 * min(weights[0], weights[1])
     assert info["shares"][2] < info["uniform_shares"][2] / 2
     assert info["ssl_learned"] > info["ssl_uniform"]
@@ -41,12 +41,12 @@ def test_planted_pure_noise_group_is_turned_down():
 
 def test_ssl_is_invariant_to_a_common_scale_and_deterministic():
     scores = _scores()
-    weights, info = fit_ssl(scores, SSL)
+    weights, info = fit_weights(scores, SSL)
     for factor in (1e-6, 1e6):
-        scaled, scaled_info = fit_ssl(factor * scores, SSL)
+        scaled, scaled_info = fit_weights(factor * scores, SSL)
         np.testing.assert_allclose(scaled, weights, rtol=1e-4)
         assert scaled_info["ssl_learned"] == pytest.approx(info["ssl_learned"], rel=1e-5)
-    again, _ = fit_ssl(scores, SSL)
+    again, _ = fit_weights(scores, SSL)
     np.testing.assert_array_equal(again, weights)
 
 
@@ -56,10 +56,10 @@ def test_one_group_scale_only_matters_under_grad_dot():
     grad-dot). Under the Gram preconditioner with relative damping a group's scores do not change when
     its gradients are rescaled (train and query side alike), so neither do the weights."""
     scores = _scores()
-    weights, _ = fit_ssl(scores, SSL)
+    weights, _ = fit_weights(scores, SSL)
     rescaled = scores.copy()
     rescaled[0] *= 30.0
-    moved, _ = fit_ssl(rescaled, SSL)
+    moved, _ = fit_weights(rescaled, SSL)
     assert not np.allclose(moved[0] * 30.0 / moved[1], weights[0] / weights[1], rtol=0.05)
 
     rng = np.random.default_rng(3)
@@ -77,7 +77,7 @@ def test_one_group_scale_only_matters_under_grad_dot():
 def test_a_group_with_no_gradient_gets_zero_weight():
     scores = _scores()
     scores[1] = 0.0
-    weights, info = fit_ssl(scores, LearnConfig(method="ssl", steps=20))
+    weights, info = fit_weights(scores, LearnConfig(method="ssl", steps=20))
     assert weights[1] == 0.0 and info["shares"][1] == 0.0 and np.isfinite(weights).all()
 
 
