@@ -11,12 +11,12 @@ reference sample of ``R`` stored training examples:
 1. Group scores ``S_g [Q, R] = −ψ_g(q)ᵀ φ_g(x_r)`` under the configured
    preconditioner (the query features of :mod:`gradindex.query_features`).
 2. Example norm (``ExampleNorm``): each training example's scores are centred
-   over the queries, and with ``STANDARDIZE`` (the default) also divided by
-   their std over the queries, after the groups are combined. A training
+   over the queries, and with ``STANDARDIZE`` (what ``auto`` means for SNR and
+   agreement) also divided by their std over the queries, after the groups are combined. A training
    example with a large gradient norm then no longer tops every query: what
    counts is how much an example stands out for *this* query compared with the
    other queries.
-3. Per-group normalisation: ``X_g = S_g / rms(S_g)``, so the optimised
+3. Per-group normalisation (``GroupNorm.RMS``): ``X_g = S_g / rms(S_g)``, so the optimised
    *shares* ``p = softmax(θ)`` are comparable across groups; the raw weight is
    ``w_g ∝ p_g / rms(S_g)``. (Uniform raw weights have shares ``∝ rms(S_g)``:
    a group with a large gradient norm dominates them.)

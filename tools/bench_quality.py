@@ -151,7 +151,9 @@ def run_seed(name: str, task, seed: int, retrained, queries, fit, evaluation, ar
     store = open_or_featurize(task, folder / "store", seed, proj_dim=args.proj_dim)
     bench = Workbench(store, retrained, queries, folder)
     split = hashlib.sha256(np.asarray(fit, np.int64).tobytes() + np.asarray(evaluation, np.int64).tobytes())
-    cells = Cells(folder / "cells.json", {"split": split.hexdigest()[:16], "models": len(retrained.masks)})
+    measured = hashlib.sha256(np.ascontiguousarray(retrained.measurements["all"]).tobytes()).hexdigest()[:16]
+    cells = Cells(folder / "cells.json", {"split": split.hexdigest()[:16], "models": len(retrained.masks),
+                                          "measurements": measured})
     groups = store.groups
     out: dict = {"task": name, "seed": seed, "groups": groups, "dim": store.dim, "num_train": store.num_samples}
     auto = resolve_damping(store, AUTO_DAMPING)
