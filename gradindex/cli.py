@@ -6,8 +6,10 @@ exit status 2. Progress bars go to stderr; results to stdout.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,14 +24,76 @@ _LEARN, _LDS = LearnConfig(), LDSConfig()  # defaults shown by the flags
 
 
 class _Group(click.Group):
-    """Turns expected errors into one line on stderr and exit status 2."""
+    """Turns expected errors into one line on stderr and exit status 2: gradindex's own
+    (:class:`GradIndexError`), click's usage errors, errors raised inside a user's task code
+    (naming the hook and the user's file:line) and operating-system errors (a read-only folder,
+    a full disk). Anything else is a bug in gradindex and keeps its traceback."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as err:
+            if isinstance(err, _HELP):
+                raise
+            _fail(_usage_line(err))
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except GradIndexError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(2)
+            _fail(str(err))
+        except click.UsageError as err:
+            if isinstance(err, _HELP):
+                raise
+            _fail(_usage_line(err))
+        except (click.exceptions.Exit, click.Abort):
+            raise
+        except (Exception, SystemExit) as err:
+            task_module = sys.modules.get("gradindex.task")  # not imported: no task code ran (and no torch)
+            message = task_module.task_code_error(err) if task_module is not None else None
+            if message is None and isinstance(err, OSError) and err.errno != errno.EPIPE:  # click handles EPIPE
+                message = _os_error_line(err)
+            if message is None and isinstance(err, ValueError) and "null byte" in str(err):
+                message = "a path or argument contains a NUL byte (\\x00)"
+            if message is None and isinstance(err, EOFError):
+                message = f"unexpected end of data ({err or 'a truncated or empty input file?'})"
+            if message is None:
+                raise
+            _fail(message)
+
+
+class StoreLocation(click.Path):
+    """A store: a local path (a ``Path``, click's checks) or a URI such as ``s3://bucket/prefix``,
+    passed on as the string it is (``Path`` would fold ``s3://`` into ``s3:/``)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and re.match(r"[a-zA-Z][a-zA-Z0-9+.-]+://", value):
+            return value
+        return super().convert(value, param, ctx)
+
+
+STORE_LOCATION = StoreLocation(path_type=Path)
+
+
+def _fail(message: str) -> None:
+    click.echo("error: " + " ".join(message.split()), err=True)
+    sys.exit(2)
+
+
+_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # a bare group prints its help (click >= 8.2)
+
+
+def _usage_line(err: click.UsageError) -> str:
+    where = err.ctx.command_path if err.ctx is not None else "gradindex"
+    return f"{where}: {err.format_message()} (see {where} --help)"
+
+
+def _os_error_line(err: OSError) -> str:
+    """``PATH: No space left on device`` and the like (the error's own text when it names no file)."""
+    target = err.filename if err.filename is not None else ""
+    reason = err.strerror or str(err) or type(err).__name__
+    return f"{target}: {reason}" if target else f"{type(err).__name__}: {reason}"
 
 
 def _parse_pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
@@ -85,8 +149,16 @@ proj_options = [
                  help="Side of each stacked Kronecker head for linear/conv/embedding blocks "
                       "(√proj-dim: one LoGra Kronecker product)."),
 ]
-device_option = click.option("--device", default="cpu", show_default=True,
-                             help="Torch device for gradients (cpu, cuda, cuda:1, ...).")
+
+
+def _device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from gradindex.config import parse_device
+
+    return parse_device(value, "--device", allow_auto=True)
+
+
+device_option = click.option("--device", default="cpu", show_default=True, callback=_device,
+                             help="Torch device for gradients (cpu, cuda, cuda:1, mps, auto = cuda if present).")
 
 
 class _Damping(click.ParamType):
@@ -116,14 +188,43 @@ preconditioner_options = [
     click.option("--damping", type=DAMPING, default=DEFAULT_DAMPING, show_default=True, help=_DAMPING_HELP),
 ]
 inputs_option = click.option("--inputs", type=click.Path(path_type=Path), default=None,
-                             help="Query inputs file (the task's format; default: the task's held-out queries).")
+                             help="Query inputs file (the task's format; default: the task's own queries of --split).")
+split_option = click.option("--split", type=click.Choice(["fit", "eval", "all"]), default=None,
+                            help="Which of the task's default queries (without --inputs): fit (learn-weights' "
+                                 "default), eval (eval lds' default; disjoint from fit) or all.")
 concept_option = click.option("--concept", default="all", show_default=True,
                               help="Concept: 'all' (the task's measurement) or one of the task's concepts.")
+trust_options = [
+    click.option("--trust-task", is_flag=True,
+                 help="Run the task code the store's manifest names even if it is not built in (only for stores "
+                      "you trust: a store's task is code)."),
+    click.option("--task", "task_spec", default=None, metavar="SPEC",
+                 help="The store's task spec (file.py:Class or module:Class): consent to run exactly that code."),
+]
 ray_option = click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
                           metavar="[ADDRESS]",
                           help="Run on Ray (pip install 'gradindex[ray]'): bare --ray starts a local cluster bound "
                                "to 127.0.0.1; ADDRESS (auto, HOST:PORT, ray://HOST:PORT) joins a running one. "
                                "Put it after the positional arguments.")
+
+
+def _timeout(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    from gradindex.config import require_number
+
+    return require_number(value, "--ray-timeout", above=0)
+
+
+ray_timeout_option = click.option("--ray-timeout", type=float, default=30.0, show_default=True, metavar="SECONDS",
+                                  callback=_timeout,
+                                  help="With --ray ADDRESS: give up when nothing answers there within this time.")
+
+
+def _connect_ray(address: str | None, timeout: float) -> None:
+    """The install hint and an unreachable address as one line, before any work."""
+    from gradindex.distributed import check_ray_address, import_ray
+
+    import_ray()
+    check_ray_address(address, timeout)
 
 
 def _apply(options):
@@ -178,9 +279,11 @@ def demo(ctx, task_spec: str, out: Path, k: int, num_queries: int, task_options,
     result = run_demo(task_spec, out, k=k, num_queries=num_queries, device=device, show_progress=_progress(ctx),
                       task_options=_task_options(task_options))
     for query in result.queries:
-        click.echo(f"\nquery {query['query']} ({query['caption']}): top-{k} training examples")
-        _echo_table([{"rank": r["rank"], "sample_id": r["sample_id"], "score": r["score"], "example": r["caption"]}
-                     for r in query["results"]])
+        caption = f" ({query['caption']})" if query["caption"] else ""
+        click.echo(f"\nquery {query['query']}{caption}: top-{k} training examples")
+        captions = any(r["caption"] for r in query["results"])
+        _echo_table([{"rank": r["rank"], "sample_id": r["sample_id"], "score": r["score"],
+                      **({"example": r["caption"]} if captions else {})} for r in query["results"]])
     if result.concept_precision:
         click.echo(f"\nper concept: fraction of each query's top-{k} sharing its value")
         _echo_table([{"concept": c, f"precision@{k}": p} for c, p in result.concept_precision.items()])
@@ -234,7 +337,8 @@ def groups(task_spec, task_options, checkpoint, group_rules, proj_dim, group_dim
 
 @main.command()
 @click.argument("task_spec", metavar="TASK")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Store directory to write.")
+@click.option("--out", required=True, type=StoreLocation(file_okay=False, path_type=Path),
+              help="Store directory (or s3://BUCKET/PREFIX) to write.")
 @task_option
 @checkpoint_option
 @group_rule_option
@@ -251,6 +355,7 @@ def groups(task_spec, task_options, checkpoint, group_rules, proj_dim, group_dim
               help="Add TASK's training examples missing from the existing store at --out as new shards (store's "
                    "config and checkpoint; projection options are ignored); then `build-index --update`.")
 @ray_option
+@ray_timeout_option
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="With --ray: at most this many workers (default: one per GPU, or per --cpus-per-worker CPUs).")
 @click.option("--cpus-per-worker", type=click.IntRange(min=1), default=1, show_default=True,
@@ -259,8 +364,8 @@ def groups(task_spec, task_options, checkpoint, group_rules, proj_dim, group_dim
               help="With --ray: times a shard is redone on a fresh worker after its worker died.")
 @click.pass_context
 def featurize(ctx, task_spec, out, task_options, checkpoint, group_rules, proj_dim, group_dims, proj_kind, seed,
-              factor_dim, dtype, batch_size, shard_size, device, limit, overwrite, resume, append, ray_address, workers,
-              cpus_per_worker, max_retries) -> None:
+              factor_dim, dtype, batch_size, shard_size, device, limit, overwrite, resume, append, ray_address,
+              ray_timeout, workers, cpus_per_worker, max_retries) -> None:
     """Compute per-example projected gradients of TASK's training set into a store.
 
     With --ray the shards are computed by Ray workers (--device auto: one per GPU when
@@ -288,9 +393,9 @@ def featurize(ctx, task_spec, out, task_options, checkpoint, group_rules, proj_d
         store = run_featurize(task, out, config, checkpoint=checkpoint, device=device, overwrite=overwrite,
                               resume=resume, limit=limit, show_progress=_progress(ctx))
     else:
-        from gradindex.distributed import featurize_ray, import_ray
+        from gradindex.distributed import featurize_ray
 
-        import_ray()  # the install hint before any work
+        _connect_ray(ray_address, ray_timeout)
         task = load_task(task_spec, _task_options(task_options))
         store = featurize_ray(task, out, config, checkpoint=checkpoint, device=device, overwrite=overwrite,
                               resume=resume, limit=limit, address=ray_address, workers=workers,
@@ -332,7 +437,7 @@ def _search_config(nprobe, ef_search, rerank, no_prune):
 
 
 @main.command("build-index")
-@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.argument("store_path", metavar="STORE", type=STORE_LOCATION)
 @click.option("--concept", default="all", show_default=True, help="Concept partition (its weights are used).")
 @click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "ivfpq", "hnsw"]), default="auto", show_default=True,
               help="Index kind; auto = flat while N·D ≤ 1e8, else ivfpq.")
@@ -388,9 +493,10 @@ def build_index_command(ctx, store_path, concept, kind, preconditioner, damping,
 
 
 @main.command("learn-weights")
-@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.argument("store_path", metavar="STORE", type=STORE_LOCATION)
 @concept_option
 @inputs_option
+@split_option
 @_apply(preconditioner_options)
 @click.option("--queries", "num_queries", type=int, default=_LEARN.num_queries, show_default=True,
               help="Queries used (a seeded sample of the inputs).")
@@ -415,24 +521,41 @@ def build_index_command(ctx, store_path, concept, kind, preconditioner, damping,
                    "top-k mean with weights on the query side), agreement (queries sharing the concept's value "
                    "share their top-k; needs the queries' values); auto: agreement for a concept when possible, "
                    "else snr.")
+@click.option("--reset", is_flag=True,
+              help="Forget the concept's learned weights (every setting): it is uniform again; then build-index.")
 @device_option
+@_apply(trust_options)
 @click.pass_context
-def learn_weights_command(ctx, store_path, concept, inputs, preconditioner, damping, num_queries, reference_size,
-                          top_k, example_norm, group_norm, regularization, steps, lr, seed, method, device) -> None:
-    """Learn STORE's per-group weights for a concept from unlabeled queries."""
+def learn_weights_command(ctx, store_path, concept, inputs, split, preconditioner, damping, num_queries,
+                          reference_size, top_k, example_norm, group_norm, regularization, steps, lr, seed, method, reset, device,
+                          trust_task, task_spec) -> None:
+    """Learn STORE's per-group weights for a concept from unlabeled queries (kept per preconditioner
+    and damping; the concept 'uniform' is reserved for uniform weights)."""
+    from gradindex.config import UNIFORM_CONCEPT
     from gradindex.learn import learn_weights
     from gradindex.query_features import load_store_task
     from gradindex.store import FeatureStore
+    from gradindex.weights import reset_weights
 
+    if concept == UNIFORM_CONCEPT:
+        raise ConfigError(f"concept {UNIFORM_CONCEPT!r} is reserved: its weights are always uniform; learn weights for "
+                          "'all' or one of the task's concepts")
     config = LearnConfig(preconditioner=preconditioner, damping=damping, num_queries=num_queries,
                          reference_size=reference_size, top_k=top_k, example_norm=example_norm, group_norm=group_norm,
                          regularization=regularization, steps=steps, lr=lr, seed=seed, method=method)
-    store = FeatureStore.open(store_path)
-    queries = None if inputs is None else load_store_task(store).load_queries(inputs)
+    store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
+    if reset:
+        removed = reset_weights(store, concept)
+        click.echo(f"concept {concept!r}: " + (f"learned weights removed ({', '.join(removed)}); " if removed else
+                                              "no learned weights; ") +
+                   "it uses uniform weights now (run build-index again for its index)")
+        return
+    queries, _, _, where = _query_set(load_store_task(store), inputs, split, "fit")
     weights = learn_weights(store, config, queries=queries, concept=concept, device=device,
-                            show_progress=_progress(ctx))
+                            show_progress=_progress(ctx), query_source=str(inputs) if inputs else split or "fit")
     info = weights.info
     resolved = info["config"]["damping"]
+    click.echo(f"queries: {where}" + (f", {info['num_queries']} sampled" if info["num_queries"] < len(queries) else ""))
     _echo_table([{"group": g, "weight": weights.weights[g], "share": info["shares"][g],
                   "uniform share": info["uniform_shares"][g],
                   **({"damping": resolved[g]} if isinstance(resolved, dict) else {})} for g in store.groups])
@@ -447,19 +570,21 @@ def weights_group() -> None:
 
 
 @weights_group.command("plot")
-@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.argument("store_path", metavar="STORE", type=STORE_LOCATION)
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG file to write.")
 @click.option("--concept", "concepts", multiple=True,
               help="Concepts to draw (default: every concept with weights, and 'all'); repeatable.")
 def weights_plot(store_path, out, concepts) -> None:
-    """Draw STORE's group weights as a bar chart, one panel per concept."""
+    """Draw STORE's group weights as a bar chart, one panel per concept (and learned setting)."""
+    from dataclasses import replace
+
     from gradindex.report import write_weights_chart
     from gradindex.store import FeatureStore
-    from gradindex.weights import GroupWeights
+    from gradindex.summary import weight_panels
 
     store = FeatureStore.open(store_path, verify=False)
-    names = list(concepts) or sorted(set(store.manifest.get("weights", {})) | {"all"})
-    panels = [GroupWeights.from_manifest(store.manifest, c, store.groups) for c in names]
+    panels = [replace(weights, concept=label)
+              for label, weights in weight_panels(store.manifest, store.groups, concepts)]
     click.echo(f"wrote {write_weights_chart(out, panels, store.groups)}")
 
 
@@ -469,7 +594,7 @@ def eval_group() -> None:
 
 
 @eval_group.command("lds")
-@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.argument("store_path", metavar="STORE", type=STORE_LOCATION)
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder of retrained models and measurements (default: STORE/lds); reruns reuse it.")
 @click.option("--models", "num_models", type=int, default=_LDS.num_models, show_default=True,
@@ -480,37 +605,48 @@ def eval_group() -> None:
               help="Train every model with this seed (default: a seed per model).")
 @click.option("--workers", type=int, default=2, show_default=True, help="Training processes.")
 @inputs_option
+@split_option
 @concept_option
 @click.option("--damping", type=DAMPING, default=DEFAULT_DAMPING, show_default=True,
               help="Gram damping of the uniform and single-group rows (a number or 'auto').")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @device_option
+@_apply(trust_options)
 @click.pass_context
-def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, workers, inputs, concept, damping,
-             as_json, device) -> None:
+def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, workers, inputs, split, concept,
+             damping, as_json, device, trust_task, task_spec) -> None:
     """LDS of STORE's attributions (uniform, each group alone, learned) against retrained models."""
+    from gradindex.config import MAX_WORKERS, parse_damping, require_positive
+    from gradindex.devices import resolve_device
     from gradindex.lds import lds_report, retrain
     from gradindex.query_features import check_concept, load_store_task
     from gradindex.store import FeatureStore
+    from gradindex.task import default_queries, require_training_routine
 
     config = LDSConfig(num_models=num_models, fraction=fraction, seed=seed, training_seed=training_seed)
-    store = FeatureStore.open(store_path)
+    damping = parse_damping(damping, "--damping")
+    require_positive(workers, "--workers", maximum=MAX_WORKERS)
+    resolve_device(device, "--device")
+    store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
     task = load_store_task(store)
     check_concept(task, concept)
-    retrained = retrain(task, cache or store.path / "lds", config, queries_file=inputs, workers=workers,
-                        show_progress=_progress(ctx))
-    queries = task.query_dataset() if inputs is None else task.load_queries(inputs)
+    require_training_routine(task, "eval lds")  # up front: before any model is trained
+    queries, measured, positions, where = _query_set(task, inputs, split, "eval")
+    retrained = retrain(task, cache or store.local_dir("lds"), config, queries_file=inputs, workers=workers,
+                        show_progress=_progress(ctx), queries=measured)
+    if positions is not None:  # the cache measures every default query; keep the split's
+        retrained = retrained.queries(positions)
     rows = lds_report(store, retrained, queries, concept=concept, damping=damping, device=device)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     _echo_table([{**row, "damping": "" if row["damping"] is None else row["damping"]} for row in rows])
-    click.echo(f"LDS over {len(queries)} queries and {num_models} models trained on {fraction:g} of the data "
+    click.echo(f"LDS over {where} and {num_models} models trained on {fraction:g} of the data "
                f"(concept {concept!r}); sem = standard error over queries")
 
 
 @main.command()
-@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.argument("store_path", metavar="STORE", type=STORE_LOCATION)
 @click.option("--inputs", required=True, type=click.Path(path_type=Path), help="Query inputs file (format: the task's).")
 @click.option("--concept", default="all", show_default=True, help="Concept partition to search.")
 @click.option("-k", type=int, default=10, show_default=True, help="Training examples per query.")
@@ -519,32 +655,47 @@ def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, 
 @device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Queries per backward pass.")
 @_apply(search_options)
+@click.option("--all", "all_scores", is_flag=True,
+              help="Every score, not the top-k: the full [queries, training examples] matrix, computed exactly "
+                   "from the store (no index needed) and written to --out.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --all: scores.npy ([queries, N] float32; sample ids in scores.sample_ids.npy) or "
+                   "scores.parquet (a row per training example: sample_id, scores[queries]).")
 @ray_option
+@ray_timeout_option
 @click.option("--actors", type=click.IntRange(min=1), default=None,
               help="With --ray: at most this many actors holding the index parts (default: one per part, "
                    "at most one per GPU or CPU slot).")
+@_apply(trust_options)
 def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_size, nprobe, ef_search, rerank,
-          no_prune, ray_address, actors) -> None:
+          no_prune, all_scores, out, ray_address, ray_timeout, actors, trust_task, task_spec) -> None:
     """Top-k training examples of STORE for every query in --inputs.
 
+    With --all, every score instead (--out scores.npy|scores.parquet), under the concept's
+    index setting (or its weights' setting when no index is built).
     With --ray the parts of the concept's index (IndexConfig.shards_per_part) are held by Ray actors,
     each query fans out to them and their top-k are merged: the same results as without.
     """
     from gradindex.query import Attributor, metadata_lookup, result_records
+    from gradindex.store import FeatureStore
 
+    if all_scores or out is not None:
+        _query_all(store_path, inputs, concept, checkpoint, device, batch_size, out, all_scores, ray_address,
+                   trust_task, task_spec)
+        return
     if k < 1:
         raise ConfigError(f"-k: expected a positive integer, got {k}")
     search = _search_config(nprobe, ef_search, rerank, no_prune)
     search = search if search.to_dict() != type(search)().to_dict() else None
+    if ray_address is not None:
+        _connect_ray(ray_address, ray_timeout)  # the install hint and an unreachable address before any work
+    store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
     if ray_address is None:
-        attributor = Attributor.open(store_path, concept=concept, checkpoint=checkpoint, device=device, search=search)
+        attributor = Attributor.open(store, concept=concept, checkpoint=checkpoint, device=device, search=search)
     else:
-        from gradindex.distributed import import_ray
-
-        import_ray()  # the install hint before any work
         from gradindex.index.ray_search import open_ray_attributor
 
-        attributor = open_ray_attributor(store_path, concept=concept, checkpoint=checkpoint, device=device,
+        attributor = open_ray_attributor(store, concept=concept, checkpoint=checkpoint, device=device,
                                          address=ray_address, actors=actors, search=search)
     queries = attributor.task.load_queries(inputs)
     top = attributor.attribute(queries, k=k, batch_size=batch_size)
@@ -553,14 +704,32 @@ def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_siz
         if as_json:
             click.echo(json.dumps(record))
         else:
-            click.echo(f"query {q}: {attributor.task.describe(queries[q])}")
+            caption = attributor.task.describe(queries[q])
+            click.echo(f"query {q}: {caption}" if caption else f"query {q}")
             _echo_table(record["results"])
             click.echo("")
     attributor.close()
 
 
+def _query_all(store_path, inputs, concept, checkpoint, device, batch_size, out, all_scores, ray_address, trust_task,
+               task_spec) -> None:
+    from gradindex.query import all_scores as compute_all
+    from gradindex.store import FeatureStore, check_score_path, score_ids_path, write_score_matrix
+
+    if not all_scores or out is None:
+        raise ConfigError("--all and --out go together: query STORE --inputs FILE --all --out scores.npy")
+    if ray_address is not None:
+        raise ConfigError("--all computes the scores here from the store; drop --ray")
+    check_score_path(out)
+    store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
+    count, blocks = compute_all(store, inputs, concept, checkpoint=checkpoint, device=device, batch_size=batch_size)
+    path = write_score_matrix(out, count, store.num_samples, blocks)
+    where = f"; sample ids in {score_ids_path(path)}" if path.suffix == ".npy" else ""
+    click.echo(f"{path}: scores of {count} queries x {store.num_samples} training examples (float32){where}")
+
+
 @main.command()
-@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.argument("store_path", metavar="STORE", type=STORE_LOCATION)
 @click.option("--concept", "concepts", multiple=True,
               help="Concept partition to serve; repeatable (default: all).")
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -583,8 +752,9 @@ def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_siz
                    "one per GPU or CPU slot).")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --ray: replicas of the API (query featurization) and of each parts deployment.")
+@_apply(trust_options)
 def serve(store_path, concepts, host, port, max_batch, max_wait_ms, max_body_mb, checkpoint, device, nprobe,
-          ef_search, rerank, no_prune, ray_address, actors, replicas) -> None:
+          ef_search, rerank, no_prune, ray_address, actors, replicas, trust_task, task_spec) -> None:
     """Answer attribution lookups over HTTP, with the model, projections and index kept warm.
 
     \b
@@ -602,6 +772,7 @@ def serve(store_path, concepts, host, port, max_batch, max_wait_ms, max_body_mb,
     """
     from gradindex.config import ServeConfig
     from gradindex.serve import import_serving
+    from gradindex.store import FeatureStore
 
     import_serving()  # the install hint before any work
     config = ServeConfig(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_body_mb=max_body_mb)
@@ -609,13 +780,15 @@ def serve(store_path, concepts, host, port, max_batch, max_wait_ms, max_body_mb,
     search = search if search.to_dict() != type(search)().to_dict() else None
     concepts = concepts or ("all",)
     if ray_address is not None:
-        _serve_on_ray(store_path, concepts, config, checkpoint, device, search, ray_address, actors, replicas)
+        _serve_on_ray(store_path, concepts, config, checkpoint, device, search, ray_address, actors, replicas,
+                      trust_task, task_spec)
         return
     from gradindex.serve.app import create_app
     from gradindex.serve.engine import AttributionEngine
     from gradindex.serve.server import bind_socket, run_server, url_of
 
-    engine = AttributionEngine.open(store_path, concepts, config, checkpoint=checkpoint, device=device, search=search)
+    store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
+    engine = AttributionEngine.open(store, concepts, config, checkpoint=checkpoint, device=device, search=search)
     try:
         sock = bind_socket(config.host, config.port)
         click.echo(f"serving {engine.store.path} (concepts: {', '.join(engine.concepts)}) on {url_of(sock)}")
@@ -626,24 +799,27 @@ def serve(store_path, concepts, host, port, max_batch, max_wait_ms, max_body_mb,
         engine.close()
 
 
-def _serve_on_ray(store_path, concepts, config, checkpoint, device, search, ray_address, actors, replicas) -> None:
+def _serve_on_ray(store_path, concepts, config, checkpoint, device, search, ray_address, actors, replicas,
+                  trust_task, task_spec) -> None:
     import signal
     import time
 
     from gradindex.distributed import import_ray, ray_session
     from gradindex.serve.ray_serve import deploy, import_serve
+    from gradindex.store import FeatureStore
 
     import_ray()
     serve_module = import_serve()  # the install hints before any work
     if config.port == 0:
         raise ConfigError("--port 0 is not supported with --ray (Serve's proxy needs a fixed port)")
+    store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
     def stop(signum, frame):
         raise KeyboardInterrupt  # SIGTERM (a service manager's stop) cleans up like Ctrl-C
 
     with ray_session(ray_address):
         signal.signal(signal.SIGTERM, stop)  # after ray.init, which installs its own handler
         try:
-            url = deploy(store_path, concepts, config, checkpoint=checkpoint, device=device, search=search,
+            url = deploy(store, concepts, config, checkpoint=checkpoint, device=device, search=search,
                          actors=actors, replicas_per_part=replicas, api_replicas=replicas)
             click.echo(f"serving {store_path} (concepts: {', '.join(concepts)}) on {url} (Ray Serve); Ctrl-C stops")
             sys.stdout.flush()
@@ -656,7 +832,7 @@ def _serve_on_ray(store_path, concepts, config, checkpoint, device, search, ray_
 
 
 @main.command()
-@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.argument("store_path", metavar="STORE", type=STORE_LOCATION)
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 def info(store_path, as_json) -> None:
     """Show a store's manifest: task, groups, dims, shards, weights, indexes."""
@@ -686,19 +862,32 @@ def info(store_path, as_json) -> None:
             row[f"damping[{concept}]"] = damping
         rows.append(row)
     _echo_table(rows)
-    for concept, learned in summary["learned_weights"].items():
-        objective = learned["objective"]
-        click.echo(f"weights {concept!r}: {learned['method']} for {learned['preconditioner']} "
-                   f"(damping {_damping_text(learned['damping'])}), {learned['num_queries']} queries x "
-                   f"{learned['reference_size']} examples, {objective['name']} {objective['uniform']:.3f} "
-                   f"(uniform) -> {objective['learned']:.3f}")
+    for concept, settings in summary["learned_weights"].items():
+        for key, learned in settings.items():
+            objective = learned.get("objective")
+            snr = (f", {learned['num_queries']} queries x {learned['reference_size']} examples, {objective['name']} "
+                   f"{objective['uniform']:.3f} (uniform) -> {objective['learned']:.3f}"
+                   if objective and {"num_queries", "reference_size"} <= set(learned) else "")
+            setting = _setting(learned) if "preconditioner" in learned else key
+            click.echo(f"weights {concept!r}: {learned['method']} for {setting}{snr}; digest {learned['digest']}")
     for concept, index in summary["indexes"].items():
-        click.echo(f"index {concept!r}: {index['kind']}, {index['preconditioner']} "
-                   f"(damping {_damping_text(index['damping'])}), {index['ntotal']} vectors in {index['parts']} part(s)")
+        line = (f"index {concept!r}: {index['kind']}, {_setting(index)}, {index['ntotal']} vectors in "
+                f"{index['parts']} part(s); built with weights {index['weights']}")
+        if index["stale"]:
+            line += f"; the store's current weights are {index['current_weights']}: run build-index again to use them"
+        click.echo(line)
+
+
+def _setting(config: dict[str, Any]) -> str:
+    """``gram (damping 0.1)`` or ``identity``: the damping only where it applies."""
+    if config.get("preconditioner") == "gram":
+        auto = config.get("damping_requested") == "auto" or isinstance(config.get("damping"), dict)
+        return f"gram (damping {_damping_text(config.get('damping')) if auto else config.get('damping')})"
+    return str(config.get("preconditioner"))
 
 
 @eval_group.command("recall")
-@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.argument("store_path", metavar="STORE", type=STORE_LOCATION)
 @click.option("--concept", default="all", show_default=True, help="Concept partition to evaluate.")
 @click.option("-k", type=click.IntRange(min=1), default=10, show_default=True, help="Top-k depth.")
 @click.option("--inputs", type=click.Path(path_type=Path), default=None,
@@ -708,14 +897,15 @@ def info(store_path, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_apply(search_options)
 @device_option
+@_apply(trust_options)
 def eval_recall(store_path, concept, k, inputs, num_queries, as_json, nprobe, ef_search, rerank, no_prune,
-                device) -> None:
+                device, trust_task, task_spec) -> None:
     """recall@k of an index partition against exact search over the same store."""
     from gradindex.evaluate import index_recall
     from gradindex.query_features import load_store_task
     from gradindex.store import FeatureStore
 
-    store = FeatureStore.open(store_path)
+    store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
     queries = load_store_task(store).load_queries(inputs) if inputs is not None else None
     search = _search_config(nprobe, ef_search, rerank, no_prune)
     result = index_recall(store, concept, queries=queries, k=k, device=device, num_queries=num_queries,
@@ -728,7 +918,7 @@ def eval_recall(store_path, concept, k, inputs, num_queries, as_json, nprobe, ef
 
 
 @eval_group.command("precision")
-@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.argument("store_path", metavar="STORE", type=STORE_LOCATION)
 @click.option("--inputs", type=click.Path(path_type=Path), default=None,
               help="Query inputs file carrying the concepts' values (default: the task's own queries).")
 @click.option("--concept", "concepts", multiple=True,
@@ -736,14 +926,15 @@ def eval_recall(store_path, concept, k, inputs, num_queries, as_json, nprobe, ef
 @click.option("-k", type=click.IntRange(min=1), default=10, show_default=True, help="Top-k depth.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per concept.")
 @device_option
-def eval_precision(store_path, inputs, concepts, k, as_json, device) -> None:
+@_apply(trust_options)
+def eval_precision(store_path, inputs, concepts, k, as_json, device, trust_task, task_spec) -> None:
     """Concept precision@k: the fraction of a query's top-k training examples that share its
     value of the concept (DESIGN §4), with the chance level of a random top-k beside."""
     from gradindex.evaluate import evaluate_precision
     from gradindex.query_features import load_store_task
     from gradindex.store import FeatureStore
 
-    store = FeatureStore.open(store_path)
+    store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
     queries = load_store_task(store).load_queries(inputs) if inputs is not None else None
     rows = [result.to_dict() for result in evaluate_precision(store, queries, concepts, k=k, device=device)]
     if as_json:
@@ -768,6 +959,29 @@ def _objective_text(info: dict[str, Any]) -> str:
 
     objective = learned_objective(info)
     return f"{objective['name']} {objective['uniform']:.3f} (uniform) -> {objective['learned']:.3f}"
+
+
+def _query_set(task, inputs: Path | None, split: str | None, default: str):
+    """``(queries, measured, positions, description)``: the ``--inputs`` file's queries (measured: the same,
+    positions None), else the task's default queries of ``--split`` (default ``default``), all default
+    queries (what the LDS cache measures) and the split's positions among them."""
+    from gradindex.task import default_queries, query_split_positions
+
+    if inputs is not None:
+        if split is not None:
+            raise ConfigError("--split selects among the task's default queries; with --inputs the file's "
+                              "queries are used, all of them")
+        queries = task.load_queries(inputs)
+        return queries, queries, None, f"{len(queries)} queries from {inputs}"
+    import numpy as np
+    import torch
+
+    split = split or default
+    dataset = default_queries(task)
+    positions = (np.arange(len(dataset)) if split == "all"
+                 else query_split_positions(task, len(dataset))[split])
+    queries = dataset if split == "all" else torch.utils.data.Subset(dataset, positions.tolist())
+    return queries, dataset, positions, f"the task's {split} split ({len(queries)} of its {len(dataset)} default queries)"
 
 
 def _echo_table(rows: list[dict[str, Any]]) -> None:

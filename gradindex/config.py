@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import math
 import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,48 @@ class Balance(enum.Enum):
 
 AUTO_FLAT_LIMIT = 100_000_000  # N·D up to which `auto` builds an exact flat index
 
+#: the reserved concept whose weights are always uniform: ``build-index --concept uniform`` indexes the
+#: task's measurement ('all') with uniform weights beside the learned 'all' partition
+UNIFORM_CONCEPT = "uniform"
+#: what a concept (an index partition's folder name under STORE/indexes/) may look like
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+@-]{0,99}")
+
+
+def setting_key(preconditioner: Any, damping: Any) -> str:
+    """The key of an attribution setting, under which a concept's learned weights are kept:
+    ``identity`` (damping plays no part) or ``gram@<damping>`` (``gram@0.1``)."""
+    kind = parse_enum(Preconditioner, preconditioner, "preconditioner")
+    if kind is Preconditioner.IDENTITY:
+        return kind.value
+    text = repr(float(damping)) if isinstance(damping, numbers.Real) and not isinstance(damping, bool) else str(damping)
+    return f"{kind.value}@{text}"
+
+
+def check_name(value: Any, field_name: str) -> str:
+    """``value`` if it is a safe name (a letter or digit, then letters, digits, ``_ . + @ -``; at most
+    100 characters), else a one-line ``ConfigError``: such a name never leaves its parent folder."""
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        raise ConfigError(
+            f"{field_name}: expected a name of letters, digits and _ . + @ - starting with a letter or digit "
+            f"(at most 100 characters), got {value!r}"
+        )
+    return value
+
+
+#: Widest vector FAISS reads back: ``read_index`` refuses d > 2^20 (faiss/impl/index_read.cpp; checked
+#: with faiss 1.15: d = 2^20 reads back, 2^20 + 1 does not), so a wider store could be built but never queried.
+MAX_INDEX_DIM = 1 << 20
+
+
+def check_index_dim(dim: int, where: str) -> None:
+    """A one-line error when a store of dimension ``dim`` could not be indexed (see :data:`MAX_INDEX_DIM`)."""
+    if dim > MAX_INDEX_DIM:
+        raise ConfigError(
+            f"{where}: the features would have {dim:,} dimensions, more than the {MAX_INDEX_DIM:,} (2^20) a FAISS "
+            "index can hold and read back; project them (--proj-kind gaussian --proj-dim 256, or --group-dim "
+            "for the widest groups) instead of --proj-kind identity"
+        )
+
 
 def parse_enum(enum_type: type[enum.Enum], value: Any, field_name: str) -> enum.Enum:
     """Turn a string (or an Enum member) into ``enum_type``, naming ``field_name`` on error."""
@@ -83,27 +126,86 @@ def parse_enum(enum_type: type[enum.Enum], value: Any, field_name: str) -> enum.
 
 
 def parse_damping(value: Any, field_name: str) -> float | str | dict[str, float]:
-    """A relative Gram damping: a non-negative number, ``"auto"`` (chosen from the stored
-    features, :mod:`gradindex.damping`) or a resolved ``{group: number}`` mapping."""
+    """A relative Gram damping: a number :func:`check_damping` accepts, ``"auto"`` (chosen from the
+    stored features, :mod:`gradindex.damping`) or a resolved ``{group: number}`` mapping."""
     if isinstance(value, str) and value.strip().lower() == AUTO_DAMPING:
         return AUTO_DAMPING
     if isinstance(value, dict):
-        return {str(g): _non_negative(v, f"{field_name}[{g!r}]") for g, v in value.items()}
-    return _non_negative(value, field_name, "a non-negative number or 'auto'")
+        return {str(g): check_damping(v, f"{field_name}[{g!r}]") for g, v in value.items()}
+    return check_damping(value, field_name)
 
 
-def _non_negative(value: Any, field_name: str, expected: str = "a non-negative number") -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0 or value == float("inf"):
-        raise ConfigError(f"{field_name}: expected {expected}, got {value!r}")
-    return float(value)
-
-
-def require_positive(value: Any, field_name: str, numpy_ok: bool = False) -> None:
+def require_positive(value: Any, field_name: str, numpy_ok: bool = False, maximum: int | None = None) -> None:
     """One-line ``ConfigError`` unless ``value`` is a positive ``int`` (never a bool; with
-    ``numpy_ok`` numpy integers pass too, e.g. a ``k`` computed from array shapes)."""
+    ``numpy_ok`` numpy integers pass too, e.g. a ``k`` computed from array shapes), at most ``maximum``."""
     kind = numbers.Integral if numpy_ok else int
     if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
         raise ConfigError(f"{field_name}: expected a positive integer, got {value!r}")
+    require_at_most(value, maximum, field_name)
+
+
+def require_at_most(value: Any, maximum: int | None, field_name: str) -> None:
+    """One-line ``ConfigError`` when an integer knob exceeds what the stage can honour (memory, FAISS's C ints)."""
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{field_name}: expected at most {maximum:,}, got {value!r}")
+
+
+#: Upper bounds of integer knobs: beyond them a value only exhausts memory or time (or overflows FAISS's
+#: 32-bit C ints), never helps.
+INT32_MAX = 2**31 - 1
+MAX_NLIST = 1 << 16  # direction cells per norm band
+MAX_BANDS = 32  # the top band would hold 2^-31 of the norms
+MAX_HNSW_M = 512
+MAX_EF = 1 << 16  # HNSW beam widths (efConstruction, efSearch)
+MAX_STEPS = 100_000  # weight-learning Adam steps
+MAX_MODELS = 100_000  # LDS retrained models
+MAX_WORKERS = 1024  # local training processes
+
+
+def require_number(value: Any, field_name: str, minimum: float | None = None, maximum: float | None = None,
+                   above: float | None = None, below: float | None = None) -> float:
+    """``value`` as a finite ``float``, or a one-line ``ConfigError`` naming ``field_name``.
+
+    ``minimum``/``maximum`` are inclusive bounds, ``above``/``below`` exclusive ones. Bools,
+    strings, NaN and ±inf are refused everywhere.
+    """
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+    ok = ok and (above is None or value > above) and (below is None or value < below)
+    if not ok:
+        bounds = [f">= {minimum:g}" if minimum is not None else "", f"> {above:g}" if above is not None else "",
+                  f"<= {maximum:g}" if maximum is not None else "", f"< {below:g}" if below is not None else ""]
+        wanted = " and ".join(b for b in bounds if b)
+        raise ConfigError(f"{field_name}: expected a finite number{' ' + wanted if wanted else ''}, got {value!r}")
+    return float(value)
+
+
+#: Largest relative Gram damping accepted: far beyond it (G + λI)⁻¹ is λ⁻¹·I to float precision, and
+#: λ = damping · trace(G)/k would overflow float64 for huge values.
+MAX_DAMPING = 1e6
+
+
+def check_damping(value: Any, field_name: str = "damping") -> float:
+    """The Gram damping (relative to each group's mean eigenvalue): a finite number in [0, MAX_DAMPING].
+
+    The one place every stage (IndexConfig, LearnConfig, LDS rows, the CLI) validates it.
+    """
+    return require_number(value, field_name, minimum=0, maximum=MAX_DAMPING)
+
+
+#: Torch device types a ``--device`` may name (``TYPE`` or ``TYPE:INDEX``).
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def parse_device(value: Any, field_name: str = "device", allow_auto: bool = False) -> str:
+    """A torch device string (``cpu``, ``cuda``, ``cuda:1``, ``mps``; ``auto`` where allowed),
+    checked for its syntax only; :func:`gradindex.devices.resolve_device` checks that it exists."""
+    kinds = "|".join(DEVICE_TYPES)
+    if isinstance(value, str) and (re.fullmatch(rf"(?:{kinds})(?::\d{{1,4}})?", value)
+                                   or (allow_auto and value == "auto")):
+        return value
+    choices = ", ".join([*DEVICE_TYPES, "cuda:N", *(["auto"] if allow_auto else [])])
+    raise ConfigError(f"{field_name}: expected a torch device ({choices}), got {value!r}")
 
 
 class _Config:
@@ -192,14 +294,14 @@ class ProjectionConfig(_Config):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", parse_enum(ProjectionKind, self.kind, "ProjectionConfig.kind"))
-        require_positive(self.proj_dim, "ProjectionConfig.proj_dim")
+        require_positive(self.proj_dim, "ProjectionConfig.proj_dim", maximum=MAX_INDEX_DIM)
         pairs = tuple(tuple(item) for item in self.group_dims)
         for item in pairs:
             if len(item) != 2 or not isinstance(item[0], str):
                 raise ConfigError(f"ProjectionConfig.group_dims: expected (group, dim) pairs, got {item!r}")
-            require_positive(item[1], f"ProjectionConfig.group_dims[{item[0]!r}]")
+            require_positive(item[1], f"ProjectionConfig.group_dims[{item[0]!r}]", maximum=MAX_INDEX_DIM)
         object.__setattr__(self, "group_dims", pairs)
-        require_positive(self.factor_dim, "ProjectionConfig.factor_dim")
+        require_positive(self.factor_dim, "ProjectionConfig.factor_dim", maximum=MAX_INDEX_DIM)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"ProjectionConfig.seed: expected a non-negative integer, got {self.seed!r}")
 
@@ -265,8 +367,7 @@ class IndexConfig(_Config):
     keep_vectors: bool | None = None  # float16 re-rank vectors beside each part (None: ivfpq only)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.concept, str) or not self.concept or "/" in self.concept:
-            raise ConfigError(f"IndexConfig.concept: expected a name without '/', got {self.concept!r}")
+        check_name(self.concept, "IndexConfig.concept")
         object.__setattr__(self, "kind", parse_enum(IndexKind, self.kind, "IndexConfig.kind"))
         object.__setattr__(
             self, "preconditioner", parse_enum(Preconditioner, self.preconditioner, "IndexConfig.preconditioner")
@@ -275,12 +376,14 @@ class IndexConfig(_Config):
         object.__setattr__(self, "damping", parse_damping(self.damping, "IndexConfig.damping"))
         if self.device not in ("cpu", "cuda", "auto"):
             raise ConfigError(f"IndexConfig.device: expected cpu, cuda or auto, got {self.device!r}")
+        limits = {"nlist": MAX_NLIST, "bands": MAX_BANDS, "pq_bytes": MAX_INDEX_DIM, "seed": INT32_MAX - 1}
         for name in ("nlist", "bands", "pq_bytes", "train_size", "shards_per_part", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"IndexConfig.{name}: expected a non-negative integer (0 = auto), got {value!r}")
-        require_positive(self.hnsw_m, "IndexConfig.hnsw_m")
-        require_positive(self.ef_construction, "IndexConfig.ef_construction")
+            require_at_most(value, limits.get(name), f"IndexConfig.{name}")
+        require_positive(self.hnsw_m, "IndexConfig.hnsw_m", maximum=MAX_HNSW_M)
+        require_positive(self.ef_construction, "IndexConfig.ef_construction", maximum=MAX_EF)
         if self.keep_vectors not in (None, True, False):
             raise ConfigError(f"IndexConfig.keep_vectors: expected true, false or null, got {self.keep_vectors!r}")
 
@@ -295,10 +398,12 @@ class SearchConfig(_Config):
     prune: bool = True  # skip norm bands whose bound ‖q‖·max‖x‖ cannot beat the current k-th score
 
     def __post_init__(self) -> None:
+        limits = {"nprobe": MAX_NLIST, "ef_search": MAX_EF, "rerank": INT32_MAX}
         for name in ("nprobe", "ef_search", "rerank"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"SearchConfig.{name}: expected a non-negative integer (0 = default), got {value!r}")
+            require_at_most(value, limits[name], f"SearchConfig.{name}")
         if not isinstance(self.prune, bool):
             raise ConfigError(f"SearchConfig.prune: expected true or false, got {self.prune!r}")
 
@@ -326,13 +431,19 @@ class LDSConfig(_Config):
     training_seed: int | None = None
 
     def __post_init__(self) -> None:
-        require_positive(self.num_models, "LDSConfig.num_models")
-        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) or not 0 < self.fraction < 1:
-            raise ConfigError(f"LDSConfig.fraction: expected a number in (0, 1), got {self.fraction!r}")
-        object.__setattr__(self, "fraction", float(self.fraction))
+        require_positive(self.num_models, "LDSConfig.num_models", maximum=MAX_MODELS)
+        object.__setattr__(self, "fraction", require_number(self.fraction, "LDSConfig.fraction", above=0, below=1))
         _require_seed(self.seed, "LDSConfig.seed")
         if self.training_seed is not None:
             _require_seed(self.training_seed, "LDSConfig.training_seed")
+
+
+class QuerySplit(enum.Enum):
+    """Which of a task's default queries (:meth:`~gradindex.task.Task.query_splits`) a stage uses."""
+
+    FIT = "fit"  # what weights (and other label-free choices) are fitted on
+    EVAL = "eval"  # what attribution quality (LDS) is measured on; disjoint from FIT
+    ALL = "all"
 
 
 class ExampleNorm(enum.Enum):
@@ -390,16 +501,15 @@ class LearnConfig(_Config):
         object.__setattr__(self, "example_norm", parse_enum(ExampleNorm, self.example_norm, "LearnConfig.example_norm"))
         object.__setattr__(self, "group_norm", parse_enum(GroupNorm, self.group_norm, "LearnConfig.group_norm"))
         for name in ("num_queries", "reference_size", "top_k", "steps"):
-            require_positive(getattr(self, name), f"LearnConfig.{name}")
+            require_positive(getattr(self, name), f"LearnConfig.{name}", maximum=MAX_STEPS if name == "steps" else None)
         object.__setattr__(self, "damping", parse_damping(self.damping, "LearnConfig.damping"))
-        for name in ("regularization", "lr"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ConfigError(f"LearnConfig.{name}: expected a non-negative number, got {value!r}")
-            object.__setattr__(self, name, float(value))
-        if self.lr == 0:
-            raise ConfigError("LearnConfig.lr: expected a positive number, got 0")
+        object.__setattr__(self, "regularization", require_number(self.regularization, "LearnConfig.regularization",
+                                                                  minimum=0))
+        object.__setattr__(self, "lr", require_number(self.lr, "LearnConfig.lr", above=0))
         _require_seed(self.seed, "LearnConfig.seed")
+        if self.top_k >= self.reference_size:
+            raise ConfigError(f"LearnConfig.top_k: expected fewer than reference_size ({self.reference_size}) "
+                              f"training examples, got {self.top_k} (the top-k would be the whole sample: SNR 0)")
 
 
 @dataclass(frozen=True)

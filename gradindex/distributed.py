@@ -19,7 +19,10 @@ shard (sidecar, size, sha256, run key) and writes the Gram file and the manifest
 last (like ``lance.ray``'s write / on_write_complete). A shard whose worker died leaves
 nothing that looks complete; without a manifest, a rerun with ``resume`` redoes it.
 
-The store must be a path every node sees (one machine, or a shared mount).
+The store must be a path every node sees (one machine, or a shared mount), or an ``s3://``
+location: then each worker sends its shard straight to the bucket (one PUT per file), and no
+node needs a shared disk; every node reads the same ``AWS_*``/``GRADINDEX_S3_ENDPOINT``
+environment (:mod:`gradindex.storage`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from gradindex.config import FeaturizeConfig
+from gradindex.config import FeaturizeConfig, check_index_dim, require_number
 from gradindex.errors import ConfigError, GradIndexError, MissingDependencyError, StoreMismatchError
 from gradindex.featurize import commit_store, featurize_shard, group_entries, prepare_run
 from gradindex.gradients import GradientProjector
@@ -44,13 +47,14 @@ from gradindex.precondition import GramAccumulator
 from gradindex.store import (
     FeatureStore,
     ShardInfo,
+    Storage,
     completed_shard,
-    local_store_path,
+    open_storage,
     prepare_store,
-    read_shard,
+    read_written_shard,
     remove_temporaries,
     shard_name,
-    temporary_path,
+    writer_lock,
 )
 from gradindex.task import Task, load_task
 
@@ -95,13 +99,46 @@ def loopback_only() -> Iterator[Any]:
 
 @contextmanager
 def local_ray(num_cpus: int | None = None, **init_args: Any) -> Iterator[Any]:
-    """A local Ray cluster bound to 127.0.0.1 (no traffic leaves the machine), shut down on exit."""
+    """A new local Ray cluster bound to 127.0.0.1 (no traffic leaves the machine), shut down on exit.
+
+    ``address="local"``: always a fresh cluster, never one that ``RAY_ADDRESS`` or a cluster
+    started earlier on this machine (``/tmp/ray/ray_current_cluster``) points to."""
+    init_args.setdefault("address", "local")
     with loopback_only() as ray:
         ray.init(num_cpus=num_cpus, _node_ip_address=LOOPBACK, include_dashboard=False, **init_args)
         try:
             yield ray
         finally:
             ray.shutdown()
+
+
+#: Seconds to wait for a Ray cluster address to accept a connection (``--ray-timeout``).
+CONNECT_TIMEOUT = 30.0
+
+
+def check_ray_address(address: str | None, timeout: float = CONNECT_TIMEOUT) -> None:
+    """A one-line :class:`ConfigError` unless something accepts TCP connections at ``address``
+    (``HOST:PORT`` or ``ray://HOST:PORT``) within ``timeout`` seconds; ``None``, ``local`` and
+    ``auto`` are not probed (``auto`` fails fast by itself). Ray's own connect retries for
+    minutes; this makes an unreachable address an error within ``timeout``."""
+    import socket
+
+    if address in (None, "", "local", "auto"):
+        return
+    timeout = require_number(timeout, "--ray-timeout", above=0)
+    text = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--ray {address!r}: expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as err:
+        reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or type(err).__name__)
+        raise ConfigError(f"--ray {address}: no Ray cluster answers there ({reason} within {timeout:g} s); start "
+                          "one with `ray start --head`, check the address, or use a bare --ray for a local "
+                          "cluster") from None
 
 
 @contextmanager
@@ -120,7 +157,11 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         with local_ray(num_cpus, log_to_driver=False) as ray:
             yield ray
     else:
-        ray.init(address=address, log_to_driver=False)
+        check_ray_address(address)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except ConnectionError as err:
+            raise ConfigError(f"--ray {address}: cannot connect ({' '.join(str(err).split())})") from None
         try:
             yield ray
         finally:
@@ -162,7 +203,7 @@ class FeaturizeWorker:
 
 def _die_mid_shard(store: str, shard: tuple[int, int, int]) -> None:
     """Leave half a Parquet file under the shard's temporary name and exit without cleanup."""
-    with open(temporary_path(Path(store) / shard_name(shard[0])), "wb") as handle:
+    with open(open_storage(store).temporary(shard_name(shard[0])), "wb") as handle:
         handle.write(b"PAR1" + bytes(64))  # a Parquet header, no footer
     os._exit(1)
 
@@ -209,10 +250,21 @@ def featurize_ray(
         raise ConfigError(f"featurize on Ray: --device must be cpu, cuda or auto, got {device!r}")
     cpu = torch.device("cpu")
     run = prepare_run(task, config, checkpoint, cpu, limit)
-    path = prepare_store(local_store_path(out), overwrite=overwrite, resume=resume)
+    with writer_lock(out) as path:
+        prepare_store(path, overwrite=overwrite, resume=resume)
+        return _featurize_ray_into(path, task, run, config, checkpoint, device, resume, limit, address, workers,
+                                   cpus_per_worker, max_retries, show_progress, fail_shards)
+
+
+def _featurize_ray_into(path: Storage, task: Task, run: Any, config: FeaturizeConfig, checkpoint: str | Path | None,
+                        device: str, resume: bool, limit: int | None, address: str | None, workers: int | None,
+                        cpus_per_worker: int, max_retries: int, show_progress: bool,
+                        fail_shards: Collection[int]) -> FeatureStore:
+    cpu = torch.device("cpu")
     started = time.perf_counter()
     with GradientProjector(run.model, run.groups, config.projection, cpu) as projector:
         group_dims = projector.group_dims()
+        check_index_dim(sum(group_dims.values()), "featurize")
         groups = group_entries(run.groups, projector)
     shards = run.shards(config.shard_size)
     kept: dict[int, ShardInfo] = {}
@@ -237,13 +289,13 @@ def featurize_ray(
     for index, start, stop in shards:
         if index in kept:
             info = kept[index]
-            gram.update(read_shard(path / info.path, list(group_dims))[1])
+            gram.update(read_written_shard(path, info, list(group_dims))[1])
         else:
             info = ShardInfo(**results[index]["info"])
             if completed_shard(path, index, run.run_key) != info or info.rows != stop - start:
                 raise StoreMismatchError(
                     f"{path}: shard {info.path} does not verify after its worker reported it (size, sha256 or run "
-                    "key differ); is the store on a filesystem every Ray node shares?"
+                    "key differ); is the store on a filesystem every Ray node shares (or on object storage)?"
                 )
             gram.add(results[index]["gram"], results[index]["rows"])
         infos.append(info.to_dict())

@@ -29,3 +29,11 @@ class MissingDependencyError(GradIndexError, ImportError):
 
 class TaskError(GradIndexError):
     """A user task is malformed or returned something of the wrong shape."""
+
+
+class TaskConsentError(GradIndexError):
+    """A store names task code that is not built in, and the user did not consent to running it."""
+
+
+class ObjectStoreError(GradIndexError):
+    """Object storage (``s3://``) could not be reached or refused a request (credentials, bucket, endpoint)."""

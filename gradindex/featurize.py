@@ -4,9 +4,12 @@ In: a :class:`~gradindex.task.Task`, a checkpoint and a
 :class:`~gradindex.config.FeaturizeConfig`. Out: a complete
 :class:`~gradindex.store.FeatureStore` (shards, Gram matrices, manifest).
 
-The run key (a hash of the model fingerprint, config, groups and sample ids)
-is written beside every shard, so a rerun with ``resume=True`` skips shards
-already complete and verified, and never mixes shards of different runs.
+The run key (a hash of the model fingerprint, config, groups, projection format and
+sample ids) is written beside every shard, so a rerun with ``resume=True`` skips shards
+already complete and verified, and never mixes shards of different runs. A run holds
+the store's writer lock (:func:`~gradindex.store.writer_lock`): a second run into the
+same folder is refused, and the manifest is committed only over shards whose sidecars
+still carry this run's key.
 """
 
 from __future__ import annotations
@@ -24,22 +27,27 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradindex.config import FeaturizeConfig, StorageDtype
-from gradindex.errors import TaskError
+from gradindex.config import FeaturizeConfig, ProjectionConfig, StorageDtype, check_index_dim
+from gradindex.devices import resolve_device
+from gradindex.errors import ObjectStoreError, StoreMismatchError, TaskError
 from gradindex.gradients import GradientProjector
-from gradindex.groups import ParameterGroup, parameter_groups
+from gradindex.groups import ParameterGroup, parameter_groups, part_owners
 from gradindex.precondition import GramAccumulator
+from gradindex.projection import block_dims, projection_format
 from gradindex.store import (
-    GRAM_FILE,
     FeatureStore,
     ShardInfo,
+    Storage,
     commit_manifest,
     completed_shard,
-    local_store_path,
+    open_storage,
     prepare_store,
-    read_shard,
-    write_arrays,
+    read_written_shard,
+    remove_unused_grams,
+    sidecar_name,
+    write_gram,
     write_shard,
+    writer_lock,
 )
 from gradindex.task import Task, make_batch, model_fingerprint
 
@@ -137,8 +145,37 @@ def group_entries(groups: list[ParameterGroup], projector: GradientProjector) ->
     ]
 
 
+def planned_group_entries(groups: list[ParameterGroup], projection: ProjectionConfig) -> list[dict[str, Any]]:
+    """What :func:`group_entries` will record for ``groups`` under ``projection``, as the manifest holds
+    it (JSON types), computed without drawing a matrix: compare it with a store's ``groups`` before
+    projecting anything for that store."""
+    entries = []
+    for group in groups:
+        blocks = [{**block.to_dict(), **block_dims(group.name, block, projection)} for block in group.blocks]
+        owners = part_owners(list(group.blocks))
+        dim = sum(b["k"] if "k" in b else b["heads"] * b["k_left"] * b["k_right"]
+                  for i, b in enumerate(blocks) if i in owners)
+        entries.append({**group.to_dict(), "dim": dim, "blocks": blocks})
+    return json.loads(json.dumps(entries))
+
+
+def check_sidecars(path: str | Path | Storage, shards: list[dict[str, Any]], run_key: str) -> None:
+    """Every shard about to be committed still carries this run's sidecar (no other run replaced it)."""
+    storage = open_storage(path)
+    for info in shards:
+        try:
+            written = json.loads(storage.read_bytes(sidecar_name(info["path"])))
+        except (OSError, ValueError, ObjectStoreError):
+            written = None
+        if written != info or info.get("run_key") != run_key or storage.size(info["path"]) != info["bytes"]:
+            raise StoreMismatchError(
+                f"{path}: shard {info['path']} was rewritten by another run (its sidecar or size changed) before "
+                "this run committed; run featurize again (with --resume) and let one run write the store"
+            )
+
+
 def commit_store(
-    path: Path,
+    path: Storage,
     task: Task,
     run: FeaturizeRun,
     config: FeaturizeConfig,
@@ -149,9 +186,14 @@ def commit_store(
     seconds: float,
     extra: dict[str, Any] | None = None,
 ) -> FeatureStore:
-    """Write the Gram matrices, then the manifest (last): the store is complete."""
+    """Write the Gram matrices, then the manifest (last): the store is complete.
+
+    Call with the store's writer lock held. The returned store carries the user's consent to
+    run ``task`` (it was given as an object, not read from a manifest).
+    """
+    check_sidecars(path, shards, run.run_key)
     group_names = [g.name for g in run.groups]
-    gram_sha = write_arrays(path / GRAM_FILE, {f"g{group_names.index(g)}": m for g, m in gram.result().items()})
+    gram_file = write_gram(path, {f"g{group_names.index(g)}": m for g, m in gram.result().items()})
     manifest = {
         "task": task.spec(),
         "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
@@ -162,13 +204,14 @@ def commit_store(
         "dtype": config.dtype.value,
         "metadata_columns": sorted(run.metadata),
         "shards": shards,
-        "gram": {"sha256": gram_sha, "count": gram.count, "skipped_groups": gram.skipped},
+        "gram": {**gram_file, "count": gram.count, "skipped_groups": gram.skipped},
+        "projection_format": projection_format(),
         "run_key": run.run_key,
         "featurize_seconds": round(seconds, 3),
         **(extra or {}),
     }
-    commit_manifest(path, manifest)
-    return FeatureStore.open(path)
+    remove_unused_grams(path, commit_manifest(path, manifest))
+    return FeatureStore.open(path, task=task.spec()["task"])
 
 
 def featurize(
@@ -183,12 +226,20 @@ def featurize(
     show_progress: bool = True,
 ) -> FeatureStore:
     """Featurize the task's training set into a new store at ``out``."""
-    torch_device = torch.device(device)
+    torch_device = resolve_device(device)
     run = prepare_run(task, config, checkpoint, torch_device, limit)
-    path = prepare_store(local_store_path(out), overwrite=overwrite, resume=resume)
+    with writer_lock(out) as storage:
+        prepare_store(storage, overwrite=overwrite, resume=resume)
+        return _featurize_into(storage, task, run, config, checkpoint, torch_device, resume, show_progress)
+
+
+def _featurize_into(path: Storage, task: Task, run: FeaturizeRun, config: FeaturizeConfig,
+                    checkpoint: str | Path | None, torch_device: torch.device, resume: bool,
+                    show_progress: bool) -> FeatureStore:
     started = time.perf_counter()
     with GradientProjector(run.model, run.groups, config.projection, torch_device) as projector:
         group_dims = projector.group_dims()
+        check_index_dim(sum(group_dims.values()), "featurize")
         gram = GramAccumulator(group_dims, config.gram_max_dim)
         shards = []
         bar = tqdm(total=len(run.ids), desc="featurize", unit="ex", disable=not show_progress)
@@ -196,7 +247,7 @@ def featurize(
             shard_index, start, stop = shard
             info = completed_shard(path, shard_index, run.run_key) if resume else None
             if info is not None and info.rows == stop - start:
-                gram.update(read_shard(path / info.path, list(group_dims))[1])
+                gram.update(read_written_shard(path, info, list(group_dims))[1])
                 bar.update(stop - start)
             else:
                 info, feats = featurize_shard(task, run, projector, config, torch_device, path, shard, bar)
@@ -225,12 +276,17 @@ def featurize_rows(
     ``measurement(batch, model)`` replaces the training loss (query side).
     """
     compute = measurement or task.compute_train_loss
+    hook = getattr(compute, "__name__", "")
+    hook = f"{type(task).__name__}.{'concept_measurement' if hook == '<lambda>' else hook or 'measurement'}"
     rows = list(rows)
     parts: dict[str, list[np.ndarray]] = {}
     for offset in range(0, len(rows), batch_size):
         chunk = rows[offset : offset + batch_size]
         batch = task.to_device(make_batch(task, dataset, chunk), device)
-        feats = projector(lambda: compute(batch, model), verify=verify_first and offset == 0)
+        try:
+            feats = projector(lambda: compute(batch, model), verify=verify_first and offset == 0)
+        except TaskError as err:
+            raise TaskError(f"task hook {hook}: {err}") from None
         for group, block in feats.items():
             if block.shape[0] != len(chunk):
                 raise TaskError(f"the task returned {block.shape[0]} values for a batch of {len(chunk)} examples")
@@ -243,7 +299,7 @@ def featurize_rows(
 def _run_key(fingerprint: str, config: FeaturizeConfig, groups: list[ParameterGroup], ids: np.ndarray, task: Task) -> str:
     payload = json.dumps(
         {"fingerprint": fingerprint, "config": config.to_dict(), "groups": [g.to_dict() for g in groups],
-         "task": task.spec()},
+         "task": task.spec(), "projection_format": projection_format()},
         sort_keys=True,
     ).encode()
     digest = hashlib.sha256(payload)

@@ -29,9 +29,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -41,14 +44,30 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradindex.config import AUTO_DAMPING, DEFAULT_DAMPING, LDSConfig, Preconditioner, require_positive
+from gradindex.config import (
+    AUTO_DAMPING,
+    DEFAULT_DAMPING,
+    MAX_WORKERS,
+    LDSConfig,
+    Preconditioner,
+    parse_damping,
+    require_positive,
+)
 from gradindex.damping import resolve_damping
-from gradindex.errors import ConfigError, StoreMismatchError, TaskError
+from gradindex.errors import ConfigError, GradIndexError, StoreMismatchError, TaskError
 from gradindex.projection import derive_seed
 from gradindex.query_features import QueryFeaturizer, measurement_function, precondition_features
 from gradindex.store import FeatureStore, atomic_write_json, temporary_path, write_arrays
-from gradindex.task import Task, load_task, make_batch
-from gradindex.weights import GroupWeights
+from gradindex.task import (
+    Task,
+    default_queries,
+    hash_into,
+    load_task,
+    make_batch,
+    query_digests,
+    require_training_routine,
+)
+from gradindex.weights import learned_weights
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +150,10 @@ def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Seque
     the concept's learned weights when the manifest has them (under the setting
     they were learned for), for grad-dot and Gram preconditioning. Each row has
     ``attribution``, ``preconditioner``, ``damping`` (``"auto"`` for a per-group one), ``lds`` (mean over queries)
-    and ``sem`` (its standard error).
+    and ``sem`` (its standard error). The learned row also has ``fit_overlap``: how many of ``queries`` the
+    weights were fitted on (logged as a warning when not 0: that row is then optimistic).
     """
+    damping = parse_damping(damping, "damping")
     featurizer = QueryFeaturizer.open(store, concept, Preconditioner.IDENTITY, device=device)
     try:
         raw = featurizer.group_features(queries, show_progress=show_progress)
@@ -140,7 +161,7 @@ def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Seque
         featurizer.close()
     sums = subset_sums(store, retrained.masks, retrained.sample_ids)
     groups = store.groups
-    learned = GroupWeights.from_manifest(store.manifest, concept, groups)
+    learned_by_setting = learned_weights(store.manifest, concept, groups)
     settings = [(Preconditioner.IDENTITY, 0.0), (Preconditioner.GRAM, resolve_damping(store, damping))]
     rows = []
 
@@ -157,12 +178,21 @@ def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Seque
         add("uniform", weighted_predictions(predictions, {g: 1.0 for g in groups}), preconditioner, setting_damping)
         for g in groups:
             add(f"group {g}", predictions[g], preconditioner, setting_damping)
-    learned_setting = learned.info.get("config")
-    if learned_setting:
-        preconditioner = Preconditioner(learned_setting["preconditioner"])
+    digests = query_digests(queries) if learned_by_setting else []
+    for learned in learned_by_setting.values():
+        learned_setting = learned.info.get("config") or {}
+        preconditioner = Preconditioner(learned_setting.get("preconditioner", "gram"))
         learned_damping = resolve_damping(store, learned_setting.get("damping", damping), preconditioner)
+        if not isinstance(learned_damping, Mapping):
+            learned_damping = float(learned_damping)
         predictions = group_predictions(precondition_features(store, raw, preconditioner, learned_damping), sums)
         add("learned", weighted_predictions(predictions, learned.weights), preconditioner, learned_damping)
+        overlap = learned.fit_overlap(digests)
+        rows[-1]["fit_overlap"] = overlap
+        if overlap:
+            logger.warning("warning: %d of the %d evaluation queries were used to fit the learned weights of concept "
+                           "%r; their LDS is optimistic (evaluate on other queries, e.g. the task's eval split)",
+                           overlap, len(queries), concept)
     return rows
 
 
@@ -188,6 +218,12 @@ class RetrainedModels:
     masks: np.ndarray
     sample_ids: np.ndarray
     measurements: dict[str, np.ndarray]
+
+    def queries(self, positions: Sequence[int]) -> "RetrainedModels":
+        """The same models with the measurements of the queries at ``positions`` only (``[M, len(positions)]``),
+        e.g. the eval split of the task's default queries."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return RetrainedModels(self.masks, self.sample_ids, {c: m[:, positions] for c, m in self.measurements.items()})
 
     def lds(self, predictions: np.ndarray, concept: str = "all") -> np.ndarray:
         """Per-query LDS ``[Q]`` of predictions ``[M, Q]`` against ``concept``'s measurements."""
@@ -221,19 +257,23 @@ def retrain(
     queries_file: str | Path | None = None,
     workers: int = 2,
     show_progress: bool = True,
+    queries: Sequence | None = None,
 ) -> RetrainedModels:
     """Train (or reuse) ``config.num_models`` subset models and measure the queries on each.
 
     Queries are the task's :meth:`~gradindex.task.Task.query_dataset`, or
-    ``task.load_queries(queries_file)``. Every concept of the task is measured
-    (``all`` plus ``task.concepts``). With ``workers > 1`` each worker rebuilds the
-    task from ``task.spec()``, so the task must be loadable by :func:`load_task`.
+    ``task.load_queries(queries_file)`` (``queries``: that dataset, already loaded).
+    Every concept of the task is measured (``all`` plus ``task.concepts``). With
+    ``workers > 1`` each worker rebuilds the task from ``task.spec()``, so the task
+    must be loadable by :func:`load_task`.
     """
-    require_positive(workers, "workers")
+    require_positive(workers, "workers", maximum=MAX_WORKERS)
+    require_training_routine(task, "LDS")
     cache = Path(cache)
     dataset = task.train_dataset()
     sample_ids = np.asarray(task.sample_ids(dataset), dtype=np.int64)
-    queries = task.query_dataset() if queries_file is None else task.load_queries(queries_file)
+    if queries is None:
+        queries = default_queries(task) if queries_file is None else task.load_queries(queries_file)
     concepts = ("all", *task.concepts)
     _open_cache(cache, task, config, sample_ids)
     key = dataset_key(task, queries)
@@ -249,22 +289,41 @@ def retrain(
             jobs.append(_Job(spec["task"], spec.get("options", {}), str(cache), j, indices, training_seed(config, j),
                              None if queries_file is None else str(queries_file), key, concepts))
     if jobs:
-        logger.info("LDS: %d of %d models to train or measure in %s", len(jobs), config.num_models, cache)
+        parallel = 1 if workers == 1 or len(jobs) == 1 else min(workers, len(jobs))
+        logger.info("LDS: training %d of %d models (each on %d of %d training examples) and measuring %d queries "
+                    "on each, %d at a time; cached in %s, so a rerun reuses them. A model takes about as long as "
+                    "training the task once; the time estimate follows the first model.", len(jobs),
+                    config.num_models, round(config.fraction * len(sample_ids)), len(sample_ids), len(queries),
+                    parallel, cache)
         bar = tqdm(total=config.num_models, initial=config.num_models - len(jobs), desc="retrain", unit="model",
                    disable=not show_progress)
-        if workers == 1 or len(jobs) == 1:
-            for job in jobs:
+        started = time.perf_counter()
+
+        def finished(done: int) -> None:
+            bar.update(1)
+            if done == 1 and len(jobs) > 1:
+                seconds = (time.perf_counter() - started) * (len(jobs) - 1) / parallel
+                logger.info("LDS: first model done in %.0f s; about %.0f min for the other %d",
+                            time.perf_counter() - started, seconds / 60, len(jobs) - 1)
+
+        if parallel == 1:
+            for done, job in enumerate(jobs, start=1):
                 _run_job(job, task)
-                bar.update(1)
+                finished(done)
         else:
             _check_loadable(spec)
             threads = max(1, (os.cpu_count() or 1) // workers)
-            with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn"),
+            with ProcessPoolExecutor(max_workers=parallel, mp_context=get_context("spawn"),
                                      initializer=torch.set_num_threads, initargs=(threads,)) as pool:
                 futures = [pool.submit(_run_job, job) for job in jobs]
-                for future in as_completed(futures):
-                    future.result()
-                    bar.update(1)
+                for done, future in enumerate(as_completed(futures), start=1):
+                    try:
+                        future.result()
+                    except GradIndexError:
+                        raise
+                    except Exception as err:  # the task's code failed in a worker: one line, not its traceback
+                        raise TaskError(f"LDS worker: {_worker_failure(err)}") from err
+                    finished(done)
         bar.close()
     measurements = {c: np.zeros((config.num_models, len(queries))) for c in concepts}
     for j in range(config.num_models):
@@ -292,7 +351,7 @@ def _run_job(job: _Job, task: Task | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     checkpoint = _checkpoint_in(folder)
     model = task.load_model(checkpoint).eval()
-    queries = task.query_dataset() if job.queries_file is None else task.load_queries(job.queries_file)
+    queries = default_queries(task) if job.queries_file is None else task.load_queries(job.queries_file)
     values = {c: measure(task, model, queries, c) for c in job.concepts}
     write_arrays(_measurement_path(cache, job.queries_key, job.model), values)
     return job.model
@@ -315,27 +374,8 @@ def dataset_key(task: Task, dataset: Sequence, batch_size: int = 256) -> str:
     """A short hash of a query set's contents (its collated batches' tensors)."""
     digest = hashlib.sha256(str(len(dataset)).encode())
     for start in range(0, len(dataset), batch_size):
-        _hash_into(digest, make_batch(task, dataset, range(start, min(len(dataset), start + batch_size))))
+        hash_into(digest, make_batch(task, dataset, range(start, min(len(dataset), start + batch_size))))
     return digest.hexdigest()[:16]
-
-
-def _hash_into(digest: Any, value: Any) -> None:
-    if isinstance(value, torch.Tensor):
-        data = value.detach().to("cpu").contiguous()
-        digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    elif isinstance(value, np.ndarray):
-        digest.update(f"{value.shape}{value.dtype}".encode())
-        digest.update(np.ascontiguousarray(value).tobytes())
-    elif isinstance(value, Mapping):
-        for key in sorted(value):
-            digest.update(str(key).encode())
-            _hash_into(digest, value[key])
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            _hash_into(digest, item)
-    else:
-        digest.update(repr(value).encode())
 
 
 def _open_cache(cache: Path, task: Task, config: LDSConfig, sample_ids: np.ndarray) -> None:
@@ -380,6 +420,23 @@ def _measurement_path(cache: Path, key: str, model: int) -> Path:
 
 def _positions(sample_ids: np.ndarray) -> dict[int, int]:
     return {int(i): p for p, i in enumerate(sample_ids)}
+
+
+def _worker_failure(err: BaseException) -> str:
+    """What failed in a worker process, with the innermost frame outside gradindex and the
+    standard library (the task's own file:line) when the worker's traceback names one."""
+    if isinstance(err, BrokenProcessPool):
+        return ("a training process died (the task's train() or load_model() called sys.exit, crashed or ran out "
+                "of memory); rerun with --workers 1 to see where")
+    text = " ".join(str(err).split())
+    what = f"{type(err).__name__}" + (f": {text[:300]}" if text else "")
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', str(getattr(err.__cause__, "tb", "")))
+    package, library = str(Path(__file__).parent), str(Path(os.__file__).parent)
+    own = [f for f in frames if not f[0].startswith((package, library)) and "<frozen" not in f[0]]
+    if own:
+        file, line, function = own[-1]
+        return f"task code ({function}) raised {what} ({file}:{line})"
+    return what
 
 
 def _check_loadable(spec: Mapping[str, Any]) -> None:

@@ -21,6 +21,12 @@ Conventions
 
 Load a task from a spec with :func:`load_task`: a built-in name (``digits``),
 ``path/to/file.py:ClassName`` or ``package.module:ClassName``.
+
+Query splits: :meth:`Task.query_splits` divides the default queries
+(``query_dataset()``) into a **fit** split (weight learning) and a disjoint **eval**
+split (LDS), deterministically; :func:`task_queries` returns either (or all), and
+:func:`query_digests` fingerprints queries one by one so that evaluation can tell
+which of its queries were fitted on.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradindex.config import GroupRule
+from gradindex.config import GroupRule, QuerySplit, parse_enum
 from gradindex.errors import ArtifactNotFoundError, ConfigError, TaskError
 
 
@@ -102,8 +109,15 @@ class Task:
         return {}
 
     def query_dataset(self) -> Sequence:
-        """Default queries (held-out inputs) for the demo and weight learning."""
+        """Default queries (held-out inputs) for the demo, weight learning and evaluation."""
         raise NotImplementedError(f"{type(self).__name__} defines no default queries")
+
+    def query_splits(self, count: int) -> dict[str, np.ndarray]:
+        """Positions ``{"fit": [n_fit], "eval": [n_eval]}`` (sorted int64) of the fit and eval queries among
+        the ``count`` items of :meth:`query_dataset`: disjoint, together all of them, deterministic.
+        Weights are learned on ``fit`` and LDS is measured on ``eval``. Default: a seeded permutation
+        of the positions, its first ``count // 2`` for fit and the rest for eval (:func:`default_query_splits`)."""
+        return default_query_splits(count)
 
     def sample_queries(self, model: nn.Module, count: int, seed: int = 0) -> Sequence:
         """``count`` queries for ``model`` (a generator's samples); default: ``count`` items
@@ -156,6 +170,84 @@ class Task:
         return {"task": getattr(self, "_spec", default), "options": dict(self.options)}
 
 
+#: seed of the default fit/eval permutation of a task's default queries
+QUERY_SPLIT_SEED = 20_151
+
+
+def default_query_splits(count: int) -> dict[str, np.ndarray]:
+    """Half of ``range(count)`` for fit (``count // 2`` positions), the rest for eval, by a seeded
+    permutation (so neither split is a block of the query set's order), each sorted."""
+    order = np.random.default_rng([QUERY_SPLIT_SEED, int(count)]).permutation(int(count))
+    half = int(count) // 2
+    return {"fit": np.sort(order[:half]).astype(np.int64), "eval": np.sort(order[half:]).astype(np.int64)}
+
+
+def task_queries(task: Task, split: QuerySplit | str = QuerySplit.ALL) -> Sequence:
+    """The task's default queries of ``split``: all of ``query_dataset()``, or the ``Subset`` of its
+    fit or eval positions (checked: disjoint, in range, together all of them)."""
+    split = parse_enum(QuerySplit, split, "query split")
+    dataset = default_queries(task)
+    if split is QuerySplit.ALL:
+        return dataset
+    return torch.utils.data.Subset(dataset, query_split_positions(task, len(dataset))[split.value].tolist())
+
+
+def query_split_positions(task: Task, count: int) -> dict[str, np.ndarray]:
+    """``task.query_splits(count)``, validated."""
+    splits = task.query_splits(count)
+    name = type(task).__name__
+    try:
+        fit, held = (np.asarray(splits[key], dtype=np.int64).reshape(-1) for key in ("fit", "eval"))
+    except (KeyError, TypeError, ValueError) as err:
+        raise TaskError(f"{name}.query_splits({count}) must return {{'fit': positions, 'eval': positions}} "
+                        f"({type(err).__name__}: {err})") from None
+    both = np.concatenate([fit, held])
+    if len(both) != count or len(np.unique(both)) != count or (count and (both.min() < 0 or both.max() >= count)):
+        raise TaskError(f"{name}.query_splits({count}): the fit and eval positions must be disjoint and together "
+                        f"cover 0..{count - 1} once each (got {len(fit)} fit and {len(held)} eval positions)")
+    return {"fit": np.sort(fit), "eval": np.sort(held)}
+
+
+def dataset_metadata(task: Task, dataset: Sequence) -> dict[str, np.ndarray]:
+    """``task.metadata(dataset)``, also for a (nested) ``Subset`` of a dataset the task knows: its
+    columns at the subset's positions."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        positions = np.asarray(dataset.indices, dtype=np.int64)
+        return {name: np.asarray(values)[positions] for name, values in dataset_metadata(task, dataset.dataset).items()}
+    return task.metadata(dataset)
+
+
+def query_digests(dataset: Sequence) -> list[str]:
+    """A short sha256 per query item ``[n]`` (over its tensors, arrays and values): equal items have equal
+    digests wherever they come from (the task's defaults or a query file)."""
+    digests = []
+    for i in range(len(dataset)):
+        digest = hashlib.sha256()
+        hash_into(digest, dataset[i])
+        digests.append(digest.hexdigest()[:16])
+    return digests
+
+
+def hash_into(digest: Any, value: Any) -> None:
+    """Feed ``value`` (tensors, arrays, mappings, sequences, plain values) into a hashlib ``digest``."""
+    if isinstance(value, torch.Tensor):
+        data = value.detach().to("cpu").contiguous()
+        digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    elif isinstance(value, np.ndarray):
+        digest.update(f"{value.shape}{value.dtype}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, Mapping):
+        for key in sorted(value):
+            digest.update(str(key).encode())
+            hash_into(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            hash_into(digest, item)
+    else:
+        digest.update(repr(value).encode())
+
+
 def json_array(value: Any, where: str) -> np.ndarray:
     """A JSON value (nested lists of numbers, or of strings) as a numpy array; ragged or mixed → ConfigError."""
     try:
@@ -177,6 +269,25 @@ def _move(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def default_queries(task: Task) -> Sequence:
+    """``task.query_dataset()``, or a one-line error asking for ``--inputs`` when the task has none."""
+    message = (f"task {type(task).__name__} defines no default queries (query_dataset()); "
+               "pass a query inputs file with --inputs FILE")
+    if type(task).query_dataset is Task.query_dataset:
+        raise ConfigError(message)
+    try:
+        return task.query_dataset()
+    except NotImplementedError:
+        raise ConfigError(message) from None
+
+
+def require_training_routine(task: Task, what: str = "LDS") -> None:
+    """A one-line error unless the task overrides :meth:`Task.train` (retraining needs it)."""
+    if type(task).train is Task.train:
+        raise ConfigError(f"task {type(task).__name__} defines no train(path, indices, seed); {what} needs to "
+                          "retrain the model on subsets of the training set, so it cannot run on this task")
+
+
 def make_batch(task: Task, dataset: Sequence, indices: Sequence[int] | np.ndarray) -> Any:
     """``task.collate`` of the given dataset positions.
 
@@ -189,14 +300,46 @@ def make_batch(task: Task, dataset: Sequence, indices: Sequence[int] | np.ndarra
     return task.collate([dataset[int(i)] for i in indices])
 
 
+def is_builtin_spec(spec: str) -> bool:
+    """Whether ``spec`` names gradindex's own code: a built-in name or ``gradindex.tasks.<module>:Class``
+    (never a file path). Other specs run code from elsewhere and need the user's consent when a
+    store names them (:func:`gradindex.query_features.load_store_task`)."""
+    from gradindex.tasks import BUILTIN_TASKS
+
+    if spec in BUILTIN_TASKS:
+        return True
+    target, sep, name = spec.rpartition(":")
+    parts = target.split(".")
+    return (bool(sep and name) and parts[:2] == ["gradindex", "tasks"] and len(parts) == 3
+            and parts[2].isidentifier() and name.isidentifier())
+
+
+def resolve_spec(spec: str) -> str:
+    """``spec`` with a ``file.py`` path made absolute (the form stored in a manifest: it works from
+    any directory); other specs unchanged."""
+    target, sep, name = spec.rpartition(":")
+    if sep and target.endswith(".py"):
+        return f"{Path(target).expanduser().resolve()}:{name}"
+    return spec
+
+
 def load_task(spec: str, options: dict[str, Any] | None = None) -> Task:
-    """Instantiate a task from a built-in name, ``file.py:Class`` or ``module:Class``."""
+    """Instantiate a task from a built-in name, ``file.py:Class`` or ``module:Class``.
+
+    The task records its spec with a file path resolved (:func:`resolve_spec`), so the manifest of
+    a store featurized from a relative ``tasks.py:MyTask`` works from any directory.
+    """
     from gradindex.tasks import BUILTIN_TASKS
 
     options = dict(options or {})
     if spec in BUILTIN_TASKS:
         module_name, class_name, defaults = BUILTIN_TASKS[spec]
         cls = getattr(importlib.import_module(module_name), class_name)
+        accepted = task_options(cls)
+        unknown = sorted(set(options) - set(accepted)) if accepted is not None else []
+        if unknown:
+            raise ConfigError(f"task {spec!r}: unknown option(s) {', '.join(unknown)}; it accepts "
+                              f"{', '.join(accepted) or 'no options'}")
         task = cls(**{**defaults, **options})
     else:
         cls = _import_task_class(spec)
@@ -206,8 +349,68 @@ def load_task(spec: str, options: dict[str, Any] | None = None) -> Task:
             raise ConfigError(f"task {spec!r}: cannot construct {cls.__name__} with options {options}: {err}") from None
     if not isinstance(task, Task):
         raise TaskError(f"task {spec!r}: {type(task).__name__} is not a subclass of gradindex.Task")
-    task._spec = spec
+    task._spec = resolve_spec(spec)
     return task
+
+
+def task_options(cls: type) -> list[str] | None:
+    """The keyword options ``cls(**options)`` accepts (``None``: any, it takes ``**options``)."""
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters) and cls.__init__ is not Task.__init__:
+        return None
+    return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def task_code_error(err: BaseException) -> str | None:
+    """One line describing ``err`` if it was raised inside a user's task code, else ``None``.
+
+    User task code is any method of a :class:`Task` subclass defined outside gradindex (and
+    the code it calls) and the module of a ``file.py:Class`` spec. The line names the hook
+    gradindex called (the outermost such frame: ``compute_train_loss``, ``__init__``, …), the
+    exception and the innermost ``file:line`` of the user's file, e.g.
+    ``task hook compute_train_loss raised ValueError: bad shape (my_task.py:42)``. A
+    ``SystemExit`` from task code becomes such a line too (exit status 2, not the task's).
+    """
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append(tb)
+        tb = tb.tb_next
+    hook, user_files = None, set()
+    for tb in frames:
+        frame = tb.tb_frame
+        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames[:1] else None
+        if isinstance(owner, Task) and not type(owner).__module__.startswith("gradindex."):
+            hook = hook or f"{type(owner).__name__}.{frame.f_code.co_name}"
+            user_files.update(_defining_files(type(owner)))
+        elif str(frame.f_globals.get("__name__", "")).startswith(_FILE_MODULE_PREFIX):
+            hook = hook or f"{frame.f_code.co_name} (module {frame.f_code.co_filename})"
+            user_files.add(frame.f_code.co_filename)
+    if hook is None:
+        return None
+    where = next((tb for tb in reversed(frames) if tb.tb_frame.f_code.co_filename in user_files), None)
+    location = f" ({where.tb_frame.f_code.co_filename}:{where.tb_lineno})" if where is not None else ""
+    if isinstance(err, SystemExit):
+        what = f"called sys.exit({err.code!r})"
+    else:
+        text = " ".join(str(err).split())
+        what = f"raised {type(err).__name__}" + (f": {text[:300]}" if text else "")
+    return f"task hook {hook} {what}{location}"
+
+
+def _defining_files(cls: type) -> set[str]:
+    """Source files of ``cls`` and of its non-gradindex base classes."""
+    files = set()
+    for klass in cls.__mro__:
+        module = sys.modules.get(klass.__module__)
+        if module is not None and not klass.__module__.startswith(("gradindex.", "builtins")):
+            path = getattr(module, "__file__", None)
+            if path:
+                files.add(path)
+    return files
+
+
+_FILE_MODULE_PREFIX = "_gradindex_task_"
 
 
 def _import_task_class(spec: str) -> type:
@@ -223,7 +426,7 @@ def _import_task_class(spec: str) -> type:
         path = Path(target)
         if not path.is_file():
             raise ArtifactNotFoundError(f"task {spec!r}: no such file {path}")
-        module_name = f"_gradindex_task_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
+        module_name = f"{_FILE_MODULE_PREFIX}{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
         module = sys.modules.get(module_name)
         if module is None:
             module_spec = importlib.util.spec_from_file_location(module_name, path)
@@ -231,20 +434,37 @@ def _import_task_class(spec: str) -> type:
             sys.modules[module_name] = module
             try:
                 module_spec.loader.exec_module(module)
-            except Exception as err:
+            except (Exception, SystemExit) as err:  # a task module calling sys.exit() must not end gradindex
                 del sys.modules[module_name]
-                raise TaskError(f"task {spec!r}: importing {path} failed: {type(err).__name__}: {err}") from err
+                raise TaskError(f"task {spec!r}: importing {path} failed: {_import_failure(err)}") from err
     else:
         try:
             module = importlib.import_module(target)
         except ImportError as err:
             raise ArtifactNotFoundError(f"task {spec!r}: cannot import module {target!r}: {err}") from None
+        except (Exception, SystemExit) as err:
+            raise TaskError(f"task {spec!r}: importing module {target!r} failed: {_import_failure(err)}") from err
     cls = getattr(module, class_name, None)
     if cls is None:
         raise ConfigError(f"task {spec!r}: {target} defines no {class_name!r}")
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise TaskError(f"task {spec!r}: {class_name} is not a subclass of gradindex.Task")
     return cls
+
+
+def _import_failure(err: BaseException) -> str:
+    """``TypeName: message (file:line)`` of an exception raised while a task module was imported."""
+    if isinstance(err, SystemExit):
+        what = f"it called sys.exit({err.code!r})"
+    else:
+        what = f"{type(err).__name__}: {' '.join(str(err).split())}"
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    line = getattr(err, "lineno", None) if isinstance(err, SyntaxError) else None
+    if isinstance(err, SyntaxError):
+        return f"{what} ({err.filename}:{line})"
+    return f"{what} ({tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})" if tb is not None else what
 
 
 def model_fingerprint(model: nn.Module) -> str:

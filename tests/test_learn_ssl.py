@@ -97,9 +97,28 @@ def test_cli_learns_ssl_weights(toy_store, tmp_path):
 
     path = tmp_path / "store"
     shutil.copytree(toy_store.path, path)
-    result = CliRunner().invoke(main, ["learn-weights", str(path), "--method", "ssl", "--steps", "30",
+    result = CliRunner().invoke(main, ["learn-weights", str(path), "--method", "ssl", "--steps", "30", "--trust-task",
                                        "--damping", "auto"])
     assert result.exit_code == 0, result.output
     assert "ssl objective" in result.output and "damping auto, per group" in result.output
     info = CliRunner().invoke(main, ["info", str(path)])
     assert "ssl for gram" in info.output, info.output
+
+
+@pytest.mark.parametrize("factor", [1e-3, 30.0, 1e4])
+def test_ssl_with_group_norm_is_invariant_to_rescaling_one_group(factor):
+    """With per-group normalisation (``--group-norm rms``) the ssl objective sees unit-rms groups: rescaling
+    one group's scores leaves the shares (and so every weighted score w_g·S_g) unchanged and only rescales
+    that group's raw weight inversely."""
+    config = LearnConfig(method="ssl", group_norm="rms", steps=150, regularization=0.01)
+    scores = _scores()
+    weights, info = fit_weights(scores, config)
+    one = scores.copy()
+    one[1] *= factor
+    rescaled, rescaled_info = fit_weights(one, config)
+    np.testing.assert_allclose(rescaled_info["shares"], info["shares"], rtol=1e-4, atol=1e-7)
+    ratio = rescaled / weights
+    assert ratio[1] / ratio[0] == pytest.approx(1 / factor, rel=1e-4)
+    assert ratio[2] / ratio[0] == pytest.approx(1.0, rel=1e-4)
+    assert rescaled_info["ssl_learned"] == pytest.approx(info["ssl_learned"], rel=1e-5)
+    assert info["shares"][2] < info["uniform_shares"][2] / 2  # and the noise group is still turned down

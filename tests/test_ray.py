@@ -34,8 +34,13 @@ TINY = f"{Path(__file__).parent / 'tiny_task.py'}:TinyTask"  # a file spec: Ray 
 
 @pytest.fixture(scope="module")
 def cluster():
-    with local_ray(num_cpus=2, object_store_memory=256 << 20, log_to_driver=False) as ray:  # small CI /dev/shm
-        yield ray
+    """Started while RAY_ADDRESS names a cluster that does not exist (as a leftover
+    /tmp/ray/ray_current_cluster does): a bare --ray must still start its own."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_ADDRESS", "127.0.0.1:9")
+        with local_ray(num_cpus=2, object_store_memory=256 << 20, log_to_driver=False) as ray:  # small CI /dev/shm
+            assert ray.cluster_resources()["CPU"] == 2
+            yield ray
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +124,7 @@ def indexed(tiny, tmp_path_factory):
     task, checkpoint, reference = tiny
     path = tmp_path_factory.mktemp("indexed") / "store"
     shutil.copytree(reference.path, path)
-    store = FeatureStore.open(path)
+    store = FeatureStore.open(path, trust_task=True)
     build_index(store, IndexConfig(shards_per_part=2), show_progress=False)
     attributor = Attributor.open(store)
     queries = np.concatenate([
@@ -160,7 +165,8 @@ def test_cli_query_on_ray_equals_local(cluster, indexed, tmp_path):
     task = load_task(TINY)
     data = task.query_dataset().tensors
     np.savez(tmp_path / "queries.npz", x=data[0].numpy(), y=data[1].numpy())
-    args = ["-q", "query", str(store.path), "--inputs", str(tmp_path / "queries.npz"), "-k", "6", "--json"]
+    args = ["-q", "query", str(store.path), "--inputs", str(tmp_path / "queries.npz"), "-k", "6", "--json",
+            "--trust-task"]
     runner = CliRunner()
     local = runner.invoke(main, args, catch_exceptions=False)
     remote = runner.invoke(main, [*args, "--ray", "--actors", "2"], catch_exceptions=False)

@@ -3,9 +3,17 @@
 
 In: a :class:`~gradindex.store.FeatureStore`, an :class:`~gradindex.config.IndexConfig`
 and the concept's :class:`~gradindex.weights.GroupWeights`.
-Out: ``STORE/indexes/<concept>/`` (one part per range of store shards, the trained
+Out: ``STORE/indexes/<concept>/b-<random>/`` (one part per range of store shards, the trained
 empty index, the balancing transform) and a ``manifest.indexes.<concept>`` entry
-recording the kind, weights, preconditioner, transform, parts and checksums.
+recording the folder, kind, weights (and their digest), preconditioner, damping, transform,
+parts and checksums.
+
+Atomic rebuilds: a fresh partition is built in a new folder while the old one keeps
+answering queries; the manifest switches to it in one rename (through
+:func:`~gradindex.store.modify_manifest`, which rereads the manifest under the store lock),
+and only then are folders no entry names removed — never one another process is still
+building into (each builder holds a shared ``flock`` on its folder's ``.lock``). A build
+killed or failing at any point leaves the old partition listed and whole.
 
 Streaming: training reads a seeded sample of ``train_size`` rows shard by shard;
 adding reads one store shard at a time and adds it in batches of
@@ -22,34 +30,37 @@ ivfpq; its float16 re-rank copy is written to disk as it goes.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
+import hashlib
 import json
 import logging
-import os
+import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from contextlib import ExitStack, contextmanager, suppress
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from gradindex.config import AUTO_DAMPING, Balance, IndexConfig, IndexKind, SearchConfig
+from gradindex.config import AUTO_DAMPING, Balance, IndexConfig, IndexKind, SearchConfig, check_index_dim, setting_key
 from gradindex.damping import resolve_damping
-from gradindex.errors import ConfigError
+from gradindex.errors import ConfigError, GradIndexError, StoreMismatchError
 from gradindex.index.kinds import (
-    PartBuilder, QueryTransform, banded_directions, gpu_available, half_to_float, import_faiss, resolve_build,
+    PartBuilder, QueryTransform, banded_directions, check_index_kind, gpu_available, half_to_float, import_faiss,
+    read_index, resolve_build,
     resolve_device, resolve_kind,
     train_index, write_index,
 )
 from gradindex.index.shards import (
-    INDEX_DIR, IndexPart, ShardedIndex, checked_file, concept_dir, list_parts, load_transform,
+    INDEX_DIR, IndexPart, ShardedIndex, checked_file, concept_dir, entry_folder, list_parts, load_transform,
     open_part, part_name,
 )
 from gradindex.precondition import group_damping
-from gradindex.store import MANIFEST, FeatureStore, atomic_write_json, sha256_file, temporary_path, write_arrays
+from gradindex.store import (
+    FeatureStore, json_bytes, modify_manifest, npz_bytes, read_manifest, sha256_file, store_lock,
+)
 from gradindex.topk import TopK, merge_topk
-from gradindex.weights import GroupWeights, scaled_vectors
+from gradindex.weights import GroupWeights, learned_weights, scaled_vectors
 
 __all__ = [
     "GradIndex", "IndexPart", "ShardedIndex", "TopK", "build_index", "gpu_available", "import_faiss",
@@ -62,6 +73,8 @@ GradIndex = ShardedIndex
 ADD_BATCH = 65_536
 TRAINED_FILE = "trained.faiss"
 TRANSFORM_FILE = "transform.npz"
+BUILD_PREFIX = "b-"  # a build folder: indexes/<concept>/b-<random>
+FOLDER_LOCK = ".lock"
 
 
 def build_index(
@@ -82,11 +95,18 @@ def build_index(
     store shards no part covers yet (e.g. after ``featurize --append``), leaving the rest as they are.
     ``train_only``: a fresh partition with its trained state and no parts yet (then ``shards=`` per machine).
     """
+    check_index_dim(store.dim, f"build-index {store.path}")
     groups = store.groups
-    requested = config.damping
+    concept_dir(store, config.concept)  # a safe folder before anything is read or written
+    requested = config.damping  # "auto": weights learned under gram@auto; the index records the resolved values
     config = dataclasses.replace(config, damping=resolve_damping(store, config.damping, config.preconditioner))
     if weights is None:
-        weights = GroupWeights.from_manifest(store.manifest, config.concept, groups)
+        weights = GroupWeights.from_manifest(store.manifest, config.concept, groups, config.preconditioner,
+                                             requested)
+        other = learned_weights(store.manifest, config.concept, groups)
+        if other and weights.info.get("method") == "uniform":
+            logger.info("concept %r has weights learned for %s, none for %s: this index uses uniform weights",
+                        config.concept, ", ".join(other), setting_key(config.preconditioner, requested))
     weights.check_setting(config.preconditioner, config.damping)
     num_shards = len(store.manifest["shards"])
     existing = store.manifest.get("indexes", {}).get(config.concept)
@@ -105,7 +125,6 @@ def build_index(
         bad = [s for s in shards if not 0 <= s < num_shards]
         if bad or not shards:
             raise ConfigError(f"--shards {bad or shards}: the store has shards 0..{num_shards - 1}")
-    folder = concept_dir(store, config.concept)
     if reuse and shards is not None:
         taken = {s: p["name"] for p in existing["parts"] for s in p["shards"] if s in shards}
         if taken:
@@ -113,11 +132,6 @@ def build_index(
                 f"--shards: store shards {sorted(taken)} are already in parts {sorted(set(taken.values()))}; "
                 "start a fresh partition with --train-only, then build each part"
             )
-    if not reuse:
-        _clear(folder)
-        state = _train(store, config, weights, show_progress)
-    else:
-        state = _load_state(store, existing)
     if train_only:
         ranges = []
     elif shards is not None:
@@ -127,9 +141,17 @@ def build_index(
         todo = [s for s in range(num_shards) if s not in covered]
         per = config.shards_per_part or max(1, len(todo))
         ranges = [todo[i:i + per] for i in range(0, len(todo), per)]
-    for part_shards in ranges:
-        _build_part(store, config, weights, state, part_shards, show_progress)
-    _commit_entry(store, config, weights, state, search, requested)
+    try:
+        with _claim_folder(store, config.concept, existing if reuse else None) as folder:
+            state = _load_state(store, existing) if reuse else _train(store, config, weights, folder, show_progress)
+            for part_shards in ranges:
+                _build_part(store, config, weights, state, part_shards, folder, show_progress)
+            _commit_entry(store, config, weights, state, search, folder, requested)
+    except BaseException:
+        with suppress(GradIndexError, OSError):  # best effort: the build's own error is the one to report
+            _tidy(store, config.concept)
+        raise
+    _tidy(store, config.concept)
     return ShardedIndex.open(store, config.concept, device=config.device, search=search)
 
 
@@ -138,13 +160,76 @@ def _trained_fields(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in ("shards_per_part", "device")}
 
 
+# -- build folders -------------------------------------------------------------------------------
+@contextmanager
+def _claim_folder(store: FeatureStore, concept: str, entry: dict[str, Any] | None) -> Iterator[str]:
+    """The folder this build writes into (relative to the store), held (shared lock) until the block
+    ends: a new ``indexes/<concept>/b-<random>`` (``entry`` None; removed again if the build fails),
+    or the folder of ``entry``, which must still be the concept's current partition."""
+    top = concept_dir(store, concept)
+    storage = store.storage
+    held = ExitStack()
+    with store_lock(storage):
+        if entry is None:
+            folder = f"{top}/{BUILD_PREFIX}{uuid.uuid4().hex[:12]}"
+            storage.make_root(folder)
+        else:
+            current = read_manifest(storage).get("indexes", {}).get(concept)
+            if current is None or current["trained"] != entry["trained"]:
+                raise StoreMismatchError(
+                    f"{store.path}: index {concept!r} was rebuilt by another process since this store was opened; "
+                    "run the command again"
+                )
+            folder = entry_folder(store, concept, current)
+        held.enter_context(storage.lock(f"{folder}/{FOLDER_LOCK}", shared=True))
+    try:
+        yield folder
+    except BaseException:
+        if entry is None:
+            with suppress(GradIndexError, OSError):
+                storage.delete_tree(folder)
+        raise
+    finally:
+        held.close()
+
+
+def _tidy(store: FeatureStore, concept: str) -> None:
+    """Remove from ``indexes/<concept>/`` what the concept's entry does not name: replaced builds,
+    builds of killed or failed runs, their stray files. A folder a builder still holds is left alone."""
+    top = concept_dir(store, concept)
+    storage = store.storage
+    if not storage.is_folder(top):
+        return
+    with store_lock(storage):
+        entry = read_manifest(storage).get("indexes", {}).get(concept)
+        keep_folder = entry_folder(store, concept, entry) if entry else None
+        keep = _entry_files(entry) if entry else set()
+        folders = [f"{top}/{name}" for name in storage.folders(top) if name.startswith(BUILD_PREFIX)]
+        for folder in [top, *folders]:
+            try:
+                with storage.lock(f"{folder}/{FOLDER_LOCK}", blocking=False):
+                    if folder not in (top, keep_folder):
+                        storage.delete_tree(folder)
+                        continue
+                    for name in storage.files(folder):
+                        if name != FOLDER_LOCK and f"{folder}/{name}" not in keep:
+                            storage.delete(f"{folder}/{name}")
+            except BlockingIOError:
+                continue  # someone builds into it
+
+
+def _entry_files(entry: dict[str, Any]) -> set[str]:
+    """The files of an index entry (and its parts' sidecars), relative to the store."""
+    files = {entry["trained"]["file"]}
+    if entry["transform"]["kind"] != "none":
+        files.add(entry["transform"]["file"])
+    for part in entry["parts"]:
+        files.update(f for f in (part["file"], part["ids_file"], part.get("vectors_file")) if f)
+        files.add(str(PurePosixPath(part["file"]).with_name(f"{part['name']}.json")))
+    return {str(PurePosixPath(f)) for f in files}
+
+
 # -- training ------------------------------------------------------------------------------------
-def _clear(folder: Path) -> None:
-    if folder.is_dir():
-        for path in folder.iterdir():
-            if path.is_file():
-                path.unlink()
-    folder.mkdir(parents=True, exist_ok=True)
 
 
 def _vectors(feats, weights: GroupWeights, groups: Sequence[str], transform: QueryTransform | None) -> np.ndarray:
@@ -164,11 +249,11 @@ def iter_vector_batches(store: FeatureStore, weights: GroupWeights, transform: Q
             yield ids[start:start + batch], _vectors(block, weights, groups, transform)
 
 
-def _train(store: FeatureStore, config: IndexConfig, weights: GroupWeights, show_progress: bool) -> dict[str, Any]:
+def _train(store: FeatureStore, config: IndexConfig, weights: GroupWeights, folder: str,
+           show_progress: bool) -> dict[str, Any]:
     n, dim = store.num_samples, store.dim
     kind = resolve_kind(config, n, dim)
     knobs = resolve_build(config, kind, n, dim)
-    folder = concept_dir(store, config.concept)
     balance = config.balance is Balance.ON or (config.balance is Balance.AUTO and kind is not IndexKind.FLAT)
     transform, transform_info = None, {"kind": "none"}
     if balance:
@@ -178,9 +263,10 @@ def _train(store: FeatureStore, config: IndexConfig, weights: GroupWeights, show
             raise ConfigError(f"--balance on: the store has no Gram matrix for groups {missing}; use --balance off")
         transform = QueryTransform.from_grams([grams[g] for g in store.groups],
                                               [group_damping(config.damping, g) for g in store.groups])
-        path = folder / TRANSFORM_FILE
-        digest = write_arrays(path, transform.arrays())
-        transform_info = {"kind": "balance", "file": str(path.relative_to(store.path)), "sha256": digest,
+        relative = f"{folder}/{TRANSFORM_FILE}"
+        data = npz_bytes(transform.arrays())
+        store.storage.write_bytes(relative, data)
+        transform_info = {"kind": "balance", "file": relative, "sha256": hashlib.sha256(data).hexdigest(),
                           "damping": config.damping}
     sample = np.zeros((0, dim), np.float32)
     if kind is not IndexKind.FLAT:
@@ -195,22 +281,23 @@ def _train(store: FeatureStore, config: IndexConfig, weights: GroupWeights, show
                 bar.update(len(ids))
         sample = np.concatenate(picked) if picked else sample
     trained, extras = train_index(kind, sample, knobs, config)
-    path = folder / TRAINED_FILE
-    tmp = temporary_path(path)
+    relative = f"{folder}/{TRAINED_FILE}"
+    tmp = store.storage.temporary(relative)
     try:
         write_index(trained, tmp)
         digest = sha256_file(tmp)
-        os.replace(tmp, path)
+        store.storage.publish(tmp, relative)
     finally:
         tmp.unlink(missing_ok=True)
     return {"kind": kind, "knobs": knobs, "transform": transform, "transform_info": transform_info,
             "trained": trained, "extras": extras, "layout": extras.get("layout", {}),
-            "trained_info": {"file": str(path.relative_to(store.path)), "sha256": digest}}
+            "trained_info": {"file": relative, "sha256": digest}}
 
 
 def _load_state(store: FeatureStore, entry: dict[str, Any]) -> dict[str, Any]:
     info = entry["trained"]
-    trained = import_faiss().read_index(str(checked_file(store, info["file"], info["sha256"])))
+    trained = read_index(checked_file(store, info["file"], info["sha256"]))
+    check_index_kind(trained, entry["kind"], entry["dim"], 0, info["file"])
     layout = entry.get("layout", {})
     extras: dict[str, Any] = {"layout": layout}
     if layout:
@@ -222,15 +309,15 @@ def _load_state(store: FeatureStore, entry: dict[str, Any]) -> dict[str, Any]:
 
 # -- parts ----------------------------------------------------------------------------------------
 def _build_part(store: FeatureStore, config: IndexConfig, weights: GroupWeights, state: dict[str, Any],
-                shards: Sequence[int], show_progress: bool) -> IndexPart:
+                shards: Sequence[int], folder: str, show_progress: bool) -> IndexPart:
     kind = state["kind"]
-    folder = concept_dir(store, config.concept)
     name = part_name(shards)
     rows = sum(store.manifest["shards"][s]["rows"] for s in shards)
     keep = config.keep_vectors if config.keep_vectors is not None else kind is IndexKind.IVFPQ
     builder = PartBuilder(kind, state["trained"], state["extras"])
-    final = {suffix: folder / f"{name}{suffix}" for suffix in (".faiss", ".ids.npy", ".f16")}
-    tmp = {suffix: temporary_path(path) for suffix, path in final.items()}
+    storage = store.storage
+    final = {suffix: f"{folder}/{name}{suffix}" for suffix in (".faiss", ".ids.npy", ".f16")}
+    tmp = {suffix: storage.temporary(path) for suffix, path in final.items()}
     ids_parts = []
     try:
         with open(tmp[".f16"], "wb") if keep else _null() as handle, \
@@ -246,22 +333,22 @@ def _build_part(store: FeatureStore, config: IndexConfig, weights: GroupWeights,
         with open(tmp[".ids.npy"], "wb") as handle:
             np.save(handle, sample_ids)
         digests = {s: sha256_file(p) for s, p in tmp.items() if p.exists()}
+        size = tmp[".faiss"].stat().st_size
         for suffix, path in tmp.items():
             if path.exists():
-                os.replace(path, final[suffix])
+                storage.publish(path, final[suffix])
     finally:
         for path in tmp.values():
             path.unlink(missing_ok=True)
-    rel = lambda suffix: str(final[suffix].relative_to(store.path))  # noqa: E731
     part = IndexPart(
-        name=name, file=rel(".faiss"), sha256=digests[".faiss"], ntotal=int(builder.rows), shards=tuple(shards),
-        bytes=final[".faiss"].stat().st_size, vectors_file=rel(".f16") if keep else "",
-        vectors_sha256=digests.get(".f16", "") if keep else "", ids_file=rel(".ids.npy"),
+        name=name, file=final[".faiss"], sha256=digests[".faiss"], ntotal=int(builder.rows), shards=tuple(shards),
+        bytes=size, vectors_file=final[".f16"] if keep else "",
+        vectors_sha256=digests.get(".f16", "") if keep else "", ids_file=final[".ids.npy"],
         ids_sha256=digests[".ids.npy"], trained_sha256=state["trained_info"]["sha256"], info=builder.info(),
     )
     if not keep:
-        final[".f16"].unlink(missing_ok=True)
-    atomic_write_json(folder / f"{name}.json", part.to_dict())
+        storage.delete(final[".f16"])
+    storage.write_bytes(f"{folder}/{name}.json", json_bytes(part.to_dict()))
     return part
 
 
@@ -270,28 +357,20 @@ def _null():
     yield None
 
 
-@contextmanager
-def _manifest_lock(store: FeatureStore):
-    """An advisory lock serialising manifest updates by concurrent part builders."""
-    path = store.path / INDEX_DIR / ".manifest.lock"
-    path.parent.mkdir(exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _commit_entry(store: FeatureStore, config: IndexConfig, weights: GroupWeights, state: dict[str, Any],
-                  search: SearchConfig | None, requested: Any = None) -> None:
-    """Record every part sidecar of this training in the manifest (re-read under the lock)."""
-    folder = concept_dir(store, config.concept)
-    with _manifest_lock(store):
-        manifest = json.loads((store.path / MANIFEST).read_text())
+                  search: SearchConfig | None, folder: str, requested: Any = None) -> None:
+    """Record every part sidecar of this training in ``folder`` as the concept's entry (one
+    :func:`~gradindex.store.modify_manifest`: the manifest is reread under the store lock)."""
+    used = {s: store.manifest["shards"][s]["sha256"] for s in range(len(store.manifest["shards"]))}
+
+    def change(manifest: dict[str, Any] | None) -> dict[str, Any]:
+        if manifest is None or any(s >= len(manifest["shards"]) or manifest["shards"][s]["sha256"] != digest
+                                   for s, digest in used.items()):
+            raise StoreMismatchError(f"{store.path}: the store's shards changed during the build (featurize "
+                                     "--overwrite?); run build-index again")
         parts = []
-        for sidecar in sorted(folder.glob("part-*.json")):
-            part = IndexPart.from_dict(json.loads(sidecar.read_text()))
+        for sidecar in store.storage.names(folder, "part-*.json"):
+            part = IndexPart.from_dict(json.loads(store.storage.read_bytes(f"{folder}/{sidecar}")))
             if part.trained_sha256 == state["trained_info"]["sha256"]:
                 parts.append(part)
         parts.sort(key=lambda p: p.shards)
@@ -303,10 +382,12 @@ def _commit_entry(store: FeatureStore, config: IndexConfig, weights: GroupWeight
                 seen[s] = part.name
         entry = {
             "config": config.to_dict(),
+            "folder": folder,
             "kind": state["kind"].value,
             "knobs": state["knobs"],
             "dim": store.dim,
             "weights": weights.to_dict(),
+            "weights_digest": weights.digest(),
             "transform": state["transform_info"],
             "trained": state["trained_info"],
             "layout": state["layout"],
@@ -315,6 +396,6 @@ def _commit_entry(store: FeatureStore, config: IndexConfig, weights: GroupWeight
             "ntotal": int(sum(p.ntotal for p in parts)),
             **({"damping_requested": AUTO_DAMPING} if requested == AUTO_DAMPING else {}),
         }
-        manifest["indexes"] = {**manifest.get("indexes", {}), config.concept: entry}
-        atomic_write_json(store.path / MANIFEST, manifest)
-        store.manifest = manifest
+        return {**manifest, "indexes": {**manifest.get("indexes", {}), config.concept: entry}}
+
+    store.manifest = modify_manifest(store.storage, change)

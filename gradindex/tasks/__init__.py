@@ -5,5 +5,10 @@ BUILTIN_TASKS: dict[str, tuple[str, str, dict]] = {
     "digits-mlp": ("gradindex.tasks.digits", "DigitsTask", {"arch": "mlp"}),
     "digits-cnn": ("gradindex.tasks.digits", "DigitsTask", {"arch": "cnn"}),
     "lm": ("gradindex.tasks.lm", "LMTask", {}),
+    "lm-deep": ("gradindex.tasks.lm_deep", "DeepLMTask", {}),
     "diffusion": ("gradindex.tasks.diffusion", "DiffusionTask", {}),
+    "resnet": ("gradindex.tasks.resnet", "ResNetTask", {}),
+    "tabular-cancer": ("gradindex.tasks.tabular", "TabularTask", {"dataset": "cancer"}),
+    "tabular-wine": ("gradindex.tasks.tabular", "TabularTask", {"dataset": "wine"}),
+    "tabular-diabetes": ("gradindex.tasks.tabular", "TabularTask", {"dataset": "diabetes"}),
 }

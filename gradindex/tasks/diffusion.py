@@ -42,6 +42,7 @@ from torch import nn
 
 from gradindex.config import require_positive
 from gradindex.errors import ArtifactNotFoundError, ConfigError
+from gradindex.inputs import read_npz
 from gradindex.task import Task, json_array
 from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
 from gradindex.tasks.concepts import FACTORS, ConceptConfig, ConceptImages, generate
@@ -178,18 +179,14 @@ class DiffusionTask(Task):
         return path
 
     def load_queries(self, path: str | Path) -> Sequence:
-        path = Path(path)
-        if not path.is_file():
-            raise ArtifactNotFoundError(f"no query inputs file at {path}")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                missing = [key for key in ("images", *FACTORS) if key not in data.files]
-                if missing:
-                    raise ConfigError(f"{path}: expected arrays images, {', '.join(FACTORS)}; missing {missing}")
-                images = data["images"]
-                prompts = list(zip(*(data[f].astype(str) for f in FACTORS)))
-        except (ValueError, OSError) as err:
-            raise ConfigError(f"{path}: not a .npz of diffusion queries ({err})") from None
+        data = read_npz(path, "diffusion queries")
+        missing = [key for key in ("images", *FACTORS) if key not in data]
+        if missing:
+            raise ConfigError(f"{path}: expected arrays images, {', '.join(FACTORS)}; missing {missing}")
+        images = data["images"]
+        if any(data[f].ndim != 1 or data[f].dtype.kind not in "USO" for f in FACTORS):
+            raise ConfigError(f"{path}: {', '.join(FACTORS)} must be 1-d arrays of value names (strings)")
+        prompts = list(zip(*(data[f].astype(str) for f in FACTORS)))
         return self._query_arrays(images, prompts, str(path))
 
     def queries_from_json(self, inputs: Any) -> Sequence:
