@@ -225,12 +225,14 @@ def learn_weights(
     device: str = "cpu",
     show_progress: bool = True,
 ) -> GroupWeights:
-    """Learn ``concept``'s group weights from unlabeled queries (default: the task's held-out queries)."""
+    """Learn ``concept``'s group weights from unlabeled queries (default: the task's held-out queries,
+    ``task.concept_queries(concept)`` for a concept)."""
     started = time.perf_counter()
     featurizer = QueryFeaturizer.open(store, concept, config.preconditioner, config.damping, device=device)
     try:
         if queries is None:
-            queries = featurizer.task.query_dataset()
+            task = featurizer.task
+            queries = task.query_dataset() if concept == "all" else task.concept_queries(concept)
         chosen = query_sample(queries, config.num_queries, config.seed)
         method, values = _method_and_values(featurizer.task, queries, chosen, concept, config.method)
         query_features = featurizer.group_features(chosen, show_progress=show_progress)

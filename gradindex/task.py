@@ -105,6 +105,11 @@ class Task:
         """Default queries (held-out inputs) for the demo and weight learning."""
         raise NotImplementedError(f"{type(self).__name__} defines no default queries")
 
+    def concept_queries(self, concept: str) -> Sequence:
+        """Default queries to learn ``concept``'s weights from; default: :meth:`query_dataset`. A generator
+        can return samples of prompts that specify only ``concept`` (the paper's concept queries)."""
+        return self.query_dataset()
+
     def sample_queries(self, model: nn.Module, count: int, seed: int = 0) -> Sequence:
         """``count`` queries for ``model`` (a generator's samples); default: ``count`` items
         of :meth:`query_dataset` spread evenly over it."""

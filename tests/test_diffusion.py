@@ -143,3 +143,20 @@ def test_bad_options_are_refused():
 def test_train_config_default_is_the_documented_one():
     assert TrainConfig().steps == load_task("diffusion").train_config.steps
     assert callable(train_model)
+
+
+def test_concept_prompts_specify_only_their_concept(tiny):
+    task, model = tiny
+    prompts = task.concept_prompts("style", 10, seed=3)
+    assert all(s is None and b is None for s, _, b in prompts)
+    assert sorted({y for _, y, _ in prompts}) == sorted(task.concept_config.values("style"))
+    assert prompts == task.concept_prompts("style", 10, seed=3) != task.concept_prompts("style", 10, seed=4)
+    queries = task.generate(model, prompts[:4], seed=0)
+    np.testing.assert_array_equal(queries.labels[:, [0, 2]], [list(task.model_config.num_values[::2])] * 4)
+    meta = task.metadata(queries)
+    assert list(meta["subject"]) == [""] * 4 and list(meta["style"]) == [p[1] for p in prompts[:4]]
+    batch = make_batch(task, queries, range(4))
+    with torch.no_grad():  # the subject is already null: nulling it changes nothing
+        assert torch.all(task.concept_measurement(batch, model, "subject") == 0)
+    with pytest.raises(ConfigError, match="concept must be one of"):
+        task.concept_prompts("colour", 3)

@@ -1,4 +1,4 @@
-"""Concept precision@k against a brute-force count, and `gradindex eval precision` on a tiny diffusion store."""
+"""Concept precision@k and recall@k against brute-force counts, and `gradindex eval precision` on a tiny diffusion store."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from gradindex.cli import main
 from gradindex.errors import ConfigError
-from gradindex.evaluate import concept_precision
+from gradindex.evaluate import concept_precision, concept_recall
 from gradindex.index import TopK
 
 
@@ -30,6 +30,28 @@ def test_concept_precision_equals_a_brute_force_count():
         assert chance[q] == pytest.approx(np.mean(train_values == query_values[q]))
     with pytest.raises(ConfigError, match="k must be"):
         concept_precision(top, train_ids, train_values, query_values, k=11)
+
+
+def test_concept_recall_normalises_by_what_the_top_k_could_find():
+    rng = np.random.default_rng(1)
+    train_ids = np.arange(100) + 1000
+    train_values = np.array(["a"] * 60 + ["b"] * 37 + ["c"] * 3)  # "c": fewer relevant examples than k
+    ids = np.stack([rng.choice(train_ids, size=10, replace=False) for _ in range(40)])
+    ids[:5] = [np.concatenate([train_ids[-3:], rng.choice(train_ids[:-3], size=7, replace=False)])
+               for _ in range(5)]  # five "c" queries find all three
+    ids[5, -1] = -1
+    query_values = np.array(["c"] * 7 + list(rng.choice(np.array(["a", "b", "d"]), size=33)))
+    top = TopK(np.zeros(ids.shape, np.float32), ids)
+    recall = concept_recall(top, train_ids, train_values, query_values, k=10)
+    precision, _ = concept_precision(top, train_ids, train_values, query_values, k=10)
+    value_of = dict(zip(train_ids.tolist(), train_values.tolist()))
+    for q in range(40):
+        relevant = int(np.sum(train_values == query_values[q]))
+        hits = sum(i >= 0 and value_of[int(i)] == query_values[q] for i in ids[q])
+        assert recall[q] == pytest.approx(hits / min(10, relevant) if relevant else 0.0)
+        if relevant >= 10:
+            assert recall[q] == pytest.approx(precision[q])
+    assert np.all(recall[:5] == 1.0) and np.all(precision[:5] == pytest.approx(0.3))
 
 
 @pytest.fixture(scope="module")

@@ -6,4 +6,6 @@ BUILTIN_TASKS: dict[str, tuple[str, str, dict]] = {
     "digits-cnn": ("gradindex.tasks.digits", "DigitsTask", {"arch": "cnn"}),
     "lm": ("gradindex.tasks.lm", "LMTask", {}),
     "diffusion": ("gradindex.tasks.diffusion", "DiffusionTask", {}),
+    "diffusion-text": ("gradindex.tasks.diffusion_text", "DiffusionTextTask", {}),
+    "diffusion-text-lora": ("gradindex.tasks.diffusion_text", "DiffusionTextTask", {"lora_rank": 4}),
 }

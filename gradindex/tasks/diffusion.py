@@ -90,6 +90,7 @@ class DiffusionTask(Task):
     """
 
     concepts = FACTORS
+    checkpoint_prefix = "diffusion"
 
     def __init__(self, config: str | None = None, num_train: int | None = None, seed: int = 0, draws: int = 4,
                  steps: int = TrainConfig.steps, width: int = 96, depth: int = 3):
@@ -128,11 +129,14 @@ class DiffusionTask(Task):
     def metadata(self, dataset: Sequence) -> dict[str, np.ndarray]:
         if not isinstance(dataset, ConceptDataset):
             return {}
-        return {f: np.array(self.concept_config.values(f))[dataset.labels[:, j]] for j, f in enumerate(FACTORS)}
+        # the null token (an unspecified factor of a generated query) reads ""
+        return {f: np.array([*self.concept_config.values(f), ""])[dataset.labels[:, j]] for j, f in enumerate(FACTORS)}
 
-    def tokens(self, prompts: Sequence[Sequence[str]]) -> np.ndarray:
-        """``[n, 3]`` token indices of ``(subject, style, background)`` name triples."""
-        return np.array([[self.concept_config.index(f, str(name)) for f, name in zip(FACTORS, prompt)]
+    def tokens(self, prompts: Sequence[Sequence[str | None]]) -> np.ndarray:
+        """``[n, 3]`` token indices of ``(subject, style, background)`` name triples (``None`` or ``""``:
+        the factor's null token)."""
+        return np.array([[self.model_config.num_values[j] if name in (None, "") else
+                          self.concept_config.index(f, str(name)) for j, (f, name) in enumerate(zip(FACTORS, prompt))]
                          for prompt in prompts], dtype=np.int64).reshape(-1, 3)
 
     def heldout_prompts(self, count: int | None = None) -> list[tuple[str, str, str]]:
@@ -150,6 +154,19 @@ class DiffusionTask(Task):
         rng = np.random.default_rng([seed, 7])
         values = [self.concept_config.values(f) for f in FACTORS]
         return [tuple(v[int(rng.integers(len(v)))] for v in values) for _ in range(count)]
+
+    def concept_prompts(self, concept: str, count: int, seed: int = 0) -> list[tuple[str | None, ...]]:
+        """``count`` prompts that specify only ``concept`` (its values cycled, seeded order; the other
+        factors ``None``): the queries ``w^c`` is learned from, so only what ``c`` draws drives them."""
+        column = self.concept_column(concept)
+        values = self.concept_config.values(concept)
+        order = np.random.default_rng([seed, 11, column]).permutation(count)
+        return [tuple(values[int(i) % len(values)] if j == column else None for j in range(len(FACTORS)))
+                for i in order]
+
+    def concept_queries(self, concept: str) -> Sequence:
+        """:data:`DEFAULT_QUERIES` generations of :meth:`concept_prompts` from the default checkpoint."""
+        return self.generate(self.load_model(None), self.concept_prompts(concept, DEFAULT_QUERIES, seed=1), seed=1)
 
     def generate(self, model: nn.Module, prompts: Sequence[Sequence[str]], seed: int = 0, steps: int = 25,
                  guidance: float = 2.0) -> ConceptDataset:
@@ -205,7 +222,7 @@ class DiffusionTask(Task):
     def default_checkpoint(self) -> Path:
         key = json.dumps({"arch": self.arch(), "train": asdict(self.train_config), "seed": self.seed,
                           "data": self.concept_config.fingerprint(), "num_train": self.num_train}, sort_keys=True)
-        return gradindex_home() / "checkpoints" / f"diffusion-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+        return gradindex_home() / "checkpoints" / f"{self.checkpoint_prefix}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
     def train(self, path: str | Path | None = None, indices: Sequence[int] | None = None,
               seed: int | None = None) -> Path:
@@ -245,14 +262,25 @@ class DiffusionTask(Task):
         return -self.compute_train_loss(batch, model)
 
     def concept_measurement(self, batch: Any, model: nn.Module, concept: str) -> torch.Tensor:
-        if concept not in FACTORS:
-            raise ConfigError(f"diffusion task: concept must be one of {', '.join(FACTORS)}, got {concept!r}")
+        column = self.concept_column(concept)
         images, tokens, keys = batch
-        column = FACTORS.index(concept)
         nulled = tokens.clone()
         nulled[:, column] = self.model_config.num_values[column]
-        # one forward over 2R rows per item (R full, then R nulled; an item's rows contiguous)
-        pairs = torch.stack([tokens, nulled], dim=1).reshape(-1, 3)
+        return self._contrast(images, tokens, nulled, keys, model)
+
+    def concept_column(self, concept: str) -> int:
+        if concept not in FACTORS:
+            raise ConfigError(f"{self._spec_name()} task: concept must be one of {', '.join(FACTORS)}, got {concept!r}")
+        return FACTORS.index(concept)
+
+    def _spec_name(self) -> str:
+        return getattr(self, "_spec", self.checkpoint_prefix)
+
+    def _contrast(self, images: torch.Tensor, full: torch.Tensor, changed: torch.Tensor, keys: torch.Tensor,
+                  model: nn.Module) -> torch.Tensor:
+        """``mean_r (error with the changed condition − error with the full one)`` ``[B]``, shared draws;
+        one forward over 2R rows per item (R full, then R changed; an item's rows contiguous)."""
+        pairs = torch.stack([full, changed], dim=1).reshape(-1, *full.shape[1:])
         doubled = (images.repeat_interleave(2, dim=0), pairs, keys.repeat_interleave(2))
         errors = self._errors(doubled, model).reshape(len(keys), 2, self.draws)
         return (errors[:, 1] - errors[:, 0]).mean(1)
@@ -263,4 +291,5 @@ class DiffusionTask(Task):
 
     def describe(self, item: Any) -> str:
         tokens = item[1].tolist()
-        return " ".join(self.concept_config.values(f)[v] for f, v in zip(FACTORS, tokens))
+        return " ".join(self.concept_config.values(f)[v] if v < len(self.concept_config.values(f)) else "-"
+                        for f, v in zip(FACTORS, tokens))

@@ -169,38 +169,50 @@ def fixed_draws(keys: Sequence[int], draws: int, timesteps: int, shape: tuple[in
 def train_model(config: ModelConfig, images: torch.Tensor, tokens: torch.Tensor, train: TrainConfig,
                 seed: int = 0, show_progress: bool = False) -> PatchMixer:
     """Train a fresh model on ``images [N, 3, H, W]`` in [-1, 1] with ``tokens [N, 3]`` (seeded)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small GEMMs: one thread is as fast, and parallel retrainings do not fight
-    try:
-        return _train(config, images, tokens, train, seed, show_progress)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(config: ModelConfig, images: torch.Tensor, tokens: torch.Tensor, train: TrainConfig, seed: int,
-           show_progress: bool) -> PatchMixer:
-    generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = PatchMixer(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, train))
     null = torch.tensor(config.num_values)
-    model.train()
-    for _ in tqdm(range(train.steps), desc="train diffusion", unit="step", disable=not show_progress):
-        rows = torch.randint(0, len(images), (train.batch_size,), generator=generator)
-        x0, cond = images[rows], tokens[rows].clone()
+
+    def conditions(rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        cond = tokens[rows].clone()
         drop = torch.rand(len(rows), 3, generator=generator) < train.drop_factor
         drop |= torch.rand(len(rows), 1, generator=generator) < train.drop_all
-        cond = torch.where(drop, null.expand_as(cond), cond)
-        t = torch.randint(0, config.timesteps, (len(rows),), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        loss = denoising_errors(model, x0, t, noise, cond).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    return model.eval()
+        return torch.where(drop, null.expand_as(cond), cond)
+
+    return train_denoiser(model, images, conditions, train, seed, show_progress)
+
+
+def train_denoiser(model: nn.Module, images: torch.Tensor, conditions, train: TrainConfig, seed: int = 0,
+                   show_progress: bool = False, desc: str = "train diffusion") -> nn.Module:
+    """Seeded AdamW on the ε-prediction loss of ``model``'s trainable parameters (frozen ones stay).
+
+    ``images [N, 3, H, W]`` in [-1, 1]; ``conditions(rows [B], generator) -> [B, ...]`` gives the
+    condition input of the sampled rows, classifier-free dropout applied (it may draw from
+    ``generator``). One thread: small GEMMs are as fast, and parallel retrainings do not fight.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generator = torch.Generator().manual_seed(seed)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, train))
+        timesteps = model.config.timesteps
+        model.train()
+        for _ in tqdm(range(train.steps), desc=desc, unit="step", disable=not show_progress):
+            rows = torch.randint(0, len(images), (train.batch_size,), generator=generator)
+            x0, cond = images[rows], conditions(rows, generator)
+            t = torch.randint(0, timesteps, (len(rows),), generator=generator)
+            noise = torch.randn(x0.shape, generator=generator)
+            loss = denoising_errors(model, x0, t, noise, cond).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        return model.eval()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _lr_factor(step: int, train: TrainConfig) -> float:
