@@ -180,3 +180,23 @@ def test_queries_round_trip(tiny, tmp_path):
              background=["night"] * 2, template=[0, 9])
     with pytest.raises(ConfigError, match="template"):
         task.load_queries(tmp_path / "bad.npz")
+
+
+def test_isolated_words_change_only_the_key_and_value_gradients(tiny):
+    """``isolate_words`` detaches the other words' keys and values: m_c's value and every other group's
+    gradient stay; the key/value groups keep only the concept words' terms."""
+    task, model = tiny
+    plain = load_task("diffusion-text", {**TINY, "isolate_words": False})
+    groups = resolve_groups(task, model, FeaturizeConfig())
+    batch = make_batch(task, task.train_dataset(), [3, 4, 5])
+    with torch.no_grad():
+        torch.testing.assert_close(task.concept_measurement(batch, model, "style"),
+                                   plain.concept_measurement(batch, model, "style"), rtol=0, atol=0)
+    with GradientProjector(model, groups, ProjectionConfig(kind=ProjectionKind.IDENTITY)) as projector:
+        isolated = projector(lambda: task.concept_measurement(batch, model, "style"))
+        full = projector(lambda: plain.concept_measurement(batch, model, "style"))
+    for group in groups:
+        if ".cross.key." in group.name or ".cross.value." in group.name:
+            assert not torch.allclose(isolated[group.name], full[group.name]), group.name
+        else:
+            torch.testing.assert_close(isolated[group.name], full[group.name], msg=group.name)

@@ -122,6 +122,11 @@ class Prompter:
         table.append(self.empty(len(labels)))
         return np.stack(table, axis=1)
 
+    def concept_ids(self, factor: str) -> np.ndarray:
+        """Token ids of every word that writes a value of ``factor``, and of its neutral word (sorted)."""
+        words = {w for value in self.words[factor] for w in value} | {NEUTRAL_WORDS[factor]}
+        return np.array(sorted(self.ids[w] for w in words), dtype=np.int64)
+
     def empty(self, n: int) -> np.ndarray:
         """``[n, max_len]`` empty prompts (``BOS`` alone)."""
         out = np.full((n, self.max_len), PAD, dtype=np.int64)

@@ -19,6 +19,10 @@
   ``forward(images [N, 3, H, W], t [N], tokens [N, L]) -> ε̂ [N, 3, H, W]`` and
   ``null_tokens(n)`` (the empty prompt) fit :func:`~gradindex.tasks.diffusion_model.denoising_errors`
   and :func:`~gradindex.tasks.diffusion_model.sample` (guidance through the empty prompt).
+  ``tokens`` may also be ``[N, 2, L]``: ids, then a 0/1 **gradient mask** — the keys and values
+  of unmasked positions are used as computed but pass no gradient (``detach``), so a
+  measurement's key/value gradients ``Σ_j δ_j e_jᵀ`` keep only the masked words' terms. The
+  forward values are the same either way.
 """
 
 from __future__ import annotations
@@ -125,13 +129,19 @@ class CrossAttention(nn.Module):
         self.value = nn.ModuleList([nn.Linear(text_dim, attn_dim // heads) for _ in range(heads)])
         self.out = nn.Linear(attn_dim, width)
 
-    def forward(self, y: torch.Tensor, text: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, text: torch.Tensor, valid: torch.Tensor,
+                through: torch.Tensor | None = None) -> torch.Tensor:
+        """``y [N, T, width]``, ``text [N, L, text_dim]``, ``valid [N, L]``; ``through [N, L]`` (optional):
+        the positions whose keys and values pass gradient (the others are detached)."""
         n, tokens, _ = y.shape
         q = self.query(y)
         head_dim = q.shape[-1] // self.heads
         q = q.reshape(n, tokens, self.heads, head_dim).transpose(1, 2)  # [N, H, T, d]
         k = torch.stack([key(text) for key in self.key], dim=1)  # [N, H, L, d]
         v = torch.stack([value(text) for value in self.value], dim=1)
+        if through is not None:
+            keep = through[:, None, :, None]
+            k, v = torch.where(keep, k, k.detach()), torch.where(keep, v, v.detach())
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(head_dim)
         # softmax over the few prompt tokens by hand: torch.softmax's per-row cost dominates at L ≈ 9
         mask = valid[:, None, None, :]
@@ -154,12 +164,13 @@ class TextBlock(nn.Module):
         self.chan1 = nn.Linear(c.width, c.width * c.mlp_ratio)
         self.chan2 = nn.Linear(c.width * c.mlp_ratio, c.width)
 
-    def forward(self, h: torch.Tensor, cond: torch.Tensor, text: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cond: torch.Tensor, text: torch.Tensor, valid: torch.Tensor,
+                through: torch.Tensor | None = None) -> torch.Tensor:
         scale1, shift1, scale2, shift2, scale3, shift3 = self.film(cond)[:, None, :].chunk(6, dim=-1)
         y = F.layer_norm(h, h.shape[-1:]) * (1 + scale1) + shift1
         h = h + self.token2(F.gelu(self.token1(y.transpose(1, 2)))).transpose(1, 2)
         y = F.layer_norm(h, h.shape[-1:]) * (1 + scale2) + shift2
-        h = h + self.cross(y, text, valid)
+        h = h + self.cross(y, text, valid, through)
         y = F.layer_norm(h, h.shape[-1:]) * (1 + scale3) + shift3
         return h + self.chan2(F.gelu(self.chan1(y)))
 
@@ -194,12 +205,15 @@ class TextPatchMixer(nn.Module):
         n, side = x.shape[0], c.image_size // c.patch
         angles = t[:, None].float() * self.frequencies[None]
         cond = F.silu(self.time(torch.cat([angles.sin(), angles.cos()], dim=1)))
+        through = None
+        if tokens.ndim == 3:  # ids and a gradient mask
+            tokens, through = tokens[:, 0], tokens[:, 1].bool()
         text, valid = self.encoder(tokens)
         patches = x.reshape(n, 3, side, c.patch, side, c.patch).permute(0, 2, 4, 1, 3, 5).reshape(n, side * side, -1)
         positions = torch.arange(side * side, device=x.device).expand(n, -1)
         h = self.patch_in(patches) + self.pos(positions)
         for block in self.blocks:
-            h = block(h, cond, text, valid)
+            h = block(h, cond, text, valid, through)
         scale, shift = self.film_out(cond)[:, None, :].chunk(2, dim=-1)
         out = self.patch_out(F.layer_norm(h, h.shape[-1:]) * (1 + scale) + shift)
         return out.reshape(n, side, side, 3, c.patch, c.patch).permute(0, 3, 1, 4, 2, 5).reshape(x.shape)
