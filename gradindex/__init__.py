@@ -5,31 +5,80 @@ Pipeline (one function per stage)::
     featurize(task, out)            -> FeatureStore   per-example projected gradients
     build_index(store, IndexConfig) -> GradIndex      √w-scaled vectors in FAISS
     Attributor.open(store).attribute(queries, k) -> TopK
+
+The names below are imported on first use (PEP 562), so ``import gradindex`` and the
+commands that compute nothing (``--help``, ``info``) load neither torch nor FAISS.
 """
 
-from gradindex.config import FeaturizeConfig, IndexConfig, ProjectionConfig
-from gradindex.errors import GradIndexError
-from gradindex.featurize import featurize
-from gradindex.index import GradIndex, TopK, build_index
-from gradindex.query import Attributor
-from gradindex.store import FeatureStore
-from gradindex.task import Task, load_task
-from gradindex.weights import GroupWeights
+from __future__ import annotations
 
-__all__ = [
-    "Attributor",
-    "FeatureStore",
-    "FeaturizeConfig",
-    "GradIndex",
-    "GradIndexError",
-    "GroupWeights",
-    "IndexConfig",
-    "ProjectionConfig",
-    "Task",
-    "TopK",
-    "build_index",
-    "featurize",
-    "load_task",
-]
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+#: public name -> module that defines it
+_EXPORTS = {
+    "Attributor": "gradindex.query",
+    "FeatureStore": "gradindex.store",
+    "FeaturizeConfig": "gradindex.config",
+    "GradIndex": "gradindex.index",
+    "GradIndexError": "gradindex.errors",
+    "GroupWeights": "gradindex.weights",
+    "IndexConfig": "gradindex.config",
+    "ProjectionConfig": "gradindex.config",
+    "Task": "gradindex.task",
+    "TopK": "gradindex.index",
+    "build_index": "gradindex.index",
+    "featurize": "gradindex.featurize",
+    "load_task": "gradindex.task",
+}
+
+__all__ = sorted(_EXPORTS)
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gradindex' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*__all__, "__version__", *(name for name in globals() if name.startswith("__"))})
+
+
+class _Package(types.ModuleType):
+    """``gradindex.featurize`` is the function although a submodule has the same name.
+
+    Importing a submodule sets it as an attribute of its package; this descriptor
+    keeps the public function there (what the former eager import did).
+    """
+
+    @property
+    def featurize(self) -> Any:
+        from gradindex.featurize import featurize
+
+        return featurize
+
+    @featurize.setter
+    def featurize(self, value: Any) -> None:
+        pass  # the import system recording the submodule gradindex.featurize
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+if TYPE_CHECKING:  # static checkers and IDEs see the eager imports
+    from gradindex.config import FeaturizeConfig, IndexConfig, ProjectionConfig
+    from gradindex.errors import GradIndexError
+    from gradindex.featurize import featurize
+    from gradindex.index import GradIndex, TopK, build_index
+    from gradindex.query import Attributor
+    from gradindex.store import FeatureStore
+    from gradindex.task import Task, load_task
+    from gradindex.weights import GroupWeights

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 
 from gradindex.config import DEFAULT_DAMPING, ExampleNorm, LDSConfig, LearnConfig
 from gradindex.errors import ConfigError, GradIndexError
@@ -503,7 +502,7 @@ def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_siz
     With --ray the parts of the concept's index (IndexConfig.shards_per_part) are held by Ray actors,
     each query fans out to them and their top-k are merged: the same results as without.
     """
-    from gradindex.query import Attributor, metadata_lookup
+    from gradindex.query import Attributor, metadata_lookup, result_records
 
     if k < 1:
         raise ConfigError(f"-k: expected a positive integer, got {k}")
@@ -521,20 +520,111 @@ def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_siz
                                          address=ray_address, actors=actors, search=search)
     queries = attributor.task.load_queries(inputs)
     top = attributor.attribute(queries, k=k, batch_size=batch_size)
-    meta = metadata_lookup(attributor.store, top.sample_ids)
-    for q in range(len(top)):
-        results = [
-            {"rank": rank + 1, "sample_id": int(sid), "score": float(score),
-             **{name: _plain(values[q, rank]) for name, values in meta.items()}}
-            for rank, (sid, score) in enumerate(zip(top.sample_ids[q], top.scores[q])) if sid >= 0
-        ]
+    records = result_records(top, metadata_lookup(attributor.store, top.sample_ids))
+    for q, record in enumerate(records):
         if as_json:
-            click.echo(json.dumps({"query": q, "results": results}))
+            click.echo(json.dumps(record))
         else:
             click.echo(f"query {q}: {attributor.task.describe(queries[q])}")
-            _echo_table(results)
+            _echo_table(record["results"])
             click.echo("")
     attributor.close()
+
+
+@main.command()
+@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.option("--concept", "concepts", multiple=True,
+              help="Concept partition to serve; repeatable (default: all).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. The default is loopback: only this machine can connect. The API has no "
+                   "authentication; bind another address (0.0.0.0: every interface) only behind a firewall or proxy.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="TCP port (0: any free port; the URL is printed).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Queries of concurrent requests featurized and searched together.")
+@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="How long a request waits for others to batch with (0: only those already queued).")
+@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=16.0, show_default=True,
+              help="Request body limit in MiB (larger: 413).")
+@checkpoint_option
+@device_option
+@_apply(search_options)
+@ray_option
+@click.option("--actors", type=click.IntRange(min=1), default=None,
+              help="With --ray: deployments holding each concept's index parts (default: one per part, at most "
+                   "one per GPU or CPU slot).")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --ray: replicas of the API (query featurization) and of each parts deployment.")
+def serve(store_path, concepts, host, port, max_batch, max_wait_ms, max_body_mb, checkpoint, device, nprobe,
+          ef_search, rerank, no_prune, ray_address, actors, replicas) -> None:
+    """Answer attribution lookups over HTTP, with the model, projections and index kept warm.
+
+    \b
+    POST /v1/attribute  {"inputs": ..., "k": 10, "concept": "all"} -> {"results": [...]}:
+                        the objects `query --json` prints; inputs are the task's query
+                        fields as JSON (digits: {"x": [...], "y": [...]}, an .npz's arrays;
+                        lm: a list of JSONL query records)
+    GET  /v1/health     {"status": "ok", ...}
+    GET  /v1/info       what `gradindex info` shows, plus batching counters
+
+    Listens on 127.0.0.1 (loopback) unless --host says otherwise. Concurrent requests are
+    batched (--max-batch, --max-wait-ms). Needs `pip install 'gradindex[serve]'`. With --ray
+    the same API runs on Ray Serve (`pip install 'ray[serve]'`), each concept's index parts
+    (build-index --shards-per-part) held by deployments spread over the cluster's machines.
+    """
+    from gradindex.config import ServeConfig
+    from gradindex.serve import import_serving
+
+    import_serving()  # the install hint before any work
+    config = ServeConfig(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_body_mb=max_body_mb)
+    search = _search_config(nprobe, ef_search, rerank, no_prune)
+    search = search if search.to_dict() != type(search)().to_dict() else None
+    concepts = concepts or ("all",)
+    if ray_address is not None:
+        _serve_on_ray(store_path, concepts, config, checkpoint, device, search, ray_address, actors, replicas)
+        return
+    from gradindex.serve.app import create_app
+    from gradindex.serve.engine import AttributionEngine
+    from gradindex.serve.server import bind_socket, run_server, url_of
+
+    engine = AttributionEngine.open(store_path, concepts, config, checkpoint=checkpoint, device=device, search=search)
+    try:
+        sock = bind_socket(config.host, config.port)
+        click.echo(f"serving {engine.store.path} (concepts: {', '.join(engine.concepts)}) on {url_of(sock)}")
+        sys.stdout.flush()
+        verbose = logging.getLogger("gradindex").getEffectiveLevel() <= logging.DEBUG
+        run_server(create_app(engine), sock, log_level="debug" if verbose else "warning")
+    finally:
+        engine.close()
+
+
+def _serve_on_ray(store_path, concepts, config, checkpoint, device, search, ray_address, actors, replicas) -> None:
+    import signal
+    import time
+
+    from gradindex.distributed import import_ray, ray_session
+    from gradindex.serve.ray_serve import deploy, import_serve
+
+    import_ray()
+    serve_module = import_serve()  # the install hints before any work
+    if config.port == 0:
+        raise ConfigError("--port 0 is not supported with --ray (Serve's proxy needs a fixed port)")
+    def stop(signum, frame):
+        raise KeyboardInterrupt  # SIGTERM (a service manager's stop) cleans up like Ctrl-C
+
+    with ray_session(ray_address):
+        signal.signal(signal.SIGTERM, stop)  # after ray.init, which installs its own handler
+        try:
+            url = deploy(store_path, concepts, config, checkpoint=checkpoint, device=device, search=search,
+                         actors=actors, replicas_per_part=replicas, api_replicas=replicas)
+            click.echo(f"serving {store_path} (concepts: {', '.join(concepts)}) on {url} (Ray Serve); Ctrl-C stops")
+            sys.stdout.flush()
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            serve_module.shutdown()
 
 
 @main.command()
@@ -542,46 +632,38 @@ def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_siz
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 def info(store_path, as_json) -> None:
     """Show a store's manifest: task, groups, dims, shards, weights, indexes."""
-    from gradindex.groups import ParameterGroup
     from gradindex.store import FeatureStore
-    from gradindex.weights import GroupWeights
+    from gradindex.summary import store_summary
 
     store = FeatureStore.open(store_path, verify=False)
-    manifest = store.manifest
     if as_json:
-        click.echo(json.dumps(manifest, indent=2))
+        click.echo(json.dumps(store.manifest, indent=2))
         return
-    config = manifest["config"]
-    click.echo(f"store:       {store.path}")
-    click.echo(f"task:        {manifest['task']['task']} {manifest['task'].get('options') or ''}".rstrip())
-    click.echo(f"checkpoint:  {manifest.get('checkpoint')} (fingerprint {manifest['model_fingerprint'][:16]}…)")
-    click.echo(f"examples:    {store.num_samples} in {len(manifest['shards'])} shard(s), {manifest['dtype']}")
-    click.echo(f"projection:  {config['projection']['kind']}, proj_dim {config['projection']['proj_dim']}, "
-               f"seed {config['projection']['seed']}; dimension {store.dim}")
-    concepts = sorted(set(manifest.get("weights", {})) | set(manifest.get("indexes", {})) | {"all"})
+    summary = store_summary(store)
+    projection = summary["projection"]
+    click.echo(f"store:       {summary['store']}")
+    click.echo(f"task:        {summary['task']} {summary['task_options'] or ''}".rstrip())
+    click.echo(f"checkpoint:  {summary['checkpoint']} (fingerprint {summary['model_fingerprint'][:16]}…)")
+    click.echo(f"examples:    {summary['num_samples']} in {summary['shards']} shard(s), {summary['dtype']}")
+    click.echo(f"projection:  {projection['kind']}, proj_dim {projection['proj_dim']}, "
+               f"seed {projection['seed']}; dimension {summary['dim']}")
     rows = []
-    for group in manifest["groups"]:
-        row = {"group": group["name"], "params": ParameterGroup.from_dict(group).numel,
-               "dim": group["dim"]}
-        for concept in concepts:
-            weights = GroupWeights.from_manifest(manifest, concept, store.groups)
-            row[f"w[{concept}]"] = weights.weights[group["name"]]
-            if "shares" in weights.info:
-                row[f"share[{concept}]"] = weights.info["shares"][group["name"]]
+    for group in summary["groups"]:
+        row = {"group": group["group"], "params": group["params"], "dim": group["dim"]}
+        for concept in summary["concepts"]:
+            row[f"w[{concept}]"] = group["weights"][concept]
+            if concept in group.get("shares", {}):
+                row[f"share[{concept}]"] = group["shares"][concept]
         rows.append(row)
     _echo_table(rows)
-    for concept in concepts:
-        weights_info = GroupWeights.from_manifest(manifest, concept, store.groups).info
-        if "config" in weights_info:
-            setting = weights_info["config"]
-            click.echo(f"weights {concept!r}: {weights_info['method']} for {setting['preconditioner']} "
-                       f"(damping {setting['damping']}), {weights_info['num_queries']} queries x "
-                       f"{weights_info['reference_size']} examples, mean SNR {weights_info['snr_uniform']:.3f} "
-                       f"(uniform) -> {weights_info['snr_learned']:.3f}")
-    for concept, entry in sorted(manifest.get("indexes", {}).items()):
-        cfg = entry["config"]
-        click.echo(f"index {concept!r}: {entry.get('kind', cfg['kind'])}, {cfg['preconditioner']} "
-                   f"(damping {cfg['damping']}), {entry['ntotal']} vectors in {len(entry.get('parts', []))} part(s)")
+    for concept, learned in summary["learned_weights"].items():
+        click.echo(f"weights {concept!r}: {learned['method']} for {learned['preconditioner']} "
+                   f"(damping {learned['damping']}), {learned['num_queries']} queries x "
+                   f"{learned['reference_size']} examples, mean SNR {learned['snr_uniform']:.3f} "
+                   f"(uniform) -> {learned['snr_learned']:.3f}")
+    for concept, index in summary["indexes"].items():
+        click.echo(f"index {concept!r}: {index['kind']}, {index['preconditioner']} "
+                   f"(damping {index['damping']}), {index['ntotal']} vectors in {index['parts']} part(s)")
 
 
 @eval_group.command("recall")
@@ -640,10 +722,6 @@ def eval_precision(store_path, inputs, concepts, k, as_json, device) -> None:
         return
     _echo_table([{"concept": r["concept"], "queries": r["queries"], f"precision@{k}": r["precision"],
                   "std": r["std"], f"recall@{k}": r["recall"], "chance": r["chance"]} for r in rows])
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def _echo_table(rows: list[dict[str, Any]]) -> None:

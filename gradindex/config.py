@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any
@@ -361,3 +362,32 @@ class LearnConfig(_Config):
         if self.lr == 0:
             raise ConfigError("LearnConfig.lr: expected a positive number, got 0")
         _require_seed(self.seed, "LearnConfig.seed")
+
+
+@dataclass(frozen=True)
+class ServeConfig(_Config):
+    """``gradindex serve``: where to listen, how to batch, what a request may hold."""
+
+    host: str = "127.0.0.1"  # loopback: only this machine can connect
+    port: int = 8000  # 0: any free port (the server prints the one it got)
+    max_batch: int = 64  # queries featurized and searched together
+    max_wait_ms: float = 2.0  # how long the first request of a batch waits for company
+    max_body_mb: float = 16.0  # request body limit (413 above it)
+    max_queries: int = 1024  # queries in one request (400 above it)
+    max_k: int = 1000  # largest k a request may ask for
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError(f"ServeConfig.host: expected an address such as 127.0.0.1, got {self.host!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"ServeConfig.port: expected a TCP port 0..65535, got {self.port!r}")
+        for name in ("max_batch", "max_queries", "max_k"):
+            require_positive(getattr(self, name), f"ServeConfig.{name}")
+        for name, value, least in (("max_wait_ms", self.max_wait_ms, 0.0), ("max_body_mb", self.max_body_mb, 1e-6)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+                    or value < least:
+                raise ConfigError(f"ServeConfig.{name}: expected a finite number >= {least:g}, got {value!r}")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * (1 << 20))

@@ -39,12 +39,13 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from gradindex.config import GroupRule
 from gradindex.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where a model is inspected, so `info` does not load it
+    from torch import nn
 
 FACTORIZED_KINDS = ("linear", "conv1d", "conv2d", "embedding")
 #: factorized kinds whose layout ``[left, right]`` is the stored weight transposed
@@ -189,6 +190,8 @@ def unused_rules(model: nn.Module, rules: Sequence[GroupRule]) -> list[GroupRule
 
 
 def _make_block(module_name: str, module: nn.Module, params: tuple[str, ...]) -> Block:
+    from torch import nn
+
     has_weight = "weight" in params
     has_bias = "bias" in params
     plain = set(params) <= {"weight", "bias"}
@@ -222,6 +225,8 @@ def _make_block(module_name: str, module: nn.Module, params: tuple[str, ...]) ->
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
     """Hugging Face's ``Conv1D`` (``y = x W + b``, ``W [d_in, d_out]``), recognised without importing it."""
+    from torch import nn
+
     weight = getattr(module, "weight", None)
     bias = getattr(module, "bias", None)
     return (

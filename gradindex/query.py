@@ -15,8 +15,9 @@ the store was built from.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -69,18 +70,53 @@ class Attributor:
         self.featurizer.close()
 
 
+class MetadataTable:
+    """A store's metadata columns held in memory, looked up by sample id (a server reads them once)."""
+
+    def __init__(self, sample_ids: np.ndarray, columns: Mapping[str, np.ndarray]):
+        self.order = np.argsort(sample_ids)
+        self.sample_ids = np.asarray(sample_ids)[self.order]
+        self.columns = {name: np.asarray(values)[self.order] for name, values in columns.items()}
+
+    @classmethod
+    def read(cls, store: FeatureStore) -> "MetadataTable":
+        if not store.metadata_columns:
+            return cls(np.zeros(0, np.int64), {})
+        return cls(*store.read_metadata())
+
+    def lookup(self, sample_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Every column at ``sample_ids [n, k]``: ``{name: [n, k] object}`` (``None`` where the id is -1 or unknown)."""
+        if not self.columns:
+            return {}
+        found = np.clip(np.searchsorted(self.sample_ids, sample_ids), 0, len(self.sample_ids) - 1)
+        valid = (sample_ids >= 0) & (self.sample_ids[found] == sample_ids)
+        out = {}
+        for name, values in self.columns.items():
+            picked = values[found].astype(object)
+            picked[~valid] = None
+            out[name] = picked
+        return out
+
+
 def metadata_lookup(store: FeatureStore, sample_ids: np.ndarray) -> dict[str, np.ndarray]:
     """The store's metadata columns at ``sample_ids [n, k]`` (``None`` where the id is -1)."""
-    if not store.metadata_columns:
-        return {}
-    ids, columns = store.read_metadata()
-    order = np.argsort(ids)
-    found = np.clip(np.searchsorted(ids, sample_ids, sorter=order), 0, len(ids) - 1)
-    rows = order[found]
-    valid = (sample_ids >= 0) & (ids[rows] == sample_ids)
-    out = {}
-    for name, values in columns.items():
-        picked = values[rows].astype(object)
-        picked[~valid] = None
-        out[name] = picked
-    return out
+    return MetadataTable.read(store).lookup(sample_ids)
+
+
+def result_records(top: TopK, metadata: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    """``query --json``'s objects (and ``serve``'s): per query row ``{"query": q, "results": [{"rank",
+    "sample_id", "score", **metadata}]}``, ranks from 1, ``-1`` ids left out. ``metadata``: ``{name: [n, k]}``
+    (:meth:`MetadataTable.lookup`)."""
+    records = []
+    for q in range(len(top)):
+        results = [
+            {"rank": rank + 1, "sample_id": int(sid), "score": float(score),
+             **{name: _plain(values[q, rank]) for name, values in metadata.items()}}
+            for rank, (sid, score) in enumerate(zip(top.sample_ids[q], top.scores[q])) if sid >= 0
+        ]
+        records.append({"query": q, "results": results})
+    return records
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value

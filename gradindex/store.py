@@ -28,13 +28,14 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
+
+if TYPE_CHECKING:  # pyarrow is imported where shards are read or written: `info` reads only the manifest
+    import pyarrow as pa
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -106,6 +107,9 @@ def write_shard(
     run_key: str = "",
 ) -> ShardInfo:
     """Write one shard (temp name → rename), then its sidecar; return its :class:`ShardInfo`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     store = Path(store)
     (store / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     rows = len(sample_ids)
@@ -352,6 +356,8 @@ def read_shard(
     file: str | Path, groups: Sequence[str], meta_names: Sequence[str] = ()
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """``(sample_ids [n], {group: [n, k_g]}, {meta: [n]})`` of one shard file (no verification)."""
+    import pyarrow.parquet as pq
+
     columns = ["sample_id", *(FEATURE_PREFIX + g for g in groups), *(META_PREFIX + m for m in meta_names)]
     table = pq.read_table(file, columns=columns)
     ids = table.column("sample_id").to_numpy()

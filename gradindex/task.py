@@ -122,6 +122,31 @@ class Task:
         """Read a query inputs file (format defined by the task)."""
         raise NotImplementedError(f"{type(self).__name__} cannot read query files ({path})")
 
+    def queries_from_json(self, inputs: Any) -> Sequence:
+        """Query items from the JSON ``inputs`` of a ``gradindex serve`` request: the fields of a
+        query file as JSON — an object of arrays (an ``.npz``'s) or a list of records (a JSONL's).
+
+        Default: write ``inputs`` as the file :meth:`load_queries` reads (an object → ``.npz``,
+        each value through ``numpy.asarray``; a list → ``.jsonl``, one record a line) and read it
+        back, so a task that reads query files answers requests unchanged. Override it to build
+        the items directly (the built-in tasks do).
+        """
+        import json
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="gradindex-queries-") as folder:
+            if isinstance(inputs, dict):
+                path = Path(folder) / "queries.npz"
+                arrays = {str(key): json_array(value, f"inputs.{key}") for key, value in inputs.items()}
+                np.savez(path, **arrays)
+            elif isinstance(inputs, list):
+                path = Path(folder) / "queries.jsonl"
+                path.write_text("".join(json.dumps(record) + "\n" for record in inputs), encoding="utf-8")
+            else:
+                raise ConfigError(f"inputs: expected an object of arrays or a list of records, "
+                                  f"got {type(inputs).__name__}")
+            return self.load_queries(path)
+
     def render(self, item: Any) -> np.ndarray | None:
         """An image ``[H, W]`` or ``[H, W, 3]`` of one example, for reports; None if not visual."""
         return None
@@ -134,6 +159,17 @@ class Task:
         """What :func:`load_task` needs to rebuild this task (stored in the manifest)."""
         default = f"{type(self).__module__}:{type(self).__qualname__}"
         return {"task": getattr(self, "_spec", default), "options": dict(self.options)}
+
+
+def json_array(value: Any, where: str) -> np.ndarray:
+    """A JSON value (nested lists of numbers, or of strings) as a numpy array; ragged or mixed → ConfigError."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{where}: not a rectangular array ({err})") from None
+    if array.dtype == object or array.dtype.kind not in "biufU":
+        raise ConfigError(f"{where}: expected a rectangular array of numbers or strings")
+    return array
 
 
 def _move(batch: Any, device: torch.device) -> Any:

@@ -13,12 +13,12 @@ setting refuses them.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from gradindex.config import Preconditioner
 from gradindex.errors import ConfigError
@@ -90,6 +90,7 @@ def scaled_vectors(features: Mapping[str, Any], weights: GroupWeights, groups: S
     """Concatenate ``√w_g · block_g`` in ``groups`` order; numpy in → float32 numpy out, torch → torch."""
     scales = weights.scales(groups)
     blocks = [features[g] for g in groups]
-    if isinstance(blocks[0], torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor means torch is loaded; `info` never loads it
+    if torch is not None and isinstance(blocks[0], torch.Tensor):
         return torch.cat([b.float() * scales[g] for g, b in zip(groups, blocks)], dim=1)
     return np.concatenate([np.asarray(b, dtype=np.float32) * np.float32(scales[g]) for g, b in zip(groups, blocks)], axis=1)

@@ -160,3 +160,23 @@ def test_concept_prompts_specify_only_their_concept(tiny):
         assert torch.all(task.concept_measurement(batch, model, "subject") == 0)
     with pytest.raises(ConfigError, match="concept must be one of"):
         task.concept_prompts("colour", 3)
+
+
+def test_queries_from_json_equal_the_query_file(tiny, tmp_path):
+    """`gradindex serve`'s inputs: the .npz's arrays as JSON give the same dataset as the file."""
+    import json
+
+    task, model = tiny
+    queries = task.generate(model, task.heldout_prompts(3))
+    loaded = task.load_queries(task.save_queries(tmp_path / "q.npz", queries))
+    meta = task.metadata(loaded)
+    inputs = {"images": loaded.images.tolist(), **{f: [str(v) for v in meta[f]] for f in ("subject", "style", "background")}}
+    from_json = task.queries_from_json(json.loads(json.dumps(inputs)))
+    for field in ("images", "labels", "keys"):
+        np.testing.assert_array_equal(getattr(from_json, field), getattr(loaded, field))
+    with pytest.raises(ConfigError, match="0..255"):
+        task.queries_from_json({**inputs, "images": (loaded.images.astype(int) + 300).tolist()})
+    with pytest.raises(ConfigError, match="expected an object with images"):
+        task.queries_from_json({"images": inputs["images"]})
+    with pytest.raises(ConfigError, match="subject 'blob'"):
+        task.queries_from_json({**inputs, "subject": ["blob"] * 3})

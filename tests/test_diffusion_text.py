@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -176,6 +178,13 @@ def test_queries_round_trip(tiny, tmp_path):
     meta = task.metadata(loaded)
     assert list(meta["style"]) == ["", "dots"] and list(meta["background"]) == ["grass", ""]
     assert task.describe(loaded[0]) == meta["prompt"][0] and "colored" in meta["prompt"][0]
+    inputs = {"images": loaded.images.tolist(), "template": loaded.templates.tolist(),
+              **{f: [str(v) for v in meta[f]] for f in ("subject", "style", "background")}}
+    from_json = task.queries_from_json(json.loads(json.dumps(inputs)))  # `gradindex serve`'s inputs
+    np.testing.assert_array_equal(from_json.prompts, loaded.prompts)
+    np.testing.assert_array_equal(from_json.images, loaded.images)
+    with pytest.raises(ConfigError, match="template"):
+        task.queries_from_json({key: value for key, value in inputs.items() if key != "template"})
     np.savez(tmp_path / "bad.npz", images=queries.images, subject=["circle"] * 2, style=["dots"] * 2,
              background=["night"] * 2, template=[0, 9])
     with pytest.raises(ConfigError, match="template"):

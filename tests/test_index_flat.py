@@ -51,6 +51,26 @@ def test_flat_index_equals_exact_blockwise_topk(store):
     assert recall_at_k(untied(got), untied(exact)) == 1.0
 
 
+def test_flat_batches_by_matrix_products_equal_exact_topk(store, monkeypatch):
+    """From FLAT_GEMM_MIN_QUERIES queries on, flat parts are searched by blocked matrix products."""
+    from gradindex.index import kinds
+
+    monkeypatch.setattr(kinds, "FLAT_GEMM_BLOCK_ROWS", 7)  # many blocks: the running merge is exercised
+    index = build_index(store, IndexConfig(preconditioner=Preconditioner.IDENTITY), show_progress=False)
+    ids, feats = store.read()
+    vectors = scaled_vectors(feats, GroupWeights.uniform("all", store.groups), store.groups)
+    queries = np.random.default_rng(2).normal(size=(3 * kinds.FLAT_GEMM_MIN_QUERIES, store.dim)).astype(np.float32)
+    queries[0] = 0  # every score ties at zero
+    blocks = [(ids[i:i + 5], vectors[i:i + 5]) for i in range(0, len(ids), 5)]
+    for k in (2, 10, 40):  # (k 1 would leave row 0's tie undetectable by assert_same_topk)
+        batched = index.search(queries, k)
+        assert_same_topk(batched, exact_topk(queries, blocks, k=k))
+        one_by_one = [index.search(queries[i:i + 1], k) for i in range(len(queries))]  # FAISS's own scan
+        assert_same_topk(batched, type(batched)(np.concatenate([t.scores for t in one_by_one]),
+                                                np.concatenate([t.sample_ids for t in one_by_one])))
+        assert batched.sample_ids[0].tolist() == sorted(ids.tolist())[:k]  # a tie: the lowest ids, in order
+
+
 def test_reopened_index_answers_the_same_and_checks_itself(store):
     built = build_index(store, IndexConfig(concept="all"), show_progress=False)
     queries = np.random.default_rng(1).normal(size=(3, store.dim)).astype(np.float32)

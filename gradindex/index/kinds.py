@@ -317,7 +317,7 @@ class PartIndex:
             return TopK(np.full((len(u), k), -np.inf, np.float32), np.full((len(u), k), -1, np.int64))
         q = self.transform.query(u) if self.transform is not None else u
         if self.kind is IndexKind.FLAT:
-            scores, rows = self.index.search(q, min(k, self.ntotal))
+            scores, rows = flat_search(self.index, q, min(k, self.ntotal))
         elif self.kind is IndexKind.HNSW:
             scores, rows = self._search_hnsw(q, k)
         else:
@@ -397,6 +397,52 @@ class PartIndex:
             top = canonical_order(best_scores, best_rows, min(k, best_scores.shape[1]))
             best_scores, best_rows = top.scores, top.sample_ids
         return best_scores, best_rows
+
+
+FLAT_GEMM_MIN_QUERIES = 2  # from this many queries on, a CPU flat part is searched by matrix products
+FLAT_GEMM_BLOCK_ROWS = 1 << 16  # stored vectors per product (bounds the [n, rows] score block)
+
+
+def flat_search(index: Any, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact ``(scores [n, k], rows [n, k])`` of the largest inner products of ``q [n, D]`` in a flat index.
+
+    FAISS scans the stored vectors once per query below its BLAS threshold
+    (``faiss.cvar.distance_compute_blas_threshold``: 128 000 queries in FAISS 1.15), so a batch costs
+    as much as its queries one by one. From
+    :data:`FLAT_GEMM_MIN_QUERIES` queries on, a CPU ``IndexFlat`` is read in place (no copy) and
+    searched by one matrix product per block of :data:`FLAT_GEMM_BLOCK_ROWS` stored vectors (torch),
+    the block top-k merged as it goes: the stored matrix is read once per batch. Scores may differ
+    from FAISS's in the last float32 bits (another summation order).
+    """
+    faiss = import_faiss()
+    if (len(q) < FLAT_GEMM_MIN_QUERIES or not isinstance(index, faiss.IndexFlat)
+            or index.metric_type != faiss.METRIC_INNER_PRODUCT or index.ntotal == 0):
+        return index.search(q, k)
+    import torch
+
+    stored = torch.from_numpy(faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d))
+    queries = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
+    best_scores = torch.empty((len(q), 0), dtype=torch.float32)
+    best_rows = torch.empty((len(q), 0), dtype=torch.int64)
+    for start in range(0, index.ntotal, FLAT_GEMM_BLOCK_ROWS):
+        block = queries @ stored[start:start + FLAT_GEMM_BLOCK_ROWS].T
+        rows = torch.arange(start, start + block.shape[1]).expand(len(q), -1)
+        best_scores, best_rows = _largest(torch.cat([best_scores, block], 1), torch.cat([best_rows, rows], 1), k)
+    return best_scores.numpy(), best_rows.numpy()
+
+
+def _largest(scores: "torch.Tensor", rows: "torch.Tensor", k: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """The ``k`` largest ``scores`` of each row and their ``rows``; among equal scores the earlier
+    columns win (as in FAISS's scan, lower rows first)."""
+    import torch
+
+    top, columns = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+    kth = top[:, -1:]
+    straddling = ((scores == kth).sum(1) > (top == kth).sum(1)).nonzero().flatten().tolist()
+    for r in straddling:  # equal scores across the cut (rare): take them in column order
+        columns[r] = torch.sort(scores[r], descending=True, stable=True).indices[:top.shape[1]]
+        top[r] = scores[r, columns[r]]
+    return top, torch.gather(rows, 1, columns)
 
 
 def half_to_float(x: np.ndarray) -> "torch.Tensor":

@@ -60,6 +60,24 @@ class IndexPartHolder:
         return merge_topk([p.search(vectors, k) for p in self.parts], k)
 
 
+def part_layout(ray: Any, count: int, actors: int | None, device: str,
+                cpus_per_actor: int) -> tuple[dict[str, Any], list[list[int]], str]:
+    """How ``count`` index parts go on Ray: ``(actor resource options, contiguous part numbers per
+    actor, part device)`` — one actor per part, at most ``actors`` and at most one per GPU (when the
+    cluster has GPUs and ``device`` is not ``cpu``) or per ``cpus_per_actor`` CPUs."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if device != "cpu" and gpus:
+        options, slots, part_device = {"num_gpus": 1, "num_cpus": cpus_per_actor}, gpus, "cuda"
+    else:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        options, slots, part_device = {"num_cpus": cpus_per_actor}, max(1, cpus // cpus_per_actor), "cpu"
+    if actors is not None and actors > slots:
+        logger.warning("%d actors asked, the Ray cluster has room for %d; using %d", actors, slots, slots)
+    size = min(count, actors or slots, slots)  # more would wait for resources forever
+    groups = [[int(i) for i in g] for g in np.array_split(np.arange(count), size)]
+    return options, groups, part_device
+
+
 class RayIndex:
     """A concept's partition spread over Ray actors; ``search`` fans out and merges.
 
@@ -92,18 +110,10 @@ class RayIndex:
         session = ExitStack()
         try:
             ray = session.enter_context(ray_session(address))
-            gpus = int(ray.cluster_resources().get("GPU", 0))
-            if device != "cpu" and gpus:
-                options, slots, part_device = {"num_gpus": 1, "num_cpus": cpus_per_actor}, gpus, "cuda"
-            else:
-                cpus = int(ray.cluster_resources().get("CPU", 1))
-                options, slots, part_device = {"num_cpus": cpus_per_actor}, max(1, cpus // cpus_per_actor), "cpu"
-            if actors is not None and actors > slots:
-                logger.warning("%d actors asked, the Ray cluster has room for %d; using %d", actors, slots, slots)
-            size = min(count, actors or slots, slots)  # more would wait for resources forever
+            options, groups, part_device = part_layout(ray, count, actors, device, cpus_per_actor)
+            size = len(groups)
             holder = ray.remote(IndexPartHolder).options(**options, scheduling_strategy="SPREAD")
-            groups = [list(g) for g in np.array_split(np.arange(count), size)]  # contiguous parts per actor
-            handles = [holder.remote(str(store.path), concept, [int(i) for i in g], part_device, cpus_per_actor,
+            handles = [holder.remote(str(store.path), concept, g, part_device, cpus_per_actor,
                                      search.to_dict() if search is not None else None)
                        for g in groups]
             ray.get([h.describe.remote() for h in handles])  # loaded (or the load error) before the first query
@@ -138,8 +148,12 @@ class RayIndex:
         k = min(int(k), self.ntotal)
         if k == 0:
             return TopK(np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64))
+        return merge_topk(self._fan_out(vectors, k), k)
+
+    def _fan_out(self, vectors: np.ndarray, k: int) -> list[TopK]:
+        """Every actor's top-``k`` of its parts (the vectors go to the object store once)."""
         shared = self._ray.put(vectors)
-        return merge_topk(self._ray.get([a.search.remote(shared, k) for a in self.actors]), k)
+        return self._ray.get([a.search.remote(shared, k) for a in self.actors])
 
     def close(self) -> None:
         """Stop the actors (and the Ray connection this index opened)."""

@@ -138,6 +138,18 @@ class CausalLMTask(Task):
     def load_queries(self, path: str | Path) -> list[dict[str, torch.Tensor]]:
         return [self.query_item(record, f"{path}:{number}") for number, record in read_jsonl(path)]
 
+    def queries_from_json(self, inputs: Any) -> list[dict[str, torch.Tensor]]:
+        """A list of query records, the lines of a query JSONL file."""
+        if not isinstance(inputs, list) or not inputs:
+            raise ConfigError("inputs: expected a non-empty list of query records like "
+                              "{\"prompt\": ..., \"completion\": ...}")
+        items = []
+        for number, record in enumerate(inputs):
+            if not isinstance(record, dict):
+                raise ConfigError(f"inputs[{number}]: expected a JSON object, got {type(record).__name__}")
+            items.append(self.query_item(record, f"inputs[{number}]"))
+        return items
+
     def query_item(self, record: dict[str, Any], where: str = "query") -> dict[str, torch.Tensor]:
         """Turn one query record (see the module docstring) into an item; ``where`` prefixes errors."""
         unknown = set(record) - QUERY_KEYS

@@ -42,7 +42,7 @@ from torch import nn
 
 from gradindex.config import require_positive
 from gradindex.errors import ArtifactNotFoundError, ConfigError
-from gradindex.task import Task
+from gradindex.task import Task, json_array
 from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
 from gradindex.tasks.concepts import FACTORS, ConceptConfig, ConceptImages, generate
 from gradindex.tasks.diffusion_model import (
@@ -207,12 +207,37 @@ class DiffusionTask(Task):
                 prompts = list(zip(*(data[f].astype(str) for f in FACTORS)))
         except (ValueError, OSError) as err:
             raise ConfigError(f"{path}: not a .npz of diffusion queries ({err})") from None
+        return self._query_arrays(images, prompts, str(path))
+
+    def queries_from_json(self, inputs: Any) -> Sequence:
+        """``{"images": [n, H, W, 3] integers 0..255, "subject": [n], "style": [n], "background": [n]}``:
+        the arrays of a query ``.npz``."""
+        images, prompts, _ = self._json_fields(inputs)
+        return self._query_arrays(images, prompts, "inputs")
+
+    def _json_fields(self, inputs: Any, extra: tuple[str, ...] = ()) -> tuple[np.ndarray, list, dict[str, np.ndarray]]:
+        """``(images [n, H, W, 3] uint8, prompts [(subject, style, background)], {extra field: array})``
+        from a request's JSON ``inputs`` (exactly the fields images, the factors and ``extra``)."""
+        fields = ("images", *FACTORS, *extra)
+        if not isinstance(inputs, dict) or set(inputs) != set(fields):
+            keys = sorted(inputs) if isinstance(inputs, dict) else type(inputs).__name__
+            raise ConfigError(f"inputs: expected an object with {', '.join(fields)}; got {keys}")
+        images = json_array(inputs["images"], "inputs.images")
+        if images.ndim != 4 or images.dtype.kind not in "iu" or not images.size or images.min() < 0 or images.max() > 255:
+            raise ConfigError(f"inputs.images: expected integers in 0..255 of shape [n, H, W, 3], got "
+                              f"{images.dtype} {tuple(images.shape)}")
+        names = [json_array(inputs[f], f"inputs.{f}") for f in FACTORS]
+        if any(n.dtype.kind != "U" or n.ndim != 1 for n in names):
+            raise ConfigError(f"inputs: {', '.join(FACTORS)} must be lists of names")
+        return images.astype(np.uint8), list(zip(*names)), {f: json_array(inputs[f], f"inputs.{f}") for f in extra}
+
+    def _query_arrays(self, images: np.ndarray, prompts: list[tuple[str, str, str]], where: str) -> Sequence:
         size = self.concept_config.image_size
         if images.ndim != 4 or images.shape[1:] != (size, size, 3) or images.dtype != np.uint8 or not len(images):
-            raise ConfigError(f"{path}: expected uint8 images of shape [n, {size}, {size}, 3], got "
+            raise ConfigError(f"{where}: expected uint8 images of shape [n, {size}, {size}, 3], got "
                               f"{images.dtype} {tuple(images.shape)}")
         if len(prompts) != len(images):
-            raise ConfigError(f"{path}: {len(images)} images but {len(prompts)} prompts")
+            raise ConfigError(f"{where}: {len(images)} images but {len(prompts)} prompts")
         return ConceptDataset(images, self.tokens(prompts), -1 - np.arange(len(images)))
 
     # -- model ----------------------------------------------------------------------------------

@@ -220,14 +220,25 @@ class DiffusionTextTask(DiffusionTask):
                 prompts = list(zip(*(data[f].astype(str) for f in FACTORS)))
         except (ValueError, OSError) as err:
             raise ConfigError(f"{path}: not a .npz of diffusion-text queries ({err})") from None
+        return self._text_query_arrays(images, prompts, templates, str(path))
+
+    def queries_from_json(self, inputs: Any) -> Sequence:
+        """``{"images": [n, H, W, 3] integers 0..255, "subject": [n], "style": [n], "background": [n],
+        "template": [n]}``: the arrays of a query ``.npz`` (``""``: unspecified)."""
+        images, prompts, extra = self._json_fields(inputs, ("template",))
+        return self._text_query_arrays(images, prompts, extra["template"], "inputs")
+
+    def _text_query_arrays(self, images: np.ndarray, prompts: list[tuple[str, str, str]], templates: np.ndarray,
+                           where: str) -> Sequence:
         size = self.concept_config.image_size
         if images.ndim != 4 or images.shape[1:] != (size, size, 3) or images.dtype != np.uint8 or not len(images):
-            raise ConfigError(f"{path}: expected uint8 images of shape [n, {size}, {size}, 3], got "
+            raise ConfigError(f"{where}: expected uint8 images of shape [n, {size}, {size}, 3], got "
                               f"{images.dtype} {tuple(images.shape)}")
         if not (len(prompts) == len(images) == len(templates)):
-            raise ConfigError(f"{path}: {len(images)} images, {len(prompts)} prompts, {len(templates)} templates")
-        if not np.issubdtype(templates.dtype, np.integer) or templates.min() < 0 or templates.max() >= len(TEMPLATES):
-            raise ConfigError(f"{path}: template must be integers in 0..{len(TEMPLATES) - 1}")
+            raise ConfigError(f"{where}: {len(images)} images, {len(prompts)} prompts, {len(templates)} templates")
+        if (templates.ndim != 1 or templates.dtype.kind not in "iu" or templates.min() < 0
+                or templates.max() >= len(TEMPLATES)):
+            raise ConfigError(f"{where}: template must be integers in 0..{len(TEMPLATES) - 1}")
         return TextConceptDataset(images, self.labels(prompts), templates, -1 - np.arange(len(images)),
                                   self.prompter)
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradindex.errors import ArtifactNotFoundError, ConfigError
-from gradindex.task import Task
+from gradindex.task import Task, json_array
 from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -154,15 +154,28 @@ class DigitsTask(Task):
                 x, y = np.load(path, allow_pickle=False), None
         except (ValueError, OSError) as err:
             raise ConfigError(f"{path}: not a .npz/.npy file of digits ({err})") from None
+        return self._query_arrays(x, y, str(path))
+
+    def queries_from_json(self, inputs) -> Sequence:
+        """``{"x": [n, 8, 8] or [n, 64] pixels 0..16, "y": [n] labels (optional)}``: the arrays of a query ``.npz``."""
+        if not isinstance(inputs, dict) or "x" not in inputs or set(inputs) - {"x", "y"}:
+            keys = sorted(inputs) if isinstance(inputs, dict) else type(inputs).__name__
+            raise ConfigError(f"inputs: expected an object with 'x' (and optional 'y'), got {keys}")
+        y = inputs.get("y")
+        return self._query_arrays(json_array(inputs["x"], "inputs.x"), None if y is None else json_array(y, "inputs.y"),
+                                  "inputs")
+
+    def _query_arrays(self, x: np.ndarray, y: np.ndarray | None, where: str) -> Sequence:
+        """Queries from pixels ``x [n, 8, 8] or [n, 64]`` (0..16) and labels ``y [n]`` (-1: the model's prediction)."""
         if x.ndim == 3 and x.shape[1:] == (8, 8):
             x = x.reshape(len(x), 64)
         if x.ndim != 2 or x.shape[1] != 64 or len(x) == 0:
-            raise ConfigError(f"{path}: expected digits of shape [n, 64] or [n, 8, 8], got {tuple(x.shape)}")
+            raise ConfigError(f"{where}: expected digits of shape [n, 64] or [n, 8, 8], got {tuple(x.shape)}")
         if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all() or x.min() < 0 or x.max() > 16:
-            raise ConfigError(f"{path}: pixel values must be numbers in 0..16 (as in sklearn's load_digits)")
+            raise ConfigError(f"{where}: pixel values must be numbers in 0..16 (as in sklearn's load_digits)")
         y = np.full(len(x), -1) if y is None else np.asarray(y).reshape(-1)
         if len(y) != len(x) or not np.issubdtype(y.dtype, np.integer) or ((y < -1) | (y > 9)).any():
-            raise ConfigError(f"{path}: 'y' must hold {len(x)} labels in 0..9 (or -1 for the model's prediction)")
+            raise ConfigError(f"{where}: 'y' must hold {len(x)} labels in 0..9 (or -1 for the model's prediction)")
         x = x.astype(np.float32) / 16.0
         return torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)))
 

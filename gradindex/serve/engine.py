@@ -1,0 +1,140 @@
+"""The warm engine behind ``gradindex serve``: a request's JSON → query items → ``query --json``'s objects.
+
+In: a store and one :class:`~gradindex.query.Attributor` per served concept (model,
+projections, preconditioner and index loaded once; the index may live on Ray,
+:mod:`gradindex.serve.ray_serve`). A request body ``{"inputs": ..., "k": 10, "concept": "all"}``
+is checked and turned into query items by the task's ``queries_from_json`` (:meth:`parse`).
+Out: for a batch of parsed requests, each request's list of
+``{"query": i, "results": [{"rank", "sample_id", "score", ...metadata}]}`` — built by
+:func:`~gradindex.query.result_records`, the function behind ``query --json``.
+
+A batch runs one query featurization per concept (all its requests' queries together)
+and one index search per distinct ``k`` (an approximate index's candidates depend on
+``k``, so requests are never searched at a larger ``k`` and cut).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gradindex.config import SearchConfig, ServeConfig
+from gradindex.errors import ConfigError
+from gradindex.query import Attributor, MetadataTable, result_records
+from gradindex.store import FeatureStore
+from gradindex.summary import store_summary
+from gradindex.topk import TopK
+
+REQUEST_KEYS = ("inputs", "k", "concept")
+DEFAULT_K = 10
+QUERY_BATCH_SIZE = 64  # queries per backward pass, as `gradindex query --batch-size`'s default
+
+
+@dataclass(frozen=True)
+class AttributeRequest:
+    """One parsed request: the task's query items, the depth ``k`` and the concept partition."""
+
+    queries: Sequence
+    k: int
+    concept: str
+
+
+class AttributionEngine:
+    """Warm attributors for the served concepts of one store; answers batches of requests."""
+
+    def __init__(self, store: FeatureStore, attributors: Mapping[str, Attributor], config: ServeConfig,
+                 metadata: MetadataTable | None = None):
+        if not attributors:
+            raise ConfigError("serve: no concept to serve")
+        self.store = store
+        self.attributors = dict(attributors)
+        self.config = config
+        self.metadata = metadata if metadata is not None else MetadataTable.read(store)
+
+    @classmethod
+    def open(cls, store: str | Path | FeatureStore, concepts: Sequence[str] = ("all",),
+             config: ServeConfig = ServeConfig(), checkpoint: str | Path | None = None, device: str = "cpu",
+             search: SearchConfig | None = None) -> "AttributionEngine":
+        """Load the model and each concept's index once (the same calls as ``gradindex query``)."""
+        store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+        attributors: dict[str, Attributor] = {}
+        try:
+            for concept in dict.fromkeys(concepts or ("all",)):
+                attributors[concept] = Attributor.open(store, concept=concept, checkpoint=checkpoint, device=device,
+                                                       search=search)
+            engine = cls(store, attributors, config)
+            engine.warm_up()
+            return engine
+        except BaseException:
+            for attributor in attributors.values():
+                attributor.close()
+            raise
+
+    def warm_up(self) -> None:
+        """Search each index once with a batch (first-use costs, such as BLAS set-up, before the first request)."""
+        for attributor in self.attributors.values():
+            attributor.index.search(np.zeros((2, attributor.index.entry["dim"]), np.float32), 1)
+
+    @property
+    def concepts(self) -> list[str]:
+        return list(self.attributors)
+
+    def parse(self, body: Any) -> AttributeRequest:
+        """Check a request body and build its query items; a :class:`ConfigError` names what is wrong."""
+        if not isinstance(body, dict):
+            raise ConfigError('request: expected a JSON object {"inputs": ..., "k": 10, "concept": "all"}, '
+                              f"got {type(body).__name__}")
+        unknown = sorted(set(body) - set(REQUEST_KEYS))
+        if unknown:
+            raise ConfigError(f"request: unknown keys {unknown}; expected {list(REQUEST_KEYS)}")
+        if "inputs" not in body:
+            raise ConfigError('request: no "inputs" (the task\'s query fields as JSON)')
+        k = body.get("k", DEFAULT_K)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.config.max_k:
+            raise ConfigError(f"request: k must be an integer in 1..{self.config.max_k}, got {k!r}")
+        concept = body.get("concept", "all" if "all" in self.attributors else self.concepts[0])
+        if concept not in self.attributors:
+            raise ConfigError(f"request: concept {concept!r} is not served here; served: {', '.join(self.concepts)}")
+        queries = self.attributors[concept].task.queries_from_json(body["inputs"])
+        if not 1 <= len(queries) <= self.config.max_queries:
+            raise ConfigError(f"request: expected 1..{self.config.max_queries} queries, got {len(queries)}")
+        return AttributeRequest(queries, k, concept)
+
+    def answer(self, requests: Sequence[AttributeRequest]) -> list[list[dict[str, Any]]]:
+        """Each request's ``query --json`` objects (queries numbered from 0 within the request)."""
+        answers: list[list[dict[str, Any]]] = [[] for _ in requests]
+        for concept in dict.fromkeys(r.concept for r in requests):
+            members = [i for i, r in enumerate(requests) if r.concept == concept]
+            attributor = self.attributors[concept]
+            datasets = [requests[i].queries for i in members]
+            dataset = datasets[0] if len(datasets) == 1 else torch.utils.data.ConcatDataset(datasets)
+            vectors = attributor.query_vectors(dataset, QUERY_BATCH_SIZE)
+            bounds = np.cumsum([0, *(len(d) for d in datasets)])
+            for k in sorted({requests[i].k for i in members}):
+                chosen = [j for j, i in enumerate(members) if requests[i].k == k]
+                rows = np.concatenate([np.arange(bounds[j], bounds[j + 1]) for j in chosen])
+                top = attributor.index.search(vectors[rows], k)
+                start = 0
+                for j in chosen:
+                    stop = start + int(bounds[j + 1] - bounds[j])
+                    part = TopK(top.scores[start:stop], top.sample_ids[start:stop])
+                    answers[members[j]] = result_records(part, self.metadata.lookup(part.sample_ids))
+                    start = stop
+        return answers
+
+    def info(self) -> dict[str, Any]:
+        """``gradindex info``'s summary of the store, plus what this server answers."""
+        served = {concept: {"kind": a.index.kind, "vectors": a.index.ntotal} for concept, a in self.attributors.items()}
+        return {**store_summary(self.store), "served": served,
+                "limits": {"max_batch": self.config.max_batch, "max_wait_ms": self.config.max_wait_ms,
+                           "max_body_mb": self.config.max_body_mb, "max_queries": self.config.max_queries,
+                           "max_k": self.config.max_k}}
+
+    def close(self) -> None:
+        for attributor in self.attributors.values():
+            attributor.close()
