@@ -58,10 +58,8 @@ def test_fixed_draws_depend_only_on_the_key_and_are_stratified():
     assert not torch.equal(noise_pair[:4], noise_pair[4:])
 
 
-@pytest.mark.parametrize("measure", ["loss", "subject", "style", "background"])
-def test_engine_on_r_draws_equals_per_example_autograd(tiny, measure):
-    """R contiguous rows per example (2R for concept measurements) → exact per-example gradients."""
-    task, model = tiny
+def engine_and_autograd(task, model, measure: str, rows=(0, 1, 2)):
+    """``(groups, engine features, per-example autograd gradients)`` of the loss or ``m_c`` on training ``rows``."""
     groups = resolve_groups(task, model, FeaturizeConfig())
     dataset = task.train_dataset()
 
@@ -70,10 +68,17 @@ def test_engine_on_r_draws_equals_per_example_autograd(tiny, measure):
             return task.compute_train_loss(batch, model)
         return task.concept_measurement(batch, model, measure)
 
-    batch = make_batch(task, dataset, [0, 1, 2])
+    batch = make_batch(task, dataset, list(rows))
     with GradientProjector(model, groups, ProjectionConfig(kind=ProjectionKind.IDENTITY)) as projector:
         features = projector(lambda: compute(batch), verify=True)
-    expected = per_example_gradients(model, groups, compute, [make_batch(task, dataset, [i]) for i in range(3)])
+    expected = per_example_gradients(model, groups, compute, [make_batch(task, dataset, [i]) for i in rows])
+    return groups, features, expected
+
+
+@pytest.mark.parametrize("measure", ["loss", "subject", "style", "background"])
+def test_engine_on_r_draws_equals_per_example_autograd(tiny, measure):
+    """R contiguous rows per example (2R for concept measurements) → exact per-example gradients."""
+    groups, features, expected = engine_and_autograd(*tiny, measure)
     for group in groups:
         torch.testing.assert_close(features[group.name], expected[group.name], rtol=1e-4, atol=1e-6,
                                    msg=group.name)

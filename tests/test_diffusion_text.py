@@ -21,8 +21,8 @@ from gradindex.tasks.concepts import ConceptConfig
 from gradindex.tasks.lora import LoRALinear, add_lora
 from gradindex.tasks.prompts import BOS, NEUTRAL_WORDS, PAD, TEMPLATES, Prompter
 from gradindex.tasks.text_diffusion_model import TextEncoder, TextPatchMixer
-from reference import per_example_gradients
 from test_concepts import CONFIG
+from test_diffusion import engine_and_autograd
 
 TINY = {"num_train": 64, "steps": 150, "width": 16, "depth": 1, "draws": 2}
 
@@ -80,19 +80,7 @@ def test_encoder_is_frozen_and_never_a_group(tiny):
 @pytest.mark.parametrize("measure", ["loss", "subject", "style", "background"])
 def test_engine_equals_per_example_autograd(tiny, tiny_lora, variant, measure):
     """Per-head cross-attention groups (and LoRA factors) on R / 2R rows per example → exact gradients."""
-    task, model = tiny if variant == "text" else tiny_lora
-    groups = resolve_groups(task, model, FeaturizeConfig())
-    dataset = task.train_dataset()
-
-    def compute(batch):
-        if measure == "loss":
-            return task.compute_train_loss(batch, model)
-        return task.concept_measurement(batch, model, measure)
-
-    batch = make_batch(task, dataset, [0, 1, 2])
-    with GradientProjector(model, groups, ProjectionConfig(kind=ProjectionKind.IDENTITY)) as projector:
-        features = projector(lambda: compute(batch), verify=True)
-    expected = per_example_gradients(model, groups, compute, [make_batch(task, dataset, [i]) for i in range(3)])
+    groups, features, expected = engine_and_autograd(*(tiny if variant == "text" else tiny_lora), measure)
     for group in groups:
         assert expected[group.name].abs().sum() > 0, group.name
         torch.testing.assert_close(features[group.name], expected[group.name], rtol=1e-4, atol=1e-6,

@@ -129,7 +129,7 @@ class DiffusionTask(Task):
     def metadata(self, dataset: Sequence) -> dict[str, np.ndarray]:
         if not isinstance(dataset, ConceptDataset):
             return {}
-        # the null token (an unspecified factor of a generated query) reads ""
+        # the null token (an unspecified factor of a generated query; diffusion-text: label -1) reads ""
         return {f: np.array([*self.concept_config.values(f), ""])[dataset.labels[:, j]] for j, f in enumerate(FACTORS)}
 
     def tokens(self, prompts: Sequence[Sequence[str | None]]) -> np.ndarray:
@@ -195,19 +195,25 @@ class DiffusionTask(Task):
         return path
 
     def load_queries(self, path: str | Path) -> Sequence:
+        images, prompts, _ = self._read_query_file(path)
+        return self._query_arrays(images, prompts, str(path))
+
+    def _read_query_file(self, path: str | Path, extra: tuple[str, ...] = ()) -> tuple[np.ndarray, list, dict]:
+        """``(images, prompts [(subject, style, background)], {extra field: array})`` of a query ``.npz``."""
         path = Path(path)
         if not path.is_file():
             raise ArtifactNotFoundError(f"no query inputs file at {path}")
+        fields = ("images", *FACTORS, *extra)
         try:
             with np.load(path, allow_pickle=False) as data:
-                missing = [key for key in ("images", *FACTORS) if key not in data.files]
+                missing = [key for key in fields if key not in data.files]
                 if missing:
-                    raise ConfigError(f"{path}: expected arrays images, {', '.join(FACTORS)}; missing {missing}")
+                    raise ConfigError(f"{path}: expected arrays {', '.join(fields)}; missing {missing}")
                 images = data["images"]
                 prompts = list(zip(*(data[f].astype(str) for f in FACTORS)))
+                return images, prompts, {f: data[f] for f in extra}
         except (ValueError, OSError) as err:
-            raise ConfigError(f"{path}: not a .npz of diffusion queries ({err})") from None
-        return self._query_arrays(images, prompts, str(path))
+            raise ConfigError(f"{path}: not a .npz of {self._spec_name()} queries ({err})") from None
 
     def queries_from_json(self, inputs: Any) -> Sequence:
         """``{"images": [n, H, W, 3] integers 0..255, "subject": [n], "style": [n], "background": [n]}``:

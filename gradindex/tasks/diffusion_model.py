@@ -91,7 +91,36 @@ class Block(nn.Module):
         return h + self.chan2(F.gelu(self.chan1(y)))
 
 
-class PatchMixer(nn.Module):
+class PatchIO:
+    """Patches in and out, shared by the patch-mixer denoisers (this one and ``diffusion-text``'s).
+
+    Needs the attributes ``config`` (``image_size``, ``patch``), ``frequencies`` (a ``[32]`` buffer),
+    ``time``, ``patch_in``, ``pos``, ``film_out`` and ``patch_out`` (the modules of :class:`PatchMixer`).
+    """
+
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """``SiLU(time(sinusoid(t)))``: ``t [N]`` -> ``[N, cond_dim]``."""
+        angles = t[:, None].float() * self.frequencies[None]
+        return F.silu(self.time(torch.cat([angles.sin(), angles.cos()], dim=1)))
+
+    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [N, 3, H, W]`` -> patch tokens with learned positions ``[N, T, width]``."""
+        c = self.config
+        n, side = x.shape[0], c.image_size // c.patch
+        patches = x.reshape(n, 3, side, c.patch, side, c.patch).permute(0, 2, 4, 1, 3, 5).reshape(n, side * side, -1)
+        positions = torch.arange(side * side, device=x.device).expand(n, -1)
+        return self.patch_in(patches) + self.pos(positions)
+
+    def unembed_patches(self, h: torch.Tensor, cond: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Tokens ``[N, T, width]`` -> pixels of ``shape`` after the FiLM-modulated output LayerNorm."""
+        c = self.config
+        n, side = h.shape[0], c.image_size // c.patch
+        scale, shift = self.film_out(cond)[:, None, :].chunk(2, dim=-1)
+        out = self.patch_out(F.layer_norm(h, h.shape[-1:]) * (1 + scale) + shift)
+        return out.reshape(n, side, side, 3, c.patch, c.patch).permute(0, 3, 1, 4, 2, 5).reshape(shape)
+
+
+class PatchMixer(PatchIO, nn.Module):
     """ε-prediction network; see the module docstring."""
 
     def __init__(self, config: ModelConfig):
@@ -117,20 +146,12 @@ class PatchMixer(nn.Module):
         return torch.tensor(self.config.num_values, device=device).expand(n, 3).clone()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        n, side = x.shape[0], c.image_size // c.patch
-        angles = t[:, None].float() * self.frequencies[None]
-        time = F.silu(self.time(torch.cat([angles.sin(), angles.cos()], dim=1)))
-        cond = F.silu(self.cond(torch.cat(
-            [time, self.subject(tokens[:, 0]), self.style(tokens[:, 1]), self.background(tokens[:, 2])], dim=1)))
-        patches = x.reshape(n, 3, side, c.patch, side, c.patch).permute(0, 2, 4, 1, 3, 5).reshape(n, side * side, -1)
-        positions = torch.arange(side * side, device=x.device).expand(n, -1)
-        h = self.patch_in(patches) + self.pos(positions)
+        cond = F.silu(self.cond(torch.cat([self.time_embedding(t), self.subject(tokens[:, 0]),
+                                           self.style(tokens[:, 1]), self.background(tokens[:, 2])], dim=1)))
+        h = self.embed_patches(x)
         for block in self.blocks:
             h = block(h, cond)
-        scale, shift = self.film_out(cond)[:, None, :].chunk(2, dim=-1)
-        out = self.patch_out(F.layer_norm(h, h.shape[-1:]) * (1 + scale) + shift)
-        return out.reshape(n, side, side, 3, c.patch, c.patch).permute(0, 3, 1, 4, 2, 5).reshape(x.shape)
+        return self.unembed_patches(h, cond, x.shape)
 
 
 # -- noise schedule and losses -------------------------------------------------------------------

@@ -56,10 +56,10 @@ import torch
 from torch import nn
 
 from gradindex.config import require_positive
-from gradindex.errors import ArtifactNotFoundError, ConfigError
+from gradindex.errors import ConfigError
 from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
-from gradindex.tasks.concepts import FACTORS, ConceptImages
-from gradindex.tasks.diffusion import DiffusionTask
+from gradindex.tasks.concepts import FACTORS
+from gradindex.tasks.diffusion import ConceptDataset, DiffusionTask
 from gradindex.tasks.diffusion_model import TrainConfig, sample, train_denoiser
 from gradindex.tasks.lora import add_lora
 from gradindex.tasks.prompts import BOS, PAD, TEMPLATES, Prompter
@@ -73,7 +73,7 @@ DROP_FACTOR, DROP_ALL = 0.15, 0.1
 DEFAULT_LORA_TARGETS = "blocks.*.cross.*"
 
 
-class TextConceptDataset(torch.utils.data.Dataset):
+class TextConceptDataset(ConceptDataset):
     """``(image [3, H, W] in [-1, 1], prompts [4, L] int64, key)`` items; see the module docstring.
 
     ``labels [n, 3]`` (``-1``: unspecified) and ``templates [n]`` say what the prompts say.
@@ -81,21 +81,15 @@ class TextConceptDataset(torch.utils.data.Dataset):
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, templates: np.ndarray, keys: np.ndarray,
                  prompter: Prompter):
-        if not (len(images) == len(labels) == len(templates) == len(keys)):
-            raise ConfigError(f"text concept dataset: {len(images)} images, {len(labels)} labels, "
-                              f"{len(templates)} templates, {len(keys)} keys")
-        self.images = np.ascontiguousarray(images, dtype=np.uint8)
-        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1, 3)
+        super().__init__(images, np.asarray(labels).reshape(-1, 3), keys)
+        if len(templates) != len(keys):
+            raise ConfigError(f"text concept dataset: {len(keys)} images, {len(templates)} templates")
         self.templates = np.asarray(templates, dtype=np.int64)
-        self.keys = np.asarray(keys, dtype=np.int64)
         self.prompts = prompter.variants(self.labels, self.templates)  # [n, 4, L]
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        image = torch.from_numpy(self.images[i]).permute(2, 0, 1).float() / 127.5 - 1
-        return image, torch.from_numpy(self.prompts[i]), torch.tensor(self.keys[i])
+        image, _, key = super().__getitem__(i)
+        return image, torch.from_numpy(self.prompts[i]), key
 
 
 class DiffusionTextTask(DiffusionTask):
@@ -174,8 +168,7 @@ class DiffusionTextTask(DiffusionTask):
         """Columns ``subject``, ``style``, ``background`` (value names, ``""`` = unspecified) and ``prompt``."""
         if not isinstance(dataset, TextConceptDataset):
             return {}
-        # label -1 (unspecified) picks the trailing ""
-        meta = {f: np.array([*self.concept_config.values(f), ""])[dataset.labels[:, j]] for j, f in enumerate(FACTORS)}
+        meta = super().metadata(dataset)  # label -1 (unspecified) picks the trailing ""
         meta["prompt"] = np.array([self.prompter.text(row, t) for row, t in zip(dataset.labels, dataset.templates)])
         return meta
 
@@ -207,20 +200,8 @@ class DiffusionTextTask(DiffusionTask):
         return path
 
     def load_queries(self, path: str | Path) -> Sequence:
-        path = Path(path)
-        if not path.is_file():
-            raise ArtifactNotFoundError(f"no query inputs file at {path}")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                missing = [key for key in ("images", *FACTORS, "template") if key not in data.files]
-                if missing:
-                    raise ConfigError(f"{path}: expected arrays images, {', '.join(FACTORS)}, template; "
-                                      f"missing {missing}")
-                images, templates = data["images"], data["template"]
-                prompts = list(zip(*(data[f].astype(str) for f in FACTORS)))
-        except (ValueError, OSError) as err:
-            raise ConfigError(f"{path}: not a .npz of diffusion-text queries ({err})") from None
-        return self._text_query_arrays(images, prompts, templates, str(path))
+        images, prompts, extra = self._read_query_file(path, ("template",))
+        return self._text_query_arrays(images, prompts, extra["template"], str(path))
 
     def queries_from_json(self, inputs: Any) -> Sequence:
         """``{"images": [n, H, W, 3] integers 0..255, "subject": [n], "style": [n], "background": [n],

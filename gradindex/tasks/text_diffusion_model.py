@@ -36,6 +36,7 @@ from torch import nn
 
 from gradindex.config import require_positive
 from gradindex.errors import ConfigError
+from gradindex.tasks.diffusion_model import PatchIO
 from gradindex.tasks.prompts import BOS, PAD
 
 
@@ -175,7 +176,7 @@ class TextBlock(nn.Module):
         return h + self.chan2(F.gelu(self.chan1(y)))
 
 
-class TextPatchMixer(nn.Module):
+class TextPatchMixer(PatchIO, nn.Module):
     """ε-prediction network conditioned on a prompt through cross-attention; see the module docstring."""
 
     def __init__(self, config: TextModelConfig):
@@ -201,19 +202,12 @@ class TextPatchMixer(nn.Module):
         return tokens
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        n, side = x.shape[0], c.image_size // c.patch
-        angles = t[:, None].float() * self.frequencies[None]
-        cond = F.silu(self.time(torch.cat([angles.sin(), angles.cos()], dim=1)))
+        cond = self.time_embedding(t)
         through = None
         if tokens.ndim == 3:  # ids and a gradient mask
             tokens, through = tokens[:, 0], tokens[:, 1].bool()
         text, valid = self.encoder(tokens)
-        patches = x.reshape(n, 3, side, c.patch, side, c.patch).permute(0, 2, 4, 1, 3, 5).reshape(n, side * side, -1)
-        positions = torch.arange(side * side, device=x.device).expand(n, -1)
-        h = self.patch_in(patches) + self.pos(positions)
+        h = self.embed_patches(x)
         for block in self.blocks:
             h = block(h, cond, text, valid, through)
-        scale, shift = self.film_out(cond)[:, None, :].chunk(2, dim=-1)
-        out = self.patch_out(F.layer_norm(h, h.shape[-1:]) * (1 + scale) + shift)
-        return out.reshape(n, side, side, 3, c.patch, c.patch).permute(0, 3, 1, 4, 2, 5).reshape(x.shape)
+        return self.unembed_patches(h, cond, x.shape)
