@@ -10,7 +10,9 @@ only). For each seed s (model training, projection, query generations):
    featurize its training set (projection seed s);
 2. per concept c, generate --learn-queries images of prompts that specify **only c**
    (the other factors null / neutral words; seeded) — the queries c's weights are
-   learned from, unlabeled: the agreement objective uses the prompts, never a training label;
+   learned from, unlabeled: the agreement objective uses the prompts, never a training label
+   (--learn-prompts random: one set of random full prompts for every concept, as the first
+   version of this bench did);
 3. generate the evaluation queries: every withheld subject × style combination × every
    background, --eval-repeats times, i.e. combinations the model never saw;
 4. per concept c, one partition per weighting, queried with m_c: uniform weights, and
@@ -18,6 +20,8 @@ only). For each seed s (model training, projection, query generations):
    ``agreement``). precision@k = the fraction of a query's top-k training images whose
    factor c equals the query's prompt value; recall@k = those hits over min(k, training
    images with that value); chance = the training frequency of the value.
+
+--keep-embeddings keeps the diffusion task's embedding groups (the first version's setting).
 
 Prints per task the mean ± std over seeds of the per-seed mean precision (then recall),
 writes every number as JSON (--json) and, with --plot, each task's first-seed agreement
@@ -56,17 +60,21 @@ def run_seed(task_name: str, seed: int, root: Path, args) -> tuple[dict, dict, d
     started = time.perf_counter()
     task = load_task(task_name, {**args.task_option, "seed": seed})
     model = task.load_model(None)
-    rules = tuple(GroupRule.parse(rule) for rule in EMBEDDING_RULES.get(task_name, ()))
+    rules = () if args.keep_embeddings else tuple(GroupRule.parse(r) for r in EMBEDDING_RULES.get(task_name, ()))
     config = FeaturizeConfig(projection=ProjectionConfig(seed=seed), group_rules=rules)
     store = featurize(task, root / f"{task_name}-{seed}", config, overwrite=True, show_progress=False)
-    prompts = task.heldout_prompts() * args.eval_repeats
-    eval_queries = task.generate(model, prompts, seed=seed)
+    eval_queries = task.generate(model, task.heldout_prompts() * args.eval_repeats, seed=seed)
     train_ids, train_meta = store.read_metadata()
     query_meta = task.metadata(eval_queries)
     results, weights, diagnostic = {}, {}, {}
+    random_queries = None
+    if args.learn_prompts == "random":
+        random_queries = task.sample_queries(model, args.learn_queries, seed=1000 + seed)
     for concept in task.concepts:
-        learn_queries = task.generate(model, task.concept_prompts(concept, args.learn_queries, seed=1000 + seed),
-                                      seed=1000 + seed)
+        learn_queries = random_queries
+        if learn_queries is None:
+            prompts = task.concept_prompts(concept, args.learn_queries, seed=1000 + seed)
+            learn_queries = task.generate(model, prompts, seed=1000 + seed)
         for variant in ("uniform", *args.methods):
             if variant == "uniform":
                 w = GroupWeights.uniform(concept, store.groups)
@@ -112,11 +120,15 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=[m for m in ("snr", "ssl", "agreement") if m in METHODS],
                         choices=METHODS)
     parser.add_argument("--learn-queries", type=int, default=120, help="generations per concept to learn from")
+    parser.add_argument("--learn-prompts", choices=("concept", "random"), default="concept",
+                        help="learn from prompts naming only the concept (default) or random full prompts")
+    parser.add_argument("--keep-embeddings", action="store_true", help="keep the diffusion task's embedding groups")
     parser.add_argument("--eval-repeats", type=int, default=2, help="generations per held-out prompt")
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--out", default=None, help="keep the stores here (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="write every per-seed number here")
-    parser.add_argument("--plot", default=None, help="PNG prefix: TASK's first-seed agreement weights -> PREFIX-TASK.png")
+    parser.add_argument("--plot", default=None,
+                        help="PNG of the first seed's agreement weights (several tasks: NAME-TASK.png)")
     parser.add_argument("--diagnostic", action="store_true", help="each group's own precision@k (uses labels)")
     parser.add_argument("--task-option", nargs="*", default=[], metavar="KEY=VALUE",
                         help="options for every task (a smoke run: num_train=64 steps=20 width=16 depth=1)")
@@ -136,7 +148,9 @@ def main() -> None:
                 diagnostics.append(diagnostic)
                 if args.plot and seed == args.seeds[0] and "agreement" in args.methods:
                     groups = list(weights[(concepts[0], "agreement")].weights)
-                    path = f"{args.plot}-{task_name}.png"
+                    path = Path(args.plot)
+                    if len(args.tasks) > 1:
+                        path = path.with_name(f"{path.stem}-{task_name}{path.suffix}")
                     write_weights_chart(path, [weights[(c, "agreement")] for c in concepts], groups)
                     print(f"wrote {path}")
                 dump.setdefault(task_name, []).append({
