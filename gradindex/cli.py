@@ -6,6 +6,7 @@ exit status 2. Progress bars go to stderr; results to stdout.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -22,14 +23,63 @@ _LEARN, _LDS = LearnConfig(), LDSConfig()  # defaults shown by the flags
 
 
 class _Group(click.Group):
-    """Turns expected errors into one line on stderr and exit status 2."""
+    """Turns expected errors into one line on stderr and exit status 2: gradindex's own
+    (:class:`GradIndexError`), click's usage errors, errors raised inside a user's task code
+    (naming the hook and the user's file:line) and operating-system errors (a read-only folder,
+    a full disk). Anything else is a bug in gradindex and keeps its traceback."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as err:
+            if isinstance(err, _HELP):
+                raise
+            _fail(_usage_line(err))
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except GradIndexError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(2)
+            _fail(str(err))
+        except click.UsageError as err:
+            if isinstance(err, _HELP):
+                raise
+            _fail(_usage_line(err))
+        except (click.exceptions.Exit, click.Abort):
+            raise
+        except (Exception, SystemExit) as err:
+            task_module = sys.modules.get("gradindex.task")  # not imported: no task code ran (and no torch)
+            message = task_module.task_code_error(err) if task_module is not None else None
+            if message is None and isinstance(err, OSError) and err.errno != errno.EPIPE:  # click handles EPIPE
+                message = _os_error_line(err)
+            if message is None and isinstance(err, ValueError) and "null byte" in str(err):
+                message = "a path or argument contains a NUL byte (\\x00)"
+            if message is None and isinstance(err, EOFError):
+                message = f"unexpected end of data ({err or 'a truncated or empty input file?'})"
+            if message is None:
+                raise
+            _fail(message)
+
+
+def _fail(message: str) -> None:
+    click.echo("error: " + " ".join(message.split()), err=True)
+    sys.exit(2)
+
+
+_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # a bare group prints its help (click >= 8.2)
+
+
+def _usage_line(err: click.UsageError) -> str:
+    where = err.ctx.command_path if err.ctx is not None else "gradindex"
+    return f"{where}: {err.format_message()} (see {where} --help)"
+
+
+def _os_error_line(err: OSError) -> str:
+    """``PATH: No space left on device`` and the like (the error's own text when it names no file)."""
+    target = err.filename if err.filename is not None else ""
+    reason = err.strerror or str(err) or type(err).__name__
+    return f"{target}: {reason}" if target else f"{type(err).__name__}: {reason}"
 
 
 def _parse_pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
@@ -85,8 +135,16 @@ proj_options = [
                  help="Side of each stacked Kronecker head for linear/conv/embedding blocks "
                       "(√proj-dim: one LoGra Kronecker product)."),
 ]
-device_option = click.option("--device", default="cpu", show_default=True,
-                             help="Torch device for gradients (cpu, cuda, cuda:1, ...).")
+
+
+def _device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from gradindex.config import parse_device
+
+    return parse_device(value, "--device", allow_auto=True)
+
+
+device_option = click.option("--device", default="cpu", show_default=True, callback=_device,
+                             help="Torch device for gradients (cpu, cuda, cuda:1, mps, auto = cuda if present).")
 
 
 preconditioner_options = [
@@ -104,6 +162,25 @@ ray_option = click.option("--ray", "ray_address", is_flag=False, flag_value="loc
                           help="Run on Ray (pip install 'gradindex[ray]'): bare --ray starts a local cluster bound "
                                "to 127.0.0.1; ADDRESS (auto, HOST:PORT, ray://HOST:PORT) joins a running one. "
                                "Put it after the positional arguments.")
+
+
+def _timeout(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    from gradindex.config import require_number
+
+    return require_number(value, "--ray-timeout", above=0)
+
+
+ray_timeout_option = click.option("--ray-timeout", type=float, default=30.0, show_default=True, metavar="SECONDS",
+                                  callback=_timeout,
+                                  help="With --ray ADDRESS: give up when nothing answers there within this time.")
+
+
+def _connect_ray(address: str | None, timeout: float) -> None:
+    """The install hint and an unreachable address as one line, before any work."""
+    from gradindex.distributed import check_ray_address, import_ray
+
+    import_ray()
+    check_ray_address(address, timeout)
 
 
 def _apply(options):
@@ -158,9 +235,11 @@ def demo(ctx, task_spec: str, out: Path, k: int, num_queries: int, task_options,
     result = run_demo(task_spec, out, k=k, num_queries=num_queries, device=device, show_progress=_progress(ctx),
                       task_options=_task_options(task_options))
     for query in result.queries:
-        click.echo(f"\nquery {query['query']} ({query['caption']}): top-{k} training examples")
-        _echo_table([{"rank": r["rank"], "sample_id": r["sample_id"], "score": r["score"], "example": r["caption"]}
-                     for r in query["results"]])
+        caption = f" ({query['caption']})" if query["caption"] else ""
+        click.echo(f"\nquery {query['query']}{caption}: top-{k} training examples")
+        captions = any(r["caption"] for r in query["results"])
+        _echo_table([{"rank": r["rank"], "sample_id": r["sample_id"], "score": r["score"],
+                      **({"example": r["caption"]} if captions else {})} for r in query["results"]])
     if result.concept_precision:
         click.echo(f"\nper concept: fraction of each query's top-{k} sharing its value")
         _echo_table([{"concept": c, f"precision@{k}": p} for c, p in result.concept_precision.items()])
@@ -231,6 +310,7 @@ def groups(task_spec, task_options, checkpoint, group_rules, proj_dim, group_dim
               help="Add TASK's training examples missing from the existing store at --out as new shards (store's "
                    "config and checkpoint; projection options are ignored); then `build-index --update`.")
 @ray_option
+@ray_timeout_option
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="With --ray: at most this many workers (default: one per GPU, or per --cpus-per-worker CPUs).")
 @click.option("--cpus-per-worker", type=click.IntRange(min=1), default=1, show_default=True,
@@ -239,8 +319,8 @@ def groups(task_spec, task_options, checkpoint, group_rules, proj_dim, group_dim
               help="With --ray: times a shard is redone on a fresh worker after its worker died.")
 @click.pass_context
 def featurize(ctx, task_spec, out, task_options, checkpoint, group_rules, proj_dim, group_dims, proj_kind, seed,
-              factor_dim, dtype, batch_size, shard_size, device, limit, overwrite, resume, append, ray_address, workers,
-              cpus_per_worker, max_retries) -> None:
+              factor_dim, dtype, batch_size, shard_size, device, limit, overwrite, resume, append, ray_address,
+              ray_timeout, workers, cpus_per_worker, max_retries) -> None:
     """Compute per-example projected gradients of TASK's training set into a store.
 
     With --ray the shards are computed by Ray workers (--device auto: one per GPU when
@@ -268,9 +348,9 @@ def featurize(ctx, task_spec, out, task_options, checkpoint, group_rules, proj_d
         store = run_featurize(task, out, config, checkpoint=checkpoint, device=device, overwrite=overwrite,
                               resume=resume, limit=limit, show_progress=_progress(ctx))
     else:
-        from gradindex.distributed import featurize_ray, import_ray
+        from gradindex.distributed import featurize_ray
 
-        import_ray()  # the install hint before any work
+        _connect_ray(ray_address, ray_timeout)
         task = load_task(task_spec, _task_options(task_options))
         store = featurize_ray(task, out, config, checkpoint=checkpoint, device=device, overwrite=overwrite,
                               resume=resume, limit=limit, address=ray_address, workers=workers,
@@ -461,17 +541,24 @@ def eval_group() -> None:
 def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, workers, inputs, concept, damping,
              as_json, device) -> None:
     """LDS of STORE's attributions (uniform, each group alone, learned) against retrained models."""
+    from gradindex.config import MAX_WORKERS, check_damping, require_positive
+    from gradindex.devices import resolve_device
     from gradindex.lds import lds_report, retrain
     from gradindex.query_features import check_concept, load_store_task
     from gradindex.store import FeatureStore
+    from gradindex.task import default_queries, require_training_routine
 
     config = LDSConfig(num_models=num_models, fraction=fraction, seed=seed, training_seed=training_seed)
+    check_damping(damping, "--damping")
+    require_positive(workers, "--workers", maximum=MAX_WORKERS)
+    resolve_device(device, "--device")
     store = FeatureStore.open(store_path)
     task = load_store_task(store)
     check_concept(task, concept)
+    require_training_routine(task, "eval lds")  # up front: before any model is trained
+    queries = default_queries(task) if inputs is None else task.load_queries(inputs)
     retrained = retrain(task, cache or store.path / "lds", config, queries_file=inputs, workers=workers,
-                        show_progress=_progress(ctx))
-    queries = task.query_dataset() if inputs is None else task.load_queries(inputs)
+                        show_progress=_progress(ctx), queries=queries)
     rows = lds_report(store, retrained, queries, concept=concept, damping=damping, device=device)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -491,19 +578,31 @@ def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, 
 @device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Queries per backward pass.")
 @_apply(search_options)
+@click.option("--all", "all_scores", is_flag=True,
+              help="Every score, not the top-k: the full [queries, training examples] matrix, computed exactly "
+                   "from the store (no index needed) and written to --out.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --all: scores.npy ([queries, N] float32; sample ids in scores.sample_ids.npy) or "
+                   "scores.parquet (a row per training example: sample_id, scores[queries]).")
 @ray_option
+@ray_timeout_option
 @click.option("--actors", type=click.IntRange(min=1), default=None,
               help="With --ray: at most this many actors holding the index parts (default: one per part, "
                    "at most one per GPU or CPU slot).")
 def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_size, nprobe, ef_search, rerank,
-          no_prune, ray_address, actors) -> None:
+          no_prune, all_scores, out, ray_address, ray_timeout, actors) -> None:
     """Top-k training examples of STORE for every query in --inputs.
 
+    With --all, every score instead (--out scores.npy|scores.parquet), under the concept's
+    index setting (or its weights' setting when no index is built).
     With --ray the parts of the concept's index (IndexConfig.shards_per_part) are held by Ray actors,
     each query fans out to them and their top-k are merged: the same results as without.
     """
     from gradindex.query import Attributor, metadata_lookup, result_records
 
+    if all_scores or out is not None:
+        _query_all(store_path, inputs, concept, checkpoint, device, batch_size, out, all_scores, ray_address)
+        return
     if k < 1:
         raise ConfigError(f"-k: expected a positive integer, got {k}")
     search = _search_config(nprobe, ef_search, rerank, no_prune)
@@ -511,9 +610,7 @@ def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_siz
     if ray_address is None:
         attributor = Attributor.open(store_path, concept=concept, checkpoint=checkpoint, device=device, search=search)
     else:
-        from gradindex.distributed import import_ray
-
-        import_ray()  # the install hint before any work
+        _connect_ray(ray_address, ray_timeout)
         from gradindex.index.ray_search import open_ray_attributor
 
         attributor = open_ray_attributor(store_path, concept=concept, checkpoint=checkpoint, device=device,
@@ -525,10 +622,27 @@ def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_siz
         if as_json:
             click.echo(json.dumps(record))
         else:
-            click.echo(f"query {q}: {attributor.task.describe(queries[q])}")
+            caption = attributor.task.describe(queries[q])
+            click.echo(f"query {q}: {caption}" if caption else f"query {q}")
             _echo_table(record["results"])
             click.echo("")
     attributor.close()
+
+
+def _query_all(store_path, inputs, concept, checkpoint, device, batch_size, out, all_scores, ray_address) -> None:
+    from gradindex.query import all_scores as compute_all
+    from gradindex.store import FeatureStore, check_score_path, score_ids_path, write_score_matrix
+
+    if not all_scores or out is None:
+        raise ConfigError("--all and --out go together: query STORE --inputs FILE --all --out scores.npy")
+    if ray_address is not None:
+        raise ConfigError("--all computes the scores here from the store; drop --ray")
+    check_score_path(out)
+    store = FeatureStore.open(store_path)
+    count, blocks = compute_all(store, inputs, concept, checkpoint=checkpoint, device=device, batch_size=batch_size)
+    path = write_score_matrix(out, count, store.num_samples, blocks)
+    where = f"; sample ids in {score_ids_path(path)}" if path.suffix == ".npy" else ""
+    click.echo(f"{path}: scores of {count} queries x {store.num_samples} training examples (float32){where}")
 
 
 @main.command()
@@ -657,13 +771,20 @@ def info(store_path, as_json) -> None:
         rows.append(row)
     _echo_table(rows)
     for concept, learned in summary["learned_weights"].items():
-        click.echo(f"weights {concept!r}: {learned['method']} for {learned['preconditioner']} "
-                   f"(damping {learned['damping']}), {learned['num_queries']} queries x "
+        click.echo(f"weights {concept!r}: {learned['method']} for {_setting(learned)}, "
+                   f"{learned['num_queries']} queries x "
                    f"{learned['reference_size']} examples, mean SNR {learned['snr_uniform']:.3f} "
                    f"(uniform) -> {learned['snr_learned']:.3f}")
     for concept, index in summary["indexes"].items():
-        click.echo(f"index {concept!r}: {index['kind']}, {index['preconditioner']} "
-                   f"(damping {index['damping']}), {index['ntotal']} vectors in {index['parts']} part(s)")
+        click.echo(f"index {concept!r}: {index['kind']}, {_setting(index)}, "
+                   f"{index['ntotal']} vectors in {index['parts']} part(s)")
+
+
+def _setting(config: dict[str, Any]) -> str:
+    """``gram (damping 0.1)`` or ``identity``: the damping only where it applies."""
+    if config.get("preconditioner") == "gram":
+        return f"gram (damping {config.get('damping')})"
+    return str(config.get("preconditioner"))
 
 
 @eval_group.command("recall")

@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import math
 import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,20 @@ class Balance(enum.Enum):
 
 AUTO_FLAT_LIMIT = 100_000_000  # N·D up to which `auto` builds an exact flat index
 
+#: Widest vector FAISS reads back: ``read_index`` refuses d > 2^20 (faiss/impl/index_read.cpp; checked
+#: with faiss 1.15: d = 2^20 reads back, 2^20 + 1 does not), so a wider store could be built but never queried.
+MAX_INDEX_DIM = 1 << 20
+
+
+def check_index_dim(dim: int, where: str) -> None:
+    """A one-line error when a store of dimension ``dim`` could not be indexed (see :data:`MAX_INDEX_DIM`)."""
+    if dim > MAX_INDEX_DIM:
+        raise ConfigError(
+            f"{where}: the features would have {dim:,} dimensions, more than the {MAX_INDEX_DIM:,} (2^20) a FAISS "
+            "index can hold and read back; project them (--proj-kind gaussian --proj-dim 256, or --group-dim "
+            "for the widest groups) instead of --proj-kind identity"
+        )
+
 
 def parse_enum(enum_type: type[enum.Enum], value: Any, field_name: str) -> enum.Enum:
     """Turn a string (or an Enum member) into ``enum_type``, naming ``field_name`` on error."""
@@ -71,12 +86,77 @@ def parse_enum(enum_type: type[enum.Enum], value: Any, field_name: str) -> enum.
         raise ConfigError(f"{field_name}: expected one of {choices}, got {value!r}") from None
 
 
-def require_positive(value: Any, field_name: str, numpy_ok: bool = False) -> None:
+def require_positive(value: Any, field_name: str, numpy_ok: bool = False, maximum: int | None = None) -> None:
     """One-line ``ConfigError`` unless ``value`` is a positive ``int`` (never a bool; with
-    ``numpy_ok`` numpy integers pass too, e.g. a ``k`` computed from array shapes)."""
+    ``numpy_ok`` numpy integers pass too, e.g. a ``k`` computed from array shapes), at most ``maximum``."""
     kind = numbers.Integral if numpy_ok else int
     if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
         raise ConfigError(f"{field_name}: expected a positive integer, got {value!r}")
+    require_at_most(value, maximum, field_name)
+
+
+def require_at_most(value: Any, maximum: int | None, field_name: str) -> None:
+    """One-line ``ConfigError`` when an integer knob exceeds what the stage can honour (memory, FAISS's C ints)."""
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{field_name}: expected at most {maximum:,}, got {value!r}")
+
+
+#: Upper bounds of integer knobs: beyond them a value only exhausts memory or time (or overflows FAISS's
+#: 32-bit C ints), never helps.
+INT32_MAX = 2**31 - 1
+MAX_NLIST = 1 << 16  # direction cells per norm band
+MAX_BANDS = 32  # the top band would hold 2^-31 of the norms
+MAX_HNSW_M = 512
+MAX_EF = 1 << 16  # HNSW beam widths (efConstruction, efSearch)
+MAX_STEPS = 100_000  # weight-learning Adam steps
+MAX_MODELS = 100_000  # LDS retrained models
+MAX_WORKERS = 1024  # local training processes
+
+
+def require_number(value: Any, field_name: str, minimum: float | None = None, maximum: float | None = None,
+                   above: float | None = None, below: float | None = None) -> float:
+    """``value`` as a finite ``float``, or a one-line ``ConfigError`` naming ``field_name``.
+
+    ``minimum``/``maximum`` are inclusive bounds, ``above``/``below`` exclusive ones. Bools,
+    strings, NaN and ±inf are refused everywhere.
+    """
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+    ok = ok and (above is None or value > above) and (below is None or value < below)
+    if not ok:
+        bounds = [f">= {minimum:g}" if minimum is not None else "", f"> {above:g}" if above is not None else "",
+                  f"<= {maximum:g}" if maximum is not None else "", f"< {below:g}" if below is not None else ""]
+        wanted = " and ".join(b for b in bounds if b)
+        raise ConfigError(f"{field_name}: expected a finite number{' ' + wanted if wanted else ''}, got {value!r}")
+    return float(value)
+
+
+#: Largest relative Gram damping accepted: far beyond it (G + λI)⁻¹ is λ⁻¹·I to float precision, and
+#: λ = damping · trace(G)/k would overflow float64 for huge values.
+MAX_DAMPING = 1e6
+
+
+def check_damping(value: Any, field_name: str = "damping") -> float:
+    """The Gram damping (relative to each group's mean eigenvalue): a finite number in [0, MAX_DAMPING].
+
+    The one place every stage (IndexConfig, LearnConfig, LDS rows, the CLI) validates it.
+    """
+    return require_number(value, field_name, minimum=0, maximum=MAX_DAMPING)
+
+
+#: Torch device types a ``--device`` may name (``TYPE`` or ``TYPE:INDEX``).
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def parse_device(value: Any, field_name: str = "device", allow_auto: bool = False) -> str:
+    """A torch device string (``cpu``, ``cuda``, ``cuda:1``, ``mps``; ``auto`` where allowed),
+    checked for its syntax only; :func:`gradindex.devices.resolve_device` checks that it exists."""
+    kinds = "|".join(DEVICE_TYPES)
+    if isinstance(value, str) and (re.fullmatch(rf"(?:{kinds})(?::\d{{1,4}})?", value)
+                                   or (allow_auto and value == "auto")):
+        return value
+    choices = ", ".join([*DEVICE_TYPES, "cuda:N", *(["auto"] if allow_auto else [])])
+    raise ConfigError(f"{field_name}: expected a torch device ({choices}), got {value!r}")
 
 
 class _Config:
@@ -165,14 +245,14 @@ class ProjectionConfig(_Config):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", parse_enum(ProjectionKind, self.kind, "ProjectionConfig.kind"))
-        require_positive(self.proj_dim, "ProjectionConfig.proj_dim")
+        require_positive(self.proj_dim, "ProjectionConfig.proj_dim", maximum=MAX_INDEX_DIM)
         pairs = tuple(tuple(item) for item in self.group_dims)
         for item in pairs:
             if len(item) != 2 or not isinstance(item[0], str):
                 raise ConfigError(f"ProjectionConfig.group_dims: expected (group, dim) pairs, got {item!r}")
-            require_positive(item[1], f"ProjectionConfig.group_dims[{item[0]!r}]")
+            require_positive(item[1], f"ProjectionConfig.group_dims[{item[0]!r}]", maximum=MAX_INDEX_DIM)
         object.__setattr__(self, "group_dims", pairs)
-        require_positive(self.factor_dim, "ProjectionConfig.factor_dim")
+        require_positive(self.factor_dim, "ProjectionConfig.factor_dim", maximum=MAX_INDEX_DIM)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"ProjectionConfig.seed: expected a non-negative integer, got {self.seed!r}")
 
@@ -245,17 +325,17 @@ class IndexConfig(_Config):
             self, "preconditioner", parse_enum(Preconditioner, self.preconditioner, "IndexConfig.preconditioner")
         )
         object.__setattr__(self, "balance", parse_enum(Balance, self.balance, "IndexConfig.balance"))
-        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not self.damping >= 0:
-            raise ConfigError(f"IndexConfig.damping: expected a non-negative number, got {self.damping!r}")
-        object.__setattr__(self, "damping", float(self.damping))
+        object.__setattr__(self, "damping", check_damping(self.damping, "IndexConfig.damping"))
         if self.device not in ("cpu", "cuda", "auto"):
             raise ConfigError(f"IndexConfig.device: expected cpu, cuda or auto, got {self.device!r}")
+        limits = {"nlist": MAX_NLIST, "bands": MAX_BANDS, "pq_bytes": MAX_INDEX_DIM, "seed": INT32_MAX - 1}
         for name in ("nlist", "bands", "pq_bytes", "train_size", "shards_per_part", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"IndexConfig.{name}: expected a non-negative integer (0 = auto), got {value!r}")
-        require_positive(self.hnsw_m, "IndexConfig.hnsw_m")
-        require_positive(self.ef_construction, "IndexConfig.ef_construction")
+            require_at_most(value, limits.get(name), f"IndexConfig.{name}")
+        require_positive(self.hnsw_m, "IndexConfig.hnsw_m", maximum=MAX_HNSW_M)
+        require_positive(self.ef_construction, "IndexConfig.ef_construction", maximum=MAX_EF)
         if self.keep_vectors not in (None, True, False):
             raise ConfigError(f"IndexConfig.keep_vectors: expected true, false or null, got {self.keep_vectors!r}")
 
@@ -270,10 +350,12 @@ class SearchConfig(_Config):
     prune: bool = True  # skip norm bands whose bound ‖q‖·max‖x‖ cannot beat the current k-th score
 
     def __post_init__(self) -> None:
+        limits = {"nprobe": MAX_NLIST, "ef_search": MAX_EF, "rerank": INT32_MAX}
         for name in ("nprobe", "ef_search", "rerank"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"SearchConfig.{name}: expected a non-negative integer (0 = default), got {value!r}")
+            require_at_most(value, limits[name], f"SearchConfig.{name}")
         if not isinstance(self.prune, bool):
             raise ConfigError(f"SearchConfig.prune: expected true or false, got {self.prune!r}")
 
@@ -301,10 +383,8 @@ class LDSConfig(_Config):
     training_seed: int | None = None
 
     def __post_init__(self) -> None:
-        require_positive(self.num_models, "LDSConfig.num_models")
-        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) or not 0 < self.fraction < 1:
-            raise ConfigError(f"LDSConfig.fraction: expected a number in (0, 1), got {self.fraction!r}")
-        object.__setattr__(self, "fraction", float(self.fraction))
+        require_positive(self.num_models, "LDSConfig.num_models", maximum=MAX_MODELS)
+        object.__setattr__(self, "fraction", require_number(self.fraction, "LDSConfig.fraction", above=0, below=1))
         _require_seed(self.seed, "LDSConfig.seed")
         if self.training_seed is not None:
             _require_seed(self.training_seed, "LDSConfig.training_seed")
@@ -353,15 +433,15 @@ class LearnConfig(_Config):
         object.__setattr__(self, "method", parse_enum(LearnMethod, self.method, "LearnConfig.method"))
         object.__setattr__(self, "example_norm", parse_enum(ExampleNorm, self.example_norm, "LearnConfig.example_norm"))
         for name in ("num_queries", "reference_size", "top_k", "steps"):
-            require_positive(getattr(self, name), f"LearnConfig.{name}")
-        for name in ("damping", "regularization", "lr"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ConfigError(f"LearnConfig.{name}: expected a non-negative number, got {value!r}")
-            object.__setattr__(self, name, float(value))
-        if self.lr == 0:
-            raise ConfigError("LearnConfig.lr: expected a positive number, got 0")
+            require_positive(getattr(self, name), f"LearnConfig.{name}", maximum=MAX_STEPS if name == "steps" else None)
+        object.__setattr__(self, "damping", check_damping(self.damping, "LearnConfig.damping"))
+        object.__setattr__(self, "regularization", require_number(self.regularization, "LearnConfig.regularization",
+                                                                  minimum=0))
+        object.__setattr__(self, "lr", require_number(self.lr, "LearnConfig.lr", above=0))
         _require_seed(self.seed, "LearnConfig.seed")
+        if self.top_k >= self.reference_size:
+            raise ConfigError(f"LearnConfig.top_k: expected fewer than reference_size ({self.reference_size}) "
+                              f"training examples, got {self.top_k} (the top-k would be the whole sample: SNR 0)")
 
 
 @dataclass(frozen=True)

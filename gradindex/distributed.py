@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from gradindex.config import FeaturizeConfig
+from gradindex.config import FeaturizeConfig, check_index_dim, require_number
 from gradindex.errors import ConfigError, GradIndexError, MissingDependencyError, StoreMismatchError
 from gradindex.featurize import commit_store, featurize_shard, group_entries, prepare_run
 from gradindex.gradients import GradientProjector
@@ -104,6 +104,35 @@ def local_ray(num_cpus: int | None = None, **init_args: Any) -> Iterator[Any]:
             ray.shutdown()
 
 
+#: Seconds to wait for a Ray cluster address to accept a connection (``--ray-timeout``).
+CONNECT_TIMEOUT = 30.0
+
+
+def check_ray_address(address: str | None, timeout: float = CONNECT_TIMEOUT) -> None:
+    """A one-line :class:`ConfigError` unless something accepts TCP connections at ``address``
+    (``HOST:PORT`` or ``ray://HOST:PORT``) within ``timeout`` seconds; ``None``, ``local`` and
+    ``auto`` are not probed (``auto`` fails fast by itself). Ray's own connect retries for
+    minutes; this makes an unreachable address an error within ``timeout``."""
+    import socket
+
+    if address in (None, "", "local", "auto"):
+        return
+    timeout = require_number(timeout, "--ray-timeout", above=0)
+    text = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--ray {address!r}: expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as err:
+        reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or type(err).__name__)
+        raise ConfigError(f"--ray {address}: no Ray cluster answers there ({reason} within {timeout:g} s); start "
+                          "one with `ray start --head`, check the address, or use a bare --ray for a local "
+                          "cluster") from None
+
+
 @contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[Any]:
     """A connected ``ray`` module.
@@ -120,7 +149,11 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         with local_ray(num_cpus, log_to_driver=False) as ray:
             yield ray
     else:
-        ray.init(address=address, log_to_driver=False)
+        check_ray_address(address)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except ConnectionError as err:
+            raise ConfigError(f"--ray {address}: cannot connect ({' '.join(str(err).split())})") from None
         try:
             yield ray
         finally:
@@ -213,6 +246,7 @@ def featurize_ray(
     started = time.perf_counter()
     with GradientProjector(run.model, run.groups, config.projection, cpu) as projector:
         group_dims = projector.group_dims()
+        check_index_dim(sum(group_dims.values()), "featurize")
         groups = group_entries(run.groups, projector)
     shards = run.shards(config.shard_size)
     kept: dict[int, ShardInfo] = {}

@@ -20,9 +20,10 @@ import torch
 from gradindex.config import require_positive
 from gradindex.errors import ConfigError
 from gradindex.index import TopK
-from gradindex.query import Attributor
+from gradindex.query import Attributor, stored_vector_blocks
 from gradindex.query_features import load_store_task
 from gradindex.store import FeatureStore
+from gradindex.task import default_queries
 
 
 def exact_topk(queries: np.ndarray, blocks: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> TopK:
@@ -66,14 +67,6 @@ class RecallResult:
         return dict(self.__dict__)
 
 
-def stored_vector_blocks(store: FeatureStore, weights) -> Iterable[tuple[np.ndarray, np.ndarray]]:
-    """``(sample_ids, v(x) = [√w_g φ_g(x)])`` of the store, shard by shard (exact-search input)."""
-    from gradindex.weights import scaled_vectors
-
-    for ids, feats, _ in store.iter_shards(store.groups):
-        yield np.array(ids), scaled_vectors(feats, weights, store.groups)
-
-
 def index_recall(store: FeatureStore, concept: str = "all", query_vectors: np.ndarray | None = None,
                  queries: Sequence | None = None, k: int = 10, search=None, device: str = "cpu",
                  num_queries: int | None = None) -> RecallResult:
@@ -89,7 +82,7 @@ def index_recall(store: FeatureStore, concept: str = "all", query_vectors: np.nd
     if query_vectors is None:
         attributor = Attributor(_featurizer(store, index, device), index)
         try:
-            dataset = queries if queries is not None else attributor.task.query_dataset()
+            dataset = queries if queries is not None else default_queries(attributor.task)
             if num_queries is not None:
                 dataset = torch.utils.data.Subset(dataset, range(min(num_queries, len(dataset))))
             query_vectors = attributor.query_vectors(dataset)
@@ -207,7 +200,7 @@ def evaluate_precision(
             f"{store.path}: no concept partition to evaluate (the task measures {list(task.concepts) or 'none'}, "
             f"built: {sorted(built) or 'none'}); run `gradindex build-index {store.path} --concept C`"
         )
-    queries = task.query_dataset() if queries is None else queries
+    queries = default_queries(task) if queries is None else queries
     query_meta = task.metadata(queries)
     train_ids, train_meta = store.read_metadata() if store.metadata_columns else (None, {})
     results = []

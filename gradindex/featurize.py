@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradindex.config import FeaturizeConfig, StorageDtype
+from gradindex.config import FeaturizeConfig, StorageDtype, check_index_dim
+from gradindex.devices import resolve_device
 from gradindex.errors import TaskError
 from gradindex.gradients import GradientProjector
 from gradindex.groups import ParameterGroup, parameter_groups
@@ -183,12 +184,13 @@ def featurize(
     show_progress: bool = True,
 ) -> FeatureStore:
     """Featurize the task's training set into a new store at ``out``."""
-    torch_device = torch.device(device)
+    torch_device = resolve_device(device)
     run = prepare_run(task, config, checkpoint, torch_device, limit)
     path = prepare_store(local_store_path(out), overwrite=overwrite, resume=resume)
     started = time.perf_counter()
     with GradientProjector(run.model, run.groups, config.projection, torch_device) as projector:
         group_dims = projector.group_dims()
+        check_index_dim(sum(group_dims.values()), "featurize")
         gram = GramAccumulator(group_dims, config.gram_max_dim)
         shards = []
         bar = tqdm(total=len(run.ids), desc="featurize", unit="ex", disable=not show_progress)
@@ -225,12 +227,17 @@ def featurize_rows(
     ``measurement(batch, model)`` replaces the training loss (query side).
     """
     compute = measurement or task.compute_train_loss
+    hook = getattr(compute, "__name__", "")
+    hook = f"{type(task).__name__}.{'concept_measurement' if hook == '<lambda>' else hook or 'measurement'}"
     rows = list(rows)
     parts: dict[str, list[np.ndarray]] = {}
     for offset in range(0, len(rows), batch_size):
         chunk = rows[offset : offset + batch_size]
         batch = task.to_device(make_batch(task, dataset, chunk), device)
-        feats = projector(lambda: compute(batch, model), verify=verify_first and offset == 0)
+        try:
+            feats = projector(lambda: compute(batch, model), verify=verify_first and offset == 0)
+        except TaskError as err:
+            raise TaskError(f"task hook {hook}: {err}") from None
         for group, block in feats.items():
             if block.shape[0] != len(chunk):
                 raise TaskError(f"the task returned {block.shape[0]} values for a batch of {len(chunk)} examples")

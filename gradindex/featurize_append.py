@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from gradindex.config import FeaturizeConfig
+from gradindex.devices import resolve_device
 from gradindex.errors import StoreMismatchError, TaskError
 from gradindex.featurize import _run_key, featurize_rows, prepare_run, storage_dtype
 from gradindex.gradients import GradientProjector
@@ -41,7 +41,7 @@ def featurize_append(
     store = FeatureStore.open(out)
     manifest = store.manifest
     config = FeaturizeConfig.from_dict(manifest["config"])
-    torch_device = torch.device(device)
+    torch_device = resolve_device(device)
     run = prepare_run(task, config, checkpoint or manifest.get("checkpoint"), torch_device, limit)
     if run.fingerprint != manifest["model_fingerprint"]:
         raise StoreMismatchError(f"{store.path}: featurize --append needs the store's checkpoint (other parameters)")

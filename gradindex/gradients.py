@@ -123,6 +123,10 @@ class GradientProjector:
                     raise TaskError(f"the task must return one scalar per example, shape [B]; got {shape}")
                 if not torch.isfinite(values).all():
                     raise TaskError("the task returned a non-finite loss or measurement (nan or inf)")
+                if not values.requires_grad:
+                    raise TaskError("the task's loss or measurement has no gradient: it does not depend on the "
+                                    "model's trainable parameters (computed under no_grad, detached, or from "
+                                    "another model?)")
         finally:
             self._recording = False
         # One backward to the recorded output edges gives every call's δ. Parameter gradients are

@@ -29,9 +29,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -41,13 +44,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradindex.config import DEFAULT_DAMPING, LDSConfig, Preconditioner, require_positive
-from gradindex.errors import ConfigError, StoreMismatchError, TaskError
+from gradindex.config import (
+    DEFAULT_DAMPING,
+    MAX_WORKERS,
+    LDSConfig,
+    Preconditioner,
+    check_damping,
+    require_positive,
+)
+from gradindex.errors import ConfigError, GradIndexError, StoreMismatchError, TaskError
 from gradindex.precondition import QueryPreconditioner
 from gradindex.projection import derive_seed
 from gradindex.query_features import QueryFeaturizer, measurement_function
 from gradindex.store import FeatureStore, atomic_write_json, temporary_path, write_arrays
-from gradindex.task import Task, load_task, make_batch
+from gradindex.task import Task, default_queries, load_task, make_batch, require_training_routine
 from gradindex.weights import GroupWeights
 
 logger = logging.getLogger(__name__)
@@ -143,6 +153,7 @@ def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Seque
     ``attribution``, ``preconditioner``, ``damping``, ``lds`` (mean over queries)
     and ``sem`` (its standard error).
     """
+    damping = check_damping(damping)
     featurizer = QueryFeaturizer.open(store, concept, Preconditioner.IDENTITY, device=device)
     try:
         raw = featurizer.group_features(queries, show_progress=show_progress)
@@ -230,19 +241,23 @@ def retrain(
     queries_file: str | Path | None = None,
     workers: int = 2,
     show_progress: bool = True,
+    queries: Sequence | None = None,
 ) -> RetrainedModels:
     """Train (or reuse) ``config.num_models`` subset models and measure the queries on each.
 
     Queries are the task's :meth:`~gradindex.task.Task.query_dataset`, or
-    ``task.load_queries(queries_file)``. Every concept of the task is measured
-    (``all`` plus ``task.concepts``). With ``workers > 1`` each worker rebuilds the
-    task from ``task.spec()``, so the task must be loadable by :func:`load_task`.
+    ``task.load_queries(queries_file)`` (``queries``: that dataset, already loaded).
+    Every concept of the task is measured (``all`` plus ``task.concepts``). With
+    ``workers > 1`` each worker rebuilds the task from ``task.spec()``, so the task
+    must be loadable by :func:`load_task`.
     """
-    require_positive(workers, "workers")
+    require_positive(workers, "workers", maximum=MAX_WORKERS)
+    require_training_routine(task, "LDS")
     cache = Path(cache)
     dataset = task.train_dataset()
     sample_ids = np.asarray(task.sample_ids(dataset), dtype=np.int64)
-    queries = task.query_dataset() if queries_file is None else task.load_queries(queries_file)
+    if queries is None:
+        queries = default_queries(task) if queries_file is None else task.load_queries(queries_file)
     concepts = ("all", *task.concepts)
     _open_cache(cache, task, config, sample_ids)
     key = dataset_key(task, queries)
@@ -258,22 +273,41 @@ def retrain(
             jobs.append(_Job(spec["task"], spec.get("options", {}), str(cache), j, indices, training_seed(config, j),
                              None if queries_file is None else str(queries_file), key, concepts))
     if jobs:
-        logger.info("LDS: %d of %d models to train or measure in %s", len(jobs), config.num_models, cache)
+        parallel = 1 if workers == 1 or len(jobs) == 1 else min(workers, len(jobs))
+        logger.info("LDS: training %d of %d models (each on %d of %d training examples) and measuring %d queries "
+                    "on each, %d at a time; cached in %s, so a rerun reuses them. A model takes about as long as "
+                    "training the task once; the time estimate follows the first model.", len(jobs),
+                    config.num_models, round(config.fraction * len(sample_ids)), len(sample_ids), len(queries),
+                    parallel, cache)
         bar = tqdm(total=config.num_models, initial=config.num_models - len(jobs), desc="retrain", unit="model",
                    disable=not show_progress)
-        if workers == 1 or len(jobs) == 1:
-            for job in jobs:
+        started = time.perf_counter()
+
+        def finished(done: int) -> None:
+            bar.update(1)
+            if done == 1 and len(jobs) > 1:
+                seconds = (time.perf_counter() - started) * (len(jobs) - 1) / parallel
+                logger.info("LDS: first model done in %.0f s; about %.0f min for the other %d",
+                            time.perf_counter() - started, seconds / 60, len(jobs) - 1)
+
+        if parallel == 1:
+            for done, job in enumerate(jobs, start=1):
                 _run_job(job, task)
-                bar.update(1)
+                finished(done)
         else:
             _check_loadable(spec)
             threads = max(1, (os.cpu_count() or 1) // workers)
-            with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn"),
+            with ProcessPoolExecutor(max_workers=parallel, mp_context=get_context("spawn"),
                                      initializer=torch.set_num_threads, initargs=(threads,)) as pool:
                 futures = [pool.submit(_run_job, job) for job in jobs]
-                for future in as_completed(futures):
-                    future.result()
-                    bar.update(1)
+                for done, future in enumerate(as_completed(futures), start=1):
+                    try:
+                        future.result()
+                    except GradIndexError:
+                        raise
+                    except Exception as err:  # the task's code failed in a worker: one line, not its traceback
+                        raise TaskError(f"LDS worker: {_worker_failure(err)}") from err
+                    finished(done)
         bar.close()
     measurements = {c: np.zeros((config.num_models, len(queries))) for c in concepts}
     for j in range(config.num_models):
@@ -301,7 +335,7 @@ def _run_job(job: _Job, task: Task | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     checkpoint = _checkpoint_in(folder)
     model = task.load_model(checkpoint).eval()
-    queries = task.query_dataset() if job.queries_file is None else task.load_queries(job.queries_file)
+    queries = default_queries(task) if job.queries_file is None else task.load_queries(job.queries_file)
     values = {c: measure(task, model, queries, c) for c in job.concepts}
     write_arrays(_measurement_path(cache, job.queries_key, job.model), values)
     return job.model
@@ -389,6 +423,23 @@ def _measurement_path(cache: Path, key: str, model: int) -> Path:
 
 def _positions(sample_ids: np.ndarray) -> dict[int, int]:
     return {int(i): p for p, i in enumerate(sample_ids)}
+
+
+def _worker_failure(err: BaseException) -> str:
+    """What failed in a worker process, with the innermost frame outside gradindex and the
+    standard library (the task's own file:line) when the worker's traceback names one."""
+    if isinstance(err, BrokenProcessPool):
+        return ("a training process died (the task's train() or load_model() called sys.exit, crashed or ran out "
+                "of memory); rerun with --workers 1 to see where")
+    text = " ".join(str(err).split())
+    what = f"{type(err).__name__}" + (f": {text[:300]}" if text else "")
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', str(getattr(err.__cause__, "tb", "")))
+    package, library = str(Path(__file__).parent), str(Path(os.__file__).parent)
+    own = [f for f in frames if not f[0].startswith((package, library)) and "<frozen" not in f[0]]
+    if own:
+        file, line, function = own[-1]
+        return f"task code ({function}) raised {what} ({file}:{line})"
+    return what
 
 
 def _check_loadable(spec: Mapping[str, Any]) -> None:

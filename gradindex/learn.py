@@ -65,6 +65,7 @@ from gradindex.errors import ConfigError
 from gradindex.projection import derive_seed
 from gradindex.query_features import QueryFeaturizer
 from gradindex.store import FeatureStore
+from gradindex.task import default_queries
 from gradindex.weights import GroupWeights, save_weights
 
 logger = logging.getLogger(__name__)
@@ -228,11 +229,14 @@ def learn_weights(
     """Learn ``concept``'s group weights from unlabeled queries (default: the task's held-out queries,
     ``task.concept_queries(concept)`` for a concept)."""
     started = time.perf_counter()
+    reference_size = min(config.reference_size, store.num_samples)
+    if config.top_k >= reference_size:
+        raise ConfigError(f"top_k {config.top_k}: expected fewer than the {reference_size} training examples of the "
+                          "reference sample (the top-k would be all of them, an SNR of 0); lower --top-k")
     featurizer = QueryFeaturizer.open(store, concept, config.preconditioner, config.damping, device=device)
     try:
         if queries is None:
-            task = featurizer.task
-            queries = task.query_dataset() if concept == "all" else task.concept_queries(concept)
+            queries = default_queries(featurizer.task, concept)
         chosen = query_sample(queries, config.num_queries, config.seed)
         method, values = _method_and_values(featurizer.task, queries, chosen, concept, config.method)
         query_features = featurizer.group_features(chosen, show_progress=show_progress)
@@ -241,6 +245,8 @@ def learn_weights(
     _, reference = reference_sample(store, config.reference_size, config.seed)
     groups = store.groups
     weights, diagnostics = fit_weights(score_matrices(query_features, reference, groups), config, values)
+    if not np.all(np.isfinite(weights)):
+        raise ConfigError(f"weight learning diverged (non-finite weights) with lr {config.lr:g}; lower --lr")
     info = {
         "method": method.value,
         "config": config.to_dict(),

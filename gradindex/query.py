@@ -1,7 +1,9 @@
 """Query stage: query inputs → query vectors ``u(q)`` → top-k training examples.
 
 In: a complete store with an index partition, the task's query inputs.
-Out: :class:`~gradindex.index.TopK` (scores ``[n, k]``, sample ids ``[n, k]``).
+Out: :class:`~gradindex.index.TopK` (scores ``[n, k]``, sample ids ``[n, k]``), or with
+:func:`all_scores` every score ``u(q)ᵀv(x)`` ``[n, N]``, computed exactly block by block
+from the store (no index needed).
 
 ``u(q) = [√w_g ψ_g(q)]`` with ``ψ_g(q) = −H_g⁻¹ P_g ∇m(q)``: the same groups,
 seeds and projections as the stored training features, the partition's
@@ -15,17 +17,20 @@ the store was built from.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gradindex.config import SearchConfig, require_positive
+from gradindex.config import DEFAULT_DAMPING, IndexConfig, Preconditioner, SearchConfig, require_positive
 from gradindex.index import GradIndex, TopK
-from gradindex.query_features import QueryFeaturizer
+from gradindex.query_features import QueryFeaturizer, load_store_task
 from gradindex.store import FeatureStore
-from gradindex.weights import scaled_vectors
+from gradindex.weights import GroupWeights, scaled_vectors
+
+logger = logging.getLogger(__name__)
 
 
 class Attributor:
@@ -120,3 +125,52 @@ def result_records(top: TopK, metadata: Mapping[str, np.ndarray]) -> list[dict[s
 
 def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
+
+
+def stored_vector_blocks(store: FeatureStore, weights: GroupWeights) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(sample_ids [b], v(x) = [√w_g φ_g(x)] [b, D])`` of the store, shard by shard (exact-search input)."""
+    for ids, feats, _ in store.iter_shards(store.groups):
+        yield np.array(ids), scaled_vectors(feats, weights, store.groups)
+
+
+def score_setting(store: FeatureStore, concept: str = "all") -> tuple[Preconditioner, float, GroupWeights]:
+    """The preconditioner, damping and weights that score ``concept``: its index partition's when
+    built (so the scores are the ones ``query`` ranks), else the setting its learned weights were
+    fit for, else the defaults (Gram, :data:`DEFAULT_DAMPING`, uniform weights)."""
+    entry = store.manifest.get("indexes", {}).get(concept)
+    if entry is not None and "config" in entry and "weights" in entry:
+        config = IndexConfig.from_dict(entry["config"])
+        weights = GroupWeights(concept, entry["weights"]["weights"], entry["weights"].get("info", {}))
+        return config.preconditioner, config.damping, weights
+    weights = GroupWeights.from_manifest(store.manifest, concept, store.groups)
+    learned = weights.info.get("config") or {}
+    preconditioner = Preconditioner(learned.get("preconditioner", Preconditioner.GRAM.value))
+    return preconditioner, float(learned.get("damping", DEFAULT_DAMPING)), weights
+
+
+def all_scores(store: FeatureStore, inputs: str | Path, concept: str = "all", checkpoint: str | Path | None = None,
+               device: str = "cpu", batch_size: int = 64) -> tuple[int, Iterator[tuple[np.ndarray, np.ndarray]]]:
+    """Every score of the queries in the ``inputs`` file against every stored training example.
+
+    Returns ``(n, blocks)``: the number of queries and an iterator of ``(sample_ids [b],
+    scores [n, b] float32)`` over the store's shards, in store order: exact ``u(q)ᵀv(x)``
+    under :func:`score_setting` (no index is read).
+    """
+    require_positive(batch_size, "batch_size")
+    preconditioner, damping, weights = score_setting(store, concept)
+    logger.info("scoring concept %r: %s%s, %s weights", concept, preconditioner.value,
+                f" (damping {damping:g})" if preconditioner is Preconditioner.GRAM else "",
+                weights.info.get("method", "learned"))
+    task = load_store_task(store)
+    queries = task.load_queries(inputs)
+    featurizer = QueryFeaturizer.open(store, concept, preconditioner, damping, checkpoint, device)
+    try:
+        vectors = scaled_vectors(featurizer.group_features(queries, batch_size), weights, featurizer.groups)
+    finally:
+        featurizer.close()
+
+    def blocks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for ids, stored in stored_vector_blocks(store, weights):
+            yield ids, vectors @ stored.T
+
+    return len(vectors), blocks()

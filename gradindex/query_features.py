@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gradindex.config import DEFAULT_DAMPING, FeaturizeConfig, Preconditioner
+from gradindex.devices import resolve_device
 from gradindex.errors import ConfigError, StoreMismatchError
 from gradindex.featurize import featurize_rows, resolve_groups
 from gradindex.gradients import GradientProjector
@@ -88,7 +89,7 @@ class QueryFeaturizer:
         store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
         task = load_store_task(store)
         check_concept(task, concept)
-        torch_device = torch.device(device)
+        torch_device = resolve_device(device)
         model = task.load_model(checkpoint or store.manifest.get("checkpoint")).to(torch_device).eval()
         fingerprint = model_fingerprint(model)
         if fingerprint != store.manifest["model_fingerprint"]:
@@ -102,6 +103,8 @@ class QueryFeaturizer:
     def group_features(self, dataset: Sequence, batch_size: int = 64,
                        show_progress: bool = False) -> dict[str, np.ndarray]:
         """``{group: −ψ_g(q) [n, k_g]}`` (float32) for every item of ``dataset``."""
+        if len(dataset) == 0:
+            raise ConfigError("no queries: the query inputs hold no items")
         with tqdm(total=len(dataset), desc="query features", unit="q", disable=not show_progress) as bar:
             feats = featurize_rows(self.task, self.model, dataset, range(len(dataset)), self.projector, batch_size,
                                    self.device, measurement=self.measurement, bar=bar)

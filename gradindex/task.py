@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -182,6 +183,28 @@ def _move(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def default_queries(task: Task, concept: str = "all") -> Sequence:
+    """``task.query_dataset()`` (a concept's: ``task.concept_queries(concept)`` where the task defines it),
+    or a one-line error asking for ``--inputs`` when the task has none."""
+    if concept != "all" and type(task).concept_queries is not Task.concept_queries:
+        return task.concept_queries(concept)
+    message = (f"task {type(task).__name__} defines no default queries (query_dataset()); "
+               "pass a query inputs file with --inputs FILE")
+    if type(task).query_dataset is Task.query_dataset:
+        raise ConfigError(message)
+    try:
+        return task.query_dataset()
+    except NotImplementedError:
+        raise ConfigError(message) from None
+
+
+def require_training_routine(task: Task, what: str = "LDS") -> None:
+    """A one-line error unless the task overrides :meth:`Task.train` (retraining needs it)."""
+    if type(task).train is Task.train:
+        raise ConfigError(f"task {type(task).__name__} defines no train(path, indices, seed); {what} needs to "
+                          "retrain the model on subsets of the training set, so it cannot run on this task")
+
+
 def make_batch(task: Task, dataset: Sequence, indices: Sequence[int] | np.ndarray) -> Any:
     """``task.collate`` of the given dataset positions.
 
@@ -202,6 +225,11 @@ def load_task(spec: str, options: dict[str, Any] | None = None) -> Task:
     if spec in BUILTIN_TASKS:
         module_name, class_name, defaults = BUILTIN_TASKS[spec]
         cls = getattr(importlib.import_module(module_name), class_name)
+        accepted = task_options(cls)
+        unknown = sorted(set(options) - set(accepted)) if accepted is not None else []
+        if unknown:
+            raise ConfigError(f"task {spec!r}: unknown option(s) {', '.join(unknown)}; it accepts "
+                              f"{', '.join(accepted) or 'no options'}")
         task = cls(**{**defaults, **options})
     else:
         cls = _import_task_class(spec)
@@ -213,6 +241,66 @@ def load_task(spec: str, options: dict[str, Any] | None = None) -> Task:
         raise TaskError(f"task {spec!r}: {type(task).__name__} is not a subclass of gradindex.Task")
     task._spec = spec
     return task
+
+
+def task_options(cls: type) -> list[str] | None:
+    """The keyword options ``cls(**options)`` accepts (``None``: any, it takes ``**options``)."""
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters) and cls.__init__ is not Task.__init__:
+        return None
+    return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def task_code_error(err: BaseException) -> str | None:
+    """One line describing ``err`` if it was raised inside a user's task code, else ``None``.
+
+    User task code is any method of a :class:`Task` subclass defined outside gradindex (and
+    the code it calls) and the module of a ``file.py:Class`` spec. The line names the hook
+    gradindex called (the outermost such frame: ``compute_train_loss``, ``__init__``, …), the
+    exception and the innermost ``file:line`` of the user's file, e.g.
+    ``task hook compute_train_loss raised ValueError: bad shape (my_task.py:42)``. A
+    ``SystemExit`` from task code becomes such a line too (exit status 2, not the task's).
+    """
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append(tb)
+        tb = tb.tb_next
+    hook, user_files = None, set()
+    for tb in frames:
+        frame = tb.tb_frame
+        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames[:1] else None
+        if isinstance(owner, Task) and not type(owner).__module__.startswith("gradindex."):
+            hook = hook or f"{type(owner).__name__}.{frame.f_code.co_name}"
+            user_files.update(_defining_files(type(owner)))
+        elif str(frame.f_globals.get("__name__", "")).startswith(_FILE_MODULE_PREFIX):
+            hook = hook or f"{frame.f_code.co_name} (module {frame.f_code.co_filename})"
+            user_files.add(frame.f_code.co_filename)
+    if hook is None:
+        return None
+    where = next((tb for tb in reversed(frames) if tb.tb_frame.f_code.co_filename in user_files), None)
+    location = f" ({where.tb_frame.f_code.co_filename}:{where.tb_lineno})" if where is not None else ""
+    if isinstance(err, SystemExit):
+        what = f"called sys.exit({err.code!r})"
+    else:
+        text = " ".join(str(err).split())
+        what = f"raised {type(err).__name__}" + (f": {text[:300]}" if text else "")
+    return f"task hook {hook} {what}{location}"
+
+
+def _defining_files(cls: type) -> set[str]:
+    """Source files of ``cls`` and of its non-gradindex base classes."""
+    files = set()
+    for klass in cls.__mro__:
+        module = sys.modules.get(klass.__module__)
+        if module is not None and not klass.__module__.startswith(("gradindex.", "builtins")):
+            path = getattr(module, "__file__", None)
+            if path:
+                files.add(path)
+    return files
+
+
+_FILE_MODULE_PREFIX = "_gradindex_task_"
 
 
 def _import_task_class(spec: str) -> type:
@@ -228,7 +316,7 @@ def _import_task_class(spec: str) -> type:
         path = Path(target)
         if not path.is_file():
             raise ArtifactNotFoundError(f"task {spec!r}: no such file {path}")
-        module_name = f"_gradindex_task_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
+        module_name = f"{_FILE_MODULE_PREFIX}{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
         module = sys.modules.get(module_name)
         if module is None:
             module_spec = importlib.util.spec_from_file_location(module_name, path)
@@ -236,20 +324,37 @@ def _import_task_class(spec: str) -> type:
             sys.modules[module_name] = module
             try:
                 module_spec.loader.exec_module(module)
-            except Exception as err:
+            except (Exception, SystemExit) as err:  # a task module calling sys.exit() must not end gradindex
                 del sys.modules[module_name]
-                raise TaskError(f"task {spec!r}: importing {path} failed: {type(err).__name__}: {err}") from err
+                raise TaskError(f"task {spec!r}: importing {path} failed: {_import_failure(err)}") from err
     else:
         try:
             module = importlib.import_module(target)
         except ImportError as err:
             raise ArtifactNotFoundError(f"task {spec!r}: cannot import module {target!r}: {err}") from None
+        except (Exception, SystemExit) as err:
+            raise TaskError(f"task {spec!r}: importing module {target!r} failed: {_import_failure(err)}") from err
     cls = getattr(module, class_name, None)
     if cls is None:
         raise ConfigError(f"task {spec!r}: {target} defines no {class_name!r}")
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise TaskError(f"task {spec!r}: {class_name} is not a subclass of gradindex.Task")
     return cls
+
+
+def _import_failure(err: BaseException) -> str:
+    """``TypeName: message (file:line)`` of an exception raised while a task module was imported."""
+    if isinstance(err, SystemExit):
+        what = f"it called sys.exit({err.code!r})"
+    else:
+        what = f"{type(err).__name__}: {' '.join(str(err).split())}"
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    line = getattr(err, "lineno", None) if isinstance(err, SyntaxError) else None
+    if isinstance(err, SyntaxError):
+        return f"{what} ({err.filename}:{line})"
+    return f"{what} ({tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})" if tb is not None else what
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from gradindex.config import Balance, IndexConfig, IndexKind, SearchConfig
+from gradindex.config import Balance, IndexConfig, IndexKind, SearchConfig, check_index_dim
 from gradindex.errors import ConfigError
 from gradindex.index.kinds import (
     PartBuilder, QueryTransform, banded_directions, gpu_available, half_to_float, import_faiss, resolve_build,
@@ -79,6 +79,7 @@ def build_index(
     store shards no part covers yet (e.g. after ``featurize --append``), leaving the rest as they are.
     ``train_only``: a fresh partition with its trained state and no parts yet (then ``shards=`` per machine).
     """
+    check_index_dim(store.dim, f"build-index {store.path}")
     groups = store.groups
     if weights is None:
         weights = GroupWeights.from_manifest(store.manifest, config.concept, groups)

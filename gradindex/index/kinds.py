@@ -53,6 +53,8 @@ DEFAULT_NPROBE = 32
 DEFAULT_EF_SEARCH = 256
 DEFAULT_RERANK_PER_K = 20
 PQ_TRAIN_ROWS = 16_384  # 64 rows per PQ centroid
+PQ_CENTROIDS = 256  # 8-bit sub-quantizers
+MIN_POINTS_PER_CENTROID = 39  # FAISS's ClusteringParameters default, below which it warns
 
 
 def import_faiss():
@@ -113,13 +115,14 @@ def resolve_build(config: IndexConfig, kind: IndexKind, num_samples: int, dim: i
     """
     bands = config.bands or (8 if num_samples >= 200_000 else 4)
     nlist = config.nlist or int(min(2048, max(4, 2 ** round(np.log2(max(1.0, np.sqrt(num_samples) / 2))))))
-    train = config.train_size or min(num_samples, max(64 * nlist, 20_000))
+    train = min(config.train_size or max(64 * nlist, 20_000), num_samples)
     pq_bytes = config.pq_bytes or default_pq_bytes(dim)
     if kind is IndexKind.IVFPQ and dim % pq_bytes:
         raise ConfigError(f"--pq-bytes {pq_bytes}: must divide the dimension {dim}")
     if kind in (IndexKind.IVF, IndexKind.IVFPQ) and train < nlist:
-        raise ConfigError(f"--train-size {train}: needs at least --nlist {nlist} rows")
-    return {"bands": bands, "nlist": nlist, "train_size": min(train, num_samples), "pq_bytes": pq_bytes}
+        raise ConfigError(f"--train-size {train}: needs at least --nlist {nlist} rows (k-means; the store has "
+                          f"{num_samples} vectors), lower --nlist")
+    return {"bands": bands, "nlist": nlist, "train_size": train, "pq_bytes": pq_bytes}
 
 
 # -- balancing ---------------------------------------------------------------------------------
@@ -186,13 +189,18 @@ def train_index(kind: IndexKind, sample: np.ndarray, knobs: Mapping[str, int], c
         index.hnsw.efConstruction = config.ef_construction
         return index, {}
     bands, nlist = knobs["bands"], knobs["nlist"]
+    if len(sample) < nlist * MIN_POINTS_PER_CENTROID:
+        # FAISS would print one such warning per k-means run to stderr (even under -q); one log line instead
+        logger.info("k-means: %d training vectors for %d direction cells (FAISS advises at least %d); "
+                       "consider a smaller --nlist or a larger --train-size", len(sample), nlist,
+                       nlist * MIN_POINTS_PER_CENTROID)
     fractions = [1 - 0.5 ** i for i in range(1, bands)]
     edges = [float(e) for e in np.quantile(norms, fractions)] if len(norms) else []
     band_of = np.searchsorted(edges, norms, side="right")
     rho = np.array([float(np.median(norms[band_of == b])) if np.any(band_of == b) else 1.0 for b in range(bands)])
     directions = sample / np.maximum(norms, 1e-30)[:, None]
     kmeans = faiss.Kmeans(dim, nlist, niter=20, spherical=True, seed=config.seed + 1, verbose=False,
-                          max_points_per_centroid=256)
+                          max_points_per_centroid=256, min_points_per_centroid=1)  # warned above
     kmeans.train(np.ascontiguousarray(directions, np.float32))
     dirs = np.ascontiguousarray(kmeans.centroids, np.float32)
     centroids = np.concatenate([rho[b] * dirs for b in range(bands)]).astype(np.float32)
@@ -203,12 +211,19 @@ def train_index(kind: IndexKind, sample: np.ndarray, knobs: Mapping[str, int], c
     else:
         index = faiss.IndexIVFPQ(quantizer, dim, bands * nlist, knobs["pq_bytes"], 8, faiss.METRIC_INNER_PRODUCT)
         pq_rows = sample[:PQ_TRAIN_ROWS]
+        if len(pq_rows) < PQ_CENTROIDS:
+            raise ConfigError(f"ivfpq: its 8-bit codes need at least {PQ_CENTROIDS} training vectors, the store has "
+                              f"{len(pq_rows)} in the sample; use --kind ivf or flat (or a larger --train-size)")
         lists = assign_lists(pq_rows, dirs, edges)
         residuals = np.ascontiguousarray(pq_rows - centroids[lists], np.float32)
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)  # 256-centroid k-means in dim/m dims: threads only add contention
         try:
             index.pq.cp.niter = 20
+            index.pq.cp.min_points_per_centroid = 1  # no FAISS stderr warning per sub-quantizer
+            if len(pq_rows) < PQ_CENTROIDS * MIN_POINTS_PER_CENTROID:
+                logger.info("ivfpq: %d training vectors for %d-centroid product quantizers (FAISS advises at "
+                               "least %d)", len(pq_rows), PQ_CENTROIDS, PQ_CENTROIDS * MIN_POINTS_PER_CENTROID)
             index.pq.train(residuals)
         finally:
             faiss.omp_set_num_threads(threads)

@@ -87,14 +87,20 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise ArtifactNotFoundError(f"no query inputs file at {path}")
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark is not JSON
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"{path}:{number}: not UTF-8 text (byte {err.object[err.start]:#04x}); "
+                                  "JSONL query files must be UTF-8") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except ValueError as err:
-                raise ConfigError(f"{path}:{number}: not valid JSON ({err})") from None
+            except (ValueError, RecursionError) as err:
+                raise ConfigError(f"{path}:{number}: not valid JSON ({type(err).__name__}: "
+                                  f"{' '.join(str(err).split())[:200]})") from None
             if not isinstance(record, dict):
                 raise ConfigError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
             records.append((number, record))
@@ -110,6 +116,7 @@ class CausalLMTask(Task):
     pad_id: int = 0
     bos_ids: tuple[int, ...] = ()
     max_length: int = 1024
+    vocab_size: int | None = None  # token ids must be below it (None: unchecked)
 
     # -- subclass hooks ----------------------------------------------------------------------
     def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -157,8 +164,8 @@ class CausalLMTask(Task):
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; expected {sorted(QUERY_KEYS)}")
         try:
             if "prompt_ids" in record or "completion_ids" in record:
-                prompt = [*self.bos_ids, *_token_ids(record, "prompt_ids")]
-                completion = _token_ids(record, "completion_ids")
+                prompt = [*self.bos_ids, *_token_ids(record, "prompt_ids", self.vocab_size)]
+                completion = _token_ids(record, "completion_ids", self.vocab_size)
                 span = _span_positions(record.get("span"), len(completion))
             else:
                 for key in ("prompt", "completion"):
@@ -209,11 +216,13 @@ class CausalLMTask(Task):
         return " ".join(part for part in parts if part)
 
 
-def _token_ids(record: dict[str, Any], key: str) -> list[int]:
+def _token_ids(record: dict[str, Any], key: str, vocab_size: int | None = None) -> list[int]:
     value = record.get(key)
     if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
                                               for v in value):
         raise ConfigError(f"{key!r} must be a list of non-negative token ids")
+    if vocab_size is not None and any(v >= vocab_size for v in value):
+        raise ConfigError(f"{key!r}: token id {max(value)} is outside the model's vocabulary (ids 0..{vocab_size - 1})")
     return value
 
 

@@ -42,6 +42,7 @@ from torch import nn
 
 from gradindex.config import require_positive
 from gradindex.errors import ArtifactNotFoundError, ConfigError
+from gradindex.inputs import read_npz
 from gradindex.task import Task, json_array
 from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
 from gradindex.tasks.concepts import FACTORS, ConceptConfig, ConceptImages, generate
@@ -200,20 +201,15 @@ class DiffusionTask(Task):
 
     def _read_query_file(self, path: str | Path, extra: tuple[str, ...] = ()) -> tuple[np.ndarray, list, dict]:
         """``(images, prompts [(subject, style, background)], {extra field: array})`` of a query ``.npz``."""
-        path = Path(path)
-        if not path.is_file():
-            raise ArtifactNotFoundError(f"no query inputs file at {path}")
+        data = read_npz(path, f"{self._spec_name()} queries")
         fields = ("images", *FACTORS, *extra)
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                missing = [key for key in fields if key not in data.files]
-                if missing:
-                    raise ConfigError(f"{path}: expected arrays {', '.join(fields)}; missing {missing}")
-                images = data["images"]
-                prompts = list(zip(*(data[f].astype(str) for f in FACTORS)))
-                return images, prompts, {f: data[f] for f in extra}
-        except (ValueError, OSError) as err:
-            raise ConfigError(f"{path}: not a .npz of {self._spec_name()} queries ({err})") from None
+        missing = [key for key in fields if key not in data]
+        if missing:
+            raise ConfigError(f"{path}: expected arrays {', '.join(fields)}; missing {missing}")
+        if any(data[f].ndim != 1 or data[f].dtype.kind not in "USO" for f in FACTORS):
+            raise ConfigError(f"{path}: {', '.join(FACTORS)} must be 1-d arrays of value names (strings)")
+        prompts = list(zip(*(data[f].astype(str) for f in FACTORS)))
+        return data["images"], prompts, {f: data[f] for f in extra}
 
     def queries_from_json(self, inputs: Any) -> Sequence:
         """``{"images": [n, H, W, 3] integers 0..255, "subject": [n], "style": [n], "background": [n]}``:

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradindex.errors import ArtifactNotFoundError, ConfigError
+from gradindex.errors import ConfigError
+from gradindex.inputs import read_npy, read_npz
 from gradindex.task import Task, json_array
 from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
 
@@ -142,18 +143,13 @@ class DigitsTask(Task):
 
     def load_queries(self, path: str | Path) -> Sequence:
         path = Path(path)
-        if not path.is_file():
-            raise ArtifactNotFoundError(f"no query inputs file at {path}")
-        try:
-            if path.suffix == ".npz":
-                with np.load(path) as data:
-                    if "x" not in data.files:
-                        raise ConfigError(f"{path}: expected an array named 'x' (and optional 'y'), found {data.files}")
-                    x, y = data["x"], data["y"] if "y" in data.files else None
-            else:
-                x, y = np.load(path, allow_pickle=False), None
-        except (ValueError, OSError) as err:
-            raise ConfigError(f"{path}: not a .npz/.npy file of digits ({err})") from None
+        if path.suffix == ".npz":
+            data = read_npz(path, "digits")
+            if "x" not in data:
+                raise ConfigError(f"{path}: expected an array named 'x' (and optional 'y'), found {sorted(data)}")
+            x, y = data["x"], data.get("y")
+        else:
+            x, y = read_npy(path, "digits"), None
         return self._query_arrays(x, y, str(path))
 
     def queries_from_json(self, inputs) -> Sequence:
@@ -171,10 +167,12 @@ class DigitsTask(Task):
             x = x.reshape(len(x), 64)
         if x.ndim != 2 or x.shape[1] != 64 or len(x) == 0:
             raise ConfigError(f"{where}: expected digits of shape [n, 64] or [n, 8, 8], got {tuple(x.shape)}")
-        if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all() or x.min() < 0 or x.max() > 16:
+        if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)) \
+                or not np.isfinite(x).all() or x.min() < 0 or x.max() > 16:
             raise ConfigError(f"{where}: pixel values must be numbers in 0..16 (as in sklearn's load_digits)")
         y = np.full(len(x), -1) if y is None else np.asarray(y).reshape(-1)
-        if len(y) != len(x) or not np.issubdtype(y.dtype, np.integer) or ((y < -1) | (y > 9)).any():
+        if len(y) != len(x) or not np.issubdtype(y.dtype, np.integer) or y.dtype.kind == "b" \
+                or ((y < -1) | (y > 9)).any():
             raise ConfigError(f"{where}: 'y' must hold {len(x)} labels in 0..9 (or -1 for the model's prediction)")
         x = x.astype(np.float32) / 16.0
         return torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)))

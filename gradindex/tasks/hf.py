@@ -68,7 +68,7 @@ class HFCausalLMTask(CausalLMTask):
         transformers = import_transformers()
         self.config = transformers.AutoConfig.from_pretrained(self.model_dir, local_files_only=True)
         self.tokenizer = self._load_tokenizer(transformers, tokenizer)
-        vocab_size = int(self.config.vocab_size)
+        vocab_size = self.vocab_size = int(self.config.vocab_size)
         self.bos_ids = self._bos_ids(bos_id, vocab_size)
         limit = getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None)
         self.max_length = int(max_length or limit or 1024)
@@ -179,5 +179,6 @@ class HFCausalLMTask(CausalLMTask):
 
     def query_dataset(self) -> Sequence:
         if not self.query_file:
-            raise ConfigError("hf task: no default queries; pass the option query_file=FILE.jsonl")
+            raise ConfigError("hf task: no default queries; pass a query file with --inputs FILE.jsonl, or the task "
+                              "option query_file=FILE.jsonl")
         return self.load_queries(self.query_file)

@@ -210,6 +210,7 @@ class LMTask(CausalLMTask):
         self.model_config = ModelConfig(len(self.tokenizer), max_length=max(32, longest), width=width, layers=layers,
                                         heads=heads)
         self.max_length = self.model_config.max_length
+        self.vocab_size = self.model_config.vocab_size
         self._train_items = [sequence_item([*self.bos_ids, *self.tokenizer.encode(s)]) for s in self.corpus.sequences]
 
     # -- tokenizer ------------------------------------------------------------------------------

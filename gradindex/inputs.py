@@ -1,0 +1,61 @@
+"""Reading query input files with one-line errors (the tasks' ``load_queries`` use these).
+
+In: a path to a ``.npz`` / ``.npy`` file. Out: its arrays (``{name: ndarray}`` or one
+``ndarray``), read eagerly and without pickles. A missing, empty, truncated or
+corrupt file, or one holding Python objects, is an
+:class:`~gradindex.errors.ArtifactNotFoundError` / :class:`~gradindex.errors.ConfigError`
+naming the file, never a traceback.
+"""
+
+from __future__ import annotations
+
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from gradindex.errors import ArtifactNotFoundError, ConfigError
+
+#: What numpy raises on a file that is not a valid .npz/.npy (empty, truncated, not a zip, pickled data).
+READ_ERRORS = (ValueError, OSError, EOFError, KeyError, IndexError, zipfile.BadZipFile, zlib.error,
+               NotImplementedError)
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactNotFoundError(f"no query inputs file at {path}")
+    if path.stat().st_size == 0:
+        raise ConfigError(f"{path}: the file is empty")
+    return path
+
+
+def read_npz(path: str | Path, what: str = "arrays") -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` at ``path``; ``what`` names the expected content in errors."""
+    path = _existing(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ConfigError(f"{path}: expected a .npz archive of {what}, found a single array")
+            return {name: np.asarray(data[name]) for name in data.files}
+    except READ_ERRORS as err:
+        raise ConfigError(f"{path}: not a readable .npz of {what} ({_reason(err)})") from None
+
+
+def read_npy(path: str | Path, what: str = "an array") -> np.ndarray:
+    """The one array of the ``.npy`` at ``path``."""
+    path = _existing(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except READ_ERRORS as err:
+        raise ConfigError(f"{path}: not a readable .npy of {what} ({_reason(err)})") from None
+    if not isinstance(data, np.ndarray):
+        data.close()
+        raise ConfigError(f"{path}: expected a .npy array of {what}, found a .npz archive")
+    return data
+
+
+def _reason(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
