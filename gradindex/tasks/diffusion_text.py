@@ -96,8 +96,8 @@ class DiffusionTextTask(DiffusionTask):
     """The built-in text-conditioned diffusion task (and its LoRA variant); see the module docstring.
 
     Options: those of ``diffusion`` (``config``, ``num_train``, ``seed``, ``draws``, ``steps``,
-    ``width``, ``depth``) plus ``heads`` (cross-attention heads), ``text_seed`` (the frozen
-    encoder's weights), ``isolate_words`` (``m_c``'s key/value gradients through ``c``'s words
+    ``width``, ``depth``) plus ``heads`` (cross-attention heads), ``text_seed`` and ``text_dim`` (the
+    frozen encoder's weights and width), ``isolate_words`` (``m_c``'s key/value gradients through ``c``'s words
     only), ``lora_rank`` (0: no LoRA), ``lora_steps``, ``lora_targets`` (comma-separated globs
     over module names).
     """
@@ -106,7 +106,7 @@ class DiffusionTextTask(DiffusionTask):
 
     def __init__(self, config: str | None = None, num_train: int | None = None, seed: int = 0, draws: int = 4,
                  steps: int = TrainConfig.steps, width: int = 96, depth: int = 3, heads: int = 4, text_seed: int = 0,
-                 isolate_words: bool = True, lora_rank: int = 0, lora_steps: int = 800, lora_targets: str = DEFAULT_LORA_TARGETS):
+                 text_dim: int = 64, isolate_words: bool = True, lora_rank: int = 0, lora_steps: int = 800, lora_targets: str = DEFAULT_LORA_TARGETS):
         super().__init__(config=config, num_train=num_train, seed=seed, draws=draws, steps=steps, width=width,
                          depth=depth)
         require_positive(lora_steps, "diffusion-text lora_steps")
@@ -115,7 +115,7 @@ class DiffusionTextTask(DiffusionTask):
         self.prompter = Prompter(self.concept_config)
         self.model_config = TextModelConfig(self.prompter.vocab_size, self.prompter.max_len,
                                             image_size=self.concept_config.image_size, width=width, depth=depth,
-                                            heads=heads, text_seed=int(text_seed))
+                                            heads=heads, text_dim=text_dim, text_seed=int(text_seed))
         if not isinstance(isolate_words, bool):
             raise ConfigError(f"diffusion-text isolate_words: expected true or false, got {isolate_words!r}")
         self.isolate_words = isolate_words
@@ -124,7 +124,7 @@ class DiffusionTextTask(DiffusionTask):
         if lora_rank and not self.lora_targets:
             raise ConfigError("diffusion-text lora_targets: expected comma-separated module-name globs")
         self.lora_config = TrainConfig(steps=lora_steps)
-        self.options.update({"heads": heads, "text_seed": int(text_seed), "isolate_words": isolate_words,
+        self.options.update({"heads": heads, "text_seed": int(text_seed), "text_dim": text_dim, "isolate_words": isolate_words,
                              "lora_rank": lora_rank,
                              "lora_steps": lora_steps, "lora_targets": ",".join(self.lora_targets)})
         if lora_rank:
