@@ -157,6 +157,13 @@ inputs_option = click.option("--inputs", type=click.Path(path_type=Path), defaul
                              help="Query inputs file (the task's format; default: the task's held-out queries).")
 concept_option = click.option("--concept", default="all", show_default=True,
                               help="Concept: 'all' (the task's measurement) or one of the task's concepts.")
+trust_options = [
+    click.option("--trust-task", is_flag=True,
+                 help="Run the task code the store's manifest names even if it is not built in (only for stores "
+                      "you trust: a store's task is code)."),
+    click.option("--task", "task_spec", default=None, metavar="SPEC",
+                 help="The store's task spec (file.py:Class or module:Class): consent to run exactly that code."),
+]
 ray_option = click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
                           metavar="[ADDRESS]",
                           help="Run on Ray (pip install 'gradindex[ray]'): bare --ray starts a local cluster bound "
@@ -467,19 +474,35 @@ def build_index_command(ctx, store_path, concept, kind, preconditioner, damping,
 @click.option("--method", type=click.Choice(["auto", "snr", "agreement"]), default="auto", show_default=True,
               help="Objective: SNR of each query's scores, or agreement of the top-k of queries sharing the "
                    "concept's value (needs the queries' values); auto: agreement for a concept when possible.")
+@click.option("--reset", is_flag=True,
+              help="Forget the concept's learned weights (every setting): it is uniform again; then build-index.")
 @device_option
+@_apply(trust_options)
 @click.pass_context
 def learn_weights_command(ctx, store_path, concept, inputs, preconditioner, damping, num_queries, reference_size,
-                          top_k, example_norm, regularization, steps, lr, seed, method, device) -> None:
-    """Learn STORE's per-group weights for a concept from unlabeled queries."""
+                          top_k, example_norm, regularization, steps, lr, seed, method, reset, device, trust_task,
+                          task_spec) -> None:
+    """Learn STORE's per-group weights for a concept from unlabeled queries (kept per preconditioner
+    and damping; the concept 'uniform' is reserved for uniform weights)."""
+    from gradindex.config import UNIFORM_CONCEPT
     from gradindex.learn import learn_weights
     from gradindex.query_features import load_store_task
     from gradindex.store import FeatureStore
+    from gradindex.weights import reset_weights
 
+    if concept == UNIFORM_CONCEPT:
+        raise ConfigError(f"concept {UNIFORM_CONCEPT!r} is reserved: its weights are always uniform; learn weights for "
+                          "'all' or one of the task's concepts")
     config = LearnConfig(preconditioner=preconditioner, damping=damping, num_queries=num_queries,
                          reference_size=reference_size, top_k=top_k, example_norm=example_norm,
                          regularization=regularization, steps=steps, lr=lr, seed=seed, method=method)
-    store = FeatureStore.open(store_path)
+    store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
+    if reset:
+        removed = reset_weights(store, concept)
+        click.echo(f"concept {concept!r}: " + (f"learned weights removed ({', '.join(removed)}); " if removed else
+                                              "no learned weights; ") +
+                   "it uses uniform weights now (run build-index again for its index)")
+        return
     queries = None if inputs is None else load_store_task(store).load_queries(inputs)
     weights = learn_weights(store, config, queries=queries, concept=concept, device=device,
                             show_progress=_progress(ctx))
@@ -504,14 +527,16 @@ def weights_group() -> None:
 @click.option("--concept", "concepts", multiple=True,
               help="Concepts to draw (default: every concept with weights, and 'all'); repeatable.")
 def weights_plot(store_path, out, concepts) -> None:
-    """Draw STORE's group weights as a bar chart, one panel per concept."""
+    """Draw STORE's group weights as a bar chart, one panel per concept (and learned setting)."""
+    from dataclasses import replace
+
     from gradindex.report import write_weights_chart
     from gradindex.store import FeatureStore
-    from gradindex.weights import GroupWeights
+    from gradindex.summary import weight_panels
 
     store = FeatureStore.open(store_path, verify=False)
-    names = list(concepts) or sorted(set(store.manifest.get("weights", {})) | {"all"})
-    panels = [GroupWeights.from_manifest(store.manifest, c, store.groups) for c in names]
+    panels = [replace(weights, concept=label)
+              for label, weights in weight_panels(store.manifest, store.groups, concepts)]
     click.echo(f"wrote {write_weights_chart(out, panels, store.groups)}")
 
 
@@ -537,9 +562,10 @@ def eval_group() -> None:
               help="Gram damping of the uniform and single-group rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @device_option
+@_apply(trust_options)
 @click.pass_context
 def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, workers, inputs, concept, damping,
-             as_json, device) -> None:
+             as_json, device, trust_task, task_spec) -> None:
     """LDS of STORE's attributions (uniform, each group alone, learned) against retrained models."""
     from gradindex.config import MAX_WORKERS, check_damping, require_positive
     from gradindex.devices import resolve_device
@@ -552,7 +578,7 @@ def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, 
     check_damping(damping, "--damping")
     require_positive(workers, "--workers", maximum=MAX_WORKERS)
     resolve_device(device, "--device")
-    store = FeatureStore.open(store_path)
+    store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
     task = load_store_task(store)
     check_concept(task, concept)
     require_training_routine(task, "eval lds")  # up front: before any model is trained
@@ -589,8 +615,9 @@ def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, 
 @click.option("--actors", type=click.IntRange(min=1), default=None,
               help="With --ray: at most this many actors holding the index parts (default: one per part, "
                    "at most one per GPU or CPU slot).")
+@_apply(trust_options)
 def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_size, nprobe, ef_search, rerank,
-          no_prune, all_scores, out, ray_address, ray_timeout, actors) -> None:
+          no_prune, all_scores, out, ray_address, ray_timeout, actors, trust_task, task_spec) -> None:
     """Top-k training examples of STORE for every query in --inputs.
 
     With --all, every score instead (--out scores.npy|scores.parquet), under the concept's
@@ -599,21 +626,25 @@ def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_siz
     each query fans out to them and their top-k are merged: the same results as without.
     """
     from gradindex.query import Attributor, metadata_lookup, result_records
+    from gradindex.store import FeatureStore
 
     if all_scores or out is not None:
-        _query_all(store_path, inputs, concept, checkpoint, device, batch_size, out, all_scores, ray_address)
+        _query_all(store_path, inputs, concept, checkpoint, device, batch_size, out, all_scores, ray_address,
+                   trust_task, task_spec)
         return
     if k < 1:
         raise ConfigError(f"-k: expected a positive integer, got {k}")
     search = _search_config(nprobe, ef_search, rerank, no_prune)
     search = search if search.to_dict() != type(search)().to_dict() else None
+    if ray_address is not None:
+        _connect_ray(ray_address, ray_timeout)  # the install hint and an unreachable address before any work
+    store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
     if ray_address is None:
-        attributor = Attributor.open(store_path, concept=concept, checkpoint=checkpoint, device=device, search=search)
+        attributor = Attributor.open(store, concept=concept, checkpoint=checkpoint, device=device, search=search)
     else:
-        _connect_ray(ray_address, ray_timeout)
         from gradindex.index.ray_search import open_ray_attributor
 
-        attributor = open_ray_attributor(store_path, concept=concept, checkpoint=checkpoint, device=device,
+        attributor = open_ray_attributor(store, concept=concept, checkpoint=checkpoint, device=device,
                                          address=ray_address, actors=actors, search=search)
     queries = attributor.task.load_queries(inputs)
     top = attributor.attribute(queries, k=k, batch_size=batch_size)
@@ -629,7 +660,8 @@ def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_siz
     attributor.close()
 
 
-def _query_all(store_path, inputs, concept, checkpoint, device, batch_size, out, all_scores, ray_address) -> None:
+def _query_all(store_path, inputs, concept, checkpoint, device, batch_size, out, all_scores, ray_address, trust_task,
+               task_spec) -> None:
     from gradindex.query import all_scores as compute_all
     from gradindex.store import FeatureStore, check_score_path, score_ids_path, write_score_matrix
 
@@ -638,7 +670,7 @@ def _query_all(store_path, inputs, concept, checkpoint, device, batch_size, out,
     if ray_address is not None:
         raise ConfigError("--all computes the scores here from the store; drop --ray")
     check_score_path(out)
-    store = FeatureStore.open(store_path)
+    store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
     count, blocks = compute_all(store, inputs, concept, checkpoint=checkpoint, device=device, batch_size=batch_size)
     path = write_score_matrix(out, count, store.num_samples, blocks)
     where = f"; sample ids in {score_ids_path(path)}" if path.suffix == ".npy" else ""
@@ -669,8 +701,9 @@ def _query_all(store_path, inputs, concept, checkpoint, device, batch_size, out,
                    "one per GPU or CPU slot).")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --ray: replicas of the API (query featurization) and of each parts deployment.")
+@_apply(trust_options)
 def serve(store_path, concepts, host, port, max_batch, max_wait_ms, max_body_mb, checkpoint, device, nprobe,
-          ef_search, rerank, no_prune, ray_address, actors, replicas) -> None:
+          ef_search, rerank, no_prune, ray_address, actors, replicas, trust_task, task_spec) -> None:
     """Answer attribution lookups over HTTP, with the model, projections and index kept warm.
 
     \b
@@ -688,6 +721,7 @@ def serve(store_path, concepts, host, port, max_batch, max_wait_ms, max_body_mb,
     """
     from gradindex.config import ServeConfig
     from gradindex.serve import import_serving
+    from gradindex.store import FeatureStore
 
     import_serving()  # the install hint before any work
     config = ServeConfig(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_body_mb=max_body_mb)
@@ -695,13 +729,15 @@ def serve(store_path, concepts, host, port, max_batch, max_wait_ms, max_body_mb,
     search = search if search.to_dict() != type(search)().to_dict() else None
     concepts = concepts or ("all",)
     if ray_address is not None:
-        _serve_on_ray(store_path, concepts, config, checkpoint, device, search, ray_address, actors, replicas)
+        _serve_on_ray(store_path, concepts, config, checkpoint, device, search, ray_address, actors, replicas,
+                      trust_task, task_spec)
         return
     from gradindex.serve.app import create_app
     from gradindex.serve.engine import AttributionEngine
     from gradindex.serve.server import bind_socket, run_server, url_of
 
-    engine = AttributionEngine.open(store_path, concepts, config, checkpoint=checkpoint, device=device, search=search)
+    store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
+    engine = AttributionEngine.open(store, concepts, config, checkpoint=checkpoint, device=device, search=search)
     try:
         sock = bind_socket(config.host, config.port)
         click.echo(f"serving {engine.store.path} (concepts: {', '.join(engine.concepts)}) on {url_of(sock)}")
@@ -712,24 +748,27 @@ def serve(store_path, concepts, host, port, max_batch, max_wait_ms, max_body_mb,
         engine.close()
 
 
-def _serve_on_ray(store_path, concepts, config, checkpoint, device, search, ray_address, actors, replicas) -> None:
+def _serve_on_ray(store_path, concepts, config, checkpoint, device, search, ray_address, actors, replicas,
+                  trust_task, task_spec) -> None:
     import signal
     import time
 
     from gradindex.distributed import import_ray, ray_session
     from gradindex.serve.ray_serve import deploy, import_serve
+    from gradindex.store import FeatureStore
 
     import_ray()
     serve_module = import_serve()  # the install hints before any work
     if config.port == 0:
         raise ConfigError("--port 0 is not supported with --ray (Serve's proxy needs a fixed port)")
+    store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
     def stop(signum, frame):
         raise KeyboardInterrupt  # SIGTERM (a service manager's stop) cleans up like Ctrl-C
 
     with ray_session(ray_address):
         signal.signal(signal.SIGTERM, stop)  # after ray.init, which installs its own handler
         try:
-            url = deploy(store_path, concepts, config, checkpoint=checkpoint, device=device, search=search,
+            url = deploy(store, concepts, config, checkpoint=checkpoint, device=device, search=search,
                          actors=actors, replicas_per_part=replicas, api_replicas=replicas)
             click.echo(f"serving {store_path} (concepts: {', '.join(concepts)}) on {url} (Ray Serve); Ctrl-C stops")
             sys.stdout.flush()
@@ -770,14 +809,19 @@ def info(store_path, as_json) -> None:
                 row[f"share[{concept}]"] = group["shares"][concept]
         rows.append(row)
     _echo_table(rows)
-    for concept, learned in summary["learned_weights"].items():
-        click.echo(f"weights {concept!r}: {learned['method']} for {_setting(learned)}, "
-                   f"{learned['num_queries']} queries x "
-                   f"{learned['reference_size']} examples, mean SNR {learned['snr_uniform']:.3f} "
-                   f"(uniform) -> {learned['snr_learned']:.3f}")
+    for concept, settings in summary["learned_weights"].items():
+        for key, learned in settings.items():
+            snr = (f", {learned['num_queries']} queries x {learned['reference_size']} examples, mean SNR "
+                   f"{learned['snr_uniform']:.3f} (uniform) -> {learned['snr_learned']:.3f}"
+                   if {"num_queries", "reference_size", "snr_uniform", "snr_learned"} <= set(learned) else "")
+            setting = _setting(learned) if "preconditioner" in learned else key
+            click.echo(f"weights {concept!r}: {learned['method']} for {setting}{snr}; digest {learned['digest']}")
     for concept, index in summary["indexes"].items():
-        click.echo(f"index {concept!r}: {index['kind']}, {_setting(index)}, "
-                   f"{index['ntotal']} vectors in {index['parts']} part(s)")
+        line = (f"index {concept!r}: {index['kind']}, {_setting(index)}, {index['ntotal']} vectors in "
+                f"{index['parts']} part(s); built with weights {index['weights']}")
+        if index["stale"]:
+            line += f"; the store's current weights are {index['current_weights']}: run build-index again to use them"
+        click.echo(line)
 
 
 def _setting(config: dict[str, Any]) -> str:
@@ -798,14 +842,15 @@ def _setting(config: dict[str, Any]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_apply(search_options)
 @device_option
+@_apply(trust_options)
 def eval_recall(store_path, concept, k, inputs, num_queries, as_json, nprobe, ef_search, rerank, no_prune,
-                device) -> None:
+                device, trust_task, task_spec) -> None:
     """recall@k of an index partition against exact search over the same store."""
     from gradindex.evaluate import index_recall
     from gradindex.query_features import load_store_task
     from gradindex.store import FeatureStore
 
-    store = FeatureStore.open(store_path)
+    store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
     queries = load_store_task(store).load_queries(inputs) if inputs is not None else None
     search = _search_config(nprobe, ef_search, rerank, no_prune)
     result = index_recall(store, concept, queries=queries, k=k, device=device, num_queries=num_queries,
@@ -826,7 +871,8 @@ def eval_recall(store_path, concept, k, inputs, num_queries, as_json, nprobe, ef
 @click.option("-k", type=click.IntRange(min=1), default=10, show_default=True, help="Top-k depth.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per concept.")
 @device_option
-def eval_precision(store_path, inputs, concepts, k, as_json, device) -> None:
+@_apply(trust_options)
+def eval_precision(store_path, inputs, concepts, k, as_json, device, trust_task, task_spec) -> None:
     """Concept precision@k: the fraction of a query's top-k training examples that share its
     value of the concept (DESIGN §4), with the chance level of a random top-k beside; and
     recall@k: those hits over min(k, training examples sharing the value)."""
@@ -834,7 +880,7 @@ def eval_precision(store_path, inputs, concepts, k, as_json, device) -> None:
     from gradindex.query_features import load_store_task
     from gradindex.store import FeatureStore
 
-    store = FeatureStore.open(store_path)
+    store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
     queries = load_store_task(store).load_queries(inputs) if inputs is not None else None
     rows = [result.to_dict() for result in evaluate_precision(store, queries, concepts, k=k, device=device)]
     if as_json:

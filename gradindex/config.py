@@ -60,6 +60,34 @@ class Balance(enum.Enum):
 
 AUTO_FLAT_LIMIT = 100_000_000  # N·D up to which `auto` builds an exact flat index
 
+#: the reserved concept whose weights are always uniform: ``build-index --concept uniform`` indexes the
+#: task's measurement ('all') with uniform weights beside the learned 'all' partition
+UNIFORM_CONCEPT = "uniform"
+#: what a concept (an index partition's folder name under STORE/indexes/) may look like
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+@-]{0,99}")
+
+
+def setting_key(preconditioner: Any, damping: Any) -> str:
+    """The key of an attribution setting, under which a concept's learned weights are kept:
+    ``identity`` (damping plays no part) or ``gram@<damping>`` (``gram@0.1``)."""
+    kind = parse_enum(Preconditioner, preconditioner, "preconditioner")
+    if kind is Preconditioner.IDENTITY:
+        return kind.value
+    text = repr(float(damping)) if isinstance(damping, numbers.Real) and not isinstance(damping, bool) else str(damping)
+    return f"{kind.value}@{text}"
+
+
+def check_name(value: Any, field_name: str) -> str:
+    """``value`` if it is a safe name (a letter or digit, then letters, digits, ``_ . + @ -``; at most
+    100 characters), else a one-line ``ConfigError``: such a name never leaves its parent folder."""
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        raise ConfigError(
+            f"{field_name}: expected a name of letters, digits and _ . + @ - starting with a letter or digit "
+            f"(at most 100 characters), got {value!r}"
+        )
+    return value
+
+
 #: Widest vector FAISS reads back: ``read_index`` refuses d > 2^20 (faiss/impl/index_read.cpp; checked
 #: with faiss 1.15: d = 2^20 reads back, 2^20 + 1 does not), so a wider store could be built but never queried.
 MAX_INDEX_DIM = 1 << 20
@@ -318,8 +346,7 @@ class IndexConfig(_Config):
     keep_vectors: bool | None = None  # float16 re-rank vectors beside each part (None: ivfpq only)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.concept, str) or not self.concept or "/" in self.concept:
-            raise ConfigError(f"IndexConfig.concept: expected a name without '/', got {self.concept!r}")
+        check_name(self.concept, "IndexConfig.concept")
         object.__setattr__(self, "kind", parse_enum(IndexKind, self.kind, "IndexConfig.kind"))
         object.__setattr__(
             self, "preconditioner", parse_enum(Preconditioner, self.preconditioner, "IndexConfig.preconditioner")

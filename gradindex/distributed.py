@@ -51,6 +51,7 @@ from gradindex.store import (
     remove_temporaries,
     shard_name,
     temporary_path,
+    writer_lock,
 )
 from gradindex.task import Task, load_task
 
@@ -242,7 +243,17 @@ def featurize_ray(
         raise ConfigError(f"featurize on Ray: --device must be cpu, cuda or auto, got {device!r}")
     cpu = torch.device("cpu")
     run = prepare_run(task, config, checkpoint, cpu, limit)
-    path = prepare_store(local_store_path(out), overwrite=overwrite, resume=resume)
+    with writer_lock(local_store_path(out)) as path:
+        prepare_store(path, overwrite=overwrite, resume=resume)
+        return _featurize_ray_into(path, task, run, config, checkpoint, device, resume, limit, address, workers,
+                                   cpus_per_worker, max_retries, show_progress, fail_shards)
+
+
+def _featurize_ray_into(path: Path, task: Task, run: Any, config: FeaturizeConfig, checkpoint: str | Path | None,
+                        device: str, resume: bool, limit: int | None, address: str | None, workers: int | None,
+                        cpus_per_worker: int, max_retries: int, show_progress: bool,
+                        fail_shards: Collection[int]) -> FeatureStore:
+    cpu = torch.device("cpu")
     started = time.perf_counter()
     with GradientProjector(run.model, run.groups, config.projection, cpu) as projector:
         group_dims = projector.group_dims()

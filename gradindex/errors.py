@@ -29,3 +29,7 @@ class MissingDependencyError(GradIndexError, ImportError):
 
 class TaskError(GradIndexError):
     """A user task is malformed or returned something of the wrong shape."""
+
+
+class TaskConsentError(GradIndexError):
+    """A store names task code that is not built in, and the user did not consent to running it."""

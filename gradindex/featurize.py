@@ -4,9 +4,12 @@ In: a :class:`~gradindex.task.Task`, a checkpoint and a
 :class:`~gradindex.config.FeaturizeConfig`. Out: a complete
 :class:`~gradindex.store.FeatureStore` (shards, Gram matrices, manifest).
 
-The run key (a hash of the model fingerprint, config, groups and sample ids)
-is written beside every shard, so a rerun with ``resume=True`` skips shards
-already complete and verified, and never mixes shards of different runs.
+The run key (a hash of the model fingerprint, config, groups, projection format and
+sample ids) is written beside every shard, so a rerun with ``resume=True`` skips shards
+already complete and verified, and never mixes shards of different runs. A run holds
+the store's writer lock (:func:`~gradindex.store.writer_lock`): a second run into the
+same folder is refused, and the manifest is committed only over shards whose sidecars
+still carry this run's key.
 """
 
 from __future__ import annotations
@@ -24,14 +27,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradindex.config import FeaturizeConfig, StorageDtype, check_index_dim
+from gradindex.config import FeaturizeConfig, ProjectionConfig, StorageDtype, check_index_dim
 from gradindex.devices import resolve_device
-from gradindex.errors import TaskError
+from gradindex.errors import StoreMismatchError, TaskError
 from gradindex.gradients import GradientProjector
-from gradindex.groups import ParameterGroup, parameter_groups
+from gradindex.groups import ParameterGroup, parameter_groups, part_owners
 from gradindex.precondition import GramAccumulator
+from gradindex.projection import block_dims, projection_format
 from gradindex.store import (
-    GRAM_FILE,
     FeatureStore,
     ShardInfo,
     commit_manifest,
@@ -39,8 +42,10 @@ from gradindex.store import (
     local_store_path,
     prepare_store,
     read_shard,
-    write_arrays,
+    remove_unused_grams,
+    write_gram,
     write_shard,
+    writer_lock,
 )
 from gradindex.task import Task, make_batch, model_fingerprint
 
@@ -138,6 +143,35 @@ def group_entries(groups: list[ParameterGroup], projector: GradientProjector) ->
     ]
 
 
+def planned_group_entries(groups: list[ParameterGroup], projection: ProjectionConfig) -> list[dict[str, Any]]:
+    """What :func:`group_entries` will record for ``groups`` under ``projection``, as the manifest holds
+    it (JSON types), computed without drawing a matrix: compare it with a store's ``groups`` before
+    projecting anything for that store."""
+    entries = []
+    for group in groups:
+        blocks = [{**block.to_dict(), **block_dims(group.name, block, projection)} for block in group.blocks]
+        owners = part_owners(list(group.blocks))
+        dim = sum(b["k"] if "k" in b else b["heads"] * b["k_left"] * b["k_right"]
+                  for i, b in enumerate(blocks) if i in owners)
+        entries.append({**group.to_dict(), "dim": dim, "blocks": blocks})
+    return json.loads(json.dumps(entries))
+
+
+def check_sidecars(path: Path, shards: list[dict[str, Any]], run_key: str) -> None:
+    """Every shard about to be committed still carries this run's sidecar (no other run replaced it)."""
+    for info in shards:
+        sidecar = (path / info["path"]).with_suffix(".json")
+        try:
+            written = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            written = None
+        if written != info or info.get("run_key") != run_key or (path / info["path"]).stat().st_size != info["bytes"]:
+            raise StoreMismatchError(
+                f"{path}: shard {info['path']} was rewritten by another run (its sidecar or size changed) before "
+                "this run committed; run featurize again (with --resume) and let one run write the store"
+            )
+
+
 def commit_store(
     path: Path,
     task: Task,
@@ -150,9 +184,14 @@ def commit_store(
     seconds: float,
     extra: dict[str, Any] | None = None,
 ) -> FeatureStore:
-    """Write the Gram matrices, then the manifest (last): the store is complete."""
+    """Write the Gram matrices, then the manifest (last): the store is complete.
+
+    Call with the store's writer lock held. The returned store carries the user's consent to
+    run ``task`` (it was given as an object, not read from a manifest).
+    """
+    check_sidecars(path, shards, run.run_key)
     group_names = [g.name for g in run.groups]
-    gram_sha = write_arrays(path / GRAM_FILE, {f"g{group_names.index(g)}": m for g, m in gram.result().items()})
+    gram_file = write_gram(path, {f"g{group_names.index(g)}": m for g, m in gram.result().items()})
     manifest = {
         "task": task.spec(),
         "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
@@ -163,13 +202,14 @@ def commit_store(
         "dtype": config.dtype.value,
         "metadata_columns": sorted(run.metadata),
         "shards": shards,
-        "gram": {"sha256": gram_sha, "count": gram.count, "skipped_groups": gram.skipped},
+        "gram": {**gram_file, "count": gram.count, "skipped_groups": gram.skipped},
+        "projection_format": projection_format(),
         "run_key": run.run_key,
         "featurize_seconds": round(seconds, 3),
         **(extra or {}),
     }
-    commit_manifest(path, manifest)
-    return FeatureStore.open(path)
+    remove_unused_grams(path, commit_manifest(path, manifest))
+    return FeatureStore.open(path, task=task.spec()["task"])
 
 
 def featurize(
@@ -186,7 +226,14 @@ def featurize(
     """Featurize the task's training set into a new store at ``out``."""
     torch_device = resolve_device(device)
     run = prepare_run(task, config, checkpoint, torch_device, limit)
-    path = prepare_store(local_store_path(out), overwrite=overwrite, resume=resume)
+    with writer_lock(local_store_path(out)) as path:
+        prepare_store(path, overwrite=overwrite, resume=resume)
+        return _featurize_into(path, task, run, config, checkpoint, torch_device, resume, show_progress)
+
+
+def _featurize_into(path: Path, task: Task, run: FeaturizeRun, config: FeaturizeConfig,
+                    checkpoint: str | Path | None, torch_device: torch.device, resume: bool,
+                    show_progress: bool) -> FeatureStore:
     started = time.perf_counter()
     with GradientProjector(run.model, run.groups, config.projection, torch_device) as projector:
         group_dims = projector.group_dims()
@@ -250,7 +297,7 @@ def featurize_rows(
 def _run_key(fingerprint: str, config: FeaturizeConfig, groups: list[ParameterGroup], ids: np.ndarray, task: Task) -> str:
     payload = json.dumps(
         {"fingerprint": fingerprint, "config": config.to_dict(), "groups": [g.to_dict() for g in groups],
-         "task": task.spec()},
+         "task": task.spec(), "projection_format": projection_format()},
         sort_keys=True,
     ).encode()
     digest = hashlib.sha256(payload)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -21,11 +22,16 @@ from tqdm.auto import tqdm
 from gradindex.config import FeaturizeConfig
 from gradindex.devices import resolve_device
 from gradindex.errors import StoreMismatchError, TaskError
-from gradindex.featurize import _run_key, featurize_rows, prepare_run, storage_dtype
+from gradindex.featurize import (
+    _run_key, check_sidecars, featurize_rows, planned_group_entries, prepare_run, storage_dtype,
+)
 from gradindex.gradients import GradientProjector
-from gradindex.groups import ParameterGroup
 from gradindex.precondition import GramAccumulator
-from gradindex.store import GRAM_FILE, FeatureStore, commit_manifest, write_arrays, write_shard
+from gradindex.projection import check_projection_format
+from gradindex.store import (
+    FeatureStore, local_store_path, modify_manifest, remove_temporaries, remove_unlisted_shards, remove_unused_grams,
+    write_gram, write_shard, writer_lock,
+)
 from gradindex.task import Task
 
 
@@ -37,16 +43,32 @@ def featurize_append(
     limit: int | None = None,
     show_progress: bool = True,
 ) -> tuple[FeatureStore, int]:
-    """Featurize the task's training examples missing from the store at ``out``; ``(store, rows added)``."""
-    store = FeatureStore.open(out)
+    """Featurize the task's training examples missing from the store at ``out``; ``(store, rows added)``.
+
+    Holds the store's writer lock. New shards and the new Gram file get names the manifest does
+    not list yet, and the manifest switches to them in one rename, so an append killed at any
+    point leaves the old store complete (its leftovers are removed by the next append).
+    """
+    FeatureStore.open(out)  # a clear error before taking the lock of a folder that is no store
+    with writer_lock(local_store_path(out)) as path:
+        store = FeatureStore.open(path)
+        remove_temporaries(path)
+        remove_unlisted_shards(path, store.manifest)
+        remove_unused_grams(path, store.manifest)
+        return _append(task, store, checkpoint, device, limit, show_progress)
+
+
+def _append(task: Task, store: FeatureStore, checkpoint: str | Path | None, device: str, limit: int | None,
+            show_progress: bool) -> tuple[FeatureStore, int]:
     manifest = store.manifest
+    check_projection_format(manifest["projection_format"], str(store.path))
     config = FeaturizeConfig.from_dict(manifest["config"])
     torch_device = resolve_device(device)
     run = prepare_run(task, config, checkpoint or manifest.get("checkpoint"), torch_device, limit)
     if run.fingerprint != manifest["model_fingerprint"]:
         raise StoreMismatchError(f"{store.path}: featurize --append needs the store's checkpoint (other parameters)")
     model, groups, dataset, ids, metadata = run.model, run.groups, run.dataset, run.ids, run.metadata
-    if [g.to_dict() for g in groups] != [ParameterGroup.from_dict(g).to_dict() for g in manifest["groups"]]:
+    if planned_group_entries(groups, config.projection) != manifest["groups"]:
         raise StoreMismatchError(f"{store.path}: the model's parameter groups differ from the store's")
     if sorted(metadata) != sorted(manifest.get("metadata_columns", [])):
         raise TaskError(f"metadata columns {sorted(metadata)} differ from the store's {manifest['metadata_columns']}")
@@ -55,7 +77,7 @@ def featurize_append(
     if len(new_rows) == 0:
         return store, 0
     grams = store.read_gram()
-    count = int(manifest["gram"]["count"])
+    count = int((manifest.get("gram") or {}).get("count", 0))
     dtype = storage_dtype(config)
     run_key = _run_key(run.fingerprint, config, groups, ids[new_rows], task)
     started = time.perf_counter()
@@ -72,17 +94,19 @@ def featurize_append(
                 info = write_shard(store.path, len(shards), ids[rows], feats,
                                    {name: values[rows] for name, values in metadata.items()}, run_key)
                 shards.append(info.to_dict())
+    check_sidecars(store.path, shards[len(manifest["shards"]):], run_key)
     names = store.groups
-    gram_sha = write_arrays(store.path / GRAM_FILE, {f"g{names.index(g)}": m for g, m in gram.result().items()})
-    updated = {k: v for k, v in manifest.items() if k != "format_version"}
-    updated.update({
-        "task": task.spec(),
-        "shards": shards,
-        "num_samples": int(manifest["num_samples"] + len(new_rows)),
-        "gram": {**manifest["gram"], "sha256": gram_sha, "count": gram.count},
-        "appended": [*manifest.get("appended", []),
-                     {"rows": int(len(new_rows)), "first_shard": len(manifest["shards"]),
-                      "seconds": round(time.perf_counter() - started, 3)}],
-    })
-    commit_manifest(store.path, updated)
-    return FeatureStore.open(store.path), int(len(new_rows))
+    gram_file = write_gram(store.path, {f"g{names.index(g)}": m for g, m in gram.result().items()})
+    appended = {"rows": int(len(new_rows)), "first_shard": len(manifest["shards"]),
+                "seconds": round(time.perf_counter() - started, 3)}
+
+    def change(current: dict[str, Any] | None) -> dict[str, Any]:
+        if current is None or current["shards"] != manifest["shards"] or current.get("gram") != manifest.get("gram"):
+            raise StoreMismatchError(f"{store.path}: the store's shards changed while appending; append again")
+        return {**current, "task": task.spec(), "shards": shards,
+                "num_samples": int(current["num_samples"] + len(new_rows)),
+                "gram": {"skipped_groups": [], **current.get("gram", {}), **gram_file, "count": gram.count},
+                "appended": [*current.get("appended", []), appended]}
+
+    remove_unused_grams(store.path, modify_manifest(store.path, change))
+    return FeatureStore.open(store.path, task=task.spec()["task"]), int(len(new_rows))

@@ -58,7 +58,7 @@ from gradindex.projection import derive_seed
 from gradindex.query_features import QueryFeaturizer, measurement_function
 from gradindex.store import FeatureStore, atomic_write_json, temporary_path, write_arrays
 from gradindex.task import Task, default_queries, load_task, make_batch, require_training_routine
-from gradindex.weights import GroupWeights
+from gradindex.weights import learned_weights
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Seque
         featurizer.close()
     sums = subset_sums(store, retrained.masks, retrained.sample_ids)
     groups = store.groups
-    learned = GroupWeights.from_manifest(store.manifest, concept, groups)
+    learned_by_setting = learned_weights(store.manifest, concept, groups)
     settings = [(Preconditioner.IDENTITY, 0.0), (Preconditioner.GRAM, damping)]
     rows = []
 
@@ -177,9 +177,9 @@ def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Seque
         add("uniform", weighted_predictions(predictions, {g: 1.0 for g in groups}), preconditioner, setting_damping)
         for g in groups:
             add(f"group {g}", predictions[g], preconditioner, setting_damping)
-    learned_setting = learned.info.get("config")
-    if learned_setting:
-        preconditioner = Preconditioner(learned_setting["preconditioner"])
+    for learned in learned_by_setting.values():
+        learned_setting = learned.info.get("config") or {}
+        preconditioner = Preconditioner(learned_setting.get("preconditioner", "gram"))
         learned_damping = float(learned_setting.get("damping", damping))
         predictions = group_predictions(precondition_features(store, raw, preconditioner, learned_damping), sums)
         add("learned", weighted_predictions(predictions, learned.weights), preconditioner, learned_damping)

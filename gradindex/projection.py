@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gradindex.config import ProjectionConfig, ProjectionKind
+from gradindex.errors import StoreMismatchError
 from gradindex.groups import FACTORIZED_KINDS, Block
 
 #: bytes of projection matrix a Projector keeps in memory; beyond, chunks are regenerated per call
@@ -46,6 +47,25 @@ CHUNK_BYTES = 1 << 26
 SMALL_HEAD = 16
 #: elements of the temporary [B, T', s_l, s_r, r] product that combine() builds at a time
 COMBINE_ELEMENTS = 1 << 22
+#: version of how matrices are drawn (seed derivation, chunk seeds, head layout): bump it whenever the
+#: same config would project to other numbers
+PROJECTION_VERSION = 1
+
+
+def projection_format() -> dict[str, int]:
+    """What besides the :class:`ProjectionConfig` decides the projected numbers (the manifest records it)."""
+    return {"version": PROJECTION_VERSION, "chunk_bytes": CHUNK_BYTES}
+
+
+def check_projection_format(recorded: dict, where: str) -> None:
+    """Refuse a store projected under another format: its matrices are not this code's."""
+    current = projection_format()
+    if recorded != current:
+        raise StoreMismatchError(
+            f"{where}: the store was projected with projection format {recorded}, this gradindex projects with "
+            f"{current}; its query features would not match: featurize again with this version (or use the "
+            "gradindex that wrote the store)"
+        )
 
 
 def derive_seed(seed: int, *keys: str) -> int:
@@ -243,6 +263,16 @@ def _head_minor_order(heads: int, size: int) -> torch.Tensor:
     return torch.arange(heads * size).reshape(heads, size).T.reshape(-1)
 
 
+def block_dims(group: str, block: Block, config: ProjectionConfig) -> dict[str, int]:
+    """What :meth:`BlockProjector.dims` of ``block`` will be under ``config``, without drawing a matrix:
+    ``{"heads", "k_left", "k_right"}`` (factorized) or ``{"k"}`` (dense)."""
+    k = block.numel if config.kind is ProjectionKind.IDENTITY else config.dim_for(group)
+    if block.kind in FACTORIZED_KINDS:
+        heads, s_left, s_right = factor_dims(block.left, block.right, k, config.factor_dim)
+        return {"heads": heads, "k_left": s_left, "k_right": s_right}
+    return {"k": block.numel if k >= block.numel else k}
+
+
 def make_block_projector(
     group: str, block: Block, config: ProjectionConfig, device: torch.device | str = "cpu"
 ) -> BlockProjector:
@@ -254,7 +284,8 @@ def make_block_projector(
     seed = (derive_seed(config.seed, group, "tie", block.tie) if block.tie
             else derive_seed(config.seed, group, block.module, ",".join(block.params)))
     if block.kind in FACTORIZED_KINDS:
-        heads, s_left, s_right = factor_dims(block.left, block.right, k, config.factor_dim)
+        dims = block_dims(group, block, config)
+        heads, s_left, s_right = dims["heads"], dims["k_left"], dims["k_right"]
         if heads == 1 and s_left == block.left and s_right == block.right:
             kind = ProjectionKind.IDENTITY
         else:

@@ -24,11 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from gradindex.config import DEFAULT_DAMPING, IndexConfig, Preconditioner, SearchConfig, require_positive
+from gradindex.config import (
+    DEFAULT_DAMPING, UNIFORM_CONCEPT, IndexConfig, Preconditioner, SearchConfig, require_positive, setting_key,
+)
 from gradindex.index import GradIndex, TopK
 from gradindex.query_features import QueryFeaturizer, load_store_task
 from gradindex.store import FeatureStore
-from gradindex.weights import GroupWeights, scaled_vectors
+from gradindex.weights import GroupWeights, learned_weights, scaled_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +57,15 @@ class Attributor:
         device: str = "cpu",
         index_device: str | None = None,
         search: SearchConfig | None = None,
+        trust_task: bool = False,
     ) -> "Attributor":
+        """``trust_task``: run the task code the store names even if it is not built in
+        (:func:`~gradindex.query_features.load_store_task`)."""
         store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
         index = GradIndex.open(store, concept, device=index_device, search=search)
         featurizer = QueryFeaturizer.open(store, concept, index.config.preconditioner, index.config.damping,
-                                          checkpoint, device)
+                                          checkpoint, device, trust_task)
+        warn_if_weights_changed(store, concept, index)
         return cls(featurizer, index)
 
     def query_vectors(self, dataset: Sequence, batch_size: int = 64) -> np.ndarray:
@@ -73,6 +79,22 @@ class Attributor:
 
     def close(self) -> None:
         self.featurizer.close()
+
+
+def warn_if_weights_changed(store: FeatureStore, concept: str, index: GradIndex) -> bool:
+    """One warning (stderr) when the store's current weights for the index's concept and setting are
+    not the ones the index was built with (weights learned or reset after ``build-index``)."""
+    if concept == UNIFORM_CONCEPT:
+        return False
+    config = index.config
+    current = GroupWeights.from_manifest(store.manifest, concept, store.groups, config.preconditioner, config.damping)
+    if current.weights == index.weights.weights:
+        return False
+    logger.warning(
+        "warning: index %r of %s was built with weights %s; the store's current %s weights for it are %s: "
+        "run `gradindex build-index %s --concept %s` to use them", concept, store.path, index.weights.describe(),
+        setting_key(config.preconditioner, config.damping), current.describe(), store.path, concept)
+    return True
 
 
 class MetadataTable:
@@ -136,16 +158,20 @@ def stored_vector_blocks(store: FeatureStore, weights: GroupWeights) -> Iterator
 def score_setting(store: FeatureStore, concept: str = "all") -> tuple[Preconditioner, float, GroupWeights]:
     """The preconditioner, damping and weights that score ``concept``: its index partition's when
     built (so the scores are the ones ``query`` ranks), else the setting its learned weights were
-    fit for, else the defaults (Gram, :data:`DEFAULT_DAMPING`, uniform weights)."""
+    fit for (the default setting's when there are several), else the defaults (Gram,
+    :data:`DEFAULT_DAMPING`, uniform weights)."""
     entry = store.manifest.get("indexes", {}).get(concept)
     if entry is not None and "config" in entry and "weights" in entry:
         config = IndexConfig.from_dict(entry["config"])
         weights = GroupWeights(concept, entry["weights"]["weights"], entry["weights"].get("info", {}))
         return config.preconditioner, config.damping, weights
-    weights = GroupWeights.from_manifest(store.manifest, concept, store.groups)
-    learned = weights.info.get("config") or {}
-    preconditioner = Preconditioner(learned.get("preconditioner", Preconditioner.GRAM.value))
-    return preconditioner, float(learned.get("damping", DEFAULT_DAMPING)), weights
+    learned = learned_weights(store.manifest, concept, store.groups)  # {setting: weights}
+    if not learned:
+        return Preconditioner.GRAM, DEFAULT_DAMPING, GroupWeights.uniform(concept, store.groups)
+    weights = learned.get(setting_key(Preconditioner.GRAM, DEFAULT_DAMPING)) or next(iter(learned.values()))
+    setting = weights.info.get("config") or {}
+    preconditioner = Preconditioner(setting.get("preconditioner", Preconditioner.GRAM.value))
+    return preconditioner, float(setting.get("damping", DEFAULT_DAMPING)), weights
 
 
 def all_scores(store: FeatureStore, inputs: str | Path, concept: str = "all", checkpoint: str | Path | None = None,

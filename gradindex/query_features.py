@@ -20,33 +20,52 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradindex.config import DEFAULT_DAMPING, FeaturizeConfig, Preconditioner
+from gradindex.config import DEFAULT_DAMPING, UNIFORM_CONCEPT, FeaturizeConfig, Preconditioner
 from gradindex.devices import resolve_device
-from gradindex.errors import ConfigError, StoreMismatchError
-from gradindex.featurize import featurize_rows, resolve_groups
+from gradindex.errors import ConfigError, StoreMismatchError, TaskConsentError
+from gradindex.featurize import featurize_rows, planned_group_entries, resolve_groups
 from gradindex.gradients import GradientProjector
-from gradindex.groups import ParameterGroup
 from gradindex.precondition import QueryPreconditioner
+from gradindex.projection import check_projection_format
 from gradindex.store import FeatureStore
-from gradindex.task import Task, load_task, model_fingerprint
+from gradindex.task import Task, is_builtin_spec, load_task, model_fingerprint, resolve_spec
 
 
-def load_store_task(store: FeatureStore) -> Task:
-    """The task the store was featurized from (rebuilt from the manifest's spec)."""
+def load_store_task(store: FeatureStore, trust_task: bool = False, task: str | None = None) -> Task:
+    """The task the store was featurized from (rebuilt from the manifest's spec).
+
+    A store is data (someone may hand you one), and its manifest names the code to run. Code
+    that is not built in (a ``file.py:Class`` or ``module:Class`` spec) runs only with consent:
+    ``trust_task`` (``--trust-task``), or ``task`` (``--task SPEC``) naming the same spec; either may
+    also come with the store (``FeatureStore.open(path, trust_task=..., task=...)``; a store that
+    ``featurize`` returns carries its own task). Otherwise a one-line :class:`TaskConsentError`.
+    """
     spec = store.manifest["task"]
-    return load_task(spec["task"], spec.get("options", {}))
+    name = spec["task"]
+    given = task if task is not None else store.task
+    if given is not None and resolve_spec(given) != resolve_spec(name):
+        raise TaskConsentError(f"{store.path}: the store's task is {name!r}, not {given!r}; pass the store's own "
+                               "spec with --task, or --trust-task to run the store's task")
+    if given is None and not (trust_task or store.trust_task or is_builtin_spec(name)):
+        raise TaskConsentError(
+            f"{store.path}: the store names task code {name!r} that is not built in; run it only if you trust "
+            f"the store: pass --task '{name}' or --trust-task (Python: trust_task=True)"
+        )
+    return load_task(name, spec.get("options", {}))
 
 
 def check_concept(task: Task, concept: str) -> None:
-    """``concept`` must be ``all`` or one of the task's concepts."""
-    if concept != "all" and concept not in task.concepts:
-        raise ConfigError(f"concept {concept!r}: the task measures {', '.join(('all', *task.concepts))}")
+    """``concept`` must be ``all``, ``uniform`` (the measurement of ``all``, uniform weights) or one of
+    the task's concepts."""
+    if concept not in ("all", UNIFORM_CONCEPT) and concept not in task.concepts:
+        raise ConfigError(f"concept {concept!r}: the task measures {', '.join(('all', *task.concepts))} "
+                          f"(and {UNIFORM_CONCEPT!r} is 'all' with uniform weights)")
 
 
 def measurement_function(task: Task, concept: str):
-    """``(batch, model) -> [B]``: the task's measurement ``m`` (concept ``all``) or ``m_c``."""
+    """``(batch, model) -> [B]``: the task's measurement ``m`` (concept ``all`` or ``uniform``) or ``m_c``."""
     check_concept(task, concept)
-    if concept == "all":
+    if concept in ("all", UNIFORM_CONCEPT):
         return task.compute_measurement
     return lambda batch, model: task.concept_measurement(batch, model, concept)
 
@@ -63,12 +82,13 @@ class QueryFeaturizer:
         self.device = device
         self.concept = concept
         self.measurement = measurement_function(task, concept)
+        check_projection_format(store.manifest["projection_format"], str(store.path))
         config = FeaturizeConfig.from_dict(store.manifest["config"])
         groups = resolve_groups(task, model, config)
-        stored = [ParameterGroup.from_dict(g).to_dict() for g in store.manifest["groups"]]
-        if [g.to_dict() for g in groups] != stored:
+        if planned_group_entries(groups, config.projection) != store.manifest["groups"]:
             raise StoreMismatchError(
-                f"{store.path}: the model's parameter groups differ from the store's; featurize again"
+                f"{store.path}: the model's parameter groups (or their projected dims) differ from the store's; "
+                "featurize again"
             )
         self.groups = [g.name for g in groups]
         self.projector = GradientProjector(model, groups, config.projection, device)
@@ -85,9 +105,12 @@ class QueryFeaturizer:
         damping: float = DEFAULT_DAMPING,
         checkpoint: str | Path | None = None,
         device: str = "cpu",
+        trust_task: bool = False,
     ) -> "QueryFeaturizer":
+        """``trust_task``: run the task code the store names even if it is not built in (see
+        :func:`load_store_task`)."""
         store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
-        task = load_store_task(store)
+        task = load_store_task(store, trust_task)
         check_concept(task, concept)
         torch_device = resolve_device(device)
         model = task.load_model(checkpoint or store.manifest.get("checkpoint")).to(torch_device).eval()

@@ -7,16 +7,22 @@ Layout of a store directory::
                                ("grad:<group>", float32 or float16) and metadata
                                columns ("meta:<name>")
     shards/part-00000.json   the shard's sidecar: rows, sha256, byte size, run key
-    gram.npz                 per-group Gram matrices G_g = ΦᵀΦ/N, key "g<i>" = i-th group
-    indexes/<concept>/       FAISS index parts of a concept (written by gradindex.index; layout in gradindex.index.shards)
+    gram-<sha>.npz           per-group Gram matrices G_g = ΦᵀΦ/N, key "g<i>" = i-th group (named by its
+                             content, so a new one never replaces the one the manifest lists)
+    indexes/<concept>/       FAISS index builds of a concept (gradindex.index; layout in gradindex.index.shards)
+    .manifest.lock           the lock every manifest read-modify-write takes (:func:`modify_manifest`)
+    .writer.lock             held by the featurize run writing the store (:func:`writer_lock`)
 
 Every file is written under a temporary name and renamed when complete. The
 manifest records each file's sha256, and readers verify a shard's checksum
-before trusting its rows.
+before trusting its rows. Opening a store validates its manifest
+(:mod:`gradindex.manifest_schema`) and refuses any path in it that leads outside
+the store (``..``, absolute paths, symlinks).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -25,22 +31,26 @@ import re
 import shutil
 import urllib.parse
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from pathlib import Path, PurePosixPath
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
 from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
+from gradindex.manifest_schema import FORMAT_VERSION, manifest_paths, validate_manifest
 
 if TYPE_CHECKING:  # pyarrow is imported where shards are read or written: `info` reads only the manifest
     import pyarrow as pa
 
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
-GRAM_FILE = "gram.npz"
+GRAM_FILE = "gram.npz"  # the Gram file of version-1 stores; newer ones name it by content (gram-<sha>.npz)
+LOCK_FILE = ".manifest.lock"
+WRITER_LOCK = ".writer.lock"
 FEATURE_PREFIX = "grad:"
 META_PREFIX = "meta:"
 ROW_GROUP_ROWS = 4096
@@ -153,11 +163,104 @@ def completed_shard(store: str | Path, index: int, run_key: str) -> ShardInfo | 
 
 
 def remove_temporaries(store: str | Path) -> list[Path]:
-    """Delete the temporary shard files a killed writer left behind (call with no writer running)."""
-    leftovers = sorted((Path(store) / SHARD_DIR).glob(".*.tmp-*"))
+    """Delete the temporary files a killed writer left in the store's root and shard folder
+    (call with the writer lock held)."""
+    leftovers = sorted([*Path(store).glob(".*.tmp-*"), *(Path(store) / SHARD_DIR).glob(".*.tmp-*")])
     for file in leftovers:
         file.unlink(missing_ok=True)
     return leftovers
+
+
+def remove_unlisted_shards(store: str | Path, manifest: Mapping[str, Any]) -> None:
+    """Delete shard files (and sidecars) the manifest does not list: an interrupted append's."""
+    listed = {PurePosixPath(s["path"]).name for s in manifest["shards"]}
+    for file in (Path(store) / SHARD_DIR).glob("part-*"):
+        if file.with_suffix(".parquet").name not in listed:
+            file.unlink(missing_ok=True)
+
+
+# -- locks and the one manifest read-modify-write ----------------------------------------------
+@contextmanager
+def file_lock(file: Path, flags: int) -> Iterator[IO]:
+    """``flock(file, flags)`` held for the block (created if missing); ``LOCK_NB`` raises ``BlockingIOError``."""
+    handle = open(file, "a")
+    try:
+        fcntl.flock(handle, flags)
+        yield handle
+    finally:
+        handle.close()  # releases the lock
+
+
+@contextmanager
+def store_lock(path: str | Path) -> Iterator[None]:
+    """The store's manifest lock (exclusive, blocking): held by every manifest read-modify-write."""
+    with file_lock(Path(path) / LOCK_FILE, fcntl.LOCK_EX):
+        yield
+
+
+@contextmanager
+def writer_lock(path: str | Path) -> Iterator[Path]:
+    """Create the store folder and hold its writer lock while a featurize run writes shards into it.
+
+    A second run into the same folder is refused at once (two runs would mix their shards).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"store path {path} exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        with file_lock(path / WRITER_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB):
+            yield path
+    except BlockingIOError:
+        raise ConfigError(
+            f"{path}: another featurize is writing this store; wait for it to finish or use another --out"
+        ) from None
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The store's manifest, parsed and validated (a one-line error otherwise)."""
+    manifest_path = Path(path) / MANIFEST
+    if not manifest_path.is_file():
+        raise ArtifactNotFoundError(
+            f"{path} is an incomplete feature store (no {MANIFEST}): featurize was interrupted; run it again"
+        )
+    try:
+        data = json.loads(manifest_path.read_text())
+    except (ValueError, RecursionError) as err:
+        raise StoreMismatchError(f"{manifest_path} is not valid JSON ({err})") from None
+    return validate_manifest(data, str(path))
+
+
+def modify_manifest(path: str | Path, change: Callable[[dict[str, Any] | None], Mapping[str, Any]]) -> dict[str, Any]:
+    """The one read-modify-write of ``manifest.json``: under the store lock, reread the manifest
+    (``None`` when there is none yet), validate ``change(manifest)``, write it atomically and
+    return it. Every writer goes through here, so concurrent writers never lose each other's
+    updates, and nothing is written that could not be read back."""
+    path = Path(path)
+    with store_lock(path):
+        for stale in path.glob(f".{MANIFEST}.tmp-*"):  # of a killed writer: nobody else writes one now
+            stale.unlink(missing_ok=True)
+        current = read_manifest(path) if (path / MANIFEST).is_file() else None
+        new = {k: v for k, v in change(current).items() if k != "format_version"}
+        new = validate_manifest({"format_version": FORMAT_VERSION, **new}, str(path))
+        atomic_write_json(path / MANIFEST, new)
+        return new
+
+
+def inside_store(root: str | Path, relative: Any, what: str) -> Path:
+    """The real path of ``relative`` (a path read from the manifest) if it stays inside the store
+    ``root``; a one-line ``StoreMismatchError`` for absolute paths, ``..`` and symlinks leading out."""
+    text = relative if isinstance(relative, str) else ""
+    pure = PurePosixPath(text)
+    if not text or "\x00" in text or "\\" in text or pure.is_absolute() or ".." in pure.parts or not pure.parts:
+        raise StoreMismatchError(
+            f"{root}: {what} {relative!r} is not a relative path inside the store; the manifest is corrupt or crafted"
+        )
+    base = Path(root).resolve()
+    real = (base / pure).resolve()
+    if not real.is_relative_to(base) or real == base:
+        raise StoreMismatchError(f"{root}: {what} {relative!r} leads outside the store (to {real}); refused")
+    return real
 
 
 def local_store_path(location: str | Path) -> Path:
@@ -181,25 +284,29 @@ def local_store_path(location: str | Path) -> Path:
 
 # -- writing a store ----------------------------------------------------------------------------
 def prepare_store(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
-    """Make ``path`` ready for a new store. An existing complete store needs ``overwrite``.
+    """Make ``path`` ready for a new store (call with its :func:`writer_lock` held). An existing
+    complete store needs ``overwrite``.
 
     Overwriting first removes the manifest, so an interrupted rewrite never
-    leaves something that looks complete. ``resume`` keeps verified shards.
+    leaves something that looks complete. ``resume`` keeps verified shards; the
+    temporary files of a killed run are removed either way.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"store path {path} exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
     if (path / MANIFEST).exists():
         if not overwrite:
             raise ConfigError(f"{path} already holds a feature store; pass --overwrite to replace it")
-        (path / MANIFEST).unlink()
-    if path.exists() and not resume:
-        for name in (SHARD_DIR, "indexes", GRAM_FILE):
-            target = path / name
-            if target.is_dir():
+        with store_lock(path):
+            (path / MANIFEST).unlink()
+    if not resume:
+        for target in [path / SHARD_DIR, path / "indexes", *gram_files(path)]:
+            if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
-            elif target.exists():
+            elif target.exists() or target.is_symlink():
                 target.unlink()
+    remove_temporaries(path)
     (path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     return path
 
@@ -213,51 +320,90 @@ def write_arrays(path: str | Path, arrays: Mapping[str, np.ndarray]) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def commit_manifest(path: str | Path, manifest: Mapping[str, Any]) -> None:
-    """Write ``manifest.json`` last: from here on the store is complete."""
-    atomic_write_json(Path(path) / MANIFEST, {"format_version": FORMAT_VERSION, **manifest})
+def write_gram(path: str | Path, grams: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """Save the Gram arrays as ``gram-<sha>.npz`` in the store ``path``: ``{"file", "sha256"}``.
+
+    Named by content, so writing a new one never touches the file the manifest lists;
+    :func:`remove_unused_grams` deletes the old one after the manifest switched.
+    """
+    buffer = io.BytesIO()
+    np.savez(buffer, **grams)
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    name = f"gram-{digest[:16]}.npz"
+    atomic_write_bytes(Path(path) / name, data)
+    return {"file": name, "sha256": digest}
+
+
+def gram_files(path: str | Path) -> list[Path]:
+    return sorted([*Path(path).glob("gram-*.npz"), *Path(path).glob(GRAM_FILE)])
+
+
+def remove_unused_grams(path: str | Path, manifest: Mapping[str, Any] | None) -> None:
+    """Delete the Gram files ``manifest`` does not list (call with the writer lock held)."""
+    listed = (manifest or {}).get("gram") or {}
+    keep = listed.get("file", GRAM_FILE) if listed else None
+    for file in gram_files(path):
+        if file.name != keep:
+            file.unlink(missing_ok=True)
+
+
+def commit_manifest(path: str | Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """Write ``manifest.json`` last (through :func:`modify_manifest`): from here on the store is complete."""
+    return modify_manifest(path, lambda _: dict(manifest))
 
 
 # -- reading a store ----------------------------------------------------------------------------
 class FeatureStore:
-    """A complete store opened for reading. ``FeatureStore.open(path)``."""
+    """A complete store opened for reading. ``FeatureStore.open(path)``.
 
-    def __init__(self, path: Path, manifest: dict[str, Any], verify: bool = True):
+    ``trust_task``/``task``: the user's consent to run the task code the manifest names
+    (any task, or exactly the spec ``task``); see :func:`gradindex.query_features.load_store_task`.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], verify: bool = True, trust_task: bool = False,
+                 task: str | None = None):
         self.path = path
         self.manifest = manifest
         self.verify = verify
+        self.trust_task = trust_task
+        self.task = task
         self._verified: set[str] = set()
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = True) -> "FeatureStore":
+    def open(cls, path: str | Path, verify: bool = True, trust_task: bool = False,
+             task: str | None = None) -> "FeatureStore":
         path = Path(path)
         if not path.is_dir():
             raise ArtifactNotFoundError(f"no feature store at {path} (run `gradindex featurize` first)")
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise ArtifactNotFoundError(
-                f"{path} is an incomplete feature store (no {MANIFEST}): featurize was interrupted; run it again"
-            )
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except ValueError as err:
-            raise StoreMismatchError(f"{manifest_path} is not valid JSON ({err})") from None
-        version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise StoreMismatchError(
-                f"{path}: store format version {version!r}, this gradindex reads version {FORMAT_VERSION}; "
-                "featurize again"
-            )
-        for shard in manifest["shards"]:
-            file = path / shard["path"]
+        store = cls(path, read_manifest(path), verify, trust_task, task)
+        store._check_files()
+        return store
+
+    def _check_files(self) -> None:
+        """Every path the manifest names stays inside the store; every shard is there, whole."""
+        for field, relative in manifest_paths(self.manifest):
+            inside_store(self.path, relative, f"manifest field {field}")
+        for shard in self.manifest["shards"]:
+            file = self.file(shard["path"], "shard")
             if not file.is_file():
-                raise ArtifactNotFoundError(f"{path}: shard {shard['path']} listed in the manifest is missing")
+                raise ArtifactNotFoundError(f"{self.path}: shard {shard['path']} listed in the manifest is missing")
             if file.stat().st_size != shard["bytes"]:
                 raise StoreMismatchError(
-                    f"{path}: shard {shard['path']} has {file.stat().st_size} bytes, the manifest says "
+                    f"{self.path}: shard {shard['path']} has {file.stat().st_size} bytes, the manifest says "
                     f"{shard['bytes']}; the store is corrupt, featurize again"
                 )
-        return cls(path, manifest, verify)
+
+    def file(self, relative: str, what: str = "file") -> Path:
+        """The real path of a file the manifest names (refused if it leads outside the store)."""
+        return inside_store(self.path, relative, what)
+
+    def refresh(self) -> "FeatureStore":
+        """Reread the manifest (another process may have rewritten it since this store was opened)."""
+        self.manifest = read_manifest(self.path)
+        self._check_files()
+        self._verified.clear()
+        return self
 
     # -- manifest views -----------------------------------------------------------------------
     @property
@@ -280,19 +426,27 @@ class FeatureStore:
     def metadata_columns(self) -> list[str]:
         return list(self.manifest.get("metadata_columns", []))
 
-    def update_manifest(self, update: Mapping[str, Any]) -> None:
-        """Merge top-level keys into the manifest and rewrite it atomically."""
-        self.manifest = {**self.manifest, **update}
-        atomic_write_json(self.path / MANIFEST, self.manifest)
+    def update_manifest(self, update: Mapping[str, Any] | Callable[[dict[str, Any]], Mapping[str, Any]]) -> None:
+        """Rewrite the manifest through :func:`modify_manifest`: ``update`` is either top-level keys
+        to merge or ``change(current manifest) -> new manifest`` (applied to the manifest as reread
+        under the store lock, so a concurrent writer's update is kept)."""
+        change = update if callable(update) else (lambda current: {**current, **update})
+        self.manifest = modify_manifest(self.path, lambda current: change(_present(current, self.path)))
 
     # -- data -------------------------------------------------------------------------------------
     def _checked(self, shard: Mapping[str, Any]) -> Path:
-        file = self.path / shard["path"]
+        file = self.file(shard["path"], "shard")
         if self.verify and shard["path"] not in self._verified:
             if sha256_file(file) != shard["sha256"]:
                 raise StoreMismatchError(
                     f"{self.path}: checksum mismatch in {shard['path']}; the shard was modified or corrupted, "
                     "featurize again"
+                )
+            rows = shard_rows(file)
+            if rows != shard["rows"]:
+                raise StoreMismatchError(
+                    f"{self.path}: {shard['path']} holds {rows} rows, the manifest says {shard['rows']}; "
+                    "the store is corrupt, featurize again"
                 )
             self._verified.add(shard["path"])
         return file
@@ -312,10 +466,17 @@ class FeatureStore:
             if bad:
                 raise ConfigError(f"{self.path}: no shards {bad}; the store has shards 0..{len(listed) - 1}")
             listed = [listed[int(s)] for s in shards]
+        dims = self.group_dims
         for shard in listed:
             ids, feats, meta = read_shard(self._checked(shard), groups, meta_names)
             if len(ids) != shard["rows"]:
                 raise StoreMismatchError(f"{self.path}: {shard['path']} has {len(ids)} rows, expected {shard['rows']}")
+            wrong = {g: b.shape[1] for g, b in feats.items() if b.shape[1] != dims[g]}
+            if wrong or not np.issubdtype(ids.dtype, np.integer):
+                raise StoreMismatchError(
+                    f"{self.path}: {shard['path']} does not match the manifest (feature widths {wrong}, "
+                    f"ids of {ids.dtype}); the store is corrupt, featurize again"
+                )
             yield ids, feats, meta
 
     def read(self, groups: Sequence[str] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -339,31 +500,76 @@ class FeatureStore:
                 meta.setdefault(name, []).append(values)
         return np.concatenate(ids), {name: np.concatenate(parts) for name, parts in meta.items()}
 
-    def read_gram(self) -> dict[str, np.ndarray]:
+    def read_gram(self, retry: bool = True) -> dict[str, np.ndarray]:
+        """``{group: G_g [k_g, k_g]}`` of the groups that have one (verified against the manifest)."""
         info = self.manifest.get("gram")
         if not info:
             return {}
-        file = self.path / GRAM_FILE
+        name = info.get("file", GRAM_FILE)
+        file = self.file(name, "manifest field gram.file")
         if not file.is_file():
-            raise ArtifactNotFoundError(f"{self.path}: {GRAM_FILE} listed in the manifest is missing")
+            if retry:  # an append may have replaced it since this store was opened
+                return self.refresh().read_gram(retry=False)
+            raise ArtifactNotFoundError(f"{self.path}: {name} listed in the manifest is missing")
         if sha256_file(file) != info["sha256"]:
-            raise StoreMismatchError(f"{self.path}: checksum mismatch in {GRAM_FILE}; featurize again")
-        with np.load(file) as data:
-            return {group: data[f"g{i}"] for i, group in enumerate(self.groups) if f"g{i}" in data.files}
+            raise StoreMismatchError(f"{self.path}: checksum mismatch in {name}; featurize again")
+        dims = self.group_dims
+        try:
+            with np.load(file) as data:
+                grams = {group: data[f"g{i}"] for i, group in enumerate(self.groups) if f"g{i}" in data.files}
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+            raise StoreMismatchError(f"{self.path}: {name} is not a readable .npz file ({err}); featurize again") \
+                from None
+        wrong = {g: m.shape for g, m in grams.items() if m.shape != (dims[g], dims[g])}
+        if wrong:
+            raise StoreMismatchError(f"{self.path}: {name} holds Gram matrices of the wrong shapes {wrong}")
+        return grams
+
+
+def _present(manifest: dict[str, Any] | None, path: Path) -> dict[str, Any]:
+    if manifest is None:
+        raise ArtifactNotFoundError(f"{path}: the manifest disappeared (the store is being overwritten?)")
+    return manifest
+
+
+def shard_rows(file: str | Path) -> int:
+    """The row count a Parquet shard's footer records (a one-line error if it is no Parquet file)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(file).num_rows
+    except (pa.ArrowException, OSError) as err:
+        raise StoreMismatchError(f"{file}: not a readable Parquet shard ({_first_line(err)}); featurize again") \
+            from None
 
 
 def read_shard(
     file: str | Path, groups: Sequence[str], meta_names: Sequence[str] = ()
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """``(sample_ids [n], {group: [n, k_g]}, {meta: [n]})`` of one shard file (no verification)."""
+    """``(sample_ids [n], {group: [n, k_g]}, {meta: [n]})`` of one shard file (no verification).
+
+    The one place shards are read: a file that is no shard of this layout is a one-line
+    ``StoreMismatchError``.
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     columns = ["sample_id", *(FEATURE_PREFIX + g for g in groups), *(META_PREFIX + m for m in meta_names)]
-    table = pq.read_table(file, columns=columns)
-    ids = table.column("sample_id").to_numpy()
-    feats = {g: _fixed_list_to_numpy(table.column(FEATURE_PREFIX + g)) for g in groups}
-    meta = {m: table.column(META_PREFIX + m).to_numpy(zero_copy_only=False) for m in meta_names}
+    try:
+        table = pq.read_table(file, columns=columns)
+        ids = table.column("sample_id").to_numpy()
+        feats = {g: _fixed_list_to_numpy(table.column(FEATURE_PREFIX + g)) for g in groups}
+        meta = {m: table.column(META_PREFIX + m).to_numpy(zero_copy_only=False) for m in meta_names}
+    except (pa.ArrowException, OSError, KeyError, AttributeError, ValueError, TypeError) as err:
+        raise StoreMismatchError(f"{file}: not a readable Parquet shard of this store ({_first_line(err)}); "
+                                 "featurize again") from None
     return ids, feats, meta
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _fixed_list_to_numpy(column: pa.ChunkedArray) -> np.ndarray:

@@ -2,47 +2,68 @@
 
 In: a :class:`~gradindex.store.FeatureStore` (opened without verifying shards).
 Out: a JSON-ready dict — task, checkpoint, sizes, projection, per-group sizes and
-weights per concept, learned-weight settings, index partitions. Imports neither
-torch nor FAISS (``info`` starts fast).
+weights per concept (and learned setting), learned-weight settings with their digests,
+index partitions with the weights they were built with and the store's current ones.
+Imports neither torch nor FAISS (``info`` starts fast).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from gradindex.config import UNIFORM_CONCEPT, setting_key
 from gradindex.groups import ParameterGroup
 from gradindex.store import FeatureStore
-from gradindex.weights import GroupWeights
+from gradindex.weights import GroupWeights, learned_weights
+
+
+def weight_panels(manifest: dict[str, Any], groups: list[str], concepts=()) -> list[tuple[str, GroupWeights]]:
+    """``(label, weights)`` per concept (default: every one with weights or an index, and 'all') and
+    learned setting: uniform weights for a concept without any; the label is the concept, with the
+    setting appended when the concept has weights for more than one (``all identity``)."""
+    panels = []
+    every = sorted(set(manifest.get("weights", {})) | set(manifest.get("indexes", {})) | {"all"})
+    for concept in concepts or every:
+        learned = learned_weights(manifest, concept, groups)
+        if not learned:
+            panels.append((concept, GroupWeights.uniform(concept, groups)))
+        for key, weights in learned.items():
+            panels.append((concept if len(learned) == 1 else f"{concept} {key}", weights))
+    return panels
 
 
 def store_summary(store: FeatureStore) -> dict[str, Any]:
     """The manifest's essentials (keys below; every value plain JSON)."""
     manifest = store.manifest
     projection = manifest["config"]["projection"]
-    concepts = sorted(set(manifest.get("weights", {})) | set(manifest.get("indexes", {})) | {"all"})
-    weights = {c: GroupWeights.from_manifest(manifest, c, store.groups) for c in concepts}
+    panels = weight_panels(manifest, store.groups)
     groups = []
     for group in manifest["groups"]:
         name = group["name"]
         row = {"group": name, "params": ParameterGroup.from_dict(group).numel, "dim": group["dim"],
-               "weights": {c: weights[c].weights[name] for c in concepts}}
-        shares = {c: w.info["shares"][name] for c, w in weights.items() if "shares" in w.info}
+               "weights": {label: w.weights[name] for label, w in panels}}
+        shares = {label: w.info["shares"][name] for label, w in panels if name in w.info.get("shares", {})}
         if shares:
             row["shares"] = shares
         groups.append(row)
-    learned = {}
-    for concept, w in weights.items():
-        if "config" in w.info:
-            info = w.info
-            learned[concept] = {"method": info["method"], "preconditioner": info["config"]["preconditioner"],
-                                "damping": info["config"]["damping"], "num_queries": info["num_queries"],
-                                "reference_size": info["reference_size"], "snr_uniform": info["snr_uniform"],
-                                "snr_learned": info["snr_learned"]}
+    learned: dict[str, dict[str, Any]] = {}
+    for concept in sorted(manifest.get("weights", {})):
+        for key, w in learned_weights(manifest, concept, store.groups).items():
+            keep = ("num_queries", "reference_size", "snr_uniform", "snr_learned")
+            setting = {k: v for k, v in (w.info.get("config") or {}).items() if k in ("preconditioner", "damping")}
+            learned.setdefault(concept, {})[key] = {"method": w.info.get("method", "given"), "digest": w.digest(),
+                                                    **setting, **{k: w.info[k] for k in keep if k in w.info}}
     indexes = {}
     for concept, entry in sorted(manifest.get("indexes", {}).items()):
         cfg = entry["config"]
-        indexes[concept] = {"kind": entry.get("kind", cfg["kind"]), "preconditioner": cfg["preconditioner"],
-                            "damping": cfg["damping"], "ntotal": entry["ntotal"], "parts": len(entry.get("parts", []))}
+        built = GroupWeights(concept, entry["weights"]["weights"], entry["weights"].get("info", {}))
+        current = GroupWeights.from_manifest(manifest, concept, store.groups, cfg["preconditioner"], cfg["damping"])
+        indexes[concept] = {
+            "kind": entry["kind"], "preconditioner": cfg["preconditioner"], "damping": cfg["damping"],
+            "setting": setting_key(cfg["preconditioner"], cfg["damping"]), "ntotal": entry["ntotal"],
+            "parts": len(entry["parts"]), "weights": built.describe(), "current_weights": current.describe(),
+            "stale": concept != UNIFORM_CONCEPT and current.weights != built.weights,
+        }
     return {
         "store": str(store.path),
         "task": manifest["task"]["task"],
@@ -54,7 +75,7 @@ def store_summary(store: FeatureStore) -> dict[str, Any]:
         "dtype": manifest["dtype"],
         "projection": {"kind": projection["kind"], "proj_dim": projection["proj_dim"], "seed": projection["seed"]},
         "dim": store.dim,
-        "concepts": concepts,
+        "concepts": [label for label, _ in panels],
         "groups": groups,
         "learned_weights": learned,
         "indexes": indexes,

@@ -217,8 +217,35 @@ def make_batch(task: Task, dataset: Sequence, indices: Sequence[int] | np.ndarra
     return task.collate([dataset[int(i)] for i in indices])
 
 
+def is_builtin_spec(spec: str) -> bool:
+    """Whether ``spec`` names gradindex's own code: a built-in name or ``gradindex.tasks.<module>:Class``
+    (never a file path). Other specs run code from elsewhere and need the user's consent when a
+    store names them (:func:`gradindex.query_features.load_store_task`)."""
+    from gradindex.tasks import BUILTIN_TASKS
+
+    if spec in BUILTIN_TASKS:
+        return True
+    target, sep, name = spec.rpartition(":")
+    parts = target.split(".")
+    return (bool(sep and name) and parts[:2] == ["gradindex", "tasks"] and len(parts) == 3
+            and parts[2].isidentifier() and name.isidentifier())
+
+
+def resolve_spec(spec: str) -> str:
+    """``spec`` with a ``file.py`` path made absolute (the form stored in a manifest: it works from
+    any directory); other specs unchanged."""
+    target, sep, name = spec.rpartition(":")
+    if sep and target.endswith(".py"):
+        return f"{Path(target).expanduser().resolve()}:{name}"
+    return spec
+
+
 def load_task(spec: str, options: dict[str, Any] | None = None) -> Task:
-    """Instantiate a task from a built-in name, ``file.py:Class`` or ``module:Class``."""
+    """Instantiate a task from a built-in name, ``file.py:Class`` or ``module:Class``.
+
+    The task records its spec with a file path resolved (:func:`resolve_spec`), so the manifest of
+    a store featurized from a relative ``tasks.py:MyTask`` works from any directory.
+    """
     from gradindex.tasks import BUILTIN_TASKS
 
     options = dict(options or {})
@@ -239,7 +266,7 @@ def load_task(spec: str, options: dict[str, Any] | None = None) -> Task:
             raise ConfigError(f"task {spec!r}: cannot construct {cls.__name__} with options {options}: {err}") from None
     if not isinstance(task, Task):
         raise TaskError(f"task {spec!r}: {type(task).__name__} is not a subclass of gradindex.Task")
-    task._spec = spec
+    task._spec = resolve_spec(spec)
     return task
 
 

@@ -4,15 +4,18 @@ In: ``{group: [n, k_g]}`` feature blocks and a :class:`GroupWeights`.
 Out: ``[n, Σ k_g]`` vectors ``[√w_1 φ_1; …; √w_G φ_G]`` whose plain dot product is
 the weighted score ``Σ_g w_g s_g``.
 
-Weights live in the store's manifest under ``weights.<concept>``; a concept with
-no learned weights uses uniform weights (``w_g = 1``: the unweighted baselines).
-Learning them is :mod:`gradindex.learn`; learned weights record the
-preconditioner and damping they were fit for, and an index with another
-setting refuses them.
+Weights live in the store's manifest under ``weights.<concept>.<setting>``, one entry per
+attribution setting they were learned for (``gram@0.1``, ``identity``: see
+:func:`gradindex.config.setting_key`); a concept with no learned weights for a setting uses
+uniform weights (``w_g = 1``: the unweighted baselines) there. The reserved concept
+``uniform`` always has uniform weights. Learning them is :mod:`gradindex.learn`;
+:func:`reset_weights` forgets a concept's learned weights.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from gradindex.config import Preconditioner
+from gradindex.config import DEFAULT_DAMPING, UNIFORM_CONCEPT, Preconditioner, setting_key
 from gradindex.errors import ConfigError
 from gradindex.store import FeatureStore
 
@@ -46,16 +49,21 @@ class GroupWeights:
         return {"weights": dict(self.weights), "info": dict(self.info)}
 
     @classmethod
-    def from_manifest(cls, manifest: Mapping[str, Any], concept: str, groups: Sequence[str]) -> "GroupWeights":
-        """The concept's stored weights, or uniform weights when none were learned."""
-        entry = manifest.get("weights", {}).get(concept)
-        if entry is None:
-            return cls.uniform(concept, groups)
-        weights = cls(concept, {g: float(w) for g, w in entry["weights"].items()}, entry.get("info", {}))
-        missing = set(groups) - set(weights.weights)
-        if missing:
-            raise ConfigError(f"weights for concept {concept!r} miss groups {sorted(missing)}; learn them again")
-        return weights
+    def from_manifest(cls, manifest: Mapping[str, Any], concept: str, groups: Sequence[str],
+                      preconditioner: Preconditioner | str = Preconditioner.GRAM,
+                      damping: float = DEFAULT_DAMPING) -> "GroupWeights":
+        """The concept's weights learned for this setting, or uniform weights when none were."""
+        return learned_weights(manifest, concept, groups).get(setting_key(preconditioner, damping)) \
+            or cls.uniform(concept, groups)
+
+    def digest(self) -> str:
+        """A short fingerprint of the weight values (16 hex digits)."""
+        text = json.dumps({g: float(w) for g, w in sorted(self.weights.items())})
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        """``<digest> (<method>)``: how ``info`` and warnings name a set of weights."""
+        return f"{self.digest()} ({self.info.get('method', 'given')})"
 
     def scales(self, groups: Sequence[str]) -> dict[str, float]:
         return {g: float(np.sqrt(self.weights[g])) for g in groups}
@@ -78,12 +86,51 @@ class GroupWeights:
             )
 
 
+def learned_weights(manifest: Mapping[str, Any], concept: str, groups: Sequence[str]) -> dict[str, GroupWeights]:
+    """``{setting key: weights}`` learned for ``concept`` (none for the reserved concept ``uniform``)."""
+    if concept == UNIFORM_CONCEPT:
+        return {}
+    out = {}
+    for key, entry in manifest.get("weights", {}).get(concept, {}).items():
+        weights = GroupWeights(concept, {g: float(w) for g, w in entry["weights"].items()}, entry.get("info", {}))
+        missing = set(groups) - set(weights.weights)
+        if missing:
+            raise ConfigError(f"weights for concept {concept!r} miss groups {sorted(missing)}; learn them again")
+        out[key] = weights
+    return out
+
+
 def save_weights(store: FeatureStore, weights: GroupWeights) -> None:
-    """Record ``weights`` under ``manifest["weights"][concept]`` (an existing index keeps its own copy)."""
+    """Record ``weights`` under ``manifest["weights"][concept][setting]``, the setting (preconditioner,
+    damping) taken from ``weights.info["config"]`` (an existing index keeps its own copy)."""
+    if weights.concept == UNIFORM_CONCEPT:
+        raise ConfigError(f"concept {UNIFORM_CONCEPT!r} is reserved for uniform weights; learn weights for 'all' "
+                          "(or one of the task's concepts) instead")
     missing = set(store.groups) - set(weights.weights)
     if missing:
         raise ConfigError(f"weights for concept {weights.concept!r} miss groups {sorted(missing)}")
-    store.update_manifest({"weights": {**store.manifest.get("weights", {}), weights.concept: weights.to_dict()}})
+    setting = weights.info.get("config") or {}
+    key = setting_key(setting.get("preconditioner", Preconditioner.GRAM), setting.get("damping", DEFAULT_DAMPING))
+
+    def change(manifest: dict[str, Any]) -> dict[str, Any]:
+        every = manifest.get("weights", {})
+        return {**manifest, "weights": {**every, weights.concept: {**every.get(weights.concept, {}),
+                                                                   key: weights.to_dict()}}}
+
+    store.update_manifest(change)
+
+
+def reset_weights(store: FeatureStore, concept: str) -> list[str]:
+    """Forget every setting's learned weights of ``concept`` (it is uniform again); the settings removed."""
+    removed: list[str] = []
+
+    def change(manifest: dict[str, Any]) -> dict[str, Any]:
+        every = dict(manifest.get("weights", {}))
+        removed[:] = sorted(every.pop(concept, {}))
+        return {**manifest, "weights": every}
+
+    store.update_manifest(change)
+    return removed
 
 
 def scaled_vectors(features: Mapping[str, Any], weights: GroupWeights, groups: Sequence[str]) -> Any:

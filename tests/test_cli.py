@@ -54,7 +54,7 @@ def test_featurize_info_build_query(built):
     manifest = json.loads(run("info", root / "store", "--json").output)
     assert manifest["num_samples"] == 40 and len(manifest["shards"]) == 3
 
-    result = run("query", root / "store", "--inputs", root / "queries.npz", "-k", 3, "--json")
+    result = run("query", root / "store", "--task", TASK, "--inputs", root / "queries.npz", "-k", 3, "--json")
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.output.strip().splitlines()]
     assert [line["query"] for line in lines] == [0, 1, 2, 3]
@@ -63,7 +63,7 @@ def test_featurize_info_build_query(built):
         scores = [r["score"] for r in line["results"]]
         assert scores == sorted(scores, reverse=True)
         assert all(r["sample_id"] >= 1000 and r["label"] in (0, 1, 2) for r in line["results"])
-    table = run("query", root / "store", "--inputs", root / "queries.npz", "-k", 2)
+    table = run("query", root / "store", "--task", TASK, "--inputs", root / "queries.npz", "-k", 2)
     assert table.exit_code == 0 and "sample_id" in table.output and "query 3: label" in table.output
 
 
@@ -77,14 +77,18 @@ def test_errors_are_one_line_with_exit_2(built, tmp_path):
     root, checkpoint = built
     assert_one_line_error(run("query", tmp_path / "nothing", "--inputs", root / "queries.npz"), "no feature store")
     assert_one_line_error(run("featurize", "nowhere.py:Task", "--out", tmp_path / "s"), "no such file")
-    assert_one_line_error(run("query", root / "store", "--inputs", root / "queries.npz", "-k", 0), "positive integer")
+    assert_one_line_error(run("query", root / "store", "--trust-task", "--inputs", root / "queries.npz", "-k", 0),
+                          "positive integer")
     np.savez(tmp_path / "bad.npz", x=np.zeros((3, 5)), y=np.zeros(3, dtype=int))
-    assert_one_line_error(run("query", root / "store", "--inputs", tmp_path / "bad.npz"), "shape [n, 4]")
+    assert_one_line_error(run("query", root / "store", "--trust-task", "--inputs", tmp_path / "bad.npz"),
+                          "shape [n, 4]")
     other = TinyTask().train(tmp_path / "other.pt", seed=3)
-    assert_one_line_error(run("query", root / "store", "--inputs", root / "queries.npz", "--checkpoint", other),
+    assert_one_line_error(run("query", root / "store", "--task", TASK, "--inputs", root / "queries.npz",
+                              "--checkpoint", other),
                           "another checkpoint")
     assert_one_line_error(run("featurize", TASK, "--out", root / "store", "--checkpoint", checkpoint), "--overwrite")
-    assert_one_line_error(run("query", root / "store", "--inputs", root / "queries.npz", "--concept", "style"),
+    assert_one_line_error(run("query", root / "store", "--task", TASK, "--inputs", root / "queries.npz",
+                              "--concept", "style"),
                           "concept 'style'")
     assert_one_line_error(run("featurize", TASK, "--out", tmp_path / "s", "--group-rule", "oops"), "PATTERN=GROUP")
     (tmp_path / "partial").mkdir()
@@ -97,7 +101,7 @@ def test_demo_writes_report(tmp_path):
     assert result.output.count("top-3 training examples") == 2
     png = tmp_path / "demo" / "topk.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert list((tmp_path / "demo" / "store" / "indexes" / "all").glob("part-*.faiss"))
+    assert list((tmp_path / "demo" / "store" / "indexes" / "all").glob("b-*/part-*.faiss"))
 
 
 def test_help_for_every_command():

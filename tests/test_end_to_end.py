@@ -12,7 +12,7 @@ from gradindex.featurize import featurize, resolve_groups
 from gradindex.gradients import GradientProjector
 from gradindex.index import build_index
 from gradindex.query import Attributor
-from gradindex.weights import GroupWeights
+from gradindex.weights import GroupWeights, save_weights
 from reference import dense_group_projection, per_example_gradients
 from tiny_task import TinyTask
 
@@ -46,7 +46,7 @@ def test_query_scores_equal_bruteforce_gradient_dot_products(tiny, tmp_path):
     config = FeaturizeConfig(projection=ProjectionConfig(kind=ProjectionKind.IDENTITY), batch_size=7)
     store = featurize(task, tmp_path / "store", config, checkpoint=checkpoint, show_progress=False)
     build_index(store, IndexConfig(preconditioner=Preconditioner.IDENTITY), show_progress=False)
-    attributor = Attributor.open(store.path)
+    attributor = Attributor.open(store.path, trust_task=True)
     queries = task.query_dataset()
     k = 12
     top = attributor.attribute(queries, k=k, batch_size=3)
@@ -69,7 +69,7 @@ def test_gram_preconditioner_equals_explicit_inverse(tiny, tmp_path):
     damping = 0.05
     build_index(store, IndexConfig(preconditioner=Preconditioner.GRAM, damping=damping), show_progress=False)
     queries = task.query_dataset()
-    top = Attributor.open(store.path).attribute(queries, k=40)
+    top = Attributor.open(store.path, trust_task=True).attribute(queries, k=40)
 
     model = task.load_model(checkpoint)
     groups = resolve_groups(task, model, config)
@@ -93,10 +93,10 @@ def test_weighted_index_scores_are_weighted_sums_of_group_scores(tiny, tmp_path)
     config = FeaturizeConfig(projection=ProjectionConfig(kind=ProjectionKind.IDENTITY))
     store = featurize(task, tmp_path / "store", config, checkpoint=checkpoint, show_progress=False)
     weights = {"hidden": 0.25, "out": 3.0}
-    store.update_manifest({"weights": {"all": GroupWeights("all", weights).to_dict()}})
+    save_weights(store, GroupWeights("all", weights, {"config": {"preconditioner": "identity"}}))
     build_index(store, IndexConfig(preconditioner=Preconditioner.IDENTITY), show_progress=False)
     queries = task.query_dataset()
-    top = Attributor.open(store.path).attribute(queries, k=5)
+    top = Attributor.open(store.path, trust_task=True).attribute(queries, k=5)
 
     model = task.load_model(checkpoint)
     groups = resolve_groups(task, model, config)
@@ -112,7 +112,7 @@ def test_query_with_another_checkpoint_is_refused(tiny, tmp_path):
     build_index(store, show_progress=False)
     other = task.train(tmp_path / "other.pt", seed=1)
     with pytest.raises(StoreMismatchError, match="another checkpoint"):
-        Attributor.open(store.path, checkpoint=other)
+        Attributor.open(store.path, checkpoint=other, trust_task=True)
 
 
 def test_projected_scores_correlate_with_exact_scores_on_digits():

@@ -83,7 +83,7 @@ def test_reopened_index_answers_the_same_and_checks_itself(store):
         reopened.search(queries[:, :3], 5)
     with pytest.raises(ArtifactNotFoundError, match="no index for concept 'style'"):
         GradIndex.open(store, "style")
-    path = store.path / "indexes" / "all" / "part-00000-00002.faiss"
+    path = store.path / store.manifest["indexes"]["all"]["parts"][0]["file"]
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))

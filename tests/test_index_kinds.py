@@ -15,6 +15,7 @@ from gradindex.index.kinds import default_pq_bytes, resolve_build, resolve_kind
 from gradindex.config import IndexKind
 from gradindex.precondition import GramAccumulator
 from gradindex.store import FeatureStore, commit_manifest, prepare_store, write_arrays, write_shard
+from store_helpers import minimal_manifest
 
 GROUPS = {"a": 24, "b": 16}
 N, SHARD = 3000, 1000
@@ -43,8 +44,7 @@ def store(tmp_path_factory):
         ids = np.arange(start, start + SHARD) * 3 + 7  # ids are not row numbers
         shards.append(write_shard(path, i, ids, block).to_dict())
     sha = write_arrays(path / "gram.npz", {f"g{i}": m for i, m in enumerate(gram.result().values())})
-    commit_manifest(path, {"task": {"task": "none"}, "groups": [{"name": g, "dim": d} for g, d in GROUPS.items()],
-                           "num_samples": N, "shards": shards, "gram": {"sha256": sha, "count": N}})
+    commit_manifest(path, minimal_manifest(shards, GROUPS, gram={"sha256": sha, "count": N}))
     return FeatureStore.open(path)
 
 

@@ -136,6 +136,7 @@ def test_featurize_append_then_update_equals_a_rebuild(tmp_path):
     got = GradIndex.open(grown).search(queries, 10)
     np.testing.assert_array_equal(got.sample_ids, rebuilt.sample_ids)
     np.testing.assert_allclose(got.scores, rebuilt.scores, rtol=1e-5, atol=1e-6)
-    result = CliRunner().invoke(main, ["eval", "recall", str(grown.path), "-k", "5", "--queries", "4", "--json"])
+    result = CliRunner().invoke(main, ["eval", "recall", str(grown.path), "-k", "5", "--queries", "4", "--json",
+                                       "--trust-task"])
     assert result.exit_code == 0, result.output
     assert '"recall": 1.0' in result.output

@@ -115,18 +115,20 @@ def test_planted_uninformative_group_is_switched_off(toy_store, preconditioner):
 
 
 def test_saved_weights_feed_the_index_of_their_setting_only(toy_store, tmp_path):
-    store = FeatureStore.open(toy_store.path)
+    store = FeatureStore.open(toy_store.path, trust_task=True)
     learned = learn_weights(store, LearnConfig(steps=30), concept="all", show_progress=False)
     reopened = FeatureStore.open(store.path)
     assert GroupWeights.from_manifest(reopened.manifest, "all", store.groups).weights == learned.weights
-    with pytest.raises(ConfigError, match="learned for preconditioner gram"):
-        build_index(reopened, IndexConfig(preconditioner="identity"), show_progress=False)
-    with pytest.raises(ConfigError, match="damping"):
-        build_index(reopened, IndexConfig(damping=0.5), show_progress=False)
+    uniform = {g: 1.0 for g in store.groups}  # weights are kept per setting: none learned for these
+    assert build_index(reopened, IndexConfig(concept="c1", preconditioner="identity"),
+                       show_progress=False).weights.weights == uniform
+    assert build_index(reopened, IndexConfig(concept="c2", damping=0.5), show_progress=False).weights.weights == uniform
+    with pytest.raises(ConfigError, match="learned for preconditioner gram"):  # given weights of another setting
+        build_index(reopened, IndexConfig(concept="c3", preconditioner="identity"), learned, show_progress=False)
     index = build_index(reopened, IndexConfig(), show_progress=False)
     assert index.weights.weights == learned.weights
-    attributor = Attributor.open(reopened)
-    top = attributor.attribute(load_store_task(reopened).query_dataset(), k=5)
+    attributor = Attributor.open(reopened, trust_task=True)
+    top = attributor.attribute(load_store_task(reopened, trust_task=True).query_dataset(), k=5)
     attributor.close()
     assert top.sample_ids.shape == (48, 5)
 
@@ -136,11 +138,12 @@ def test_concepts_learn_their_own_weights_through_the_cli(concept_store, tmp_pat
     path = str(concept_store.path)
     shares = {}
     for concept in ("first", "second"):
-        result = runner.invoke(main, ["-q", "learn-weights", path, "--concept", concept, "--steps", "50"])
+        result = runner.invoke(main, ["-q", "learn-weights", path, "--concept", concept, "--steps", "50",
+                                      "--trust-task"])
         assert result.exit_code == 0, result.output
         assert "mean SNR" in result.output
         manifest = json.loads((concept_store.path / "manifest.json").read_text())
-        shares[concept] = manifest["weights"][concept]["info"]["shares"]
+        shares[concept] = manifest["weights"][concept]["gram@0.1"]["info"]["shares"]
     # each concept's measurement has no gradient through the other concept's head
     assert shares["first"]["heads.1"] == 0.0 and shares["first"]["heads.0"] > 0.05
     assert shares["second"]["heads.0"] == 0.0 and shares["second"]["heads.1"] > 0.05
@@ -152,5 +155,5 @@ def test_concepts_learn_their_own_weights_through_the_cli(concept_store, tmp_pat
     assert plot.exit_code == 0 and png.stat().st_size > 1000
     built = runner.invoke(main, ["-q", "build-index", path, "--concept", "second"])
     assert built.exit_code == 0, built.output
-    bad = runner.invoke(main, ["learn-weights", path, "--concept", "third"])
+    bad = runner.invoke(main, ["learn-weights", path, "--concept", "third", "--trust-task"])
     assert bad.exit_code == 2 and "the task measures all, first, second" in bad.output

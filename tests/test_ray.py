@@ -119,7 +119,7 @@ def indexed(tiny, tmp_path_factory):
     task, checkpoint, reference = tiny
     path = tmp_path_factory.mktemp("indexed") / "store"
     shutil.copytree(reference.path, path)
-    store = FeatureStore.open(path)
+    store = FeatureStore.open(path, trust_task=True)
     build_index(store, IndexConfig(shards_per_part=2), show_progress=False)
     attributor = Attributor.open(store)
     queries = np.concatenate([
@@ -160,7 +160,8 @@ def test_cli_query_on_ray_equals_local(cluster, indexed, tmp_path):
     task = load_task(TINY)
     data = task.query_dataset().tensors
     np.savez(tmp_path / "queries.npz", x=data[0].numpy(), y=data[1].numpy())
-    args = ["-q", "query", str(store.path), "--inputs", str(tmp_path / "queries.npz"), "-k", "6", "--json"]
+    args = ["-q", "query", str(store.path), "--inputs", str(tmp_path / "queries.npz"), "-k", "6", "--json",
+            "--trust-task"]
     runner = CliRunner()
     local = runner.invoke(main, args, catch_exceptions=False)
     remote = runner.invoke(main, [*args, "--ray", "--actors", "2"], catch_exceptions=False)

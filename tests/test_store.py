@@ -12,7 +12,8 @@ from gradindex.config import FeaturizeConfig, ProjectionConfig, StorageDtype
 from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
 from gradindex.featurize import featurize
 from gradindex.store import MANIFEST, FeatureStore, atomic_write_json, commit_manifest, prepare_store, write_shard
-from tiny_task import TinyTask
+from store_helpers import minimal_manifest
+from tiny_task import CrashingTask, TinyTask
 
 
 def _write_store(path, rows=10, dtype=np.float32):
@@ -23,9 +24,7 @@ def _write_store(path, rows=10, dtype=np.float32):
     prepare_store(path)
     shards = [write_shard(path, 0, ids[:6], {k: v[:6] for k, v in feats.items()}, {k: v[:6] for k, v in meta.items()}),
               write_shard(path, 1, ids[6:], {k: v[6:] for k, v in feats.items()}, {k: v[6:] for k, v in meta.items()})]
-    commit_manifest(path, {"groups": [{"name": "a", "dim": 5, "blocks": []}, {"name": "b.c", "dim": 2, "blocks": []}],
-                           "num_samples": rows, "metadata_columns": ["label", "name"],
-                           "shards": [s.to_dict() for s in shards]})
+    commit_manifest(path, minimal_manifest(shards, {"a": 5, "b.c": 2}, metadata_columns=["label", "name"]))
     return ids, feats, meta
 
 
@@ -77,20 +76,6 @@ def test_missing_or_foreign_store(tmp_path):
     atomic_write_json(tmp_path / "bad" / MANIFEST, {"format_version": 99})
     with pytest.raises(StoreMismatchError, match="format version"):
         FeatureStore.open(tmp_path / "bad")
-
-
-class CrashingTask(TinyTask):
-    """Fails on the n-th training-loss call: an interrupted featurize."""
-
-    def __init__(self, crash_at: int):
-        super().__init__()
-        self.calls, self.crash_at = 0, crash_at
-
-    def compute_train_loss(self, batch, model):
-        self.calls += 1
-        if self.calls == self.crash_at:
-            raise KeyboardInterrupt("simulated interruption")
-        return super().compute_train_loss(batch, model)
 
 
 def test_interrupted_featurize_leaves_no_complete_looking_store(tmp_path):

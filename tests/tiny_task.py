@@ -88,3 +88,17 @@ class TinyTask(Task):
 
     def describe(self, item):
         return f"label {int(item[1])}"
+
+
+class CrashingTask(TinyTask):
+    """Fails on the n-th training-loss call: an interrupted featurize."""
+
+    def __init__(self, crash_at: int):
+        super().__init__()
+        self.calls, self.crash_at = 0, crash_at
+
+    def compute_train_loss(self, batch, model):
+        self.calls += 1
+        if self.calls == self.crash_at:
+            raise KeyboardInterrupt("simulated interruption")
+        return super().compute_train_loss(batch, model)

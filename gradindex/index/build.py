@@ -3,9 +3,17 @@
 
 In: a :class:`~gradindex.store.FeatureStore`, an :class:`~gradindex.config.IndexConfig`
 and the concept's :class:`~gradindex.weights.GroupWeights`.
-Out: ``STORE/indexes/<concept>/`` (one part per range of store shards, the trained
+Out: ``STORE/indexes/<concept>/b-<random>/`` (one part per range of store shards, the trained
 empty index, the balancing transform) and a ``manifest.indexes.<concept>`` entry
-recording the kind, weights, preconditioner, transform, parts and checksums.
+recording the folder, kind, weights (and their digest), preconditioner, damping, transform,
+parts and checksums.
+
+Atomic rebuilds: a fresh partition is built in a new folder while the old one keeps
+answering queries; the manifest switches to it in one rename (through
+:func:`~gradindex.store.modify_manifest`, which rereads the manifest under the store lock),
+and only then are folders no entry names removed — never one another process is still
+building into (each builder holds a shared ``flock`` on its folder's ``.lock``). A build
+killed or failing at any point leaves the old partition listed and whole.
 
 Streaming: training reads a seeded sample of ``train_size`` rows shard by shard;
 adding reads one store shard at a time and adds it in batches of
@@ -25,28 +33,34 @@ import fcntl
 import json
 import logging
 import os
+import shutil
+import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from gradindex.config import Balance, IndexConfig, IndexKind, SearchConfig, check_index_dim
-from gradindex.errors import ConfigError
+from gradindex.config import Balance, IndexConfig, IndexKind, SearchConfig, check_index_dim, setting_key
+from gradindex.errors import ConfigError, GradIndexError, StoreMismatchError
 from gradindex.index.kinds import (
-    PartBuilder, QueryTransform, banded_directions, gpu_available, half_to_float, import_faiss, resolve_build,
+    PartBuilder, QueryTransform, banded_directions, check_index_kind, gpu_available, half_to_float, import_faiss,
+    read_index, resolve_build,
     resolve_device, resolve_kind,
     train_index, write_index,
 )
 from gradindex.index.shards import (
-    INDEX_DIR, IndexPart, ShardedIndex, checked_file, concept_dir, list_parts, load_transform,
+    INDEX_DIR, IndexPart, ShardedIndex, checked_file, concept_dir, entry_folder, list_parts, load_transform,
     open_part, part_name,
 )
-from gradindex.store import MANIFEST, FeatureStore, atomic_write_json, sha256_file, temporary_path, write_arrays
+from gradindex.store import (
+    FeatureStore, atomic_write_json, file_lock, modify_manifest, read_manifest, sha256_file, store_lock,
+    temporary_path, write_arrays,
+)
 from gradindex.topk import TopK, merge_topk
-from gradindex.weights import GroupWeights, scaled_vectors
+from gradindex.weights import GroupWeights, learned_weights, scaled_vectors
 
 __all__ = [
     "GradIndex", "IndexPart", "ShardedIndex", "TopK", "build_index", "gpu_available", "import_faiss",
@@ -59,6 +73,8 @@ GradIndex = ShardedIndex
 ADD_BATCH = 65_536
 TRAINED_FILE = "trained.faiss"
 TRANSFORM_FILE = "transform.npz"
+BUILD_PREFIX = "b-"  # a build folder: indexes/<concept>/b-<random>
+FOLDER_LOCK = ".lock"
 
 
 def build_index(
@@ -81,8 +97,14 @@ def build_index(
     """
     check_index_dim(store.dim, f"build-index {store.path}")
     groups = store.groups
+    concept_dir(store, config.concept)  # a safe folder before anything is read or written
     if weights is None:
-        weights = GroupWeights.from_manifest(store.manifest, config.concept, groups)
+        weights = GroupWeights.from_manifest(store.manifest, config.concept, groups, config.preconditioner,
+                                             config.damping)
+        other = learned_weights(store.manifest, config.concept, groups)
+        if other and weights.info.get("method") == "uniform":
+            logger.info("concept %r has weights learned for %s, none for %s: this index uses uniform weights",
+                        config.concept, ", ".join(other), setting_key(config.preconditioner, config.damping))
     weights.check_setting(config.preconditioner, config.damping)
     num_shards = len(store.manifest["shards"])
     existing = store.manifest.get("indexes", {}).get(config.concept)
@@ -101,7 +123,6 @@ def build_index(
         bad = [s for s in shards if not 0 <= s < num_shards]
         if bad or not shards:
             raise ConfigError(f"--shards {bad or shards}: the store has shards 0..{num_shards - 1}")
-    folder = concept_dir(store, config.concept)
     if reuse and shards is not None:
         taken = {s: p["name"] for p in existing["parts"] for s in p["shards"] if s in shards}
         if taken:
@@ -109,11 +130,6 @@ def build_index(
                 f"--shards: store shards {sorted(taken)} are already in parts {sorted(set(taken.values()))}; "
                 "start a fresh partition with --train-only, then build each part"
             )
-    if not reuse:
-        _clear(folder)
-        state = _train(store, config, weights, show_progress)
-    else:
-        state = _load_state(store, existing)
     if train_only:
         ranges = []
     elif shards is not None:
@@ -123,9 +139,17 @@ def build_index(
         todo = [s for s in range(num_shards) if s not in covered]
         per = config.shards_per_part or max(1, len(todo))
         ranges = [todo[i:i + per] for i in range(0, len(todo), per)]
-    for part_shards in ranges:
-        _build_part(store, config, weights, state, part_shards, show_progress)
-    _commit_entry(store, config, weights, state, search)
+    try:
+        with _claim_folder(store, config.concept, existing if reuse else None) as folder:
+            state = _load_state(store, existing) if reuse else _train(store, config, weights, folder, show_progress)
+            for part_shards in ranges:
+                _build_part(store, config, weights, state, part_shards, folder, show_progress)
+            _commit_entry(store, config, weights, state, search, folder)
+    except BaseException:
+        with suppress(GradIndexError, OSError):  # best effort: the build's own error is the one to report
+            _tidy(store, config.concept)
+        raise
+    _tidy(store, config.concept)
     return ShardedIndex.open(store, config.concept, device=config.device, search=search)
 
 
@@ -134,13 +158,74 @@ def _trained_fields(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in ("shards_per_part", "device")}
 
 
+# -- build folders -------------------------------------------------------------------------------
+@contextmanager
+def _claim_folder(store: FeatureStore, concept: str, entry: dict[str, Any] | None) -> Iterator[Path]:
+    """The folder this build writes into, held (shared lock) until the block ends: a new
+    ``indexes/<concept>/b-<random>`` (``entry`` None; removed again if the build fails), or the
+    folder of ``entry``, which must still be the concept's current partition."""
+    top = concept_dir(store, concept)
+    with store_lock(store.path):
+        if entry is None:
+            top.mkdir(parents=True, exist_ok=True)
+            folder = top / f"{BUILD_PREFIX}{uuid.uuid4().hex[:12]}"
+            folder.mkdir()
+        else:
+            current = read_manifest(store.path).get("indexes", {}).get(concept)
+            if current is None or current["trained"] != entry["trained"]:
+                raise StoreMismatchError(
+                    f"{store.path}: index {concept!r} was rebuilt by another process since this store was opened; "
+                    "run the command again"
+                )
+            folder = entry_folder(store, concept, current)
+        handle = open(folder / FOLDER_LOCK, "a")
+        fcntl.flock(handle, fcntl.LOCK_SH)
+    try:
+        yield folder
+    except BaseException:
+        if entry is None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        handle.close()
+
+
+def _tidy(store: FeatureStore, concept: str) -> None:
+    """Remove from ``indexes/<concept>/`` what the concept's entry does not name: replaced builds,
+    builds of killed or failed runs, their stray files. A folder a builder still holds is left alone."""
+    top = concept_dir(store, concept)
+    if not top.is_dir():
+        return
+    with store_lock(store.path):
+        entry = read_manifest(store.path).get("indexes", {}).get(concept)
+        keep_folder = entry_folder(store, concept, entry) if entry else None
+        keep = _entry_files(store, entry) if entry else set()
+        folders = [p for p in top.iterdir() if p.is_dir() and not p.is_symlink() and p.name.startswith(BUILD_PREFIX)]
+        for folder in [top, *folders]:
+            try:
+                with file_lock(folder / FOLDER_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB):
+                    if folder not in (top, keep_folder):
+                        shutil.rmtree(folder)
+                        continue
+                    for file in folder.iterdir():
+                        if (file.is_symlink() or file.is_file()) and file.name != FOLDER_LOCK and file not in keep:
+                            file.unlink()
+            except BlockingIOError:
+                continue  # someone builds into it
+
+
+def _entry_files(store: FeatureStore, entry: dict[str, Any]) -> set[Path]:
+    """The files of an index entry (and its parts' sidecars), as paths under ``store.path``."""
+    files = {entry["trained"]["file"]}
+    if entry["transform"]["kind"] != "none":
+        files.add(entry["transform"]["file"])
+    for part in entry["parts"]:
+        files.update(f for f in (part["file"], part["ids_file"], part.get("vectors_file")) if f)
+        files.add(str(Path(part["file"]).with_name(f"{part['name']}.json")))
+    return {store.path / f for f in files}
+
+
 # -- training ------------------------------------------------------------------------------------
-def _clear(folder: Path) -> None:
-    if folder.is_dir():
-        for path in folder.iterdir():
-            if path.is_file():
-                path.unlink()
-    folder.mkdir(parents=True, exist_ok=True)
 
 
 def _vectors(feats, weights: GroupWeights, groups: Sequence[str], transform: QueryTransform | None) -> np.ndarray:
@@ -160,11 +245,11 @@ def iter_vector_batches(store: FeatureStore, weights: GroupWeights, transform: Q
             yield ids[start:start + batch], _vectors(block, weights, groups, transform)
 
 
-def _train(store: FeatureStore, config: IndexConfig, weights: GroupWeights, show_progress: bool) -> dict[str, Any]:
+def _train(store: FeatureStore, config: IndexConfig, weights: GroupWeights, folder: Path,
+           show_progress: bool) -> dict[str, Any]:
     n, dim = store.num_samples, store.dim
     kind = resolve_kind(config, n, dim)
     knobs = resolve_build(config, kind, n, dim)
-    folder = concept_dir(store, config.concept)
     balance = config.balance is Balance.ON or (config.balance is Balance.AUTO and kind is not IndexKind.FLAT)
     transform, transform_info = None, {"kind": "none"}
     if balance:
@@ -205,7 +290,8 @@ def _train(store: FeatureStore, config: IndexConfig, weights: GroupWeights, show
 
 def _load_state(store: FeatureStore, entry: dict[str, Any]) -> dict[str, Any]:
     info = entry["trained"]
-    trained = import_faiss().read_index(str(checked_file(store, info["file"], info["sha256"])))
+    trained = read_index(checked_file(store, info["file"], info["sha256"]))
+    check_index_kind(trained, entry["kind"], entry["dim"], 0, info["file"])
     layout = entry.get("layout", {})
     extras: dict[str, Any] = {"layout": layout}
     if layout:
@@ -217,9 +303,8 @@ def _load_state(store: FeatureStore, entry: dict[str, Any]) -> dict[str, Any]:
 
 # -- parts ----------------------------------------------------------------------------------------
 def _build_part(store: FeatureStore, config: IndexConfig, weights: GroupWeights, state: dict[str, Any],
-                shards: Sequence[int], show_progress: bool) -> IndexPart:
+                shards: Sequence[int], folder: Path, show_progress: bool) -> IndexPart:
     kind = state["kind"]
-    folder = concept_dir(store, config.concept)
     name = part_name(shards)
     rows = sum(store.manifest["shards"][s]["rows"] for s in shards)
     keep = config.keep_vectors if config.keep_vectors is not None else kind is IndexKind.IVFPQ
@@ -265,25 +350,17 @@ def _null():
     yield None
 
 
-@contextmanager
-def _manifest_lock(store: FeatureStore):
-    """An advisory lock serialising manifest updates by concurrent part builders."""
-    path = store.path / INDEX_DIR / ".manifest.lock"
-    path.parent.mkdir(exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _commit_entry(store: FeatureStore, config: IndexConfig, weights: GroupWeights, state: dict[str, Any],
-                  search: SearchConfig | None) -> None:
-    """Record every part sidecar of this training in the manifest (re-read under the lock)."""
-    folder = concept_dir(store, config.concept)
-    with _manifest_lock(store):
-        manifest = json.loads((store.path / MANIFEST).read_text())
+                  search: SearchConfig | None, folder: Path) -> None:
+    """Record every part sidecar of this training in ``folder`` as the concept's entry (one
+    :func:`~gradindex.store.modify_manifest`: the manifest is reread under the store lock)."""
+    used = {s: store.manifest["shards"][s]["sha256"] for s in range(len(store.manifest["shards"]))}
+
+    def change(manifest: dict[str, Any] | None) -> dict[str, Any]:
+        if manifest is None or any(s >= len(manifest["shards"]) or manifest["shards"][s]["sha256"] != digest
+                                   for s, digest in used.items()):
+            raise StoreMismatchError(f"{store.path}: the store's shards changed during the build (featurize "
+                                     "--overwrite?); run build-index again")
         parts = []
         for sidecar in sorted(folder.glob("part-*.json")):
             part = IndexPart.from_dict(json.loads(sidecar.read_text()))
@@ -298,10 +375,12 @@ def _commit_entry(store: FeatureStore, config: IndexConfig, weights: GroupWeight
                 seen[s] = part.name
         entry = {
             "config": config.to_dict(),
+            "folder": str(folder.relative_to(store.path)),
             "kind": state["kind"].value,
             "knobs": state["knobs"],
             "dim": store.dim,
             "weights": weights.to_dict(),
+            "weights_digest": weights.digest(),
             "transform": state["transform_info"],
             "trained": state["trained_info"],
             "layout": state["layout"],
@@ -309,6 +388,6 @@ def _commit_entry(store: FeatureStore, config: IndexConfig, weights: GroupWeight
             "parts": [p.to_dict() for p in parts],
             "ntotal": int(sum(p.ntotal for p in parts)),
         }
-        manifest["indexes"] = {**manifest.get("indexes", {}), config.concept: entry}
-        atomic_write_json(store.path / MANIFEST, manifest)
-        store.manifest = manifest
+        return {**manifest, "indexes": {**manifest.get("indexes", {}), config.concept: entry}}
+
+    store.manifest = modify_manifest(store.path, change)

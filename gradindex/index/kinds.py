@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from gradindex.config import AUTO_FLAT_LIMIT, IndexConfig, IndexKind, SearchConfig, require_positive
-from gradindex.errors import ConfigError, MissingDependencyError
+from gradindex.errors import ConfigError, MissingDependencyError, StoreMismatchError
 from gradindex.topk import TopK, canonical_order
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,29 @@ def resolve_device(device: str) -> str:
 
 
 def read_index(path: str | Path) -> Any:
-    return import_faiss().read_index(str(path))
+    """The FAISS index in ``path`` (the one place index files are read): a file FAISS cannot read
+    is a one-line ``StoreMismatchError``."""
+    faiss = import_faiss()
+    try:
+        return faiss.read_index(str(path))
+    except (RuntimeError, MemoryError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise StoreMismatchError(f"{path}: not a readable FAISS index ({first}); run build-index again") from None
+
+
+def check_index_kind(index: Any, kind: str, dim: int, ntotal: int, where: str) -> None:
+    """A part's FAISS index is of the entry's ``kind``, dimension (``dim``, or ``dim + 1`` when
+    augmented for MIPS) and size; else a one-line ``StoreMismatchError``."""
+    faiss = import_faiss()
+    expected = {"flat": lambda: isinstance(index, faiss.IndexFlat),
+                "hnsw": lambda: isinstance(index, faiss.IndexHNSW),
+                "ivf": lambda: isinstance(index, faiss.IndexIVFFlat),
+                "ivfpq": lambda: isinstance(index, faiss.IndexIVFPQ)}
+    if not expected[kind]() or index.d not in (dim, dim + 1) or index.ntotal != ntotal:
+        raise StoreMismatchError(
+            f"{where}: a {type(index).__name__} of dimension {index.d} with {index.ntotal} vectors, but the manifest "
+            f"says a {kind} index of dimension {dim} with {ntotal}; run build-index again"
+        )
 
 
 def write_index(index: Any, path: str | Path) -> None:

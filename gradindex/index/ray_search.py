@@ -185,9 +185,11 @@ class RayAttributor(Attributor):
 
 def open_ray_attributor(store: str | Path | FeatureStore, concept: str = "all", checkpoint: str | Path | None = None,
                         device: str = "cpu", address: str | None = None, actors: int | None = None,
-                        index_device: str = "auto", search: SearchConfig | None = None) -> RayAttributor:
-    """Query features on this machine (``device``), index parts on Ray actors."""
-    store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+                        index_device: str = "auto", search: SearchConfig | None = None,
+                        trust_task: bool = False) -> RayAttributor:
+    """Query features on this machine (``device``), index parts on Ray actors (``trust_task``: see
+    :func:`~gradindex.query_features.load_store_task`)."""
+    store = store if isinstance(store, FeatureStore) else FeatureStore.open(store, trust_task=trust_task)
     index = RayIndex.open(store, concept, address=address, actors=actors, device=index_device, search=search)
     try:
         featurizer = QueryFeaturizer.open(store, concept, index.config.preconditioner, index.config.damping,

@@ -1,16 +1,19 @@
 """Sharded index partitions: one FAISS part per range of store shards, searched together.
 
-Layout of a concept's partition (all paths relative to the store)::
+Layout of a concept's partition (all paths relative to the store; ``B`` is one build's
+folder, ``indexes/<concept>/b-<random>``: a rebuild writes a new one, the manifest switches
+to it in one rename, and only then is the old one removed)::
 
-    indexes/<concept>/part-SSSSS-EEEEE.faiss  one part: the vectors of store shards S..E (inclusive)
-    indexes/<concept>/part-SSSSS-EEEEE.json   its sidecar (an :class:`IndexPart` record)
-    indexes/<concept>/part-SSSSS-EEEEE.f16    optional float16 vectors [ntotal, D] for exact re-ranking
-    indexes/<concept>/trained.faiss           the trained, empty index every part starts from (IVF kinds)
-    indexes/<concept>/transform.npz           the balancing transform (when one is applied)
+    indexes/<concept>/B/part-SSSSS-EEEEE.faiss  one part: the vectors of store shards S..E (inclusive)
+    indexes/<concept>/B/part-SSSSS-EEEEE.json   its sidecar (an :class:`IndexPart` record)
+    indexes/<concept>/B/part-SSSSS-EEEEE.f16    optional float16 vectors [ntotal, D] for exact re-ranking
+    indexes/<concept>/B/trained.faiss           the trained, empty index every part starts from (IVF kinds)
+    indexes/<concept>/B/transform.npz           the balancing transform (when one is applied)
+    indexes/<concept>/B/.lock                   held (shared) by every process building into B
 
 ``manifest["indexes"][concept]`` lists the parts (``parts``: :class:`IndexPart`
-dicts in store-shard order) with the config, weights, transform and kind they
-were built with. Parts are built independently (``build_index(..., shards=...)``,
+dicts in store-shard order) with the folder, config, weights (and their digest),
+transform and kind they were built with. Parts are built independently (``build_index(..., shards=...)``,
 one machine each) and a new store shard gets its own part without touching the
 others (``build_index(..., update=True)``).
 
@@ -30,6 +33,7 @@ balancing transform to them.
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,10 +41,10 @@ from typing import Any
 
 import numpy as np
 
-from gradindex.config import IndexConfig, SearchConfig, require_positive
+from gradindex.config import IndexConfig, SearchConfig, check_name, require_positive
 from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
-from gradindex.index.kinds import PartIndex, QueryTransform, read_index, resolve_device
-from gradindex.store import FeatureStore, sha256_file
+from gradindex.index.kinds import PartIndex, QueryTransform, check_index_kind, read_index, resolve_device
+from gradindex.store import FeatureStore, inside_store, sha256_file
 from gradindex.topk import TopK, merge_topk
 from gradindex.weights import GroupWeights
 
@@ -75,7 +79,24 @@ class IndexPart:
 
 
 def concept_dir(store: FeatureStore, concept: str) -> Path:
+    """``STORE/indexes/<concept>``: a safe name (never ``..``), and no symlink may lead it out of the store."""
+    check_name(concept, "concept")
+    real = inside_store(store.path, f"{INDEX_DIR}/{concept}", "index folder")
+    if real != store.path.resolve() / INDEX_DIR / concept:
+        raise StoreMismatchError(f"{store.path}: index folder {INDEX_DIR}/{concept} is a symlink; refused")
     return store.path / INDEX_DIR / concept
+
+
+def entry_folder(store: FeatureStore, concept: str, entry: dict[str, Any]) -> Path:
+    """The build folder an index entry's files live in (``indexes/<concept>`` itself for version-1 stores)."""
+    top = concept_dir(store, concept)
+    if "folder" not in entry:
+        return top
+    folder = store.path / entry["folder"]
+    real = inside_store(store.path, entry["folder"], "index folder")
+    if top.resolve() not in (real, real.parent):
+        raise StoreMismatchError(f"{store.path}: index {concept!r} names folder {entry['folder']!r} outside {top}")
+    return folder
 
 
 def part_name(shards: Sequence[int]) -> str:
@@ -102,8 +123,8 @@ def list_parts(store: FeatureStore, concept: str = "all") -> list[IndexPart]:
 
 
 def checked_file(store: FeatureStore, relative: str, digest: str) -> Path:
-    """``store.path / relative``, verified against its sha256 when the store verifies."""
-    path = store.path / relative
+    """``store.path / relative`` (refused outside the store), verified against its sha256 when the store verifies."""
+    path = store.file(relative, "index file")
     if not path.is_file():
         raise ArtifactNotFoundError(f"{store.path}: index file {relative} is missing; run build-index again")
     if store.verify and sha256_file(path) != digest:
@@ -116,7 +137,13 @@ def load_transform(store: FeatureStore, entry: dict[str, Any]) -> QueryTransform
     if info.get("kind", "none") == "none":
         return None
     path = checked_file(store, info["file"], info["sha256"])
-    return QueryTransform.load(path, info)
+    try:
+        transform = QueryTransform.load(path, info)
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        raise StoreMismatchError(f"{path}: not a readable balancing transform ({err}); run build-index again") from None
+    if sum(transform.dims) != entry["dim"] or any(m.shape != (d, d) for d, m in zip(transform.dims, transform.forward)):
+        raise StoreMismatchError(f"{path}: the balancing transform does not fit dimension {entry['dim']}")
+    return transform
 
 
 def open_part(
@@ -140,17 +167,31 @@ def open_part(
         part = named[0]
     config = IndexConfig.from_dict(entry["config"])
     index = read_index(checked_file(store, part.file, part.sha256))
+    check_index_kind(index, entry["kind"], entry["dim"], part.ntotal, part.file)
     vectors = None
     if part.vectors_file:
         path = checked_file(store, part.vectors_file, part.vectors_sha256)
+        if path.stat().st_size != part.ntotal * entry["dim"] * 2:
+            raise StoreMismatchError(f"{path}: expected {part.ntotal} float16 vectors of dimension {entry['dim']}")
         vectors = np.memmap(path, dtype=np.float16, mode="r", shape=(part.ntotal, entry["dim"]))
-    sample_ids = np.load(checked_file(store, part.ids_file, part.ids_sha256))
+    ids_path = checked_file(store, part.ids_file, part.ids_sha256)
+    try:
+        sample_ids = np.load(ids_path)
+    except (OSError, ValueError, EOFError) as err:
+        raise StoreMismatchError(f"{ids_path}: not a readable .npy of sample ids ({err}); run build-index again") \
+            from None
+    if sample_ids.shape != (part.ntotal,) or not np.issubdtype(sample_ids.dtype, np.integer):
+        raise StoreMismatchError(f"{ids_path}: expected {part.ntotal} integer sample ids, got {sample_ids.shape} "
+                                 f"of {sample_ids.dtype}; run build-index again")
     layout = entry.get("layout") or {}
     directions = None
     if layout:
         from gradindex.index.kinds import banded_directions
 
-        directions = banded_directions(index, layout)
+        try:
+            directions = banded_directions(index, layout)
+        except RuntimeError as err:
+            raise StoreMismatchError(f"{part.file}: does not fit the band layout of the manifest ({err})") from None
     return PartIndex(
         index, entry["kind"], entry["dim"], part.info or {}, load_transform(store, entry), vectors,
         search or SearchConfig.from_dict(entry.get("search", {})),
@@ -170,9 +211,16 @@ class ShardedIndex:
 
     @classmethod
     def open(cls, store: FeatureStore, concept: str = "all", device: str | None = None,
-             search: SearchConfig | None = None) -> "ShardedIndex":
+             search: SearchConfig | None = None, retry: bool = True) -> "ShardedIndex":
+        """Every part of ``concept``'s partition. A file gone missing (a rebuild replaced the partition
+        since ``store`` was opened) makes it reread the manifest once and open the new partition."""
         entry = index_entry(store, concept)
-        parts = [open_part(store, concept, i, device, search) for i in range(len(entry["parts"]))]
+        try:
+            parts = [open_part(store, concept, i, device, search) for i in range(len(entry["parts"]))]
+        except ArtifactNotFoundError:
+            if not retry:
+                raise
+            return cls.open(store.refresh(), concept, device, search, retry=False)
         return cls(entry, parts, store)
 
     @property
@@ -185,7 +233,8 @@ class ShardedIndex:
 
     @property
     def weights(self) -> GroupWeights:
-        return GroupWeights(self.config.concept, self.entry["weights"]["weights"], self.entry["weights"]["info"])
+        built = self.entry["weights"]
+        return GroupWeights(self.config.concept, built["weights"], built.get("info", {}))
 
     @property
     def ntotal(self) -> int:

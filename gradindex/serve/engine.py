@@ -59,14 +59,15 @@ class AttributionEngine:
     @classmethod
     def open(cls, store: str | Path | FeatureStore, concepts: Sequence[str] = ("all",),
              config: ServeConfig = ServeConfig(), checkpoint: str | Path | None = None, device: str = "cpu",
-             search: SearchConfig | None = None) -> "AttributionEngine":
-        """Load the model and each concept's index once (the same calls as ``gradindex query``)."""
+             search: SearchConfig | None = None, trust_task: bool = False) -> "AttributionEngine":
+        """Load the model and each concept's index once (the same calls as ``gradindex query``;
+        ``trust_task``: see :func:`~gradindex.query_features.load_store_task`)."""
         store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
         attributors: dict[str, Attributor] = {}
         try:
             for concept in dict.fromkeys(concepts or ("all",)):
                 attributors[concept] = Attributor.open(store, concept=concept, checkpoint=checkpoint, device=device,
-                                                       search=search)
+                                                       search=search, trust_task=trust_task)
             engine = cls(store, attributors, config)
             engine.warm_up()
             return engine

@@ -74,8 +74,10 @@ class ServeIndex(RayIndex):
 
 
 def api_builder(store_path: str, concepts: Sequence[str], config: dict[str, Any], checkpoint: str | None,
-                device: str, names: dict[str, list[str]]) -> Callable[[], Any]:
-    """The builder each ``gradindex-api`` replica runs when it starts: engine and app, warm."""
+                device: str, names: dict[str, list[str]], trust_task: bool = False,
+                task: str | None = None) -> Callable[[], Any]:
+    """The builder each ``gradindex-api`` replica runs when it starts: engine and app, warm (``trust_task``,
+    ``task``: the consent to run the store's task, see :func:`~gradindex.query_features.load_store_task`)."""
 
     def build() -> Any:
         from ray import serve
@@ -85,7 +87,7 @@ def api_builder(store_path: str, concepts: Sequence[str], config: dict[str, Any]
         from gradindex.serve.app import create_app
         from gradindex.serve.engine import AttributionEngine
 
-        store = FeatureStore.open(store_path)
+        store = FeatureStore.open(store_path, trust_task=trust_task, task=task)
         attributors = {}
         for concept in concepts:
             handles = [serve.get_deployment_handle(name, app_name=APP) for name in names[concept]]
@@ -129,7 +131,7 @@ def deploy(store: str | Path | FeatureStore, concepts: Sequence[str] = ("all",),
                                           ray_actor_options=options)
             parts.append(deployment.bind(str(store.path), concept, group, part_device, cpus_per_actor, knobs))
     builder = api_builder(str(store.path), concepts, config.to_dict(), None if checkpoint is None else str(checkpoint),
-                          device, names)
+                          device, names, store.trust_task, store.task)
     api = serve.deployment(serve.ingress(builder)(), name=API, num_replicas=api_replicas,
                            ray_actor_options={"num_cpus": 0})  # query features: the replica's own thread
     serve.start(http_options={"host": config.host, "port": config.port})
