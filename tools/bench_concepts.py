@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -134,6 +135,8 @@ def main() -> None:
                         help="options for every task (a smoke run: num_train=64 steps=20 width=16 depth=1)")
     args = parser.parse_args()
     args.task_option = {key: json.loads(value) for key, _, value in (o.partition("=") for o in args.task_option)}
+    # each partition is built from weights passed in, never saved to the store: not a stale index
+    logging.getLogger("gradindex.query").setLevel(logging.ERROR)
 
     report, dump = [], {}
     with tempfile.TemporaryDirectory() as scratch:
