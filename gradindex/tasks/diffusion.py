@@ -173,9 +173,7 @@ class DiffusionTask(Task):
                  guidance: float = 2.0) -> ConceptDataset:
         """Generated images of ``prompts`` (name triples) as a query dataset (keys ``-1 − i``)."""
         tokens = self.tokens(prompts)
-        images = sample(model, torch.from_numpy(tokens), steps=steps, guidance=guidance, seed=seed)
-        pixels = ((images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-        return ConceptDataset(pixels, tokens, -1 - np.arange(len(tokens)))
+        return ConceptDataset(sample_pixels(model, tokens, seed, steps, guidance), tokens, -1 - np.arange(len(tokens)))
 
     def sample_queries(self, model: nn.Module, count: int, seed: int = 0) -> Sequence:
         """Generations of :meth:`random_prompts` (seeded)."""
@@ -225,7 +223,8 @@ class DiffusionTask(Task):
             keys = sorted(inputs) if isinstance(inputs, dict) else type(inputs).__name__
             raise ConfigError(f"inputs: expected an object with {', '.join(fields)}; got {keys}")
         images = json_array(inputs["images"], "inputs.images")
-        if images.ndim != 4 or images.dtype.kind not in "iu" or not images.size or images.min() < 0 or images.max() > 255:
+        if (images.ndim != 4 or images.dtype.kind not in "iu" or not images.size or images.min() < 0
+                or images.max() > 255):
             raise ConfigError(f"inputs.images: expected integers in 0..255 of shape [n, H, W, 3], got "
                               f"{images.dtype} {tuple(images.shape)}")
         names = [json_array(inputs[f], f"inputs.{f}") for f in FACTORS]
@@ -249,7 +248,8 @@ class DiffusionTask(Task):
     def default_checkpoint(self) -> Path:
         key = json.dumps({"arch": self.arch(), "train": asdict(self.train_config), "seed": self.seed,
                           "data": self.concept_config.fingerprint(), "num_train": self.num_train}, sort_keys=True)
-        return gradindex_home() / "checkpoints" / f"{self.checkpoint_prefix}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return gradindex_home() / "checkpoints" / f"{self.checkpoint_prefix}-{digest}.pt"
 
     def train(self, path: str | Path | None = None, indices: Sequence[int] | None = None,
               seed: int | None = None) -> Path:
@@ -320,3 +320,9 @@ class DiffusionTask(Task):
         tokens = item[1].tolist()
         return " ".join(self.concept_config.values(f)[v] if v < len(self.concept_config.values(f)) else "-"
                         for f, v in zip(FACTORS, tokens))
+
+
+def sample_pixels(model: nn.Module, tokens: np.ndarray, seed: int, steps: int, guidance: float) -> np.ndarray:
+    """DDIM samples of condition ``tokens [n, ...]`` as uint8 images ``[n, H, W, 3]``."""
+    images = sample(model, torch.from_numpy(tokens), steps=steps, guidance=guidance, seed=seed)
+    return ((images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()

@@ -59,8 +59,8 @@ from gradindex.config import require_positive
 from gradindex.errors import ConfigError
 from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
 from gradindex.tasks.concepts import FACTORS
-from gradindex.tasks.diffusion import ConceptDataset, DiffusionTask
-from gradindex.tasks.diffusion_model import TrainConfig, sample, train_denoiser
+from gradindex.tasks.diffusion import ConceptDataset, DiffusionTask, sample_pixels
+from gradindex.tasks.diffusion_model import TrainConfig, train_denoiser
 from gradindex.tasks.lora import add_lora
 from gradindex.tasks.prompts import BOS, PAD, TEMPLATES, Prompter
 from gradindex.tasks.text_diffusion_model import TextModelConfig, TextPatchMixer
@@ -96,17 +96,18 @@ class DiffusionTextTask(DiffusionTask):
     """The built-in text-conditioned diffusion task (and its LoRA variant); see the module docstring.
 
     Options: those of ``diffusion`` (``config``, ``num_train``, ``seed``, ``draws``, ``steps``,
-    ``width``, ``depth``) plus ``heads`` (cross-attention heads), ``text_seed`` and ``text_dim`` (the
-    frozen encoder's weights and width), ``isolate_words`` (``m_c``'s key/value gradients through ``c``'s words
-    only), ``lora_rank`` (0: no LoRA), ``lora_steps``, ``lora_targets`` (comma-separated globs
-    over module names).
+    ``width``, ``depth``) plus ``heads`` (cross-attention heads), ``text_seed`` and ``text_dim``
+    (the frozen encoder's weights and width), ``isolate_words`` (``m_c``'s key/value gradients
+    through ``c``'s words only), ``lora_rank`` (0: no LoRA), ``lora_steps``, ``lora_targets``
+    (comma-separated globs over module names).
     """
 
     checkpoint_prefix = "diffusion-text"
 
     def __init__(self, config: str | None = None, num_train: int | None = None, seed: int = 0, draws: int = 4,
                  steps: int = TrainConfig.steps, width: int = 96, depth: int = 3, heads: int = 4, text_seed: int = 0,
-                 text_dim: int = 64, isolate_words: bool = True, lora_rank: int = 0, lora_steps: int = 800, lora_targets: str = DEFAULT_LORA_TARGETS):
+                 text_dim: int = 64, isolate_words: bool = True, lora_rank: int = 0, lora_steps: int = 800,
+                 lora_targets: str = DEFAULT_LORA_TARGETS):
         super().__init__(config=config, num_train=num_train, seed=seed, draws=draws, steps=steps, width=width,
                          depth=depth)
         require_positive(lora_steps, "diffusion-text lora_steps")
@@ -124,9 +125,9 @@ class DiffusionTextTask(DiffusionTask):
         if lora_rank and not self.lora_targets:
             raise ConfigError("diffusion-text lora_targets: expected comma-separated module-name globs")
         self.lora_config = TrainConfig(steps=lora_steps)
-        self.options.update({"heads": heads, "text_seed": int(text_seed), "text_dim": text_dim, "isolate_words": isolate_words,
-                             "lora_rank": lora_rank,
-                             "lora_steps": lora_steps, "lora_targets": ",".join(self.lora_targets)})
+        self.options.update({"heads": heads, "text_seed": int(text_seed), "text_dim": text_dim,
+                             "isolate_words": isolate_words, "lora_rank": lora_rank, "lora_steps": lora_steps,
+                             "lora_targets": ",".join(self.lora_targets)})
         if lora_rank:
             self.checkpoint_prefix = "diffusion-text-lora"
         self._captions: np.ndarray | None = None
@@ -185,9 +186,7 @@ class DiffusionTextTask(DiffusionTask):
         if templates is None:
             templates = np.random.default_rng([seed, 19]).integers(0, len(TEMPLATES), size=len(labels))
         templates = np.asarray(templates, dtype=np.int64)
-        tokens = torch.from_numpy(self.prompter.encode(labels, templates))
-        images = sample(model, tokens, steps=steps, guidance=guidance, seed=seed)
-        pixels = ((images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        pixels = sample_pixels(model, self.prompter.encode(labels, templates), seed, steps, guidance)
         return TextConceptDataset(pixels, labels, templates, -1 - np.arange(len(labels)), self.prompter)
 
     def save_queries(self, path: str | Path, dataset: TextConceptDataset) -> Path:
