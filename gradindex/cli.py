@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,19 @@ class _Group(click.Group):
             if message is None:
                 raise
             _fail(message)
+
+
+class StoreLocation(click.Path):
+    """A store: a local path (a ``Path``, click's checks) or a URI such as ``s3://bucket/prefix``,
+    passed on as the string it is (``Path`` would fold ``s3://`` into ``s3:/``)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and re.match(r"[a-zA-Z][a-zA-Z0-9+.-]+://", value):
+            return value
+        return super().convert(value, param, ctx)
+
+
+STORE_LOCATION = StoreLocation(path_type=Path)
 
 
 def _fail(message: str) -> None:
@@ -300,7 +314,8 @@ def groups(task_spec, task_options, checkpoint, group_rules, proj_dim, group_dim
 
 @main.command()
 @click.argument("task_spec", metavar="TASK")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Store directory to write.")
+@click.option("--out", required=True, type=StoreLocation(file_okay=False, path_type=Path),
+              help="Store directory (or s3://BUCKET/PREFIX) to write.")
 @task_option
 @checkpoint_option
 @group_rule_option
@@ -399,7 +414,7 @@ def _search_config(nprobe, ef_search, rerank, no_prune):
 
 
 @main.command("build-index")
-@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.argument("store_path", metavar="STORE", type=STORE_LOCATION)
 @click.option("--concept", default="all", show_default=True, help="Concept partition (its weights are used).")
 @click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "ivfpq", "hnsw"]), default="auto", show_default=True,
               help="Index kind; auto = flat while N·D ≤ 1e8, else ivfpq.")
@@ -455,7 +470,7 @@ def build_index_command(ctx, store_path, concept, kind, preconditioner, damping,
 
 
 @main.command("learn-weights")
-@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.argument("store_path", metavar="STORE", type=STORE_LOCATION)
 @concept_option
 @inputs_option
 @_apply(preconditioner_options)
@@ -522,7 +537,7 @@ def weights_group() -> None:
 
 
 @weights_group.command("plot")
-@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.argument("store_path", metavar="STORE", type=STORE_LOCATION)
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG file to write.")
 @click.option("--concept", "concepts", multiple=True,
               help="Concepts to draw (default: every concept with weights, and 'all'); repeatable.")
@@ -546,7 +561,7 @@ def eval_group() -> None:
 
 
 @eval_group.command("lds")
-@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.argument("store_path", metavar="STORE", type=STORE_LOCATION)
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder of retrained models and measurements (default: STORE/lds); reruns reuse it.")
 @click.option("--models", "num_models", type=int, default=_LDS.num_models, show_default=True,
@@ -583,7 +598,7 @@ def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, 
     check_concept(task, concept)
     require_training_routine(task, "eval lds")  # up front: before any model is trained
     queries = default_queries(task) if inputs is None else task.load_queries(inputs)
-    retrained = retrain(task, cache or store.path / "lds", config, queries_file=inputs, workers=workers,
+    retrained = retrain(task, cache or store.local_dir("lds"), config, queries_file=inputs, workers=workers,
                         show_progress=_progress(ctx), queries=queries)
     rows = lds_report(store, retrained, queries, concept=concept, damping=damping, device=device)
     if as_json:
@@ -595,7 +610,7 @@ def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, 
 
 
 @main.command()
-@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.argument("store_path", metavar="STORE", type=STORE_LOCATION)
 @click.option("--inputs", required=True, type=click.Path(path_type=Path), help="Query inputs file (format: the task's).")
 @click.option("--concept", default="all", show_default=True, help="Concept partition to search.")
 @click.option("-k", type=int, default=10, show_default=True, help="Training examples per query.")
@@ -678,7 +693,7 @@ def _query_all(store_path, inputs, concept, checkpoint, device, batch_size, out,
 
 
 @main.command()
-@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.argument("store_path", metavar="STORE", type=STORE_LOCATION)
 @click.option("--concept", "concepts", multiple=True,
               help="Concept partition to serve; repeatable (default: all).")
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -781,7 +796,7 @@ def _serve_on_ray(store_path, concepts, config, checkpoint, device, search, ray_
 
 
 @main.command()
-@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.argument("store_path", metavar="STORE", type=STORE_LOCATION)
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 def info(store_path, as_json) -> None:
     """Show a store's manifest: task, groups, dims, shards, weights, indexes."""
@@ -832,7 +847,7 @@ def _setting(config: dict[str, Any]) -> str:
 
 
 @eval_group.command("recall")
-@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.argument("store_path", metavar="STORE", type=STORE_LOCATION)
 @click.option("--concept", default="all", show_default=True, help="Concept partition to evaluate.")
 @click.option("-k", type=click.IntRange(min=1), default=10, show_default=True, help="Top-k depth.")
 @click.option("--inputs", type=click.Path(path_type=Path), default=None,
@@ -863,7 +878,7 @@ def eval_recall(store_path, concept, k, inputs, num_queries, as_json, nprobe, ef
 
 
 @eval_group.command("precision")
-@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.argument("store_path", metavar="STORE", type=STORE_LOCATION)
 @click.option("--inputs", type=click.Path(path_type=Path), default=None,
               help="Query inputs file carrying the concepts' values (default: the task's own queries).")
 @click.option("--concept", "concepts", multiple=True,

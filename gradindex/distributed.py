@@ -19,7 +19,10 @@ shard (sidecar, size, sha256, run key) and writes the Gram file and the manifest
 last (like ``lance.ray``'s write / on_write_complete). A shard whose worker died leaves
 nothing that looks complete; without a manifest, a rerun with ``resume`` redoes it.
 
-The store must be a path every node sees (one machine, or a shared mount).
+The store must be a path every node sees (one machine, or a shared mount), or an ``s3://``
+location: then each worker sends its shard straight to the bucket (one PUT per file), and no
+node needs a shared disk; every node reads the same ``AWS_*``/``GRADINDEX_S3_ENDPOINT``
+environment (:mod:`gradindex.storage`).
 """
 
 from __future__ import annotations
@@ -44,13 +47,13 @@ from gradindex.precondition import GramAccumulator
 from gradindex.store import (
     FeatureStore,
     ShardInfo,
+    Storage,
     completed_shard,
-    local_store_path,
+    open_storage,
     prepare_store,
-    read_shard,
+    read_written_shard,
     remove_temporaries,
     shard_name,
-    temporary_path,
     writer_lock,
 )
 from gradindex.task import Task, load_task
@@ -196,7 +199,7 @@ class FeaturizeWorker:
 
 def _die_mid_shard(store: str, shard: tuple[int, int, int]) -> None:
     """Leave half a Parquet file under the shard's temporary name and exit without cleanup."""
-    with open(temporary_path(Path(store) / shard_name(shard[0])), "wb") as handle:
+    with open(open_storage(store).temporary(shard_name(shard[0])), "wb") as handle:
         handle.write(b"PAR1" + bytes(64))  # a Parquet header, no footer
     os._exit(1)
 
@@ -243,13 +246,13 @@ def featurize_ray(
         raise ConfigError(f"featurize on Ray: --device must be cpu, cuda or auto, got {device!r}")
     cpu = torch.device("cpu")
     run = prepare_run(task, config, checkpoint, cpu, limit)
-    with writer_lock(local_store_path(out)) as path:
+    with writer_lock(out) as path:
         prepare_store(path, overwrite=overwrite, resume=resume)
         return _featurize_ray_into(path, task, run, config, checkpoint, device, resume, limit, address, workers,
                                    cpus_per_worker, max_retries, show_progress, fail_shards)
 
 
-def _featurize_ray_into(path: Path, task: Task, run: Any, config: FeaturizeConfig, checkpoint: str | Path | None,
+def _featurize_ray_into(path: Storage, task: Task, run: Any, config: FeaturizeConfig, checkpoint: str | Path | None,
                         device: str, resume: bool, limit: int | None, address: str | None, workers: int | None,
                         cpus_per_worker: int, max_retries: int, show_progress: bool,
                         fail_shards: Collection[int]) -> FeatureStore:
@@ -282,13 +285,13 @@ def _featurize_ray_into(path: Path, task: Task, run: Any, config: FeaturizeConfi
     for index, start, stop in shards:
         if index in kept:
             info = kept[index]
-            gram.update(read_shard(path / info.path, list(group_dims))[1])
+            gram.update(read_written_shard(path, info, list(group_dims))[1])
         else:
             info = ShardInfo(**results[index]["info"])
             if completed_shard(path, index, run.run_key) != info or info.rows != stop - start:
                 raise StoreMismatchError(
                     f"{path}: shard {info.path} does not verify after its worker reported it (size, sha256 or run "
-                    "key differ); is the store on a filesystem every Ray node shares?"
+                    "key differ); is the store on a filesystem every Ray node shares (or on object storage)?"
                 )
             gram.add(results[index]["gram"], results[index]["rows"])
         infos.append(info.to_dict())

@@ -33,3 +33,7 @@ class TaskError(GradIndexError):
 
 class TaskConsentError(GradIndexError):
     """A store names task code that is not built in, and the user did not consent to running it."""
+
+
+class ObjectStoreError(GradIndexError):
+    """Object storage (``s3://``) could not be reached or refused a request (credentials, bucket, endpoint)."""

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from gradindex.config import FeaturizeConfig, ProjectionConfig, StorageDtype, check_index_dim
 from gradindex.devices import resolve_device
-from gradindex.errors import StoreMismatchError, TaskError
+from gradindex.errors import ObjectStoreError, StoreMismatchError, TaskError
 from gradindex.gradients import GradientProjector
 from gradindex.groups import ParameterGroup, parameter_groups, part_owners
 from gradindex.precondition import GramAccumulator
@@ -37,12 +37,14 @@ from gradindex.projection import block_dims, projection_format
 from gradindex.store import (
     FeatureStore,
     ShardInfo,
+    Storage,
     commit_manifest,
     completed_shard,
-    local_store_path,
+    open_storage,
     prepare_store,
-    read_shard,
+    read_written_shard,
     remove_unused_grams,
+    sidecar_name,
     write_gram,
     write_shard,
     writer_lock,
@@ -157,15 +159,15 @@ def planned_group_entries(groups: list[ParameterGroup], projection: ProjectionCo
     return json.loads(json.dumps(entries))
 
 
-def check_sidecars(path: Path, shards: list[dict[str, Any]], run_key: str) -> None:
+def check_sidecars(path: str | Path | Storage, shards: list[dict[str, Any]], run_key: str) -> None:
     """Every shard about to be committed still carries this run's sidecar (no other run replaced it)."""
+    storage = open_storage(path)
     for info in shards:
-        sidecar = (path / info["path"]).with_suffix(".json")
         try:
-            written = json.loads(sidecar.read_text())
-        except (OSError, ValueError):
+            written = json.loads(storage.read_bytes(sidecar_name(info["path"])))
+        except (OSError, ValueError, ObjectStoreError):
             written = None
-        if written != info or info.get("run_key") != run_key or (path / info["path"]).stat().st_size != info["bytes"]:
+        if written != info or info.get("run_key") != run_key or storage.size(info["path"]) != info["bytes"]:
             raise StoreMismatchError(
                 f"{path}: shard {info['path']} was rewritten by another run (its sidecar or size changed) before "
                 "this run committed; run featurize again (with --resume) and let one run write the store"
@@ -173,7 +175,7 @@ def check_sidecars(path: Path, shards: list[dict[str, Any]], run_key: str) -> No
 
 
 def commit_store(
-    path: Path,
+    path: Storage,
     task: Task,
     run: FeaturizeRun,
     config: FeaturizeConfig,
@@ -226,12 +228,12 @@ def featurize(
     """Featurize the task's training set into a new store at ``out``."""
     torch_device = resolve_device(device)
     run = prepare_run(task, config, checkpoint, torch_device, limit)
-    with writer_lock(local_store_path(out)) as path:
-        prepare_store(path, overwrite=overwrite, resume=resume)
-        return _featurize_into(path, task, run, config, checkpoint, torch_device, resume, show_progress)
+    with writer_lock(out) as storage:
+        prepare_store(storage, overwrite=overwrite, resume=resume)
+        return _featurize_into(storage, task, run, config, checkpoint, torch_device, resume, show_progress)
 
 
-def _featurize_into(path: Path, task: Task, run: FeaturizeRun, config: FeaturizeConfig,
+def _featurize_into(path: Storage, task: Task, run: FeaturizeRun, config: FeaturizeConfig,
                     checkpoint: str | Path | None, torch_device: torch.device, resume: bool,
                     show_progress: bool) -> FeatureStore:
     started = time.perf_counter()
@@ -245,7 +247,7 @@ def _featurize_into(path: Path, task: Task, run: FeaturizeRun, config: Featurize
             shard_index, start, stop = shard
             info = completed_shard(path, shard_index, run.run_key) if resume else None
             if info is not None and info.rows == stop - start:
-                gram.update(read_shard(path / info.path, list(group_dims))[1])
+                gram.update(read_written_shard(path, info, list(group_dims))[1])
                 bar.update(stop - start)
             else:
                 info, feats = featurize_shard(task, run, projector, config, torch_device, path, shard, bar)

@@ -29,7 +29,7 @@ from gradindex.gradients import GradientProjector
 from gradindex.precondition import GramAccumulator
 from gradindex.projection import check_projection_format
 from gradindex.store import (
-    FeatureStore, local_store_path, modify_manifest, remove_temporaries, remove_unlisted_shards, remove_unused_grams,
+    FeatureStore, modify_manifest, remove_temporaries, remove_unlisted_shards, remove_unused_grams,
     write_gram, write_shard, writer_lock,
 )
 from gradindex.task import Task
@@ -49,8 +49,7 @@ def featurize_append(
     not list yet, and the manifest switches to them in one rename, so an append killed at any
     point leaves the old store complete (its leftovers are removed by the next append).
     """
-    FeatureStore.open(out)  # a clear error before taking the lock of a folder that is no store
-    with writer_lock(local_store_path(out)) as path:
+    with writer_lock(FeatureStore.open(out).storage) as path:
         store = FeatureStore.open(path)
         remove_temporaries(path)
         remove_unlisted_shards(path, store.manifest)
@@ -91,12 +90,12 @@ def _append(task: Task, store: FeatureStore, checkpoint: str | Path | None, devi
                 feats = featurize_rows(task, model, dataset, rows.tolist(), projector, config.batch_size,
                                        torch_device, dtype, bar=bar)
                 gram.update(feats)
-                info = write_shard(store.path, len(shards), ids[rows], feats,
+                info = write_shard(store.storage, len(shards), ids[rows], feats,
                                    {name: values[rows] for name, values in metadata.items()}, run_key)
                 shards.append(info.to_dict())
-    check_sidecars(store.path, shards[len(manifest["shards"]):], run_key)
+    check_sidecars(store.storage, shards[len(manifest["shards"]):], run_key)
     names = store.groups
-    gram_file = write_gram(store.path, {f"g{names.index(g)}": m for g, m in gram.result().items()})
+    gram_file = write_gram(store.storage, {f"g{names.index(g)}": m for g, m in gram.result().items()})
     appended = {"rows": int(len(new_rows)), "first_shard": len(manifest["shards"]),
                 "seconds": round(time.perf_counter() - started, 3)}
 
@@ -108,5 +107,5 @@ def _append(task: Task, store: FeatureStore, checkpoint: str | Path | None, devi
                 "gram": {"skipped_groups": [], **current.get("gram", {}), **gram_file, "count": gram.count},
                 "appended": [*current.get("appended", []), appended]}
 
-    remove_unused_grams(store.path, modify_manifest(store.path, change))
-    return FeatureStore.open(store.path, task=task.spec()["task"]), int(len(new_rows))
+    remove_unused_grams(store.storage, modify_manifest(store.storage, change))
+    return FeatureStore.open(store.storage, task=task.spec()["task"]), int(len(new_rows))

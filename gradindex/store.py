@@ -18,30 +18,33 @@ manifest records each file's sha256, and readers verify a shard's checksum
 before trusting its rows. Opening a store validates its manifest
 (:mod:`gradindex.manifest_schema`) and refuses any path in it that leads outside
 the store (``..``, absolute paths, symlinks).
+
+A store may also live on object storage (``s3://bucket/prefix``): every read and write here
+goes through a :class:`~gradindex.storage.Storage` (:mod:`gradindex.storage`), which sends
+each finished file in one PUT, keeps verified local copies of what readers need as files,
+and stands lease objects in for the two locks.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import json
 import os
-import re
-import shutil
-import urllib.parse
-import uuid
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
 from gradindex.manifest_schema import FORMAT_VERSION, manifest_paths, validate_manifest
+from gradindex.storage import (  # noqa: F401  (the file helpers are imported from here by other modules)
+    LocalStorage, Storage, atomic_write_bytes, file_lock, inside_root, open_storage, sha256_file, temporary_path,
+)
 
 if TYPE_CHECKING:  # pyarrow is imported where shards are read or written: `info` reads only the manifest
     import pyarrow as pa
@@ -57,36 +60,18 @@ ROW_GROUP_ROWS = 4096
 
 
 # -- small file helpers ----------------------------------------------------------------------
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def temporary_path(path: str | Path) -> Path:
-    """A sibling temporary name for ``path`` (rename it onto ``path`` when complete)."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+def json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
 
 
 def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(path, json_bytes(data))
+
+
+def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
 
 
 # -- shards -----------------------------------------------------------------------------------
@@ -108,20 +93,24 @@ def shard_name(index: int) -> str:
     return f"{SHARD_DIR}/part-{index:05d}.parquet"
 
 
+def sidecar_name(relative: str) -> str:
+    return str(PurePosixPath(relative).with_suffix(".json"))
+
+
 def write_shard(
-    store: str | Path,
+    store: str | Path | Storage,
     index: int,
     sample_ids: np.ndarray,
     features: Mapping[str, np.ndarray],
     metadata: Mapping[str, np.ndarray] | None = None,
     run_key: str = "",
 ) -> ShardInfo:
-    """Write one shard (temp name → rename), then its sidecar; return its :class:`ShardInfo`."""
+    """Write one shard (temp name → rename; on object storage one PUT of the finished file), then
+    its sidecar; return its :class:`ShardInfo`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    store = Path(store)
-    (store / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    storage = open_storage(store)
     rows = len(sample_ids)
     columns: dict[str, pa.Array] = {"sample_id": pa.array(np.asarray(sample_ids, dtype=np.int64))}
     for group, block in features.items():
@@ -133,219 +122,183 @@ def write_shard(
         columns[META_PREFIX + name] = pa.array(np.asarray(values))
     table = pa.table(columns)
     relative = shard_name(index)
-    final = store / relative
-    tmp = temporary_path(final)
+    tmp = storage.temporary(relative)
     try:
         pq.write_table(table, tmp, compression="none", row_group_size=ROW_GROUP_ROWS)
         digest = sha256_file(tmp)
         size = tmp.stat().st_size
-        os.replace(tmp, final)
+        storage.publish(tmp, relative)
     finally:
         tmp.unlink(missing_ok=True)
     info = ShardInfo(relative, rows, digest, size, run_key)
-    atomic_write_json(final.with_suffix(".json"), info.to_dict())
+    storage.write_bytes(sidecar_name(relative), json_bytes(info.to_dict()))
     return info
 
 
-def completed_shard(store: str | Path, index: int, run_key: str) -> ShardInfo | None:
-    """The shard's info if it was completely written by a run with ``run_key`` and verifies."""
-    final = Path(store) / shard_name(index)
-    sidecar = final.with_suffix(".json")
-    if not (final.is_file() and sidecar.is_file()):
+def completed_shard(store: str | Path | Storage, index: int, run_key: str) -> ShardInfo | None:
+    """The shard's info if it was completely written by a run with ``run_key`` and verifies
+    (on object storage: its size; a PUT is whole, and readers check the sha256)."""
+    storage = open_storage(store)
+    relative = shard_name(index)
+    sidecar = sidecar_name(relative)
+    if not (storage.is_file(relative) and storage.is_file(sidecar)):
         return None
     try:
-        info = ShardInfo(**json.loads(sidecar.read_text()))
+        info = ShardInfo(**json.loads(storage.read_bytes(sidecar)))
     except (ValueError, TypeError):
         return None
-    if info.run_key != run_key or final.stat().st_size != info.bytes or sha256_file(final) != info.sha256:
+    if info.run_key != run_key or not storage.written(relative, info.bytes, info.sha256):
         return None
     return info
 
 
-def remove_temporaries(store: str | Path) -> list[Path]:
+def read_written_shard(store: str | Path | Storage, info: ShardInfo,
+                       groups: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Read back a shard this writer (or a resumed run of it) wrote: ``read_shard`` of its local file
+    (on object storage a verified copy in the cache)."""
+    storage = open_storage(store)
+    file = storage.fetch(info.path, info.sha256, False, f"{storage}: shard {info.path} is missing",
+                         f"{storage}: checksum mismatch in {info.path}; featurize again", "shard")
+    return read_shard(file, groups)
+
+
+def remove_temporaries(store: str | Path | Storage) -> list[Path]:
     """Delete the temporary files a killed writer left in the store's root and shard folder
-    (call with the writer lock held)."""
-    leftovers = sorted([*Path(store).glob(".*.tmp-*"), *(Path(store) / SHARD_DIR).glob(".*.tmp-*")])
-    for file in leftovers:
-        file.unlink(missing_ok=True)
-    return leftovers
+    (call with the writer lock held; object storage holds none)."""
+    return open_storage(store).remove_temporaries(["", SHARD_DIR])
 
 
-def remove_unlisted_shards(store: str | Path, manifest: Mapping[str, Any]) -> None:
+def remove_unlisted_shards(store: str | Path | Storage, manifest: Mapping[str, Any]) -> None:
     """Delete shard files (and sidecars) the manifest does not list: an interrupted append's."""
+    storage = open_storage(store)
     listed = {PurePosixPath(s["path"]).name for s in manifest["shards"]}
-    for file in (Path(store) / SHARD_DIR).glob("part-*"):
-        if file.with_suffix(".parquet").name not in listed:
-            file.unlink(missing_ok=True)
+    for name in storage.names(SHARD_DIR, "part-*"):
+        if str(PurePosixPath(name).with_suffix(".parquet")) not in listed:
+            storage.delete(f"{SHARD_DIR}/{name}")
 
 
 # -- locks and the one manifest read-modify-write ----------------------------------------------
 @contextmanager
-def file_lock(file: Path, flags: int) -> Iterator[IO]:
-    """``flock(file, flags)`` held for the block (created if missing); ``LOCK_NB`` raises ``BlockingIOError``."""
-    handle = open(file, "a")
-    try:
-        fcntl.flock(handle, flags)
-        yield handle
-    finally:
-        handle.close()  # releases the lock
-
-
-@contextmanager
-def store_lock(path: str | Path) -> Iterator[None]:
+def store_lock(path: str | Path | Storage) -> Iterator[None]:
     """The store's manifest lock (exclusive, blocking): held by every manifest read-modify-write."""
-    with file_lock(Path(path) / LOCK_FILE, fcntl.LOCK_EX):
+    with open_storage(path).lock(LOCK_FILE):
         yield
 
 
 @contextmanager
-def writer_lock(path: str | Path) -> Iterator[Path]:
-    """Create the store folder and hold its writer lock while a featurize run writes shards into it.
+def writer_lock(path: str | Path | Storage) -> Iterator[Storage]:
+    """Create the store folder and hold its writer lock while a featurize run writes shards into it;
+    yields the store's :class:`~gradindex.storage.Storage`.
 
-    A second run into the same folder is refused at once (two runs would mix their shards).
+    A second run into the same folder is refused at once (two runs would mix their shards; on
+    object storage this refusal is best effort, see :class:`gradindex.leases`).
     """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"store path {path} exists and is not a directory")
-    path.mkdir(parents=True, exist_ok=True)
+    storage = open_storage(path)
+    storage.make_root()
     try:
-        with file_lock(path / WRITER_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB):
-            yield path
+        with storage.lock(WRITER_LOCK, blocking=False):
+            yield storage
     except BlockingIOError:
         raise ConfigError(
-            f"{path}: another featurize is writing this store; wait for it to finish or use another --out"
+            f"{storage}: another featurize is writing this store; wait for it to finish or use another --out"
         ) from None
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
+def read_manifest(path: str | Path | Storage) -> dict[str, Any]:
     """The store's manifest, parsed and validated (a one-line error otherwise)."""
-    manifest_path = Path(path) / MANIFEST
-    if not manifest_path.is_file():
+    storage = open_storage(path)
+    if not storage.is_file(MANIFEST):
         raise ArtifactNotFoundError(
-            f"{path} is an incomplete feature store (no {MANIFEST}): featurize was interrupted; run it again"
+            f"{storage} is an incomplete feature store (no {MANIFEST}): featurize was interrupted; run it again"
         )
     try:
-        data = json.loads(manifest_path.read_text())
+        data = json.loads(storage.read_bytes(MANIFEST))
     except (ValueError, RecursionError) as err:
-        raise StoreMismatchError(f"{manifest_path} is not valid JSON ({err})") from None
-    return validate_manifest(data, str(path))
+        raise StoreMismatchError(f"{storage}/{MANIFEST} is not valid JSON ({err})") from None
+    return validate_manifest(data, str(storage))
 
 
-def modify_manifest(path: str | Path, change: Callable[[dict[str, Any] | None], Mapping[str, Any]]) -> dict[str, Any]:
+def modify_manifest(path: str | Path | Storage,
+                    change: Callable[[dict[str, Any] | None], Mapping[str, Any]]) -> dict[str, Any]:
     """The one read-modify-write of ``manifest.json``: under the store lock, reread the manifest
     (``None`` when there is none yet), validate ``change(manifest)``, write it atomically and
     return it. Every writer goes through here, so concurrent writers never lose each other's
     updates, and nothing is written that could not be read back."""
-    path = Path(path)
-    with store_lock(path):
-        for stale in path.glob(f".{MANIFEST}.tmp-*"):  # of a killed writer: nobody else writes one now
-            stale.unlink(missing_ok=True)
-        current = read_manifest(path) if (path / MANIFEST).is_file() else None
+    storage = open_storage(path)
+    with storage.lock(LOCK_FILE):
+        storage.remove_temporaries([""], MANIFEST)  # of a killed writer: nobody else writes one now
+        current = read_manifest(storage) if storage.is_file(MANIFEST) else None
         new = {k: v for k, v in change(current).items() if k != "format_version"}
-        new = validate_manifest({"format_version": FORMAT_VERSION, **new}, str(path))
-        atomic_write_json(path / MANIFEST, new)
+        new = validate_manifest({"format_version": FORMAT_VERSION, **new}, str(storage))
+        storage.write_bytes(MANIFEST, json_bytes(new))
         return new
 
 
 def inside_store(root: str | Path, relative: Any, what: str) -> Path:
     """The real path of ``relative`` (a path read from the manifest) if it stays inside the store
     ``root``; a one-line ``StoreMismatchError`` for absolute paths, ``..`` and symlinks leading out."""
-    text = relative if isinstance(relative, str) else ""
-    pure = PurePosixPath(text)
-    if not text or "\x00" in text or "\\" in text or pure.is_absolute() or ".." in pure.parts or not pure.parts:
-        raise StoreMismatchError(
-            f"{root}: {what} {relative!r} is not a relative path inside the store; the manifest is corrupt or crafted"
-        )
-    base = Path(root).resolve()
-    real = (base / pure).resolve()
-    if not real.is_relative_to(base) or real == base:
-        raise StoreMismatchError(f"{root}: {what} {relative!r} leads outside the store (to {real}); refused")
-    return real
-
-
-def local_store_path(location: str | Path) -> Path:
-    """A store location as a local path: a plain path or a ``file://`` URI.
-
-    Other filesystems (``s3://``, ``gs://``, ``hdfs://``) are refused with a message: the
-    store is read and written through local paths, so every node must mount it.
-    """
-    text = str(location)
-    scheme = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]+):", text)  # one letter would be a Windows drive
-    if scheme is None:
-        return Path(location)
-    parsed = urllib.parse.urlparse(text)
-    if scheme.group(1).lower() == "file" and parsed.netloc in ("", "localhost"):
-        return Path(urllib.parse.unquote(parsed.path))
-    raise ConfigError(
-        f"store {text}: only local paths and file:// URIs are supported, not {scheme.group(1)}://; "
-        "write to a filesystem every Ray node mounts (NFS, a FUSE mount of the bucket)"
-    )
+    return inside_root(root, relative, what)
 
 
 # -- writing a store ----------------------------------------------------------------------------
-def prepare_store(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+def prepare_store(path: str | Path | Storage, overwrite: bool = False, resume: bool = False) -> Path | Storage:
     """Make ``path`` ready for a new store (call with its :func:`writer_lock` held). An existing
     complete store needs ``overwrite``.
 
     Overwriting first removes the manifest, so an interrupted rewrite never
     leaves something that looks complete. ``resume`` keeps verified shards; the
-    temporary files of a killed run are removed either way.
+    temporary files of a killed run are removed either way. Returns the folder (a local
+    store) or the :class:`~gradindex.storage.Storage` (object storage).
     """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"store path {path} exists and is not a directory")
-    path.mkdir(parents=True, exist_ok=True)
-    if (path / MANIFEST).exists():
+    storage = open_storage(path)
+    storage.make_root()
+    if storage.exists(MANIFEST):
         if not overwrite:
-            raise ConfigError(f"{path} already holds a feature store; pass --overwrite to replace it")
-        with store_lock(path):
-            (path / MANIFEST).unlink()
+            raise ConfigError(f"{storage} already holds a feature store; pass --overwrite to replace it")
+        with storage.lock(LOCK_FILE):
+            storage.delete(MANIFEST)
     if not resume:
-        for target in [path / SHARD_DIR, path / "indexes", *gram_files(path)]:
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
-    remove_temporaries(path)
-    (path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-    return path
+        for target in [SHARD_DIR, "indexes", *gram_files(storage)]:
+            storage.delete_tree(target)
+    storage.remove_temporaries(["", SHARD_DIR])
+    storage.make_root(SHARD_DIR)
+    return storage.root if storage.local else storage
 
 
 def write_arrays(path: str | Path, arrays: Mapping[str, np.ndarray]) -> str:
     """Save ``arrays`` as an ``.npz`` atomically; return its sha256."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    data = buffer.getvalue()
+    data = npz_bytes(arrays)
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
-def write_gram(path: str | Path, grams: Mapping[str, np.ndarray]) -> dict[str, str]:
+def write_gram(path: str | Path | Storage, grams: Mapping[str, np.ndarray]) -> dict[str, str]:
     """Save the Gram arrays as ``gram-<sha>.npz`` in the store ``path``: ``{"file", "sha256"}``.
 
     Named by content, so writing a new one never touches the file the manifest lists;
     :func:`remove_unused_grams` deletes the old one after the manifest switched.
     """
-    buffer = io.BytesIO()
-    np.savez(buffer, **grams)
-    data = buffer.getvalue()
+    data = npz_bytes(grams)
     digest = hashlib.sha256(data).hexdigest()
     name = f"gram-{digest[:16]}.npz"
-    atomic_write_bytes(Path(path) / name, data)
+    open_storage(path).write_bytes(name, data)
     return {"file": name, "sha256": digest}
 
 
-def gram_files(path: str | Path) -> list[Path]:
-    return sorted([*Path(path).glob("gram-*.npz"), *Path(path).glob(GRAM_FILE)])
+def gram_files(path: str | Path | Storage) -> list[str]:
+    """The Gram files in the store's root (names relative to it)."""
+    storage = open_storage(path)
+    return sorted([*storage.names("", "gram-*.npz"), *storage.names("", GRAM_FILE)])
 
 
-def remove_unused_grams(path: str | Path, manifest: Mapping[str, Any] | None) -> None:
+def remove_unused_grams(path: str | Path | Storage, manifest: Mapping[str, Any] | None) -> None:
     """Delete the Gram files ``manifest`` does not list (call with the writer lock held)."""
+    storage = open_storage(path)
     listed = (manifest or {}).get("gram") or {}
     keep = listed.get("file", GRAM_FILE) if listed else None
-    for file in gram_files(path):
-        if file.name != keep:
-            file.unlink(missing_ok=True)
+    for name in gram_files(storage):
+        if name != keep:
+            storage.delete(name)
 
 
 def commit_manifest(path: str | Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
@@ -355,54 +308,70 @@ def commit_manifest(path: str | Path, manifest: Mapping[str, Any]) -> dict[str, 
 
 # -- reading a store ----------------------------------------------------------------------------
 class FeatureStore:
-    """A complete store opened for reading. ``FeatureStore.open(path)``.
+    """A complete store opened for reading. ``FeatureStore.open(path)`` (a folder, ``file://`` or ``s3://`` URI).
 
+    ``path``: the folder (a ``Path``) of a local store, the URI (a ``str``) of one on object
+    storage; ``storage``: its :class:`~gradindex.storage.Storage`.
     ``trust_task``/``task``: the user's consent to run the task code the manifest names
     (any task, or exactly the spec ``task``); see :func:`gradindex.query_features.load_store_task`.
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any], verify: bool = True, trust_task: bool = False,
-                 task: str | None = None):
-        self.path = path
+    def __init__(self, path: Path | str, manifest: dict[str, Any], verify: bool = True, trust_task: bool = False,
+                 task: str | None = None, storage: Storage | None = None):
+        self.storage = storage if storage is not None else _store_storage(path)
+        self.path = self.storage.root if self.storage.local else self.storage.location
         self.manifest = manifest
         self.verify = verify
         self.trust_task = trust_task
         self.task = task
         self._verified: set[str] = set()
+        self._local: dict[str, Path] = {}
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = True, trust_task: bool = False,
+    def open(cls, path: str | Path | Storage, verify: bool = True, trust_task: bool = False,
              task: str | None = None) -> "FeatureStore":
-        path = Path(path)
-        if not path.is_dir():
-            raise ArtifactNotFoundError(f"no feature store at {path} (run `gradindex featurize` first)")
-        store = cls(path, read_manifest(path), verify, trust_task, task)
+        storage = _store_storage(path)
+        if not storage.exists():
+            raise ArtifactNotFoundError(f"no feature store at {storage} (run `gradindex featurize` first)")
+        store = cls(storage.location, read_manifest(storage), verify, trust_task, task, storage)
         store._check_files()
         return store
 
     def _check_files(self) -> None:
         """Every path the manifest names stays inside the store; every shard is there, whole."""
         for field, relative in manifest_paths(self.manifest):
-            inside_store(self.path, relative, f"manifest field {field}")
+            self.file(relative, f"manifest field {field}")
+        sizes = self.storage.sizes([shard["path"] for shard in self.manifest["shards"]], "shard")
         for shard in self.manifest["shards"]:
-            file = self.file(shard["path"], "shard")
-            if not file.is_file():
+            size = sizes[shard["path"]]
+            if size is None:
                 raise ArtifactNotFoundError(f"{self.path}: shard {shard['path']} listed in the manifest is missing")
-            if file.stat().st_size != shard["bytes"]:
+            if size != shard["bytes"]:
                 raise StoreMismatchError(
-                    f"{self.path}: shard {shard['path']} has {file.stat().st_size} bytes, the manifest says "
+                    f"{self.path}: shard {shard['path']} has {size} bytes, the manifest says "
                     f"{shard['bytes']}; the store is corrupt, featurize again"
                 )
 
-    def file(self, relative: str, what: str = "file") -> Path:
-        """The real path of a file the manifest names (refused if it leads outside the store)."""
-        return inside_store(self.path, relative, what)
+    def file(self, relative: str, what: str = "file") -> Path | str:
+        """The real path of a file the manifest names (refused if it leads outside the store); on
+        object storage, its checked key."""
+        return self.storage.file(relative, what)
+
+    def fetch(self, relative: str, sha256: str, what: str, missing: str, mismatch: str) -> Path:
+        """A local file with the content of ``relative`` (the file itself, or a verified cached copy
+        of an object), its sha256 checked when the store verifies."""
+        return self.storage.fetch(relative, sha256, self.verify, missing, mismatch, what)
+
+    def local_dir(self, name: str) -> Path:
+        """A local folder for what is derived from this store (the store's own folder, or the cache)."""
+        return self.storage.scratch(name)
 
     def refresh(self) -> "FeatureStore":
         """Reread the manifest (another process may have rewritten it since this store was opened)."""
-        self.manifest = read_manifest(self.path)
+        self.manifest = read_manifest(self.storage)
         self._check_files()
         self._verified.clear()
+        self._local.clear()
         return self
 
     # -- manifest views -----------------------------------------------------------------------
@@ -431,25 +400,26 @@ class FeatureStore:
         to merge or ``change(current manifest) -> new manifest`` (applied to the manifest as reread
         under the store lock, so a concurrent writer's update is kept)."""
         change = update if callable(update) else (lambda current: {**current, **update})
-        self.manifest = modify_manifest(self.path, lambda current: change(_present(current, self.path)))
+        self.manifest = modify_manifest(self.storage, lambda current: change(_present(current, self.path)))
 
     # -- data -------------------------------------------------------------------------------------
     def _checked(self, shard: Mapping[str, Any]) -> Path:
-        file = self.file(shard["path"], "shard")
-        if self.verify and shard["path"] not in self._verified:
-            if sha256_file(file) != shard["sha256"]:
-                raise StoreMismatchError(
-                    f"{self.path}: checksum mismatch in {shard['path']}; the shard was modified or corrupted, "
-                    "featurize again"
-                )
-            rows = shard_rows(file)
-            if rows != shard["rows"]:
-                raise StoreMismatchError(
-                    f"{self.path}: {shard['path']} holds {rows} rows, the manifest says {shard['rows']}; "
-                    "the store is corrupt, featurize again"
-                )
-            self._verified.add(shard["path"])
-        return file
+        relative = shard["path"]
+        if relative not in self._local or (self.verify and relative not in self._verified):
+            self._local[relative] = file = self.fetch(
+                relative, shard["sha256"], "shard",
+                missing=f"{self.path}: shard {relative} listed in the manifest is missing",
+                mismatch=f"{self.path}: checksum mismatch in {relative}; the shard was modified or corrupted, "
+                         "featurize again")
+            if self.verify:
+                rows = shard_rows(file)
+                if rows != shard["rows"]:
+                    raise StoreMismatchError(
+                        f"{self.path}: {relative} holds {rows} rows, the manifest says {shard['rows']}; "
+                        "the store is corrupt, featurize again"
+                    )
+                self._verified.add(relative)
+        return self._local[relative]
 
     def iter_shards(
         self, groups: Sequence[str] | None = None, metadata: bool = False, shards: Sequence[int] | None = None
@@ -506,13 +476,15 @@ class FeatureStore:
         if not info:
             return {}
         name = info.get("file", GRAM_FILE)
-        file = self.file(name, "manifest field gram.file")
-        if not file.is_file():
+        try:
+            file = self.storage.fetch(name, info["sha256"], True,
+                                      f"{self.path}: {name} listed in the manifest is missing",
+                                      f"{self.path}: checksum mismatch in {name}; featurize again",
+                                      "manifest field gram.file")
+        except ArtifactNotFoundError:
             if retry:  # an append may have replaced it since this store was opened
                 return self.refresh().read_gram(retry=False)
-            raise ArtifactNotFoundError(f"{self.path}: {name} listed in the manifest is missing")
-        if sha256_file(file) != info["sha256"]:
-            raise StoreMismatchError(f"{self.path}: checksum mismatch in {name}; featurize again")
+            raise
         dims = self.group_dims
         try:
             with np.load(file) as data:
@@ -524,6 +496,15 @@ class FeatureStore:
         if wrong:
             raise StoreMismatchError(f"{self.path}: {name} holds Gram matrices of the wrong shapes {wrong}")
         return grams
+
+
+def _store_storage(path: str | Path | Storage) -> Storage:
+    """The storage of a store; a local one confines manifest paths with :func:`inside_store`."""
+    storage = open_storage(path)
+    if storage.local:
+        root = storage.root
+        return LocalStorage(root, confine=lambda relative, what: inside_store(root, relative, what))
+    return storage
 
 
 def _present(manifest: dict[str, Any] | None, path: Path) -> dict[str, Any]:

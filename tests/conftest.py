@@ -128,3 +128,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS, tests/s3_server.py) on 127.0.0.1 for the session;
+    the tests that use it skip, saying why, where it cannot be started."""
+    from s3_server import start_seaweedfs
+
+    try:
+        server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    except RuntimeError as err:
+        pytest.skip(f"no S3 test server: {err}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The S3 server's endpoint and credentials in the environment (leases of 3 s: a killed writer's
+    expires quickly)."""
+    for name, value in s3_server.env(GRADINDEX_LEASE_SECONDS="3").items():
+        monkeypatch.setenv(name, value)
+    return s3_server

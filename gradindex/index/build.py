@@ -29,15 +29,13 @@ ivfpq; its float16 re-rank copy is written to disk as it goes.
 
 from __future__ import annotations
 
-import fcntl
+import hashlib
 import json
 import logging
-import os
-import shutil
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
-from pathlib import Path
+from contextlib import ExitStack, contextmanager, suppress
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -56,8 +54,7 @@ from gradindex.index.shards import (
     open_part, part_name,
 )
 from gradindex.store import (
-    FeatureStore, atomic_write_json, file_lock, modify_manifest, read_manifest, sha256_file, store_lock,
-    temporary_path, write_arrays,
+    FeatureStore, json_bytes, modify_manifest, npz_bytes, read_manifest, sha256_file, store_lock,
 )
 from gradindex.topk import TopK, merge_topk
 from gradindex.weights import GroupWeights, learned_weights, scaled_vectors
@@ -160,69 +157,71 @@ def _trained_fields(config: dict[str, Any]) -> dict[str, Any]:
 
 # -- build folders -------------------------------------------------------------------------------
 @contextmanager
-def _claim_folder(store: FeatureStore, concept: str, entry: dict[str, Any] | None) -> Iterator[Path]:
-    """The folder this build writes into, held (shared lock) until the block ends: a new
-    ``indexes/<concept>/b-<random>`` (``entry`` None; removed again if the build fails), or the
-    folder of ``entry``, which must still be the concept's current partition."""
+def _claim_folder(store: FeatureStore, concept: str, entry: dict[str, Any] | None) -> Iterator[str]:
+    """The folder this build writes into (relative to the store), held (shared lock) until the block
+    ends: a new ``indexes/<concept>/b-<random>`` (``entry`` None; removed again if the build fails),
+    or the folder of ``entry``, which must still be the concept's current partition."""
     top = concept_dir(store, concept)
-    with store_lock(store.path):
+    storage = store.storage
+    held = ExitStack()
+    with store_lock(storage):
         if entry is None:
-            top.mkdir(parents=True, exist_ok=True)
-            folder = top / f"{BUILD_PREFIX}{uuid.uuid4().hex[:12]}"
-            folder.mkdir()
+            folder = f"{top}/{BUILD_PREFIX}{uuid.uuid4().hex[:12]}"
+            storage.make_root(folder)
         else:
-            current = read_manifest(store.path).get("indexes", {}).get(concept)
+            current = read_manifest(storage).get("indexes", {}).get(concept)
             if current is None or current["trained"] != entry["trained"]:
                 raise StoreMismatchError(
                     f"{store.path}: index {concept!r} was rebuilt by another process since this store was opened; "
                     "run the command again"
                 )
             folder = entry_folder(store, concept, current)
-        handle = open(folder / FOLDER_LOCK, "a")
-        fcntl.flock(handle, fcntl.LOCK_SH)
+        held.enter_context(storage.lock(f"{folder}/{FOLDER_LOCK}", shared=True))
     try:
         yield folder
     except BaseException:
         if entry is None:
-            shutil.rmtree(folder, ignore_errors=True)
+            with suppress(GradIndexError, OSError):
+                storage.delete_tree(folder)
         raise
     finally:
-        handle.close()
+        held.close()
 
 
 def _tidy(store: FeatureStore, concept: str) -> None:
     """Remove from ``indexes/<concept>/`` what the concept's entry does not name: replaced builds,
     builds of killed or failed runs, their stray files. A folder a builder still holds is left alone."""
     top = concept_dir(store, concept)
-    if not top.is_dir():
+    storage = store.storage
+    if not storage.is_folder(top):
         return
-    with store_lock(store.path):
-        entry = read_manifest(store.path).get("indexes", {}).get(concept)
+    with store_lock(storage):
+        entry = read_manifest(storage).get("indexes", {}).get(concept)
         keep_folder = entry_folder(store, concept, entry) if entry else None
-        keep = _entry_files(store, entry) if entry else set()
-        folders = [p for p in top.iterdir() if p.is_dir() and not p.is_symlink() and p.name.startswith(BUILD_PREFIX)]
+        keep = _entry_files(entry) if entry else set()
+        folders = [f"{top}/{name}" for name in storage.folders(top) if name.startswith(BUILD_PREFIX)]
         for folder in [top, *folders]:
             try:
-                with file_lock(folder / FOLDER_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB):
+                with storage.lock(f"{folder}/{FOLDER_LOCK}", blocking=False):
                     if folder not in (top, keep_folder):
-                        shutil.rmtree(folder)
+                        storage.delete_tree(folder)
                         continue
-                    for file in folder.iterdir():
-                        if (file.is_symlink() or file.is_file()) and file.name != FOLDER_LOCK and file not in keep:
-                            file.unlink()
+                    for name in storage.files(folder):
+                        if name != FOLDER_LOCK and f"{folder}/{name}" not in keep:
+                            storage.delete(f"{folder}/{name}")
             except BlockingIOError:
                 continue  # someone builds into it
 
 
-def _entry_files(store: FeatureStore, entry: dict[str, Any]) -> set[Path]:
-    """The files of an index entry (and its parts' sidecars), as paths under ``store.path``."""
+def _entry_files(entry: dict[str, Any]) -> set[str]:
+    """The files of an index entry (and its parts' sidecars), relative to the store."""
     files = {entry["trained"]["file"]}
     if entry["transform"]["kind"] != "none":
         files.add(entry["transform"]["file"])
     for part in entry["parts"]:
         files.update(f for f in (part["file"], part["ids_file"], part.get("vectors_file")) if f)
-        files.add(str(Path(part["file"]).with_name(f"{part['name']}.json")))
-    return {store.path / f for f in files}
+        files.add(str(PurePosixPath(part["file"]).with_name(f"{part['name']}.json")))
+    return {str(PurePosixPath(f)) for f in files}
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -245,7 +244,7 @@ def iter_vector_batches(store: FeatureStore, weights: GroupWeights, transform: Q
             yield ids[start:start + batch], _vectors(block, weights, groups, transform)
 
 
-def _train(store: FeatureStore, config: IndexConfig, weights: GroupWeights, folder: Path,
+def _train(store: FeatureStore, config: IndexConfig, weights: GroupWeights, folder: str,
            show_progress: bool) -> dict[str, Any]:
     n, dim = store.num_samples, store.dim
     kind = resolve_kind(config, n, dim)
@@ -258,9 +257,10 @@ def _train(store: FeatureStore, config: IndexConfig, weights: GroupWeights, fold
         if missing:
             raise ConfigError(f"--balance on: the store has no Gram matrix for groups {missing}; use --balance off")
         transform = QueryTransform.from_grams([grams[g] for g in store.groups], config.damping)
-        path = folder / TRANSFORM_FILE
-        digest = write_arrays(path, transform.arrays())
-        transform_info = {"kind": "balance", "file": str(path.relative_to(store.path)), "sha256": digest,
+        relative = f"{folder}/{TRANSFORM_FILE}"
+        data = npz_bytes(transform.arrays())
+        store.storage.write_bytes(relative, data)
+        transform_info = {"kind": "balance", "file": relative, "sha256": hashlib.sha256(data).hexdigest(),
                           "damping": config.damping}
     sample = np.zeros((0, dim), np.float32)
     if kind is not IndexKind.FLAT:
@@ -275,17 +275,17 @@ def _train(store: FeatureStore, config: IndexConfig, weights: GroupWeights, fold
                 bar.update(len(ids))
         sample = np.concatenate(picked) if picked else sample
     trained, extras = train_index(kind, sample, knobs, config)
-    path = folder / TRAINED_FILE
-    tmp = temporary_path(path)
+    relative = f"{folder}/{TRAINED_FILE}"
+    tmp = store.storage.temporary(relative)
     try:
         write_index(trained, tmp)
         digest = sha256_file(tmp)
-        os.replace(tmp, path)
+        store.storage.publish(tmp, relative)
     finally:
         tmp.unlink(missing_ok=True)
     return {"kind": kind, "knobs": knobs, "transform": transform, "transform_info": transform_info,
             "trained": trained, "extras": extras, "layout": extras.get("layout", {}),
-            "trained_info": {"file": str(path.relative_to(store.path)), "sha256": digest}}
+            "trained_info": {"file": relative, "sha256": digest}}
 
 
 def _load_state(store: FeatureStore, entry: dict[str, Any]) -> dict[str, Any]:
@@ -303,14 +303,15 @@ def _load_state(store: FeatureStore, entry: dict[str, Any]) -> dict[str, Any]:
 
 # -- parts ----------------------------------------------------------------------------------------
 def _build_part(store: FeatureStore, config: IndexConfig, weights: GroupWeights, state: dict[str, Any],
-                shards: Sequence[int], folder: Path, show_progress: bool) -> IndexPart:
+                shards: Sequence[int], folder: str, show_progress: bool) -> IndexPart:
     kind = state["kind"]
     name = part_name(shards)
     rows = sum(store.manifest["shards"][s]["rows"] for s in shards)
     keep = config.keep_vectors if config.keep_vectors is not None else kind is IndexKind.IVFPQ
     builder = PartBuilder(kind, state["trained"], state["extras"])
-    final = {suffix: folder / f"{name}{suffix}" for suffix in (".faiss", ".ids.npy", ".f16")}
-    tmp = {suffix: temporary_path(path) for suffix, path in final.items()}
+    storage = store.storage
+    final = {suffix: f"{folder}/{name}{suffix}" for suffix in (".faiss", ".ids.npy", ".f16")}
+    tmp = {suffix: storage.temporary(path) for suffix, path in final.items()}
     ids_parts = []
     try:
         with open(tmp[".f16"], "wb") if keep else _null() as handle, \
@@ -326,22 +327,22 @@ def _build_part(store: FeatureStore, config: IndexConfig, weights: GroupWeights,
         with open(tmp[".ids.npy"], "wb") as handle:
             np.save(handle, sample_ids)
         digests = {s: sha256_file(p) for s, p in tmp.items() if p.exists()}
+        size = tmp[".faiss"].stat().st_size
         for suffix, path in tmp.items():
             if path.exists():
-                os.replace(path, final[suffix])
+                storage.publish(path, final[suffix])
     finally:
         for path in tmp.values():
             path.unlink(missing_ok=True)
-    rel = lambda suffix: str(final[suffix].relative_to(store.path))  # noqa: E731
     part = IndexPart(
-        name=name, file=rel(".faiss"), sha256=digests[".faiss"], ntotal=int(builder.rows), shards=tuple(shards),
-        bytes=final[".faiss"].stat().st_size, vectors_file=rel(".f16") if keep else "",
-        vectors_sha256=digests.get(".f16", "") if keep else "", ids_file=rel(".ids.npy"),
+        name=name, file=final[".faiss"], sha256=digests[".faiss"], ntotal=int(builder.rows), shards=tuple(shards),
+        bytes=size, vectors_file=final[".f16"] if keep else "",
+        vectors_sha256=digests.get(".f16", "") if keep else "", ids_file=final[".ids.npy"],
         ids_sha256=digests[".ids.npy"], trained_sha256=state["trained_info"]["sha256"], info=builder.info(),
     )
     if not keep:
-        final[".f16"].unlink(missing_ok=True)
-    atomic_write_json(folder / f"{name}.json", part.to_dict())
+        storage.delete(final[".f16"])
+    storage.write_bytes(f"{folder}/{name}.json", json_bytes(part.to_dict()))
     return part
 
 
@@ -351,7 +352,7 @@ def _null():
 
 
 def _commit_entry(store: FeatureStore, config: IndexConfig, weights: GroupWeights, state: dict[str, Any],
-                  search: SearchConfig | None, folder: Path) -> None:
+                  search: SearchConfig | None, folder: str) -> None:
     """Record every part sidecar of this training in ``folder`` as the concept's entry (one
     :func:`~gradindex.store.modify_manifest`: the manifest is reread under the store lock)."""
     used = {s: store.manifest["shards"][s]["sha256"] for s in range(len(store.manifest["shards"]))}
@@ -362,8 +363,8 @@ def _commit_entry(store: FeatureStore, config: IndexConfig, weights: GroupWeight
             raise StoreMismatchError(f"{store.path}: the store's shards changed during the build (featurize "
                                      "--overwrite?); run build-index again")
         parts = []
-        for sidecar in sorted(folder.glob("part-*.json")):
-            part = IndexPart.from_dict(json.loads(sidecar.read_text()))
+        for sidecar in store.storage.names(folder, "part-*.json"):
+            part = IndexPart.from_dict(json.loads(store.storage.read_bytes(f"{folder}/{sidecar}")))
             if part.trained_sha256 == state["trained_info"]["sha256"]:
                 parts.append(part)
         parts.sort(key=lambda p: p.shards)
@@ -375,7 +376,7 @@ def _commit_entry(store: FeatureStore, config: IndexConfig, weights: GroupWeight
                 seen[s] = part.name
         entry = {
             "config": config.to_dict(),
-            "folder": str(folder.relative_to(store.path)),
+            "folder": folder,
             "kind": state["kind"].value,
             "knobs": state["knobs"],
             "dim": store.dim,
@@ -390,4 +391,4 @@ def _commit_entry(store: FeatureStore, config: IndexConfig, weights: GroupWeight
         }
         return {**manifest, "indexes": {**manifest.get("indexes", {}), config.concept: entry}}
 
-    store.manifest = modify_manifest(store.path, change)
+    store.manifest = modify_manifest(store.storage, change)

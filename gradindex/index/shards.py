@@ -44,7 +44,7 @@ import numpy as np
 from gradindex.config import IndexConfig, SearchConfig, check_name, require_positive
 from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
 from gradindex.index.kinds import PartIndex, QueryTransform, check_index_kind, read_index, resolve_device
-from gradindex.store import FeatureStore, inside_store, sha256_file
+from gradindex.store import FeatureStore
 from gradindex.topk import TopK, merge_topk
 from gradindex.weights import GroupWeights
 
@@ -78,25 +78,24 @@ class IndexPart:
         return cls(**{**data, "shards": tuple(int(s) for s in data["shards"])})
 
 
-def concept_dir(store: FeatureStore, concept: str) -> Path:
-    """``STORE/indexes/<concept>``: a safe name (never ``..``), and no symlink may lead it out of the store."""
+def concept_dir(store: FeatureStore, concept: str) -> str:
+    """``indexes/<concept>`` (relative to the store): a safe name (never ``..``), and no symlink may
+    lead it out of the store."""
     check_name(concept, "concept")
-    real = inside_store(store.path, f"{INDEX_DIR}/{concept}", "index folder")
-    if real != store.path.resolve() / INDEX_DIR / concept:
-        raise StoreMismatchError(f"{store.path}: index folder {INDEX_DIR}/{concept} is a symlink; refused")
-    return store.path / INDEX_DIR / concept
+    return store.storage.real_folder(f"{INDEX_DIR}/{concept}", "index folder")
 
 
-def entry_folder(store: FeatureStore, concept: str, entry: dict[str, Any]) -> Path:
-    """The build folder an index entry's files live in (``indexes/<concept>`` itself for version-1 stores)."""
+def entry_folder(store: FeatureStore, concept: str, entry: dict[str, Any]) -> str:
+    """The build folder an index entry's files live in, relative to the store (``indexes/<concept>``
+    itself for version-1 stores)."""
     top = concept_dir(store, concept)
     if "folder" not in entry:
         return top
-    folder = store.path / entry["folder"]
-    real = inside_store(store.path, entry["folder"], "index folder")
-    if top.resolve() not in (real, real.parent):
-        raise StoreMismatchError(f"{store.path}: index {concept!r} names folder {entry['folder']!r} outside {top}")
-    return folder
+    real = store.file(entry["folder"], "index folder")
+    if store.file(top, "index folder") not in (real, real.parent):
+        raise StoreMismatchError(f"{store.path}: index {concept!r} names folder {entry['folder']!r} outside "
+                                 f"{store.path}/{top}")
+    return entry["folder"]
 
 
 def part_name(shards: Sequence[int]) -> str:
@@ -123,13 +122,12 @@ def list_parts(store: FeatureStore, concept: str = "all") -> list[IndexPart]:
 
 
 def checked_file(store: FeatureStore, relative: str, digest: str) -> Path:
-    """``store.path / relative`` (refused outside the store), verified against its sha256 when the store verifies."""
-    path = store.file(relative, "index file")
-    if not path.is_file():
-        raise ArtifactNotFoundError(f"{store.path}: index file {relative} is missing; run build-index again")
-    if store.verify and sha256_file(path) != digest:
-        raise StoreMismatchError(f"{path}: checksum mismatch; the index was modified, run build-index again")
-    return path
+    """A local file with the content of ``relative`` (refused outside the store; on object storage a
+    copy in the cache), verified against its sha256 when the store verifies."""
+    return store.fetch(relative, digest, "index file",
+                       missing=f"{store.path}: index file {relative} is missing; run build-index again",
+                       mismatch=f"{store.path}/{relative}: checksum mismatch; the index was modified, run build-index "
+                                "again")
 
 
 def load_transform(store: FeatureStore, entry: dict[str, Any]) -> QueryTransform | None:
