@@ -121,11 +121,15 @@ def test_eval_precision_cli(diffusion_demo, tmp_path):
     query_meta = task.metadata(queries)
     for row in rows:
         assert 0 <= row["precision"] <= 1 and row["queries"] == 5 and row["k"] == 5
+        assert row["precision"] - 1e-9 <= row["recall"] <= 1  # hits / min(k, |G|) >= hits / k
+        if min(np.sum(meta[row["concept"]] == v) for v in query_meta[row["concept"]]) >= 5:
+            assert row["recall"] == pytest.approx(row["precision"])
         expected_chance = np.mean([np.mean(meta[row["concept"]] == v) for v in query_meta[row["concept"]]])
         assert row["chance"] == pytest.approx(expected_chance)
     table = CliRunner().invoke(main, ["-q", "eval", "precision", str(out / "store"), "--inputs",
                                       str(tmp_path / "q.npz"), "--concept", "style"], catch_exceptions=False)
-    assert table.exit_code == 0 and "precision@10" in table.output and "chance" in table.output
+    assert table.exit_code == 0 and "precision@10" in table.output and "recall@10" in table.output
+    assert "chance" in table.output
     bad = CliRunner().invoke(main, ["-q", "eval", "precision", str(out / "store"), "--inputs",
                                     str(tmp_path / "q.npz"), "--concept", "colour"])
     assert bad.exit_code == 2 and "colour" in bad.stderr
