@@ -168,7 +168,10 @@ preconditioner_options = [
                  help="Gram damping, relative to the group's mean eigenvalue."),
 ]
 inputs_option = click.option("--inputs", type=click.Path(path_type=Path), default=None,
-                             help="Query inputs file (the task's format; default: the task's held-out queries).")
+                             help="Query inputs file (the task's format; default: the task's own queries of --split).")
+split_option = click.option("--split", type=click.Choice(["fit", "eval", "all"]), default=None,
+                            help="Which of the task's default queries (without --inputs): fit (learn-weights' "
+                                 "default), eval (eval lds' default; disjoint from fit) or all.")
 concept_option = click.option("--concept", default="all", show_default=True,
                               help="Concept: 'all' (the task's measurement) or one of the task's concepts.")
 trust_options = [
@@ -473,6 +476,7 @@ def build_index_command(ctx, store_path, concept, kind, preconditioner, damping,
 @click.argument("store_path", metavar="STORE", type=STORE_LOCATION)
 @concept_option
 @inputs_option
+@split_option
 @_apply(preconditioner_options)
 @click.option("--queries", "num_queries", type=int, default=_LEARN.num_queries, show_default=True,
               help="Queries used (a seeded sample of the inputs).")
@@ -494,9 +498,9 @@ def build_index_command(ctx, store_path, concept, kind, preconditioner, damping,
 @device_option
 @_apply(trust_options)
 @click.pass_context
-def learn_weights_command(ctx, store_path, concept, inputs, preconditioner, damping, num_queries, reference_size,
-                          top_k, example_norm, regularization, steps, lr, seed, method, reset, device, trust_task,
-                          task_spec) -> None:
+def learn_weights_command(ctx, store_path, concept, inputs, split, preconditioner, damping, num_queries,
+                          reference_size, top_k, example_norm, regularization, steps, lr, seed, method, reset, device,
+                          trust_task, task_spec) -> None:
     """Learn STORE's per-group weights for a concept from unlabeled queries (kept per preconditioner
     and damping; the concept 'uniform' is reserved for uniform weights)."""
     from gradindex.config import UNIFORM_CONCEPT
@@ -518,10 +522,11 @@ def learn_weights_command(ctx, store_path, concept, inputs, preconditioner, damp
                                               "no learned weights; ") +
                    "it uses uniform weights now (run build-index again for its index)")
         return
-    queries = None if inputs is None else load_store_task(store).load_queries(inputs)
+    queries, _, _, where = _query_set(load_store_task(store), inputs, split, "fit")
     weights = learn_weights(store, config, queries=queries, concept=concept, device=device,
-                            show_progress=_progress(ctx))
+                            show_progress=_progress(ctx), query_source=str(inputs) if inputs else split or "fit")
     info = weights.info
+    click.echo(f"queries: {where}" + (f", {info['num_queries']} sampled" if info["num_queries"] < len(queries) else ""))
     _echo_table([{"group": g, "weight": weights.weights[g], "share": info["shares"][g],
                   "uniform share": info["uniform_shares"][g]} for g in store.groups])
     click.echo(f"concept {concept!r} ({preconditioner}): mean SNR {info['snr_uniform']:.3f} (uniform) -> "
@@ -572,6 +577,7 @@ def eval_group() -> None:
               help="Train every model with this seed (default: a seed per model).")
 @click.option("--workers", type=int, default=2, show_default=True, help="Training processes.")
 @inputs_option
+@split_option
 @concept_option
 @click.option("--damping", type=float, default=DEFAULT_DAMPING, show_default=True,
               help="Gram damping of the uniform and single-group rows.")
@@ -579,8 +585,8 @@ def eval_group() -> None:
 @device_option
 @_apply(trust_options)
 @click.pass_context
-def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, workers, inputs, concept, damping,
-             as_json, device, trust_task, task_spec) -> None:
+def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, workers, inputs, split, concept,
+             damping, as_json, device, trust_task, task_spec) -> None:
     """LDS of STORE's attributions (uniform, each group alone, learned) against retrained models."""
     from gradindex.config import MAX_WORKERS, check_damping, require_positive
     from gradindex.devices import resolve_device
@@ -597,15 +603,17 @@ def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, 
     task = load_store_task(store)
     check_concept(task, concept)
     require_training_routine(task, "eval lds")  # up front: before any model is trained
-    queries = default_queries(task) if inputs is None else task.load_queries(inputs)
+    queries, measured, positions, where = _query_set(task, inputs, split, "eval")
     retrained = retrain(task, cache or store.local_dir("lds"), config, queries_file=inputs, workers=workers,
-                        show_progress=_progress(ctx), queries=queries)
+                        show_progress=_progress(ctx), queries=measured)
+    if positions is not None:  # the cache measures every default query; keep the split's
+        retrained = retrained.queries(positions)
     rows = lds_report(store, retrained, queries, concept=concept, damping=damping, device=device)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     _echo_table([{**row, "damping": "" if row["damping"] is None else row["damping"]} for row in rows])
-    click.echo(f"LDS over {len(queries)} queries and {num_models} models trained on {fraction:g} of the data "
+    click.echo(f"LDS over {where} and {num_models} models trained on {fraction:g} of the data "
                f"(concept {concept!r}); sem = standard error over queries")
 
 
@@ -904,6 +912,28 @@ def eval_precision(store_path, inputs, concepts, k, as_json, device, trust_task,
         return
     _echo_table([{"concept": r["concept"], "queries": r["queries"], f"precision@{k}": r["precision"],
                   "std": r["std"], f"recall@{k}": r["recall"], "chance": r["chance"]} for r in rows])
+
+
+def _query_set(task, inputs: Path | None, split: str | None, default: str):
+    """``(queries, measured, positions, description)``: the ``--inputs`` file's queries (measured: the same,
+    positions None), else the task's default queries of ``--split`` (default ``default``), all default
+    queries (what the LDS cache measures) and the split's positions among them."""
+    from gradindex.task import default_queries, query_split_positions
+
+    if inputs is not None:
+        if split is not None:
+            raise ConfigError("--split selects among the task's default queries; with --inputs the file's "
+                              "queries are used, all of them")
+        queries = task.load_queries(inputs)
+        return queries, queries, None, f"{len(queries)} queries from {inputs}"
+    import torch
+
+    split = split or default
+    dataset = default_queries(task)
+    positions = (np.arange(len(dataset)) if split == "all"
+                 else query_split_positions(task, len(dataset))[split])
+    queries = dataset if split == "all" else torch.utils.data.Subset(dataset, positions.tolist())
+    return queries, dataset, positions, f"the task's {split} split ({len(queries)} of its {len(dataset)} default queries)"
 
 
 def _echo_table(rows: list[dict[str, Any]]) -> None:

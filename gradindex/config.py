@@ -417,6 +417,14 @@ class LDSConfig(_Config):
             _require_seed(self.training_seed, "LDSConfig.training_seed")
 
 
+class QuerySplit(enum.Enum):
+    """Which of a task's default queries (:meth:`~gradindex.task.Task.query_splits`) a stage uses."""
+
+    FIT = "fit"  # what weights (and other label-free choices) are fitted on
+    EVAL = "eval"  # what attribution quality (LDS) is measured on; disjoint from FIT
+    ALL = "all"
+
+
 class ExampleNorm(enum.Enum):
     """What weight learning does to each reference training example's scores across the queries."""
 

@@ -99,7 +99,11 @@ def loopback_only() -> Iterator[Any]:
 
 @contextmanager
 def local_ray(num_cpus: int | None = None, **init_args: Any) -> Iterator[Any]:
-    """A local Ray cluster bound to 127.0.0.1 (no traffic leaves the machine), shut down on exit."""
+    """A new local Ray cluster bound to 127.0.0.1 (no traffic leaves the machine), shut down on exit.
+
+    ``address="local"``: always a fresh cluster, never one that ``RAY_ADDRESS`` or a cluster
+    started earlier on this machine (``/tmp/ray/ray_current_cluster``) points to."""
+    init_args.setdefault("address", "local")
     with loopback_only() as ray:
         ray.init(num_cpus=num_cpus, _node_ip_address=LOOPBACK, include_dashboard=False, **init_args)
         try:

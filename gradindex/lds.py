@@ -57,7 +57,15 @@ from gradindex.precondition import QueryPreconditioner
 from gradindex.projection import derive_seed
 from gradindex.query_features import QueryFeaturizer, measurement_function
 from gradindex.store import FeatureStore, atomic_write_json, temporary_path, write_arrays
-from gradindex.task import Task, default_queries, load_task, make_batch, require_training_routine
+from gradindex.task import (
+    Task,
+    default_queries,
+    hash_into,
+    load_task,
+    make_batch,
+    query_digests,
+    require_training_routine,
+)
 from gradindex.weights import learned_weights
 
 logger = logging.getLogger(__name__)
@@ -151,7 +159,8 @@ def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Seque
     the concept's learned weights when the manifest has them (under the setting
     they were learned for), for grad-dot and Gram preconditioning. Each row has
     ``attribution``, ``preconditioner``, ``damping``, ``lds`` (mean over queries)
-    and ``sem`` (its standard error).
+    and ``sem`` (its standard error). The learned row also has ``fit_overlap``: how many of ``queries`` the
+    weights were fitted on (logged as a warning when not 0: that row is then optimistic).
     """
     damping = check_damping(damping)
     featurizer = QueryFeaturizer.open(store, concept, Preconditioner.IDENTITY, device=device)
@@ -177,12 +186,19 @@ def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Seque
         add("uniform", weighted_predictions(predictions, {g: 1.0 for g in groups}), preconditioner, setting_damping)
         for g in groups:
             add(f"group {g}", predictions[g], preconditioner, setting_damping)
+    digests = query_digests(queries) if learned_by_setting else []
     for learned in learned_by_setting.values():
         learned_setting = learned.info.get("config") or {}
         preconditioner = Preconditioner(learned_setting.get("preconditioner", "gram"))
         learned_damping = float(learned_setting.get("damping", damping))
         predictions = group_predictions(precondition_features(store, raw, preconditioner, learned_damping), sums)
         add("learned", weighted_predictions(predictions, learned.weights), preconditioner, learned_damping)
+        overlap = learned.fit_overlap(digests)
+        rows[-1]["fit_overlap"] = overlap
+        if overlap:
+            logger.warning("warning: %d of the %d evaluation queries were used to fit the learned weights of concept "
+                           "%r; their LDS is optimistic (evaluate on other queries, e.g. the task's eval split)",
+                           overlap, len(queries), concept)
     return rows
 
 
@@ -208,6 +224,12 @@ class RetrainedModels:
     masks: np.ndarray
     sample_ids: np.ndarray
     measurements: dict[str, np.ndarray]
+
+    def queries(self, positions: Sequence[int]) -> "RetrainedModels":
+        """The same models with the measurements of the queries at ``positions`` only (``[M, len(positions)]``),
+        e.g. the eval split of the task's default queries."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return RetrainedModels(self.masks, self.sample_ids, {c: m[:, positions] for c, m in self.measurements.items()})
 
     def lds(self, predictions: np.ndarray, concept: str = "all") -> np.ndarray:
         """Per-query LDS ``[Q]`` of predictions ``[M, Q]`` against ``concept``'s measurements."""
@@ -358,27 +380,8 @@ def dataset_key(task: Task, dataset: Sequence, batch_size: int = 256) -> str:
     """A short hash of a query set's contents (its collated batches' tensors)."""
     digest = hashlib.sha256(str(len(dataset)).encode())
     for start in range(0, len(dataset), batch_size):
-        _hash_into(digest, make_batch(task, dataset, range(start, min(len(dataset), start + batch_size))))
+        hash_into(digest, make_batch(task, dataset, range(start, min(len(dataset), start + batch_size))))
     return digest.hexdigest()[:16]
-
-
-def _hash_into(digest: Any, value: Any) -> None:
-    if isinstance(value, torch.Tensor):
-        data = value.detach().to("cpu").contiguous()
-        digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    elif isinstance(value, np.ndarray):
-        digest.update(f"{value.shape}{value.dtype}".encode())
-        digest.update(np.ascontiguousarray(value).tobytes())
-    elif isinstance(value, Mapping):
-        for key in sorted(value):
-            digest.update(str(key).encode())
-            _hash_into(digest, value[key])
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            _hash_into(digest, item)
-    else:
-        digest.update(repr(value).encode())
 
 
 def _open_cache(cache: Path, task: Task, config: LDSConfig, sample_ids: np.ndarray) -> None:

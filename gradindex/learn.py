@@ -1,7 +1,8 @@
 """Learn per-group importance weights from unlabeled queries (DESIGN §1.3).
 
 In: a complete store, a :class:`~gradindex.config.LearnConfig`, query inputs
-(default: the task's held-out queries) and a concept. Out:
+(default: the fit split of the task's held-out queries, :func:`~gradindex.task.task_queries`)
+and a concept. Out:
 :class:`~gradindex.weights.GroupWeights` (raw weights ``w_g``, mean 1, so uniform
 weights are all ones), saved under ``manifest["weights"][concept]``.
 
@@ -60,12 +61,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from gradindex.config import ExampleNorm, LearnConfig, LearnMethod
+from gradindex.config import ExampleNorm, LearnConfig, LearnMethod, QuerySplit, parse_enum
 from gradindex.errors import ConfigError
 from gradindex.projection import derive_seed
 from gradindex.query_features import QueryFeaturizer
 from gradindex.store import FeatureStore
-from gradindex.task import default_queries
+from gradindex.task import dataset_metadata, has_concept_queries, query_digests, task_queries
 from gradindex.weights import GroupWeights, save_weights
 
 logger = logging.getLogger(__name__)
@@ -225,20 +226,29 @@ def learn_weights(
     save: bool = True,
     device: str = "cpu",
     show_progress: bool = True,
+    split: QuerySplit | str = QuerySplit.FIT,
+    query_source: str | None = None,
 ) -> GroupWeights:
-    """Learn ``concept``'s group weights from unlabeled queries (default: the task's held-out queries,
-    ``task.concept_queries(concept)`` for a concept)."""
+    """Learn ``concept``'s group weights from unlabeled queries (default: the ``split`` of the task's
+    default queries, the fit split; for a concept, ``task.concept_queries(concept)`` where the task
+    defines it). ``info["queries"]`` records where they came from (``query_source``
+    for given queries) and a digest per query used (:func:`~gradindex.task.query_digests`), so that
+    evaluation can warn about overlap."""
     started = time.perf_counter()
+    split = parse_enum(QuerySplit, split, "learn_weights split")
     reference_size = min(config.reference_size, store.num_samples)
     if config.top_k >= reference_size:
         raise ConfigError(f"top_k {config.top_k}: expected fewer than the {reference_size} training examples of the "
                           "reference sample (the top-k would be all of them, an SNR of 0); lower --top-k")
     featurizer = QueryFeaturizer.open(store, concept, config.preconditioner, config.damping, device=device)
     try:
+        source = ((query_source or "given") if queries is not None
+                  else f"concept queries of {concept}" if has_concept_queries(featurizer.task, concept)
+                  else split.value)
         if queries is None:
-            queries = default_queries(featurizer.task, concept)
+            queries = task_queries(featurizer.task, split, concept)
         chosen = query_sample(queries, config.num_queries, config.seed)
-        method, values = _method_and_values(featurizer.task, queries, chosen, concept, config.method)
+        method, values = _method_and_values(featurizer.task, chosen, concept, config.method)
         query_features = featurizer.group_features(chosen, show_progress=show_progress)
     finally:
         featurizer.close()
@@ -251,6 +261,7 @@ def learn_weights(
         "method": method.value,
         "config": config.to_dict(),
         "num_queries": len(chosen),
+        "queries": {"source": source, "count": len(chosen), "digests": query_digests(chosen)},
         "reference_size": len(next(iter(reference.values()))),
         "shares": dict(zip(groups, diagnostics["shares"])),
         "uniform_shares": dict(zip(groups, diagnostics["uniform_shares"])),
@@ -267,10 +278,10 @@ def learn_weights(
     return result
 
 
-def _method_and_values(task, queries: Sequence, chosen: Sequence, concept: str,
+def _method_and_values(task, chosen: Sequence, concept: str,
                        method: LearnMethod) -> tuple[LearnMethod, np.ndarray | None]:
     """The objective to use and, for agreement, each chosen query's value of ``concept`` ``[Q]``."""
-    values = task.metadata(queries).get(concept) if concept != "all" else None
+    values = dataset_metadata(task, chosen).get(concept) if concept != "all" else None
     if method is LearnMethod.AUTO:
         method = LearnMethod.AGREEMENT if values is not None else LearnMethod.SNR
     if method is LearnMethod.SNR:
@@ -280,7 +291,4 @@ def _method_and_values(task, queries: Sequence, chosen: Sequence, concept: str,
             f"agreement weights for concept {concept!r} need each query's value of it (the task's metadata of the "
             "queries, e.g. the prompts of generated queries); use --method snr"
         )
-    values = np.asarray(values)
-    if isinstance(chosen, torch.utils.data.Subset):
-        values = values[np.asarray(chosen.indices)]
-    return method, values
+    return method, np.asarray(values)

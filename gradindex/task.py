@@ -21,6 +21,12 @@ Conventions
 
 Load a task from a spec with :func:`load_task`: a built-in name (``digits``),
 ``path/to/file.py:ClassName`` or ``package.module:ClassName``.
+
+Query splits: :meth:`Task.query_splits` divides the default queries
+(``query_dataset()``) into a **fit** split (weight learning) and a disjoint **eval**
+split (LDS), deterministically; :func:`task_queries` returns either (or all), and
+:func:`query_digests` fingerprints queries one by one so that evaluation can tell
+which of its queries were fitted on.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradindex.config import GroupRule
+from gradindex.config import GroupRule, QuerySplit, parse_enum
 from gradindex.errors import ArtifactNotFoundError, ConfigError, TaskError
 
 
@@ -103,13 +109,20 @@ class Task:
         return {}
 
     def query_dataset(self) -> Sequence:
-        """Default queries (held-out inputs) for the demo and weight learning."""
+        """Default queries (held-out inputs) for the demo, weight learning and evaluation."""
         raise NotImplementedError(f"{type(self).__name__} defines no default queries")
 
     def concept_queries(self, concept: str) -> Sequence:
         """Default queries to learn ``concept``'s weights from; default: :meth:`query_dataset`. A generator
         can return samples of prompts that specify only ``concept`` (the paper's concept queries)."""
         return self.query_dataset()
+
+    def query_splits(self, count: int) -> dict[str, np.ndarray]:
+        """Positions ``{"fit": [n_fit], "eval": [n_eval]}`` (sorted int64) of the fit and eval queries among
+        the ``count`` items of :meth:`query_dataset`: disjoint, together all of them, deterministic.
+        Weights are learned on ``fit`` and LDS is measured on ``eval``. Default: a seeded permutation
+        of the positions, its first ``count // 2`` for fit and the rest for eval (:func:`default_query_splits`)."""
+        return default_query_splits(count)
 
     def sample_queries(self, model: nn.Module, count: int, seed: int = 0) -> Sequence:
         """``count`` queries for ``model`` (a generator's samples); default: ``count`` items
@@ -162,6 +175,94 @@ class Task:
         return {"task": getattr(self, "_spec", default), "options": dict(self.options)}
 
 
+#: seed of the default fit/eval permutation of a task's default queries
+QUERY_SPLIT_SEED = 20_151
+
+
+def default_query_splits(count: int) -> dict[str, np.ndarray]:
+    """Half of ``range(count)`` for fit (``count // 2`` positions), the rest for eval, by a seeded
+    permutation (so neither split is a block of the query set's order), each sorted."""
+    order = np.random.default_rng([QUERY_SPLIT_SEED, int(count)]).permutation(int(count))
+    half = int(count) // 2
+    return {"fit": np.sort(order[:half]).astype(np.int64), "eval": np.sort(order[half:]).astype(np.int64)}
+
+
+def has_concept_queries(task: Task, concept: str) -> bool:
+    """Whether ``concept`` (not ``all``) has its own learning queries: the task overrides
+    :meth:`Task.concept_queries`."""
+    return concept != "all" and type(task).concept_queries is not Task.concept_queries
+
+
+def task_queries(task: Task, split: QuerySplit | str = QuerySplit.ALL, concept: str = "all") -> Sequence:
+    """The task's default queries of ``split``: all of ``query_dataset()``, or the ``Subset`` of its
+    fit or eval positions (checked: disjoint, in range, together all of them). For a concept whose
+    task defines :meth:`Task.concept_queries`, those (generated learning queries, apart from the
+    evaluation queries) whatever the split."""
+    split = parse_enum(QuerySplit, split, "query split")
+    if has_concept_queries(task, concept):
+        return task.concept_queries(concept)
+    dataset = default_queries(task)
+    if split is QuerySplit.ALL:
+        return dataset
+    return torch.utils.data.Subset(dataset, query_split_positions(task, len(dataset))[split.value].tolist())
+
+
+def query_split_positions(task: Task, count: int) -> dict[str, np.ndarray]:
+    """``task.query_splits(count)``, validated."""
+    splits = task.query_splits(count)
+    name = type(task).__name__
+    try:
+        fit, held = (np.asarray(splits[key], dtype=np.int64).reshape(-1) for key in ("fit", "eval"))
+    except (KeyError, TypeError, ValueError) as err:
+        raise TaskError(f"{name}.query_splits({count}) must return {{'fit': positions, 'eval': positions}} "
+                        f"({type(err).__name__}: {err})") from None
+    both = np.concatenate([fit, held])
+    if len(both) != count or len(np.unique(both)) != count or (count and (both.min() < 0 or both.max() >= count)):
+        raise TaskError(f"{name}.query_splits({count}): the fit and eval positions must be disjoint and together "
+                        f"cover 0..{count - 1} once each (got {len(fit)} fit and {len(held)} eval positions)")
+    return {"fit": np.sort(fit), "eval": np.sort(held)}
+
+
+def dataset_metadata(task: Task, dataset: Sequence) -> dict[str, np.ndarray]:
+    """``task.metadata(dataset)``, also for a (nested) ``Subset`` of a dataset the task knows: its
+    columns at the subset's positions."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        positions = np.asarray(dataset.indices, dtype=np.int64)
+        return {name: np.asarray(values)[positions] for name, values in dataset_metadata(task, dataset.dataset).items()}
+    return task.metadata(dataset)
+
+
+def query_digests(dataset: Sequence) -> list[str]:
+    """A short sha256 per query item ``[n]`` (over its tensors, arrays and values): equal items have equal
+    digests wherever they come from (the task's defaults or a query file)."""
+    digests = []
+    for i in range(len(dataset)):
+        digest = hashlib.sha256()
+        hash_into(digest, dataset[i])
+        digests.append(digest.hexdigest()[:16])
+    return digests
+
+
+def hash_into(digest: Any, value: Any) -> None:
+    """Feed ``value`` (tensors, arrays, mappings, sequences, plain values) into a hashlib ``digest``."""
+    if isinstance(value, torch.Tensor):
+        data = value.detach().to("cpu").contiguous()
+        digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    elif isinstance(value, np.ndarray):
+        digest.update(f"{value.shape}{value.dtype}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, Mapping):
+        for key in sorted(value):
+            digest.update(str(key).encode())
+            hash_into(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            hash_into(digest, item)
+    else:
+        digest.update(repr(value).encode())
+
+
 def json_array(value: Any, where: str) -> np.ndarray:
     """A JSON value (nested lists of numbers, or of strings) as a numpy array; ragged or mixed → ConfigError."""
     try:
@@ -186,7 +287,7 @@ def _move(batch: Any, device: torch.device) -> Any:
 def default_queries(task: Task, concept: str = "all") -> Sequence:
     """``task.query_dataset()`` (a concept's: ``task.concept_queries(concept)`` where the task defines it),
     or a one-line error asking for ``--inputs`` when the task has none."""
-    if concept != "all" and type(task).concept_queries is not Task.concept_queries:
+    if has_concept_queries(task, concept):
         return task.concept_queries(concept)
     message = (f"task {type(task).__name__} defines no default queries (query_dataset()); "
                "pass a query inputs file with --inputs FILE")

@@ -65,6 +65,12 @@ class GroupWeights:
         """``<digest> (<method>)``: how ``info`` and warnings name a set of weights."""
         return f"{self.digest()} ({self.info.get('method', 'given')})"
 
+    def fit_overlap(self, digests: Sequence[str]) -> int:
+        """How many of the queries with these per-query ``digests`` (:func:`~gradindex.task.query_digests`)
+        the weights were fitted on (``info["queries"]["digests"]``; 0 when not recorded, e.g. uniform)."""
+        fitted = set(self.info.get("queries", {}).get("digests", ()))
+        return sum(digest in fitted for digest in digests)
+
     def scales(self, groups: Sequence[str]) -> dict[str, float]:
         return {g: float(np.sqrt(self.weights[g])) for g in groups}
 

@@ -58,11 +58,13 @@ class _Task:
 
 def test_auto_uses_agreement_when_queries_carry_the_concept():
     task = _Task()
-    method, values = _method_and_values(task, "labelled", "labelled", "style", LearnMethod.AUTO)
+    method, values = _method_and_values(task, "labelled", "style", LearnMethod.AUTO)
     assert method is LearnMethod.AGREEMENT and list(values) == ["a", "b", "a", "c"]
-    subset = torch.utils.data.Subset(list(range(4)), [1, 3])
-    assert list(_method_and_values(task, "labelled", subset, "style", LearnMethod.AUTO)[1]) == ["b", "c"]
-    assert _method_and_values(task, "labelled", "labelled", "all", LearnMethod.AUTO) == (LearnMethod.SNR, None)
-    assert _method_and_values(task, "plain", "plain", "style", LearnMethod.AUTO) == (LearnMethod.SNR, None)
+    subset = torch.utils.data.Subset("labelled", [1, 3])  # a sample of the queries (of a split of them)
+    assert list(_method_and_values(task, subset, "style", LearnMethod.AUTO)[1]) == ["b", "c"]
+    nested = torch.utils.data.Subset(torch.utils.data.Subset("labelled", [0, 1, 3]), [0, 2])
+    assert list(_method_and_values(task, nested, "style", LearnMethod.AUTO)[1]) == ["a", "c"]
+    assert _method_and_values(task, "labelled", "all", LearnMethod.AUTO) == (LearnMethod.SNR, None)
+    assert _method_and_values(task, "plain", "style", LearnMethod.AUTO) == (LearnMethod.SNR, None)
     with pytest.raises(ConfigError, match="--method snr"):
-        _method_and_values(task, "plain", "plain", "style", LearnMethod.AGREEMENT)
+        _method_and_values(task, "plain", "style", LearnMethod.AGREEMENT)

@@ -34,8 +34,13 @@ TINY = f"{Path(__file__).parent / 'tiny_task.py'}:TinyTask"  # a file spec: Ray 
 
 @pytest.fixture(scope="module")
 def cluster():
-    with local_ray(num_cpus=2, object_store_memory=256 << 20, log_to_driver=False) as ray:  # small CI /dev/shm
-        yield ray
+    """Started while RAY_ADDRESS names a cluster that does not exist (as a leftover
+    /tmp/ray/ray_current_cluster does): a bare --ray must still start its own."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_ADDRESS", "127.0.0.1:9")
+        with local_ray(num_cpus=2, object_store_memory=256 << 20, log_to_driver=False) as ray:  # small CI /dev/shm
+            assert ray.cluster_resources()["CPU"] == 2
+            yield ray
 
 
 @pytest.fixture(scope="module")

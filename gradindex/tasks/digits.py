@@ -30,6 +30,7 @@ from gradindex.errors import ConfigError
 from gradindex.inputs import read_npy, read_npz
 from gradindex.task import Task, json_array
 from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
+from gradindex.tasks.classification import margin
 
 logger = logging.getLogger(__name__)
 
@@ -184,11 +185,7 @@ class DigitsTask(Task):
 
     def compute_measurement(self, batch, model: nn.Module) -> torch.Tensor:
         x, y = batch
-        logits = model(x)
-        y = torch.where(y < 0, logits.argmax(1), y)
-        true = logits.gather(1, y[:, None])[:, 0]
-        others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), -torch.inf)
-        return true - torch.logsumexp(others, dim=1)
+        return margin(model(x), y)
 
     # -- display -----------------------------------------------------------------------------
     def render(self, item) -> np.ndarray:
