@@ -929,7 +929,8 @@ def eval_recall(store_path, concept, k, inputs, num_queries, as_json, nprobe, ef
 @_apply(trust_options)
 def eval_precision(store_path, inputs, concepts, k, as_json, device, trust_task, task_spec) -> None:
     """Concept precision@k: the fraction of a query's top-k training examples that share its
-    value of the concept (DESIGN §4), with the chance level of a random top-k beside."""
+    value of the concept (DESIGN §4), with the chance level of a random top-k beside; and
+    recall@k: those hits over min(k, training examples sharing the value)."""
     from gradindex.evaluate import evaluate_precision
     from gradindex.query_features import load_store_task
     from gradindex.store import FeatureStore
@@ -942,7 +943,7 @@ def eval_precision(store_path, inputs, concepts, k, as_json, device, trust_task,
             click.echo(json.dumps(row))
         return
     _echo_table([{"concept": r["concept"], "queries": r["queries"], f"precision@{k}": r["precision"],
-                  "std": r["std"], "chance": r["chance"]} for r in rows])
+                  "std": r["std"], f"recall@{k}": r["recall"], "chance": r["chance"]} for r in rows])
 
 
 def _damping_text(damping: Any) -> str:

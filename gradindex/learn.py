@@ -95,7 +95,7 @@ from gradindex.errors import ConfigError
 from gradindex.projection import derive_seed
 from gradindex.query_features import QueryFeaturizer, precondition_features
 from gradindex.store import FeatureStore
-from gradindex.task import dataset_metadata, query_digests, task_queries
+from gradindex.task import dataset_metadata, has_concept_queries, query_digests, task_queries
 from gradindex.weights import GroupWeights, save_weights
 
 logger = logging.getLogger(__name__)
@@ -326,7 +326,8 @@ def learn_weights(
     query_source: str | None = None,
 ) -> GroupWeights:
     """Learn ``concept``'s group weights from unlabeled queries (default: the ``split`` of the task's
-    default queries, the fit split). ``info["queries"]`` records where they came from (``query_source``
+    default queries, the fit split; for a concept, ``task.concept_queries(concept)`` where the task
+    defines it). ``info["queries"]`` records where they came from (``query_source``
     for given queries) and a digest per query used (:func:`~gradindex.task.query_digests`), so that
     evaluation can warn about overlap."""
     started = time.perf_counter()
@@ -337,9 +338,11 @@ def learn_weights(
                           "reference sample (the top-k would be all of them, an SNR of 0); lower --top-k")
     featurizer = QueryFeaturizer.open(store, concept, Preconditioner.IDENTITY, device=device)
     try:
-        source = (query_source or "given") if queries is not None else split.value
+        source = ((query_source or "given") if queries is not None
+                  else f"concept queries of {concept}" if has_concept_queries(featurizer.task, concept)
+                  else split.value)
         if queries is None:
-            queries = task_queries(featurizer.task, split)
+            queries = task_queries(featurizer.task, split, concept)
         chosen = query_sample(queries, config.num_queries, config.seed)
         method, values = _method_and_values(featurizer.task, chosen, concept, config.method)
         raw = featurizer.group_features(chosen, show_progress=show_progress)
