@@ -179,8 +179,9 @@ class _Damping(click.ParamType):
 
 
 DAMPING = _Damping()
-_DAMPING_HELP = ("Gram damping, relative to each group's mean eigenvalue; 'auto' chooses one per group from the "
-                 "stored training features (no labels; the value is recorded in the manifest, `info` shows it).")
+_DAMPING_HELP = ("Gram damping, relative to each group's mean eigenvalue; 'auto' chooses it from the stored "
+                 "training features (cross-validated likelihood, no labels; recorded in the manifest per group, "
+                 "`info` shows it).")
 
 preconditioner_options = [
     click.option("--preconditioner", type=click.Choice(["gram", "identity"]), default="gram", show_default=True,
