@@ -80,10 +80,13 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+@-]{0,99}")
 
 def setting_key(preconditioner: Any, damping: Any) -> str:
     """The key of an attribution setting, under which a concept's learned weights are kept:
-    ``identity`` (damping plays no part) or ``gram@<damping>`` (``gram@0.1``)."""
+    ``identity`` (damping plays no part) or ``gram@<damping>`` (``gram@0.1``); ``gram@auto`` for
+    ``"auto"`` and for a per-group ``{group: damping}`` (what ``auto`` resolves to)."""
     kind = parse_enum(Preconditioner, preconditioner, "preconditioner")
     if kind is Preconditioner.IDENTITY:
         return kind.value
+    if isinstance(damping, dict):
+        return f"{kind.value}@{AUTO_DAMPING}"
     text = repr(float(damping)) if isinstance(damping, numbers.Real) and not isinstance(damping, bool) else str(damping)
     return f"{kind.value}@{text}"
 

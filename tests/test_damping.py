@@ -10,13 +10,14 @@ from scipy.stats import multivariate_normal
 from sklearn.covariance import ledoit_wolf, oas
 
 from gradindex.cli import main
-from gradindex.config import DampingCriterion, IndexConfig, LearnConfig
+from gradindex.config import DampingCriterion, IndexConfig, LearnConfig, Preconditioner
 from gradindex.damping import (
     DAMPING_GRID, FoldStatistics, auto_damping, choose_damping, cv_log_likelihood, ledoit_wolf_shrinkage,
     oas_shrinkage, relative_damping,
 )
 from gradindex.index import build_index
 from gradindex.learn import learn_weights
+from gradindex.query import score_setting, warn_if_weights_changed
 from gradindex.store import FeatureStore
 
 
@@ -129,7 +130,10 @@ def test_auto_damping_flows_from_weights_to_index_and_info(toy_store, tmp_path):
     # the weights are kept for gram@auto: an index at a fixed damping has none learned and takes uniform ones
     fixed = build_index(FeatureStore.open(path), IndexConfig(damping=0.1), show_progress=False)
     assert fixed.config.damping == 0.1 and set(fixed.entry["weights"]["weights"].values()) == {1.0}
-    build_index(FeatureStore.open(path), IndexConfig(damping="auto"), show_progress=False)
+    rebuilt = build_index(FeatureStore.open(path), IndexConfig(damping="auto"), show_progress=False)
+    store = FeatureStore.open(path)
+    assert not warn_if_weights_changed(store, "all", rebuilt)  # gram@auto: the index's own weights
+    assert score_setting(store) == (Preconditioner.GRAM, resolved, rebuilt.weights)
     out = CliRunner().invoke(main, ["info", str(path)])
     assert out.exit_code == 0, out.output
     assert "damping[all]" in out.output and "auto, per group" in out.output
