@@ -622,7 +622,7 @@ def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, 
     from gradindex.lds import lds_report, retrain
     from gradindex.query_features import check_concept, load_store_task
     from gradindex.store import FeatureStore
-    from gradindex.task import default_queries, require_training_routine
+    from gradindex.task import require_training_routine
 
     config = LDSConfig(num_models=num_models, fraction=fraction, seed=seed, training_seed=training_seed)
     damping = parse_damping(damping, "--damping")
