@@ -866,7 +866,7 @@ def info(store_path, as_json) -> None:
     for concept, settings in summary["learned_weights"].items():
         for key, learned in settings.items():
             objective = learned.get("objective")
-            snr = (f", {learned['num_queries']} queries x {learned['reference_size']} examples, {objective['name']} "
+            snr = (f", {learned['num_queries']} queries x {learned['reference_size']} examples, objective {objective['name']} "
                    f"{objective['uniform']:.3f} (uniform) -> {objective['learned']:.3f}"
                    if objective and {"num_queries", "reference_size"} <= set(learned) else "")
             setting = _setting(learned) if "preconditioner" in learned else key
@@ -956,11 +956,11 @@ def _damping_text(damping: Any) -> str:
 
 
 def _objective_text(info: dict[str, Any]) -> str:
-    """The learned weights' objective against uniform weights', e.g. 'mean SNR 5.100 (uniform) -> 5.300'."""
+    """The learned weights' objective against uniform weights', e.g. 'objective: mean SNR 5.100 (uniform) -> 5.300'."""
     from gradindex.summary import learned_objective
 
     objective = learned_objective(info)
-    return f"{objective['name']} {objective['uniform']:.3f} (uniform) -> {objective['learned']:.3f}"
+    return f"objective: {objective['name']} {objective['uniform']:.3f} (uniform) -> {objective['learned']:.3f}"
 
 
 def _query_set(task, inputs: Path | None, split: str | None, default: str):

@@ -90,9 +90,9 @@ def store_summary(store: FeatureStore) -> dict[str, Any]:
 
 def learned_objective(info: dict[str, Any]) -> dict[str, Any]:
     """The objective learned weights were fitted with and its value for uniform and learned weights:
-    ``{"name": "mean SNR" | "ssl objective" | "agreement", "uniform": float, "learned": float}``."""
+    ``{"name": "mean SNR" | "ssl" | "agreement", "uniform": float, "learned": float}``."""
     key = {"ssl": "ssl", "agreement": "agreement"}.get(info.get("method"), "snr")
-    name = {"ssl": "ssl objective", "agreement": "agreement", "snr": "mean SNR"}[key]
+    name = {"ssl": "ssl", "agreement": "agreement", "snr": "mean SNR"}[key]
     return {"name": name, "uniform": info.get(f"{key}_uniform", float("nan")),
             "learned": info.get(f"{key}_learned", float("nan"))}
 

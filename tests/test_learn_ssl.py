@@ -100,7 +100,7 @@ def test_cli_learns_ssl_weights(toy_store, tmp_path):
     result = CliRunner().invoke(main, ["learn-weights", str(path), "--method", "ssl", "--steps", "30", "--trust-task",
                                        "--damping", "auto"])
     assert result.exit_code == 0, result.output
-    assert "ssl objective" in result.output and "damping auto, per group" in result.output
+    assert "objective: ssl" in result.output and "damping auto, per group" in result.output
     info = CliRunner().invoke(main, ["info", str(path)])
     assert "ssl for gram" in info.output, info.output
 
