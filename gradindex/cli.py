@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from gradindex.config import DEFAULT_DAMPING, ExampleNorm, LDSConfig, LearnConfig
+from gradindex.config import AUTO_DAMPING, DEFAULT_DAMPING, ExampleNorm, GroupNorm, LDSConfig, LearnConfig, LearnMethod
 from gradindex.errors import ConfigError, GradIndexError
 
 
@@ -161,11 +161,32 @@ device_option = click.option("--device", default="cpu", show_default=True, callb
                              help="Torch device for gradients (cpu, cuda, cuda:1, mps, auto = cuda if present).")
 
 
+class _Damping(click.ParamType):
+    """A relative Gram damping on the command line: a number or ``auto``."""
+
+    name = "NUMBER|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)) or value == AUTO_DAMPING:
+            return value
+        text = str(value).strip().lower()
+        if text == AUTO_DAMPING:
+            return AUTO_DAMPING
+        try:
+            return float(text)
+        except ValueError:
+            self.fail(f"expected a non-negative number or 'auto', got {value!r}", param, ctx)
+
+
+DAMPING = _Damping()
+_DAMPING_HELP = ("Gram damping, relative to each group's mean eigenvalue; 'auto' chooses it from the stored "
+                 "training features (cross-validated likelihood, no labels; recorded in the manifest per group, "
+                 "`info` shows it).")
+
 preconditioner_options = [
     click.option("--preconditioner", type=click.Choice(["gram", "identity"]), default="gram", show_default=True,
                  help="Query-side preconditioner: per-group Gram inverse (TRAK-style) or none (grad-dot)."),
-    click.option("--damping", type=float, default=DEFAULT_DAMPING, show_default=True,
-                 help="Gram damping, relative to the group's mean eigenvalue."),
+    click.option("--damping", type=DAMPING, default=DEFAULT_DAMPING, show_default=True, help=_DAMPING_HELP),
 ]
 inputs_option = click.option("--inputs", type=click.Path(path_type=Path), default=None,
                              help="Query inputs file (the task's format; default: the task's own queries of --split).")
@@ -511,22 +532,30 @@ def build_index_command(ctx, store_path, concept, kind, preconditioner, damping,
               help="Training examples scored per query (a seeded sample of the store).")
 @click.option("--top-k", type=int, default=_LEARN.top_k, show_default=True, help="k of the SNR's top-k signal.")
 @click.option("--example-norm", type=click.Choice([n.value for n in ExampleNorm]), default=_LEARN.example_norm.value,
-              show_default=True, help="What is done to each training example's scores across the queries.")
+              show_default=True, help="What is done to each training example's scores across the queries "
+                                      "(auto: none for --method ssl, as in the paper; standardize otherwise).")
+@click.option("--group-norm", type=click.Choice([n.value for n in GroupNorm]), default=_LEARN.group_norm.value,
+              show_default=True, help="rms: groups scaled to unit rms, shares pulled (KL) to equal shares; none: raw "
+                                      "scores, weights pulled by λ‖w‖² to uniform (auto: none for --method ssl, as in "
+                                      "the paper; rms otherwise).")
 @click.option("--regularization", type=float, default=_LEARN.regularization, show_default=True,
-              help="Strength of the KL pull towards equal shares of the (normalised) groups.")
+              help="Strength of the pull: KL to equal shares (--group-norm rms) or λ‖w‖² (none).")
 @click.option("--steps", type=int, default=_LEARN.steps, show_default=True, help="Adam steps.")
 @click.option("--lr", type=float, default=_LEARN.lr, show_default=True, help="Adam learning rate.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the query and reference samples.")
-@click.option("--method", type=click.Choice(["auto", "snr", "agreement"]), default="auto", show_default=True,
-              help="Objective: SNR of each query's scores, or agreement of the top-k of queries sharing the "
-                   "concept's value (needs the queries' values); auto: agreement for a concept when possible.")
+@click.option("--method", type=click.Choice([m.value for m in LearnMethod]), default=_LEARN.method.value,
+              show_default=True,
+              help="Objective: snr (each query's top-k stands out of its scores), ssl (the paper's normalised "
+                   "top-k mean with weights on the query side), agreement (queries sharing the concept's value "
+                   "share their top-k; needs the queries' values); auto: agreement for a concept when possible, "
+                   "else snr.")
 @click.option("--reset", is_flag=True,
               help="Forget the concept's learned weights (every setting): it is uniform again; then build-index.")
 @device_option
 @_apply(trust_options)
 @click.pass_context
 def learn_weights_command(ctx, store_path, concept, inputs, split, preconditioner, damping, num_queries,
-                          reference_size, top_k, example_norm, regularization, steps, lr, seed, method, reset, device,
+                          reference_size, top_k, example_norm, group_norm, regularization, steps, lr, seed, method, reset, device,
                           trust_task, task_spec) -> None:
     """Learn STORE's per-group weights for a concept from unlabeled queries (kept per preconditioner
     and damping; the concept 'uniform' is reserved for uniform weights)."""
@@ -540,7 +569,7 @@ def learn_weights_command(ctx, store_path, concept, inputs, split, preconditione
         raise ConfigError(f"concept {UNIFORM_CONCEPT!r} is reserved: its weights are always uniform; learn weights for "
                           "'all' or one of the task's concepts")
     config = LearnConfig(preconditioner=preconditioner, damping=damping, num_queries=num_queries,
-                         reference_size=reference_size, top_k=top_k, example_norm=example_norm,
+                         reference_size=reference_size, top_k=top_k, example_norm=example_norm, group_norm=group_norm,
                          regularization=regularization, steps=steps, lr=lr, seed=seed, method=method)
     store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
     if reset:
@@ -553,14 +582,14 @@ def learn_weights_command(ctx, store_path, concept, inputs, split, preconditione
     weights = learn_weights(store, config, queries=queries, concept=concept, device=device,
                             show_progress=_progress(ctx), query_source=str(inputs) if inputs else split or "fit")
     info = weights.info
+    resolved = info["config"]["damping"]
     click.echo(f"queries: {where}" + (f", {info['num_queries']} sampled" if info["num_queries"] < len(queries) else ""))
     _echo_table([{"group": g, "weight": weights.weights[g], "share": info["shares"][g],
-                  "uniform share": info["uniform_shares"][g]} for g in store.groups])
-    click.echo(f"concept {concept!r} ({preconditioner}): mean SNR {info['snr_uniform']:.3f} (uniform) -> "
-               f"{info['snr_learned']:.3f} over {info['num_queries']} queries x {info['reference_size']} "
-               f"training examples, {info['seconds']:.1f}s; saved in {store.path}/manifest.json")
-    if "agreement_learned" in info:
-        click.echo(f"objective: agreement {info['agreement_uniform']:.3f} (uniform) -> {info['agreement_learned']:.3f}")
+                  "uniform share": info["uniform_shares"][g],
+                  **({"damping": resolved[g]} if isinstance(resolved, dict) else {})} for g in store.groups])
+    click.echo(f"concept {concept!r} ({preconditioner}, damping {_damping_text(resolved)}): {_objective_text(info)} "
+               f"over {info['num_queries']} queries x {info['reference_size']} training examples, "
+               f"{info['seconds']:.1f}s; saved in {store.path}/manifest.json")
 
 
 @main.group("weights")
@@ -606,8 +635,8 @@ def eval_group() -> None:
 @inputs_option
 @split_option
 @concept_option
-@click.option("--damping", type=float, default=DEFAULT_DAMPING, show_default=True,
-              help="Gram damping of the uniform and single-group rows.")
+@click.option("--damping", type=DAMPING, default=DEFAULT_DAMPING, show_default=True,
+              help="Gram damping of the uniform and single-group rows (a number or 'auto').")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @device_option
 @_apply(trust_options)
@@ -615,15 +644,15 @@ def eval_group() -> None:
 def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, workers, inputs, split, concept,
              damping, as_json, device, trust_task, task_spec) -> None:
     """LDS of STORE's attributions (uniform, each group alone, learned) against retrained models."""
-    from gradindex.config import MAX_WORKERS, check_damping, require_positive
+    from gradindex.config import MAX_WORKERS, parse_damping, require_positive
     from gradindex.devices import resolve_device
     from gradindex.lds import lds_report, retrain
     from gradindex.query_features import check_concept, load_store_task
     from gradindex.store import FeatureStore
-    from gradindex.task import default_queries, require_training_routine
+    from gradindex.task import require_training_routine
 
     config = LDSConfig(num_models=num_models, fraction=fraction, seed=seed, training_seed=training_seed)
-    check_damping(damping, "--damping")
+    damping = parse_damping(damping, "--damping")
     require_positive(workers, "--workers", maximum=MAX_WORKERS)
     resolve_device(device, "--device")
     store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
@@ -859,13 +888,16 @@ def info(store_path, as_json) -> None:
             row[f"w[{concept}]"] = group["weights"][concept]
             if concept in group.get("shares", {}):
                 row[f"share[{concept}]"] = group["shares"][concept]
+        for concept, damping in group.get("damping", {}).items():
+            row[f"damping[{concept}]"] = damping
         rows.append(row)
     _echo_table(rows)
     for concept, settings in summary["learned_weights"].items():
         for key, learned in settings.items():
-            snr = (f", {learned['num_queries']} queries x {learned['reference_size']} examples, mean SNR "
-                   f"{learned['snr_uniform']:.3f} (uniform) -> {learned['snr_learned']:.3f}"
-                   if {"num_queries", "reference_size", "snr_uniform", "snr_learned"} <= set(learned) else "")
+            objective = learned.get("objective")
+            snr = (f", {learned['num_queries']} queries x {learned['reference_size']} examples, objective {objective['name']} "
+                   f"{objective['uniform']:.3f} (uniform) -> {objective['learned']:.3f}"
+                   if objective and {"num_queries", "reference_size"} <= set(learned) else "")
             setting = _setting(learned) if "preconditioner" in learned else key
             click.echo(f"weights {concept!r}: {learned['method']} for {setting}{snr}; digest {learned['digest']}")
     for concept, index in summary["indexes"].items():
@@ -888,7 +920,8 @@ def info(store_path, as_json) -> None:
 def _setting(config: dict[str, Any]) -> str:
     """``gram (damping 0.1)`` or ``identity``: the damping only where it applies."""
     if config.get("preconditioner") == "gram":
-        return f"gram (damping {config.get('damping')})"
+        auto = config.get("damping_requested") == "auto" or isinstance(config.get("damping"), dict)
+        return f"gram (damping {_damping_text(config.get('damping')) if auto else config.get('damping')})"
     return str(config.get("preconditioner"))
 
 
@@ -945,7 +978,8 @@ def eval_recall(store_path, concept, k, inputs, num_queries, target_recall, as_j
 @_apply(trust_options)
 def eval_precision(store_path, inputs, concepts, k, as_json, device, trust_task, task_spec) -> None:
     """Concept precision@k: the fraction of a query's top-k training examples that share its
-    value of the concept (DESIGN §4), with the chance level of a random top-k beside."""
+    value of the concept (DESIGN §4), with the chance level of a random top-k beside; and
+    recall@k: those hits over min(k, training examples sharing the value)."""
     from gradindex.evaluate import evaluate_precision
     from gradindex.query_features import load_store_task
     from gradindex.store import FeatureStore
@@ -958,7 +992,23 @@ def eval_precision(store_path, inputs, concepts, k, as_json, device, trust_task,
             click.echo(json.dumps(row))
         return
     _echo_table([{"concept": r["concept"], "queries": r["queries"], f"precision@{k}": r["precision"],
-                  "std": r["std"], "chance": r["chance"]} for r in rows])
+                  "std": r["std"], f"recall@{k}": r["recall"], "chance": r["chance"]} for r in rows])
+
+
+def _damping_text(damping: Any) -> str:
+    """A damping as `info` and `learn-weights` print it: the number, or 'auto' with its per-group range."""
+    if isinstance(damping, dict):
+        values = list(damping.values())
+        return f"auto, per group {min(values):.3g}…{max(values):.3g}" if values else "auto"
+    return f"{damping:g}" if isinstance(damping, (int, float)) else str(damping)
+
+
+def _objective_text(info: dict[str, Any]) -> str:
+    """The learned weights' objective against uniform weights', e.g. 'objective: mean SNR 5.100 (uniform) -> 5.300'."""
+    from gradindex.summary import learned_objective
+
+    objective = learned_objective(info)
+    return f"objective: {objective['name']} {objective['uniform']:.3f} (uniform) -> {objective['learned']:.3f}"
 
 
 def _query_set(task, inputs: Path | None, split: str | None, default: str):
@@ -973,6 +1023,7 @@ def _query_set(task, inputs: Path | None, split: str | None, default: str):
                               "queries are used, all of them")
         queries = task.load_queries(inputs)
         return queries, queries, None, f"{len(queries)} queries from {inputs}"
+    import numpy as np
     import torch
 
     split = split or default

@@ -22,6 +22,8 @@ from gradindex.errors import ConfigError
 #: Gram damping relative to each group's mean eigenvalue, λ_g = damping · trace(G_g) / k_g. 0.1 measured
 #: best (or within noise of best) for uniform-weight LDS on the digits MLP and CNN among 1e-3 … 1 (README).
 DEFAULT_DAMPING = 0.1
+#: ``damping="auto"``: chosen per group from the stored features (gradindex.damping)
+AUTO_DAMPING = "auto"
 
 
 class ProjectionKind(enum.Enum):
@@ -37,6 +39,15 @@ class Preconditioner(enum.Enum):
 
     IDENTITY = "identity"  # gradient dot product (TracIn at one checkpoint)
     GRAM = "gram"  # TRAK-style (ΦᵀΦ/N + λI)⁻¹ per group
+
+
+class DampingCriterion(enum.Enum):
+    """How ``damping="auto"`` picks each group's relative damping from the stored features alone."""
+
+    CV_LIKELIHOOD = "cv-likelihood"  # K-fold held-out Gaussian likelihood under N(0, G + λI), per group
+    CV_SHARED = "cv-shared"  # the same, one relative damping for all groups (summed likelihoods)
+    LEDOIT_WOLF = "ledoit-wolf"  # Ledoit–Wolf shrinkage ρ as ρ / (1 − ρ)
+    OAS = "oas"  # oracle-approximating shrinkage ρ as ρ / (1 − ρ)
 
 
 class StorageDtype(enum.Enum):
@@ -69,10 +80,13 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+@-]{0,99}")
 
 def setting_key(preconditioner: Any, damping: Any) -> str:
     """The key of an attribution setting, under which a concept's learned weights are kept:
-    ``identity`` (damping plays no part) or ``gram@<damping>`` (``gram@0.1``)."""
+    ``identity`` (damping plays no part) or ``gram@<damping>`` (``gram@0.1``); ``gram@auto`` for
+    ``"auto"`` and for a per-group ``{group: damping}`` (what ``auto`` resolves to)."""
     kind = parse_enum(Preconditioner, preconditioner, "preconditioner")
     if kind is Preconditioner.IDENTITY:
         return kind.value
+    if isinstance(damping, dict):
+        return f"{kind.value}@{AUTO_DAMPING}"
     text = repr(float(damping)) if isinstance(damping, numbers.Real) and not isinstance(damping, bool) else str(damping)
     return f"{kind.value}@{text}"
 
@@ -112,6 +126,16 @@ def parse_enum(enum_type: type[enum.Enum], value: Any, field_name: str) -> enum.
     except ValueError:
         choices = ", ".join(member.value for member in enum_type)
         raise ConfigError(f"{field_name}: expected one of {choices}, got {value!r}") from None
+
+
+def parse_damping(value: Any, field_name: str) -> float | str | dict[str, float]:
+    """A relative Gram damping: a number :func:`check_damping` accepts, ``"auto"`` (chosen from the
+    stored features, :mod:`gradindex.damping`) or a resolved ``{group: number}`` mapping."""
+    if isinstance(value, str) and value.strip().lower() == AUTO_DAMPING:
+        return AUTO_DAMPING
+    if isinstance(value, dict):
+        return {str(g): check_damping(v, f"{field_name}[{g!r}]") for g, v in value.items()}
+    return check_damping(value, field_name)
 
 
 def require_positive(value: Any, field_name: str, numpy_ok: bool = False, maximum: int | None = None) -> None:
@@ -332,7 +356,7 @@ class IndexConfig(_Config):
     concept: str = "all"
     kind: IndexKind = IndexKind.AUTO
     preconditioner: Preconditioner = Preconditioner.GRAM
-    damping: float = DEFAULT_DAMPING
+    damping: float | str | dict[str, float] = DEFAULT_DAMPING
     device: str = "cpu"
     balance: Balance = Balance.AUTO
     nlist: int = 0  # direction cells per norm band (ivf, ivfpq)
@@ -352,7 +376,7 @@ class IndexConfig(_Config):
             self, "preconditioner", parse_enum(Preconditioner, self.preconditioner, "IndexConfig.preconditioner")
         )
         object.__setattr__(self, "balance", parse_enum(Balance, self.balance, "IndexConfig.balance"))
-        object.__setattr__(self, "damping", check_damping(self.damping, "IndexConfig.damping"))
+        object.__setattr__(self, "damping", parse_damping(self.damping, "IndexConfig.damping"))
         if self.device not in ("cpu", "cuda", "auto"):
             raise ConfigError(f"IndexConfig.device: expected cpu, cuda or auto, got {self.device!r}")
         limits = {"nlist": MAX_NLIST, "bands": MAX_BANDS, "pq_bytes": MAX_INDEX_DIM, "seed": INT32_MAX - 1}
@@ -428,9 +452,18 @@ class QuerySplit(enum.Enum):
 class ExampleNorm(enum.Enum):
     """What weight learning does to each reference training example's scores across the queries."""
 
+    AUTO = "auto"  # none for an explicit --method ssl (the paper), standardize otherwise
     NONE = "none"
     CENTER = "center"  # subtract its mean over queries (it no longer tops every query)
     STANDARDIZE = "standardize"  # ... and divide by its std over queries (its gradient norm no longer counts)
+
+
+class GroupNorm(enum.Enum):
+    """How weight learning scales the groups' scores before combining them (see gradindex.learn)."""
+
+    AUTO = "auto"  # none for an explicit --method ssl (the paper), rms otherwise
+    RMS = "rms"  # unit-rms groups; shares start at and are pulled (KL) towards equal shares
+    NONE = "none"  # raw scores; weights start uniform, pulled by λ‖w‖² (the paper)
 
 
 class LearnMethod(enum.Enum):
@@ -439,6 +472,7 @@ class LearnMethod(enum.Enum):
     AUTO = "auto"  # AGREEMENT for a concept whose values the queries carry, else SNR
     SNR = "snr"  # a few training examples stand out per query (DESIGN §1.3)
     AGREEMENT = "agreement"  # queries sharing the concept's value share their top-k (DESIGN §1.4)
+    SSL = "ssl"  # the paper's objective: normalised mean of each query's current top-k (DESIGN §1.3)
 
 
 @dataclass(frozen=True)
@@ -450,11 +484,12 @@ class LearnConfig(_Config):
     """
 
     preconditioner: Preconditioner = Preconditioner.GRAM
-    damping: float = DEFAULT_DAMPING
+    damping: float | str | dict[str, float] = DEFAULT_DAMPING
     num_queries: int = 256
     reference_size: int = 2048
     top_k: int = 10
-    example_norm: ExampleNorm = ExampleNorm.STANDARDIZE
+    example_norm: ExampleNorm = ExampleNorm.AUTO
+    group_norm: GroupNorm = GroupNorm.AUTO
     regularization: float = 0.1
     steps: int = 200
     lr: float = 0.05
@@ -467,9 +502,10 @@ class LearnConfig(_Config):
         )
         object.__setattr__(self, "method", parse_enum(LearnMethod, self.method, "LearnConfig.method"))
         object.__setattr__(self, "example_norm", parse_enum(ExampleNorm, self.example_norm, "LearnConfig.example_norm"))
+        object.__setattr__(self, "group_norm", parse_enum(GroupNorm, self.group_norm, "LearnConfig.group_norm"))
         for name in ("num_queries", "reference_size", "top_k", "steps"):
             require_positive(getattr(self, name), f"LearnConfig.{name}", maximum=MAX_STEPS if name == "steps" else None)
-        object.__setattr__(self, "damping", check_damping(self.damping, "LearnConfig.damping"))
+        object.__setattr__(self, "damping", parse_damping(self.damping, "LearnConfig.damping"))
         object.__setattr__(self, "regularization", require_number(self.regularization, "LearnConfig.regularization",
                                                                   minimum=0))
         object.__setattr__(self, "lr", require_number(self.lr, "LearnConfig.lr", above=0))

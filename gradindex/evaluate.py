@@ -5,7 +5,8 @@
 * :func:`recall_at_k`: fraction of the exact top-k an approximate search returned;
   :func:`index_recall` measures it for a built index partition against exact search on its store.
 * :func:`concept_precision`: per-query concept precision@k against factor labels, with chance;
-  :func:`evaluate_precision` runs it for a store's concept partitions on a query set.
+  :func:`concept_recall`: per-query concept recall@k (hits over ``min(k, #relevant)``);
+  :func:`evaluate_precision` runs both for a store's concept partitions on a query set.
 """
 
 from __future__ import annotations
@@ -134,6 +135,37 @@ def concept_precision(
     training set with the query's value (the expected precision of a random top-k).
     Returns ``(precision [n], chance [n])``.
     """
+    hits = _concept_hits(top, train_ids, train_values, query_values, k)
+    values, counts = np.unique(np.asarray(train_values), return_counts=True)
+    frequency = dict(zip(values.tolist(), (counts / len(train_values)).tolist()))
+    chance = np.array([frequency.get(v, 0.0) for v in np.asarray(query_values).tolist()])
+    return hits.mean(axis=1), chance
+
+
+def concept_recall(
+    top: TopK,
+    train_ids: np.ndarray,
+    train_values: np.ndarray,
+    query_values: np.ndarray,
+    k: int | None = None,
+) -> np.ndarray:
+    """Concept recall@k per query ``[n]``: of the training examples sharing the query's value
+    (the relevant set ``G``), how many the top-``k`` found, normalised by the most it could
+    find, ``|top-k ∩ G| / min(k, |G|)`` (0 when ``G`` is empty). It equals precision@k
+    whenever ``|G| ≥ k``, and reaches 1 for a query whose few relevant examples all rank
+    in the top-``k``. Arguments as :func:`concept_precision`.
+    """
+    hits = _concept_hits(top, train_ids, train_values, query_values, k).sum(axis=1)
+    values, counts = np.unique(np.asarray(train_values), return_counts=True)
+    size = dict(zip(values.tolist(), counts.tolist()))
+    depth = top.k if k is None else k
+    relevant = np.array([min(depth, size.get(v, 0)) for v in np.asarray(query_values).tolist()], dtype=np.float64)
+    return np.divide(hits, relevant, out=np.zeros(len(hits)), where=relevant > 0)
+
+
+def _concept_hits(top: TopK, train_ids: np.ndarray, train_values: np.ndarray, query_values: np.ndarray,
+                  k: int | None) -> np.ndarray:
+    """``[n, k]`` bool: whether each of a query's top-``k`` ids is a training example sharing its value."""
     k = top.k if k is None else k
     if k < 1 or k > top.k:
         raise ConfigError(f"precision@k: k must be in 1..{top.k} (the results' depth), got {k}")
@@ -147,26 +179,23 @@ def concept_precision(
     found = np.clip(np.searchsorted(train_ids, ids, sorter=order), 0, len(train_ids) - 1)
     rows = order[found]
     valid = (ids >= 0) & (train_ids[rows] == ids)
-    hits = valid & (train_values[rows] == query_values[:, None])
-    values, counts = np.unique(train_values, return_counts=True)
-    frequency = dict(zip(values.tolist(), (counts / len(train_values)).tolist()))
-    chance = np.array([frequency.get(v, 0.0) for v in query_values.tolist()])
-    return hits.mean(axis=1), chance
+    return valid & (train_values[rows] == query_values[:, None])
 
 
 @dataclass(frozen=True)
 class PrecisionResult:
-    """Concept precision@k of one index partition over a query set."""
+    """Concept precision@k and recall@k of one index partition over a query set."""
 
     concept: str
     k: int
     precision: np.ndarray  # [n] per query
     chance: np.ndarray  # [n] per query
+    recall: np.ndarray  # [n] per query (see concept_recall)
 
     def to_dict(self) -> dict[str, float | int | str]:
         return {"concept": self.concept, "k": self.k, "queries": int(len(self.precision)),
                 "precision": float(self.precision.mean()), "std": float(self.precision.std()),
-                "chance": float(self.chance.mean())}
+                "recall": float(self.recall.mean()), "chance": float(self.chance.mean())}
 
 
 def evaluate_precision(
@@ -177,7 +206,7 @@ def evaluate_precision(
     device: str = "cpu",
     batch_size: int = 64,
 ) -> list[PrecisionResult]:
-    """Concept precision@k of the store's partition for each concept (default: every concept
+    """Concept precision@k and recall@k of the store's partition for each concept (default: every concept
     the task measures that has an index). The concept's value of each query comes from
     ``task.metadata(queries)``, the training examples' from the store's metadata columns.
     ``queries`` default to the task's ``query_dataset()``."""
@@ -205,5 +234,6 @@ def evaluate_precision(
         finally:
             attributor.close()
         precision, chance = concept_precision(top, train_ids, train_meta[concept], query_meta[concept], k)
-        results.append(PrecisionResult(concept, k, precision, chance))
+        recall = concept_recall(top, train_ids, train_meta[concept], query_meta[concept], k)
+        results.append(PrecisionResult(concept, k, precision, chance, recall))
     return results

@@ -45,17 +45,18 @@ import torch
 from tqdm.auto import tqdm
 
 from gradindex.config import (
+    AUTO_DAMPING,
     DEFAULT_DAMPING,
     MAX_WORKERS,
     LDSConfig,
     Preconditioner,
-    check_damping,
+    parse_damping,
     require_positive,
 )
+from gradindex.damping import resolve_damping
 from gradindex.errors import ConfigError, GradIndexError, StoreMismatchError, TaskError
-from gradindex.precondition import QueryPreconditioner
 from gradindex.projection import derive_seed
-from gradindex.query_features import QueryFeaturizer, measurement_function
+from gradindex.query_features import QueryFeaturizer, measurement_function, precondition_features
 from gradindex.store import FeatureStore, atomic_write_json, temporary_path, write_arrays
 from gradindex.task import (
     Task,
@@ -141,16 +142,6 @@ def weighted_predictions(predictions: Mapping[str, np.ndarray], weights: Mapping
     return sum(float(weights[g]) * predictions[g] for g in predictions)
 
 
-def precondition_features(store: FeatureStore, raw: Mapping[str, np.ndarray], preconditioner: Preconditioner,
-                          damping: float) -> dict[str, np.ndarray]:
-    """Apply a preconditioner to unpreconditioned query features ``{group: [Q, k_g]}``."""
-    if preconditioner is Preconditioner.IDENTITY:
-        return dict(raw)
-    groups = list(raw)
-    apply = QueryPreconditioner(preconditioner, store.read_gram(), damping, groups)
-    return {g: block.numpy() for g, block in apply({g: torch.from_numpy(raw[g]) for g in groups}).items()}
-
-
 def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Sequence, concept: str = "all",
                damping: float = DEFAULT_DAMPING, device: str = "cpu", show_progress: bool = False) -> list[dict[str, Any]]:
     """LDS of the standard attributions of ``store`` for ``queries`` (the ones ``retrained`` measured).
@@ -158,11 +149,11 @@ def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Seque
     Rows: uniform weights, each single group alone (the per-group diagnostic) and
     the concept's learned weights when the manifest has them (under the setting
     they were learned for), for grad-dot and Gram preconditioning. Each row has
-    ``attribution``, ``preconditioner``, ``damping``, ``lds`` (mean over queries)
+    ``attribution``, ``preconditioner``, ``damping`` (``"auto"`` for a per-group one), ``lds`` (mean over queries)
     and ``sem`` (its standard error). The learned row also has ``fit_overlap``: how many of ``queries`` the
     weights were fitted on (logged as a warning when not 0: that row is then optimistic).
     """
-    damping = check_damping(damping)
+    damping = parse_damping(damping, "damping")
     featurizer = QueryFeaturizer.open(store, concept, Preconditioner.IDENTITY, device=device)
     try:
         raw = featurizer.group_features(queries, show_progress=show_progress)
@@ -171,13 +162,14 @@ def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Seque
     sums = subset_sums(store, retrained.masks, retrained.sample_ids)
     groups = store.groups
     learned_by_setting = learned_weights(store.manifest, concept, groups)
-    settings = [(Preconditioner.IDENTITY, 0.0), (Preconditioner.GRAM, damping)]
+    settings = [(Preconditioner.IDENTITY, 0.0), (Preconditioner.GRAM, resolve_damping(store, damping))]
     rows = []
 
-    def add(name: str, predictions: np.ndarray, preconditioner: Preconditioner, setting_damping: float) -> None:
+    def add(name: str, predictions: np.ndarray, preconditioner: Preconditioner, setting_damping) -> None:
         per_query = retrained.lds(predictions, concept)
+        label = AUTO_DAMPING if isinstance(setting_damping, Mapping) else setting_damping
         rows.append({"attribution": name, "preconditioner": preconditioner.value,
-                     "damping": setting_damping if preconditioner is Preconditioner.GRAM else None,
+                     "damping": label if preconditioner is Preconditioner.GRAM else None,
                      "lds": float(per_query.mean()), "sem": float(per_query.std(ddof=1) / np.sqrt(len(per_query)))
                      if len(per_query) > 1 else 0.0})
 
@@ -190,7 +182,9 @@ def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Seque
     for learned in learned_by_setting.values():
         learned_setting = learned.info.get("config") or {}
         preconditioner = Preconditioner(learned_setting.get("preconditioner", "gram"))
-        learned_damping = float(learned_setting.get("damping", damping))
+        learned_damping = resolve_damping(store, learned_setting.get("damping", damping), preconditioner)
+        if not isinstance(learned_damping, Mapping):
+            learned_damping = float(learned_damping)
         predictions = group_predictions(precondition_features(store, raw, preconditioner, learned_damping), sums)
         add("learned", weighted_predictions(predictions, learned.weights), preconditioner, learned_damping)
         overlap = learned.fit_overlap(digests)

@@ -57,12 +57,15 @@ _SHARD = {
     "properties": {"path": _PATH, "rows": _COUNT, "sha256": _SHA, "bytes": _COUNT, "run_key": {"type": "string"}},
 }
 _NUMBERS = {"type": "object", "additionalProperties": {"type": "number"}}
+#: a relative Gram damping: one number, or one per group (``--damping auto`` resolved); "auto" in old entries
+_DAMPING = {"type": ["number", "string", "object"], "minimum": 0,
+            "additionalProperties": {"type": "number", "minimum": 0}}
 _INFO = {  # what readers use of the learning diagnostics; other keys are free
     "type": "object",
     "properties": {
         "method": {"type": "string"},
         "config": {"type": "object", "properties": {"preconditioner": {"enum": ["gram", "identity"]},
-                                                    "damping": {"type": ["number", "string"]}}},
+                                                    "damping": _DAMPING}},
         "num_queries": _COUNT, "reference_size": _COUNT, "shares": _NUMBERS, "uniform_shares": _NUMBERS,
         **{key: {"type": "number"} for key in ("snr_uniform", "snr_learned", "agreement_uniform",
                                                "agreement_learned", "seconds")},
@@ -114,7 +117,7 @@ _INDEX = {
         "transform": {
             "type": "object", "required": ["kind"],
             "properties": {"kind": {"enum": ["none", "balance"]}, "file": _PATH, "sha256": _SHA,
-                           "damping": {"type": "number", "minimum": 0}},
+                           "damping": _DAMPING},
             "if": {"properties": {"kind": {"const": "balance"}}},
             "then": {"required": ["file", "sha256"]},
         },

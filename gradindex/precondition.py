@@ -4,12 +4,15 @@
   features (float64) and returns ``G_g = Φ_gᵀΦ_g / N``.
 * :func:`inverse` returns ``(G_g + λ_g I)⁻¹`` with ``λ_g = damping · trace(G_g) / k_g``
   (damping relative to the mean eigenvalue, so one default fits every group).
-* :func:`precondition` applies it to query features: ``ψ_g = H_g⁻¹ φ_g``.
+  ``damping`` is one number for every group or a ``{group: number}`` mapping (``--damping auto``
+  resolves to one, :mod:`gradindex.damping`).
+* :class:`QueryPreconditioner` applies it to query features: ``ψ_g = H_g⁻¹ φ_g``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Union
 
 import numpy as np
 import torch
@@ -48,6 +51,20 @@ class GramAccumulator:
         return {group: total / self.count for group, total in self.sums.items()}
 
 
+Damping = Union[float, Mapping[str, float]]
+
+
+def group_damping(damping: Damping, group: str) -> float:
+    """The relative damping of ``group``: the number itself, or its entry in a per-group mapping."""
+    if isinstance(damping, Mapping):
+        if group not in damping:
+            raise ConfigError(f"damping: no value for group {group!r} (have {sorted(damping)})")
+        return float(damping[group])
+    if isinstance(damping, str):
+        raise ConfigError(f"damping {damping!r} must be resolved first (gradindex.damping.resolve_damping)")
+    return float(damping)
+
+
 def inverse(gram: np.ndarray, damping: float) -> tuple[np.ndarray, float]:
     """``((G + λI)⁻¹, λ)`` with ``λ = damping · trace(G) / k``; float64."""
     k = gram.shape[0]
@@ -64,7 +81,7 @@ class QueryPreconditioner:
     """``ψ_g = H_g⁻¹ φ_g`` per group for one setting (identity or damped Gram inverse)."""
 
     def __init__(self, kind: Preconditioner, grams: Mapping[str, np.ndarray] | None = None,
-                 damping: float = 0.0, groups: list[str] | None = None):
+                 damping: Damping = 0.0, groups: list[str] | None = None):
         self.kind = kind
         self.inverses: dict[str, torch.Tensor] = {}
         self.lambdas: dict[str, float] = {}
@@ -76,7 +93,9 @@ class QueryPreconditioner:
                     "gram_max_dim at featurize time); use --preconditioner identity or a smaller --proj-dim"
                 )
             for group, gram in (grams or {}).items():
-                inv, lam = inverse(gram, damping)
+                if groups is not None and group not in groups:
+                    continue
+                inv, lam = inverse(gram, group_damping(damping, group))
                 self.inverses[group] = torch.from_numpy(inv.astype(np.float32))
                 self.lambdas[group] = lam
 

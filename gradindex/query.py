@@ -178,7 +178,8 @@ def score_setting(store: FeatureStore, concept: str = "all") -> tuple[Preconditi
     weights = learned.get(setting_key(Preconditioner.GRAM, DEFAULT_DAMPING)) or next(iter(learned.values()))
     setting = weights.info.get("config") or {}
     preconditioner = Preconditioner(setting.get("preconditioner", Preconditioner.GRAM.value))
-    return preconditioner, float(setting.get("damping", DEFAULT_DAMPING)), weights
+    damping = setting.get("damping", DEFAULT_DAMPING)  # per group ({group: value}) for --damping auto
+    return preconditioner, dict(damping) if isinstance(damping, dict) else float(damping), weights
 
 
 def all_scores(store: FeatureStore, inputs: str | Path, concept: str = "all", checkpoint: str | Path | None = None,

@@ -14,8 +14,9 @@ parameters or parameter groups differ from the ones the store was built from.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -25,7 +26,7 @@ from gradindex.devices import resolve_device
 from gradindex.errors import ConfigError, StoreMismatchError, TaskConsentError
 from gradindex.featurize import featurize_rows, planned_group_entries, resolve_groups
 from gradindex.gradients import GradientProjector
-from gradindex.precondition import QueryPreconditioner
+from gradindex.precondition import Damping, QueryPreconditioner
 from gradindex.projection import check_projection_format
 from gradindex.store import FeatureStore
 from gradindex.task import Task, is_builtin_spec, load_task, model_fingerprint, resolve_spec
@@ -74,7 +75,7 @@ class QueryFeaturizer:
     """Warm model, projector and preconditioner computing ``−ψ_g(q)`` for one store and concept."""
 
     def __init__(self, store: FeatureStore, task: Task, model: torch.nn.Module, device: torch.device,
-                 preconditioner: Preconditioner = Preconditioner.GRAM, damping: float = DEFAULT_DAMPING,
+                 preconditioner: Preconditioner = Preconditioner.GRAM, damping: Damping = DEFAULT_DAMPING,
                  concept: str = "all"):
         self.store = store
         self.task = task
@@ -102,7 +103,7 @@ class QueryFeaturizer:
         store: str | Path | FeatureStore,
         concept: str = "all",
         preconditioner: Preconditioner = Preconditioner.GRAM,
-        damping: float = DEFAULT_DAMPING,
+        damping: Damping = DEFAULT_DAMPING,
         checkpoint: str | Path | None = None,
         device: str = "cpu",
         trust_task: bool = False,
@@ -139,7 +140,7 @@ class QueryFeaturizer:
 
 
 def query_group_features(store: FeatureStore, dataset: Sequence, concept: str = "all",
-                         preconditioner: Preconditioner = Preconditioner.GRAM, damping: float = DEFAULT_DAMPING,
+                         preconditioner: Preconditioner = Preconditioner.GRAM, damping: Damping = DEFAULT_DAMPING,
                          batch_size: int = 64, device: str = "cpu") -> dict[str, np.ndarray]:
     """One-shot ``{group: −ψ_g(q) [n, k_g]}`` float32 numpy for ``dataset`` (opens and closes a featurizer)."""
     featurizer = QueryFeaturizer.open(store, concept, preconditioner, damping, device=device)
@@ -147,3 +148,14 @@ def query_group_features(store: FeatureStore, dataset: Sequence, concept: str = 
         return featurizer.group_features(dataset, batch_size)
     finally:
         featurizer.close()
+
+
+def precondition_features(store: FeatureStore, raw: Mapping[str, np.ndarray], preconditioner: Preconditioner,
+                          damping: Damping) -> dict[str, np.ndarray]:
+    """Apply a preconditioner to unpreconditioned query features ``{group: [Q, k_g]}`` (float32 numpy)."""
+    if preconditioner is Preconditioner.IDENTITY:
+        return dict(raw)
+    groups = list(raw)
+    apply = QueryPreconditioner(preconditioner, store.read_gram(), damping, groups)
+    return {g: block.numpy() for g, block in apply({g: torch.from_numpy(np.asarray(raw[g], np.float32))
+                                                       for g in groups}).items()}

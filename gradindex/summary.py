@@ -49,18 +49,24 @@ def store_summary(store: FeatureStore) -> dict[str, Any]:
     learned: dict[str, dict[str, Any]] = {}
     for concept in sorted(manifest.get("weights", {})):
         for key, w in learned_weights(manifest, concept, store.groups).items():
-            keep = ("num_queries", "reference_size", "snr_uniform", "snr_learned")
+            keep = ("num_queries", "reference_size", "snr_uniform", "snr_learned", "damping_requested")
             setting = {k: v for k, v in (w.info.get("config") or {}).items() if k in ("preconditioner", "damping")}
             learned.setdefault(concept, {})[key] = {"method": w.info.get("method", "given"), "digest": w.digest(),
-                                                    **setting, **{k: w.info[k] for k in keep if k in w.info}}
+                                                    **setting, **{k: w.info[k] for k in keep if k in w.info},
+                                                    **({"objective": learned_objective(w.info)}
+                                                       if "config" in w.info else {})}
+    for label, damping in group_dampings(manifest, store.groups).items():
+        for row in groups:
+            row.setdefault("damping", {})[label] = damping[row["group"]]
     indexes = {}
     for concept, entry in sorted(manifest.get("indexes", {}).items()):
         cfg = entry["config"]
         built = GroupWeights(concept, entry["weights"]["weights"], entry["weights"].get("info", {}))
-        current = GroupWeights.from_manifest(manifest, concept, store.groups, cfg["preconditioner"], cfg["damping"])
+        requested = entry.get("damping_requested", cfg["damping"])  # "auto" for a label-free damping
+        current = GroupWeights.from_manifest(manifest, concept, store.groups, cfg["preconditioner"], requested)
         indexes[concept] = {
             "kind": entry["kind"], "preconditioner": cfg["preconditioner"], "damping": cfg["damping"],
-            "setting": setting_key(cfg["preconditioner"], cfg["damping"]), "ntotal": entry["ntotal"],
+            "setting": setting_key(cfg["preconditioner"], requested), "ntotal": entry["ntotal"],
             "parts": len(entry["parts"]), "weights": built.describe(), "current_weights": current.describe(),
             "stale": concept != UNIFORM_CONCEPT and current.weights != built.weights,
         }
@@ -80,3 +86,28 @@ def store_summary(store: FeatureStore) -> dict[str, Any]:
         "learned_weights": learned,
         "indexes": indexes,
     }
+
+
+def learned_objective(info: dict[str, Any]) -> dict[str, Any]:
+    """The objective learned weights were fitted with and its value for uniform and learned weights:
+    ``{"name": "mean SNR" | "ssl" | "agreement", "uniform": float, "learned": float}``."""
+    key = {"ssl": "ssl", "agreement": "agreement"}.get(info.get("method"), "snr")
+    name = {"ssl": "ssl", "agreement": "agreement", "snr": "mean SNR"}[key]
+    return {"name": name, "uniform": info.get(f"{key}_uniform", float("nan")),
+            "learned": info.get(f"{key}_learned", float("nan"))}
+
+
+def group_dampings(manifest: dict[str, Any], groups: list[str]) -> dict[str, dict[str, float]]:
+    """``{label: {group: relative damping}}`` where the Gram damping is per group (``--damping auto``):
+    each index's (label: its concept) and each learned setting's (label ``<concept> <setting>``)."""
+    out = {}
+    for concept, entry in sorted(manifest.get("indexes", {}).items()):
+        cfg = entry.get("config", {})
+        if isinstance(cfg.get("damping"), dict) and cfg.get("preconditioner") == "gram":
+            out[concept] = cfg["damping"]
+    for concept in sorted(manifest.get("weights", {})):
+        for key, w in learned_weights(manifest, concept, groups).items():
+            cfg = w.info.get("config") or {}
+            if isinstance(cfg.get("damping"), dict) and cfg.get("preconditioner") == "gram":
+                out[f"{concept} {key}"] = cfg["damping"]
+    return out

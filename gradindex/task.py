@@ -112,6 +112,11 @@ class Task:
         """Default queries (held-out inputs) for the demo, weight learning and evaluation."""
         raise NotImplementedError(f"{type(self).__name__} defines no default queries")
 
+    def concept_queries(self, concept: str) -> Sequence:
+        """Default queries to learn ``concept``'s weights from; default: :meth:`query_dataset`. A generator
+        can return samples of prompts that specify only ``concept`` (the paper's concept queries)."""
+        return self.query_dataset()
+
     def query_splits(self, count: int) -> dict[str, np.ndarray]:
         """Positions ``{"fit": [n_fit], "eval": [n_eval]}`` (sorted int64) of the fit and eval queries among
         the ``count`` items of :meth:`query_dataset`: disjoint, together all of them, deterministic.
@@ -182,10 +187,20 @@ def default_query_splits(count: int) -> dict[str, np.ndarray]:
     return {"fit": np.sort(order[:half]).astype(np.int64), "eval": np.sort(order[half:]).astype(np.int64)}
 
 
-def task_queries(task: Task, split: QuerySplit | str = QuerySplit.ALL) -> Sequence:
+def has_concept_queries(task: Task, concept: str) -> bool:
+    """Whether ``concept`` (not ``all``) has its own learning queries: the task overrides
+    :meth:`Task.concept_queries`."""
+    return concept != "all" and type(task).concept_queries is not Task.concept_queries
+
+
+def task_queries(task: Task, split: QuerySplit | str = QuerySplit.ALL, concept: str = "all") -> Sequence:
     """The task's default queries of ``split``: all of ``query_dataset()``, or the ``Subset`` of its
-    fit or eval positions (checked: disjoint, in range, together all of them)."""
+    fit or eval positions (checked: disjoint, in range, together all of them). For a concept whose
+    task defines :meth:`Task.concept_queries`, those (generated learning queries, apart from the
+    evaluation queries) whatever the split."""
     split = parse_enum(QuerySplit, split, "query split")
+    if has_concept_queries(task, concept):
+        return task.concept_queries(concept)
     dataset = default_queries(task)
     if split is QuerySplit.ALL:
         return dataset
@@ -269,8 +284,11 @@ def _move(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def default_queries(task: Task) -> Sequence:
-    """``task.query_dataset()``, or a one-line error asking for ``--inputs`` when the task has none."""
+def default_queries(task: Task, concept: str = "all") -> Sequence:
+    """``task.query_dataset()`` (a concept's: ``task.concept_queries(concept)`` where the task defines it),
+    or a one-line error asking for ``--inputs`` when the task has none."""
+    if has_concept_queries(task, concept):
+        return task.concept_queries(concept)
     message = (f"task {type(task).__name__} defines no default queries (query_dataset()); "
                "pass a query inputs file with --inputs FILE")
     if type(task).query_dataset is Task.query_dataset:

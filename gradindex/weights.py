@@ -51,8 +51,9 @@ class GroupWeights:
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any], concept: str, groups: Sequence[str],
                       preconditioner: Preconditioner | str = Preconditioner.GRAM,
-                      damping: float = DEFAULT_DAMPING) -> "GroupWeights":
-        """The concept's weights learned for this setting, or uniform weights when none were."""
+                      damping: float | str = DEFAULT_DAMPING) -> "GroupWeights":
+        """The concept's weights learned for this setting (``damping`` as requested: a number or
+        ``"auto"``), or uniform weights when none were."""
         return learned_weights(manifest, concept, groups).get(setting_key(preconditioner, damping)) \
             or cls.uniform(concept, groups)
 
@@ -74,14 +75,15 @@ class GroupWeights:
     def scales(self, groups: Sequence[str]) -> dict[str, float]:
         return {g: float(np.sqrt(self.weights[g])) for g in groups}
 
-    def check_setting(self, preconditioner: Preconditioner, damping: float) -> None:
-        """Learned weights fit one attribution setting; refuse them for another."""
+    def check_setting(self, preconditioner: Preconditioner, damping: "float | Mapping[str, float]") -> None:
+        """Learned weights fit one attribution setting (``damping``: resolved, one number or per group);
+        refuse them for another."""
         learned = self.info.get("config")
         if not learned:
             return
-        wanted = {"preconditioner": preconditioner.value}
+        wanted: dict[str, Any] = {"preconditioner": preconditioner.value}
         if preconditioner is Preconditioner.GRAM:
-            wanted["damping"] = float(damping)
+            wanted["damping"] = dict(damping) if isinstance(damping, Mapping) else float(damping)
         differ = {k: learned.get(k) for k in wanted if learned.get(k) != wanted[k]}
         if differ:
             raise ConfigError(
@@ -116,7 +118,10 @@ def save_weights(store: FeatureStore, weights: GroupWeights) -> None:
     if missing:
         raise ConfigError(f"weights for concept {weights.concept!r} miss groups {sorted(missing)}")
     setting = weights.info.get("config") or {}
-    key = setting_key(setting.get("preconditioner", Preconditioner.GRAM), setting.get("damping", DEFAULT_DAMPING))
+    # weights learned under ``--damping auto`` are kept under ``gram@auto`` (the resolved per-group dampings
+    # are in their config; an index built with ``--damping auto`` resolves to the same from the manifest cache)
+    damping = weights.info.get("damping_requested", setting.get("damping", DEFAULT_DAMPING))
+    key = setting_key(setting.get("preconditioner", Preconditioner.GRAM), damping)
 
     def change(manifest: dict[str, Any]) -> dict[str, Any]:
         every = manifest.get("weights", {})

@@ -58,10 +58,8 @@ def test_fixed_draws_depend_only_on_the_key_and_are_stratified():
     assert not torch.equal(noise_pair[:4], noise_pair[4:])
 
 
-@pytest.mark.parametrize("measure", ["loss", "subject", "style", "background"])
-def test_engine_on_r_draws_equals_per_example_autograd(tiny, measure):
-    """R contiguous rows per example (2R for concept measurements) → exact per-example gradients."""
-    task, model = tiny
+def engine_and_autograd(task, model, measure: str, rows=(0, 1, 2)):
+    """``(groups, engine features, per-example autograd gradients)`` of the loss or ``m_c`` on training ``rows``."""
     groups = resolve_groups(task, model, FeaturizeConfig())
     dataset = task.train_dataset()
 
@@ -70,10 +68,17 @@ def test_engine_on_r_draws_equals_per_example_autograd(tiny, measure):
             return task.compute_train_loss(batch, model)
         return task.concept_measurement(batch, model, measure)
 
-    batch = make_batch(task, dataset, [0, 1, 2])
+    batch = make_batch(task, dataset, list(rows))
     with GradientProjector(model, groups, ProjectionConfig(kind=ProjectionKind.IDENTITY)) as projector:
         features = projector(lambda: compute(batch), verify=True)
-    expected = per_example_gradients(model, groups, compute, [make_batch(task, dataset, [i]) for i in range(3)])
+    expected = per_example_gradients(model, groups, compute, [make_batch(task, dataset, [i]) for i in rows])
+    return groups, features, expected
+
+
+@pytest.mark.parametrize("measure", ["loss", "subject", "style", "background"])
+def test_engine_on_r_draws_equals_per_example_autograd(tiny, measure):
+    """R contiguous rows per example (2R for concept measurements) → exact per-example gradients."""
+    groups, features, expected = engine_and_autograd(*tiny, measure)
     for group in groups:
         torch.testing.assert_close(features[group.name], expected[group.name], rtol=1e-4, atol=1e-6,
                                    msg=group.name)
@@ -143,6 +148,23 @@ def test_bad_options_are_refused():
 def test_train_config_default_is_the_documented_one():
     assert TrainConfig().steps == load_task("diffusion").train_config.steps
     assert callable(train_model)
+
+
+def test_concept_prompts_specify_only_their_concept(tiny):
+    task, model = tiny
+    prompts = task.concept_prompts("style", 10, seed=3)
+    assert all(s is None and b is None for s, _, b in prompts)
+    assert sorted({y for _, y, _ in prompts}) == sorted(task.concept_config.values("style"))
+    assert prompts == task.concept_prompts("style", 10, seed=3) != task.concept_prompts("style", 10, seed=4)
+    queries = task.generate(model, prompts[:4], seed=0)
+    np.testing.assert_array_equal(queries.labels[:, [0, 2]], [list(task.model_config.num_values[::2])] * 4)
+    meta = task.metadata(queries)
+    assert list(meta["subject"]) == [""] * 4 and list(meta["style"]) == [p[1] for p in prompts[:4]]
+    batch = make_batch(task, queries, range(4))
+    with torch.no_grad():  # the subject is already null: nulling it changes nothing
+        assert torch.all(task.concept_measurement(batch, model, "subject") == 0)
+    with pytest.raises(ConfigError, match="concept must be one of"):
+        task.concept_prompts("colour", 3)
 
 
 def test_queries_from_json_equal_the_query_file(tiny, tmp_path):

@@ -1,4 +1,4 @@
-"""Concept precision@k against a brute-force count, and `gradindex eval precision` on a tiny diffusion store."""
+"""Concept precision@k and recall@k against brute-force counts, and `gradindex eval precision` on a tiny diffusion store."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from gradindex.cli import main
 from gradindex.errors import ConfigError
-from gradindex.evaluate import concept_precision
+from gradindex.evaluate import concept_precision, concept_recall
 from gradindex.index import TopK
 
 
@@ -30,6 +30,28 @@ def test_concept_precision_equals_a_brute_force_count():
         assert chance[q] == pytest.approx(np.mean(train_values == query_values[q]))
     with pytest.raises(ConfigError, match="k must be"):
         concept_precision(top, train_ids, train_values, query_values, k=11)
+
+
+def test_concept_recall_normalises_by_what_the_top_k_could_find():
+    rng = np.random.default_rng(1)
+    train_ids = np.arange(100) + 1000
+    train_values = np.array(["a"] * 60 + ["b"] * 37 + ["c"] * 3)  # "c": fewer relevant examples than k
+    ids = np.stack([rng.choice(train_ids, size=10, replace=False) for _ in range(40)])
+    ids[:5] = [np.concatenate([train_ids[-3:], rng.choice(train_ids[:-3], size=7, replace=False)])
+               for _ in range(5)]  # five "c" queries find all three
+    ids[5, -1] = -1
+    query_values = np.array(["c"] * 7 + list(rng.choice(np.array(["a", "b", "d"]), size=33)))
+    top = TopK(np.zeros(ids.shape, np.float32), ids)
+    recall = concept_recall(top, train_ids, train_values, query_values, k=10)
+    precision, _ = concept_precision(top, train_ids, train_values, query_values, k=10)
+    value_of = dict(zip(train_ids.tolist(), train_values.tolist()))
+    for q in range(40):
+        relevant = int(np.sum(train_values == query_values[q]))
+        hits = sum(i >= 0 and value_of[int(i)] == query_values[q] for i in ids[q])
+        assert recall[q] == pytest.approx(hits / min(10, relevant) if relevant else 0.0)
+        if relevant >= 10:
+            assert recall[q] == pytest.approx(precision[q])
+    assert np.all(recall[:5] == 1.0) and np.all(precision[:5] == pytest.approx(0.3))
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +121,15 @@ def test_eval_precision_cli(diffusion_demo, tmp_path):
     query_meta = task.metadata(queries)
     for row in rows:
         assert 0 <= row["precision"] <= 1 and row["queries"] == 5 and row["k"] == 5
+        assert row["precision"] - 1e-9 <= row["recall"] <= 1  # hits / min(k, |G|) >= hits / k
+        if min(np.sum(meta[row["concept"]] == v) for v in query_meta[row["concept"]]) >= 5:
+            assert row["recall"] == pytest.approx(row["precision"])
         expected_chance = np.mean([np.mean(meta[row["concept"]] == v) for v in query_meta[row["concept"]]])
         assert row["chance"] == pytest.approx(expected_chance)
     table = CliRunner().invoke(main, ["-q", "eval", "precision", str(out / "store"), "--inputs",
                                       str(tmp_path / "q.npz"), "--concept", "style"], catch_exceptions=False)
-    assert table.exit_code == 0 and "precision@10" in table.output and "chance" in table.output
+    assert table.exit_code == 0 and "precision@10" in table.output and "recall@10" in table.output
+    assert "chance" in table.output
     bad = CliRunner().invoke(main, ["-q", "eval", "precision", str(out / "store"), "--inputs",
                                     str(tmp_path / "q.npz"), "--concept", "colour"])
     assert bad.exit_code == 2 and "colour" in bad.stderr

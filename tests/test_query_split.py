@@ -89,6 +89,19 @@ def test_a_task_may_choose_its_own_split():
     assert list(task_queries(task, "fit")) == [0, 5]
 
 
+class _ConceptQueries(_BadSplit):
+    def concept_queries(self, concept):
+        return [f"{concept}-{i}" for i in range(3)]
+
+
+def test_a_concept_learns_from_its_own_queries_whatever_the_split():
+    task = _ConceptQueries({"fit": [0, 1, 2], "eval": [3, 4, 5]})
+    for split in ("fit", "eval", "all"):
+        assert list(task_queries(task, split, "style")) == ["style-0", "style-1", "style-2"]
+    assert list(task_queries(task, "fit")) == [0, 1, 2]  # "all" concepts: the split
+    assert list(task_queries(_BadSplit({"fit": [0, 1, 2], "eval": [3, 4, 5]}), "fit", "style")) == [0, 1, 2]
+
+
 def test_digests_are_per_item_and_ignore_where_the_item_came_from(tmp_path):
     task = load_task("tabular-diabetes")
     split = load_split("diabetes")

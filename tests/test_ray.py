@@ -26,7 +26,7 @@ from gradindex.index import GradIndex, build_index, list_parts  # noqa: E402
 from gradindex.query import Attributor  # noqa: E402
 from gradindex.store import MANIFEST, FeatureStore, completed_shard, shard_name  # noqa: E402
 from gradindex.task import load_task  # noqa: E402
-from gradindex.weights import scaled_vectors  # noqa: E402
+from gradindex.weights import GroupWeights, save_weights, scaled_vectors  # noqa: E402
 
 CONFIG = FeaturizeConfig(batch_size=4, shard_size=8)  # 40 examples -> 5 shards
 TINY = f"{Path(__file__).parent / 'tiny_task.py'}:TinyTask"  # a file spec: Ray workers import it by path
@@ -173,6 +173,11 @@ def test_cli_query_on_ray_equals_local(cluster, indexed, tmp_path):
     assert local.exit_code == 0 and remote.exit_code == 0, remote.output
     assert remote.output == local.output
     assert len(local.output.splitlines()) == len(data[0])
+    # weights learned after the build: --ray warns as the local query does
+    save_weights(store, GroupWeights("all", {g: 2.0 + i for i, g in enumerate(store.groups)}, {"method": "given"}))
+    stale = runner.invoke(main, [*args, "--ray", "--actors", "2"], catch_exceptions=False)
+    assert stale.exit_code == 0 and stale.stdout == local.stdout
+    assert [line for line in stale.stderr.splitlines() if "build-index" in line], stale.stderr
 
 
 def test_worker_whose_run_key_differs_is_refused(cluster, tiny):

@@ -125,6 +125,10 @@ def test_query_files_round_trip_and_errors(tiny, tmp_path):
             task.load_queries(tmp_path / "bad.npz")
     with pytest.raises(ArtifactNotFoundError):
         task.load_queries(tmp_path / "none.npz")
+    for content in (b"", b"not a zip archive"):  # 0 bytes, garbage: one-line errors, never a traceback
+        (tmp_path / "broken.npz").write_bytes(content)
+        with pytest.raises(ConfigError, match="empty|not a readable .npz"):
+            task.load_queries(tmp_path / "broken.npz")
 
 
 def test_checkpoint_of_another_width_is_refused(tiny, tmp_path):

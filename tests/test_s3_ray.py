@@ -110,3 +110,24 @@ def test_a_cluster_without_a_shared_disk_featurizes_indexes_and_queries_through_
     local_attributor.close()
     np.testing.assert_array_equal(got.sample_ids, want.sample_ids)
     np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6)
+
+    # serve --ray from the bucket: the parts deployments on both nodes answer what a local query does
+    pytest.importorskip("ray.serve")
+    pytest.importorskip("fastapi")
+    from ray import serve
+
+    from gradindex.config import ServeConfig
+    from gradindex.serve.ray_serve import deploy
+    from test_serve import post, query_json
+    from test_serve_ray import free_port
+
+    x, y = (t.numpy() for t in task.query_dataset().tensors)
+    np.savez(tmp_path / "queries.npz", x=x, y=y)
+    url = deploy(FeatureStore.open(uri, trust_task=True), ["all"], ServeConfig(port=free_port(), max_wait_ms=0),
+                 checkpoint=checkpoint)
+    try:
+        status, body = post(url, {"inputs": {"x": x.tolist(), "y": y.tolist()}, "k": 5})
+    finally:
+        serve.shutdown()
+    assert status == 200, body
+    assert body["results"] == query_json(tmp_path / "local", tmp_path / "queries.npz", 5)

@@ -427,3 +427,23 @@ def test_exclusive_leases_are_exact_with_conditional_puts(s3_env):
     assert storage.conditional() is not None
     assert round_winners(storage.location, 8) == 1
     assert storage.list() == {}  # the winner's lease is gone
+
+
+# -- eval lds ----------------------------------------------------------------------------------------------
+def test_eval_lds_on_an_s3_store_equals_the_local_one(s3_env, tmp_path, checkpoint, monkeypatch):
+    """The retrained models live in a local folder (--cache, or the store's local scratch folder for
+    an s3:// store) and the LDS table is the local store's, number for number."""
+    monkeypatch.setenv("GRADINDEX_CACHE", str(tmp_path / "cache"))
+    uri = new_uri()
+    featurize(TinyTask(), uri, CONFIG, checkpoint=checkpoint, show_progress=False)
+    featurize(TinyTask(), tmp_path / "local", CONFIG, checkpoint=checkpoint, show_progress=False)
+    args = ["--models", "4", "--workers", "1", "--split", "all", "--trust-task", "--json"]
+    code, remote = cli("eval", "lds", uri, "--cache", str(tmp_path / "lds"), *args)
+    assert code == 0, remote
+    code, local = cli("eval", "lds", str(tmp_path / "local"), "--cache", str(tmp_path / "lds"), *args)
+    assert code == 0, local
+    rows = json.loads(remote)
+    assert rows == json.loads(local) and "uniform" in {row["attribution"] for row in rows}
+    code, default_cache = cli("eval", "lds", uri, *args)  # no --cache: a local folder, never the bucket
+    assert code == 0 and json.loads(default_cache) == rows, default_cache
+    assert not [name for name in objects(s3_env, uri) if name.startswith("lds")]

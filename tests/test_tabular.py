@@ -122,6 +122,10 @@ def test_query_files(trained, tmp_path):
             task.load_queries(tmp_path / "bad.npz")
     with pytest.raises(ArtifactNotFoundError):
         task.load_queries(tmp_path / "none.npz")
+    for content in (b"", b"not a zip archive"):  # 0 bytes, garbage: one-line errors, never a traceback
+        (tmp_path / "broken.npz").write_bytes(content)
+        with pytest.raises(ConfigError, match="empty|not a readable .npz"):
+            task.load_queries(tmp_path / "broken.npz")
     regression = load_task("tabular-diabetes", {"measurement": "neg_squared_error"})
     np.savez(tmp_path / "reg.npz", x=load_split("diabetes")["x_query"][:3])
     with pytest.raises(ConfigError, match="needs targets"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gradindex.errors import ArtifactNotFoundError, ConfigError, TaskError
-from gradindex.task import Task, load_task, model_fingerprint
+from gradindex.task import Task, default_queries, load_task, model_fingerprint
 from gradindex.tasks.digits import DigitsTask
 
 HERE = Path(__file__).parent
@@ -83,3 +83,18 @@ def test_digits_checkpoint_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(Exception, match="not a digits checkpoint"):
         task.load_model(tmp_path / "junk.pt")
+
+
+def test_default_queries_of_a_concept_are_the_tasks_concept_queries():
+    class Plain(Task):
+        def query_dataset(self):
+            return ["all"]
+
+    class WithConcepts(Plain):
+        def concept_queries(self, concept):
+            return [concept]
+
+    assert default_queries(Plain(), "style") == ["all"] == default_queries(WithConcepts(), "all")
+    assert default_queries(WithConcepts(), "style") == ["style"]
+    with pytest.raises(ConfigError, match="--inputs"):
+        default_queries(Task(), "style")

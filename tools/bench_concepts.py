@@ -1,37 +1,48 @@
-"""Concept precision@10 on held-out-combination generations: uniform vs learned (SNR) vs agreement weights.
+"""Concept precision@10 and recall@10 on held-out-combination generations, per task, per weighting.
 
-For each seed s (model training, projection, query generations):
+Tasks (``--tasks``): ``diffusion`` with its conditioning-embedding groups excluded (the
+group rules ``subject.*=-``, ``style.*=-``, ``background.*=-``: no group whose gradient
+only training images carrying one token reach), ``diffusion-text`` (frozen prompt
+encoder, cross-attention) and ``diffusion-text-lora`` (LoRA fine-tuning set, LoRA groups
+only). For each seed s (model training, projection, query generations):
 
-1. train the default ``diffusion`` model with seed s (cached under $GRADINDEX_HOME) and featurize
-   its training set (projection seed s);
-2. generate --learn-queries images of random prompts (each factor drawn independently,
-   seeded) to learn weights from — unlabeled: the agreement objective uses the prompts
-   of the generations, never the training labels;
+1. train the task's default model with seed s (cached under $GRADINDEX_HOME) and
+   featurize its training set (projection seed s);
+2. per concept c, generate --learn-queries images of prompts that specify **only c**
+   (the other factors null / neutral words; seeded) — the queries c's weights are
+   learned from, unlabeled: the agreement objective uses the prompts, never a training label
+   (--learn-prompts random: one set of random full prompts for every concept, as the first
+   version of this bench did);
 3. generate the evaluation queries: every withheld subject × style combination × every
-   background, --eval-repeats times (other seeds), i.e. combinations the model never saw;
-4. per concept c, three partitions of the same store, queried with m_c: uniform weights;
-   weights learned with the SNR objective (DESIGN §1.3 on ∇m_c); weights learned with the
-   top-k agreement objective (DESIGN §1.4). Precision@k = the fraction of a query's top-k
-   training images whose factor c equals the query's prompt value; chance = the training
-   frequency of that value.
+   background, --eval-repeats times, i.e. combinations the model never saw;
+4. per concept c, one partition per weighting, queried with m_c: uniform weights, and
+   weights learned by each of --methods (``snr``, ``ssl`` where learn.py has it,
+   ``agreement``). precision@k = the fraction of a query's top-k training images whose
+   factor c equals the query's prompt value; recall@k = those hits over min(k, training
+   images with that value); chance = the training frequency of the value.
 
-Prints mean ± std over seeds of the per-seed mean precision, and writes the agreement
-weights of the first seed as a bar chart (--plot).
+--keep-embeddings keeps the diffusion task's embedding groups (the first version's setting).
 
-    python tools/bench_concepts.py [--seeds 0 1 2] [--plot docs/concept-weights.png]
+Prints per task the mean ± std over seeds of the per-seed mean precision (then recall),
+writes every number as JSON (--json) and, with --plot, each task's first-seed agreement
+weights; --diagnostic adds each group's own precision@k per concept (labels: a diagnostic).
+
+    python tools/bench_concepts.py [--tasks diffusion diffusion-text diffusion-text-lora] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from gradindex.config import FeaturizeConfig, IndexConfig, LearnConfig, LearnMethod, ProjectionConfig
-from gradindex.evaluate import concept_precision
+from gradindex.config import FeaturizeConfig, GroupRule, IndexConfig, LearnConfig, LearnMethod, ProjectionConfig
+from gradindex.evaluate import concept_precision, concept_recall
 from gradindex.featurize import featurize
 from gradindex.index import build_index
 from gradindex.learn import learn_weights
@@ -40,28 +51,36 @@ from gradindex.report import write_weights_chart
 from gradindex.task import load_task
 from gradindex.weights import GroupWeights
 
-VARIANTS = ("uniform", "snr", "agreement")
+TASKS = ("diffusion", "diffusion-text", "diffusion-text-lora")
+#: the diffusion task's per-factor embedding rows: excluded so that no group belongs to one concept value
+EMBEDDING_RULES = {"diffusion": ("subject.*=-", "style.*=-", "background.*=-")}
+METHODS = tuple(m.value for m in LearnMethod if m is not LearnMethod.AUTO)
 
 
-def run_seed(seed: int, root: Path, args) -> tuple[dict, dict]:
+def run_seed(task_name: str, seed: int, root: Path, args) -> tuple[dict, dict, dict]:
     started = time.perf_counter()
-    task = load_task("diffusion", {"seed": seed})
+    task = load_task(task_name, {**args.task_option, "seed": seed})
     model = task.load_model(None)
-    store = featurize(task, root / f"store-{seed}", FeaturizeConfig(projection=ProjectionConfig(seed=seed)),
-                      show_progress=False)
-    learn_queries = task.sample_queries(model, args.learn_queries, seed=1000 + seed)
-    prompts = task.heldout_prompts() * args.eval_repeats
-    eval_queries = task.generate(model, prompts, seed=seed)
+    rules = () if args.keep_embeddings else tuple(GroupRule.parse(r) for r in EMBEDDING_RULES.get(task_name, ()))
+    config = FeaturizeConfig(projection=ProjectionConfig(seed=seed), group_rules=rules)
+    store = featurize(task, root / f"{task_name}-{seed}", config, overwrite=True, show_progress=False)
+    eval_queries = task.generate(model, task.heldout_prompts() * args.eval_repeats, seed=seed)
     train_ids, train_meta = store.read_metadata()
     query_meta = task.metadata(eval_queries)
-    results, weights = {}, {}
+    results, weights, diagnostic = {}, {}, {}
+    random_queries = None
+    if args.learn_prompts == "random":
+        random_queries = task.sample_queries(model, args.learn_queries, seed=1000 + seed)
     for concept in task.concepts:
-        for variant in VARIANTS:
+        learn_queries = random_queries
+        if learn_queries is None:
+            prompts = task.concept_prompts(concept, args.learn_queries, seed=1000 + seed)
+            learn_queries = task.generate(model, prompts, seed=1000 + seed)
+        for variant in ("uniform", *args.methods):
             if variant == "uniform":
                 w = GroupWeights.uniform(concept, store.groups)
             else:
-                method = LearnMethod.SNR if variant == "snr" else LearnMethod.AGREEMENT
-                w = learn_weights(store, LearnConfig(method=method, seed=seed), queries=learn_queries,
+                w = learn_weights(store, LearnConfig(method=LearnMethod(variant), seed=seed), queries=learn_queries,
                                   concept=concept, save=False, show_progress=False)
             weights[(concept, variant)] = w
             build_index(store, IndexConfig(concept=concept), weights=w, show_progress=False)
@@ -69,43 +88,92 @@ def run_seed(seed: int, root: Path, args) -> tuple[dict, dict]:
             top = attributor.attribute(eval_queries, k=args.k)
             attributor.close()
             precision, chance = concept_precision(top, train_ids, train_meta[concept], query_meta[concept], args.k)
+            recall = concept_recall(top, train_ids, train_meta[concept], query_meta[concept], args.k)
             results[(concept, variant)] = float(precision.mean())
+            results[(concept, variant, "recall")] = float(recall.mean())
             results[(concept, "chance")] = float(chance.mean())
-    print(f"seed {seed}: " + ", ".join(f"{c}/{v} {results[(c, v)]:.2f}" for c in task.concepts for v in VARIANTS)
+    if args.diagnostic:
+        from concept_groups import group_precision
+
+        diagnostic = group_precision(store, eval_queries, args.k)
+    variants = ("uniform", *args.methods)
+    print(f"{task_name} seed {seed}: " + ", ".join(f"{c}/{v} {results[(c, v)]:.2f}" for c in task.concepts
+                                                  for v in variants)
           + f" ({time.perf_counter() - started:.0f}s)", flush=True)
-    return results, weights
+    return results, weights, diagnostic
+
+
+def table(per_seed: list[dict], concepts, variants, k: int, what: str = "") -> list[str]:
+    lines = [f"| concept | chance | {' | '.join(variants)} |", "|" + "---|" * (2 + len(variants))]
+    for concept in concepts:
+        cells = [f"{np.mean([r[(concept, 'chance')] for r in per_seed]):.2f}"]
+        for variant in variants:
+            values = np.array([r[(concept, variant, what) if what else (concept, variant)] for r in per_seed])
+            cells.append(f"{values.mean():.2f} ± {values.std():.2f}")
+        lines.append(f"| {concept} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--learn-queries", type=int, default=120)
+    parser.add_argument("--methods", nargs="+", default=[m for m in ("snr", "ssl", "agreement") if m in METHODS],
+                        choices=METHODS)
+    parser.add_argument("--learn-queries", type=int, default=120, help="generations per concept to learn from")
+    parser.add_argument("--learn-prompts", choices=("concept", "random"), default="concept",
+                        help="learn from prompts naming only the concept (default) or random full prompts")
+    parser.add_argument("--keep-embeddings", action="store_true", help="keep the diffusion task's embedding groups")
     parser.add_argument("--eval-repeats", type=int, default=2, help="generations per held-out prompt")
     parser.add_argument("-k", type=int, default=10)
-    parser.add_argument("--plot", default=None, help="PNG of the first seed's agreement weights per concept")
+    parser.add_argument("--out", default=None, help="keep the stores here (default: a temporary folder)")
+    parser.add_argument("--json", default=None, help="write every per-seed number here")
+    parser.add_argument("--plot", default=None,
+                        help="PNG of the first seed's agreement weights (several tasks: NAME-TASK.png)")
+    parser.add_argument("--diagnostic", action="store_true", help="each group's own precision@k (uses labels)")
+    parser.add_argument("--task-option", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="options for every task (a smoke run: num_train=64 steps=20 width=16 depth=1)")
     args = parser.parse_args()
+    args.task_option = {key: json.loads(value) for key, _, value in (o.partition("=") for o in args.task_option)}
+    # each partition is built from weights passed in, never saved to the store: not a stale index
+    logging.getLogger("gradindex.query").setLevel(logging.ERROR)
 
-    per_seed = []
-    with tempfile.TemporaryDirectory() as root:
-        for seed in args.seeds:
-            results, weights = run_seed(seed, Path(root), args)
-            per_seed.append(results)
-            if args.plot and seed == args.seeds[0]:
-                concepts = load_task("diffusion").concepts
-                groups = list(weights[(concepts[0], "agreement")].weights)
-                write_weights_chart(args.plot, [weights[(c, "agreement")] for c in concepts], groups)
-                print(f"wrote {args.plot}")
-    concepts = load_task("diffusion").concepts
-    print(f"\nprecision@{args.k} on held-out-combination generations, mean ± std over seeds {args.seeds}")
-    header = f"| concept | chance | {' | '.join(VARIANTS)} |"
-    print(header)
-    print("|" + "---|" * (2 + len(VARIANTS)))
-    for concept in concepts:
-        cells = []
-        for variant in ("chance", *VARIANTS):
-            values = np.array([r[(concept, variant)] for r in per_seed])
-            cells.append(f"{values.mean():.2f}" if variant == "chance" else f"{values.mean():.2f} ± {values.std():.2f}")
-        print(f"| {concept} | " + " | ".join(cells) + " |")
+    report, dump = [], {}
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(args.out) if args.out else Path(scratch)
+        root.mkdir(parents=True, exist_ok=True)
+        for task_name in args.tasks:
+            per_seed, diagnostics = [], []
+            concepts = load_task(task_name, args.task_option).concepts
+            for seed in args.seeds:
+                results, weights, diagnostic = run_seed(task_name, seed, root, args)
+                per_seed.append(results)
+                diagnostics.append(diagnostic)
+                if args.plot and seed == args.seeds[0] and "agreement" in args.methods:
+                    groups = list(weights[(concepts[0], "agreement")].weights)
+                    path = Path(args.plot)
+                    if len(args.tasks) > 1:
+                        path = path.with_name(f"{path.stem}-{task_name}{path.suffix}")
+                    write_weights_chart(path, [weights[(c, "agreement")] for c in concepts], groups)
+                    print(f"wrote {path}")
+                dump.setdefault(task_name, []).append({
+                    "seed": seed, "results": {"/".join(key): value for key, value in results.items()},
+                    "weights": {f"{c}/{v}": w.weights for (c, v), w in weights.items()},
+                    "diagnostic": diagnostic})
+            variants = ("uniform", *args.methods)
+            report += [f"\n{task_name}: precision@{args.k} on held-out-combination generations, "
+                       f"mean ± std over seeds {args.seeds}", *table(per_seed, concepts, variants, args.k),
+                       f"\n{task_name}: recall@{args.k}", *table(per_seed, concepts, variants, args.k, "recall")]
+            if args.diagnostic:
+                report += [f"\n{task_name}: each group alone, precision@{args.k} (mean over seeds)",
+                           "| group | " + " | ".join(concepts) + " |", "|---|" + "---|" * len(concepts)]
+                for group in diagnostics[0][concepts[0]]:
+                    report.append(f"| {group} | " + " | ".join(
+                        f"{np.mean([d[c][group] for d in diagnostics]):.2f}" for c in concepts) + " |")
+    print("\n".join(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dump, indent=1))
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

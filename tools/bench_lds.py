@@ -39,9 +39,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gradindex.config import FeaturizeConfig, GroupRule, LDSConfig, LearnConfig, Preconditioner, ProjectionConfig  # noqa: E402
-from gradindex.featurize import featurize  # noqa: E402
+from lds_workbench import GROUPINGS, mean_std, open_or_featurize  # noqa: E402
+
+from gradindex.config import LDSConfig, LearnConfig, Preconditioner  # noqa: E402
 from gradindex.lds import (  # noqa: E402
     group_predictions,
     lds_per_query,
@@ -53,10 +55,8 @@ from gradindex.lds import (  # noqa: E402
 )
 from gradindex.learn import learn_weights  # noqa: E402
 from gradindex.query_features import QueryFeaturizer  # noqa: E402
-from gradindex.store import FeatureStore  # noqa: E402
 from gradindex.task import load_task  # noqa: E402
 
-GROUPINGS = {"module": (), "bias": (GroupRule("*.bias", "{param}"),)}
 PRECONDITIONERS = {"grad-dot": Preconditioner.IDENTITY, "gram": Preconditioner.GRAM}
 VARIANTS = {
     "naive SNR (no example norm, no pull)": dict(example_norm="none", regularization=0.0),
@@ -67,15 +67,6 @@ VARIANTS = {
     "standardise examples, pull 0.1, top-50": dict(example_norm="standardize", regularization=0.1, top_k=50),
 }
 DAMPINGS = (1e-3, 1e-2, 0.1, 1.0)
-
-
-def open_or_featurize(task, path: Path, seed: int, grouping: str, proj_dim: int) -> FeatureStore:
-    try:
-        return FeatureStore.open(path)
-    except Exception:
-        config = FeaturizeConfig(projection=ProjectionConfig(proj_dim=proj_dim, seed=seed),
-                                 group_rules=GROUPINGS[grouping])
-        return featurize(task, path, config, overwrite=True, show_progress=False)
 
 
 def trak_scores(task, path: Path, proj_dim: int, seed: int, queries, damping: float = 0.0) -> np.ndarray:
@@ -205,10 +196,6 @@ def run_arch(arch: str, args: argparse.Namespace) -> dict:
                 f"{k} {run[k]:.3f}" for k in ("uniform grad-dot", "learned grad-dot", "uniform gram", "learned gram",
                                               "traker TRAK", "traker TRAK damped")), flush=True)
     return results
-
-
-def mean_std(values: list[float]) -> str:
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
 
 
 def tables(runs: list[dict], args: argparse.Namespace) -> str:

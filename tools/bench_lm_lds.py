@@ -38,7 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_lds import PRECONDITIONERS, mean_std, open_or_featurize  # noqa: E402
+from bench_lds import PRECONDITIONERS  # noqa: E402
+from lds_workbench import mean_std, open_or_featurize, oracle_weights  # noqa: E402
 from lm_fact_retrieval import reciprocal_ranks  # noqa: E402
 
 from gradindex.config import LDSConfig, LearnConfig, Preconditioner  # noqa: E402
@@ -58,30 +59,6 @@ from gradindex.task import load_task  # noqa: E402
 DAMPINGS = (1e-3, 1e-2, 0.1, 1.0)
 ROWS = ("uniform", "learned", "best group", "oracle")
 METRICS = ("lds", "mrr", "top-k lds")
-
-
-def oracle_weights(predictions: dict[str, np.ndarray], measured: np.ndarray, rows: np.ndarray,
-                   steps: int = 300) -> dict[str, float]:
-    """Group weights fitted to the retrained models themselves (labels!): maximise the mean Pearson
-    correlation of ``Σ_g w_g ŷ_g`` with the measurements on query ``rows`` (a differentiable stand-in
-    for LDS), over shares ``softmax(θ)`` of rms-normalised groups. An upper-bound diagnostic of what
-    any group weighting can do, not an attribution method."""
-    groups = list(predictions)
-    stacked = torch.tensor(np.stack([predictions[g][:, rows] for g in groups]))  # [G, M, Q]
-    target = torch.tensor(measured[:, rows])
-    target = target - target.mean(0)
-    rms = stacked.pow(2).mean((1, 2)).sqrt().clamp_min(1e-300)
-    theta = torch.zeros(len(groups), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.Adam([theta], lr=0.05)
-    for _ in range(steps):
-        combined = torch.einsum("g,gmq->mq", torch.softmax(theta, 0) / rms, stacked)
-        combined = combined - combined.mean(0)
-        corr = (combined * target).sum(0) / (combined.norm(dim=0) * target.norm(dim=0)).clamp_min(1e-300)
-        optimizer.zero_grad()
-        (-corr.mean()).backward()
-        optimizer.step()
-    weights = (torch.softmax(theta, 0) / rms).detach().numpy()
-    return dict(zip(groups, (weights / weights.mean()).tolist()))
 
 
 def learn_options(pairs: list[str]) -> dict:

@@ -5,12 +5,16 @@ not a way to learn weights. For each concept c, queries are featurized with the 
 measurement m_c (Gram-preconditioned, as in the store's partitions); each group's
 scores s_g(q, x) alone rank the training set. Prints the table and writes a heat map.
 
-    python tools/concept_groups.py STORE [--out concept-groups.png] [-k 10]
+Queries: --inputs FILE (a task query file), --heldout (generations of the withheld
+combinations × every background, twice; diffusion tasks), else the task's default queries.
+
+    python tools/concept_groups.py STORE [--heldout | --inputs FILE] [--out concept-groups.png] [-k 10]
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,21 +22,24 @@ import numpy as np
 from gradindex.config import IndexConfig
 from gradindex.index import build_index
 from gradindex.query import Attributor
+from gradindex.query_features import load_store_task
 from gradindex.store import FeatureStore
 from gradindex.weights import GroupWeights
 
 
-def group_precision(store: FeatureStore, k: int) -> dict[str, dict[str, float]]:
+def group_precision(store: FeatureStore, queries: Sequence | None, k: int) -> dict[str, dict[str, float]]:
+    """``{concept: {group: precision@k of that group's scores alone}}`` over ``queries`` (default: the task's)."""
     ids, feats = store.read()
-    _, meta = store.read_metadata()
+    train_ids, meta = store.read_metadata()
+    assert np.array_equal(np.asarray(ids), np.asarray(train_ids))
     out = {}
-    for concept in Attributor.open(store, concept="all").task.concepts:
+    for concept in load_store_task(store).concepts:
         build_index(store, IndexConfig(concept=concept), GroupWeights.uniform(concept, store.groups),
                     show_progress=False)
         attributor = Attributor.open(store, concept=concept)
-        queries = attributor.task.query_dataset()
-        values = attributor.task.metadata(queries)[concept]
-        vectors = attributor.query_vectors(queries)
+        dataset = attributor.task.query_dataset() if queries is None else queries
+        values = attributor.task.metadata(dataset)[concept]
+        vectors = attributor.query_vectors(dataset)
         attributor.close()
         start, out[concept] = 0, {}
         for group in store.groups:
@@ -47,14 +54,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("store")
     parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("--inputs", default=None, help="a query file of the store's task")
+    parser.add_argument("--heldout", action="store_true", help="generations of the withheld combinations")
+    parser.add_argument("--seed", type=int, default=0, help="generation seed of --heldout")
     parser.add_argument("--out", default="concept-groups.png")
     args = parser.parse_args()
     store = FeatureStore.open(args.store)
-    table = group_precision(store, args.k)
+    queries = None
+    if args.inputs:
+        queries = load_store_task(store).load_queries(args.inputs)
+    elif args.heldout:
+        task = load_store_task(store)
+        queries = task.generate(task.load_model(store.manifest.get("checkpoint")), task.heldout_prompts() * 2,
+                                seed=args.seed)
+    table = group_precision(store, queries, args.k)
     concepts = list(table)
-    print(f"{'group':>16}  " + "  ".join(f"{c:>10}" for c in concepts))
+    width = max(len(g) for g in store.groups)
+    print(f"{'group':>{width}}  " + "  ".join(f"{c:>10}" for c in concepts))
     for group in store.groups:
-        print(f"{group:>16}  " + "  ".join(f"{table[c][group]:>10.2f}" for c in concepts))
+        print(f"{group:>{width}}  " + "  ".join(f"{table[c][group]:>10.2f}" for c in concepts))
 
     import matplotlib
 

@@ -29,6 +29,7 @@ ivfpq; its float16 re-rank copy is written to disk as it goes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -41,7 +42,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from gradindex.config import Balance, IndexConfig, IndexKind, SearchConfig, check_index_dim, setting_key
+from gradindex.config import AUTO_DAMPING, Balance, IndexConfig, IndexKind, SearchConfig, check_index_dim, setting_key
+from gradindex.damping import resolve_damping
 from gradindex.errors import ConfigError, GradIndexError, StoreMismatchError
 from gradindex.index.kinds import (
     PartBuilder, QueryTransform, banded_directions, check_index_kind, gpu_available, half_to_float, import_faiss,
@@ -53,6 +55,7 @@ from gradindex.index.shards import (
     INDEX_DIR, IndexPart, ShardedIndex, checked_file, concept_dir, entry_folder, list_parts, load_transform,
     open_part, part_name,
 )
+from gradindex.precondition import group_damping
 from gradindex.store import (
     FeatureStore, json_bytes, modify_manifest, npz_bytes, read_manifest, sha256_file, store_lock,
 )
@@ -100,13 +103,15 @@ def build_index(
     check_index_dim(store.dim, f"build-index {store.path}")
     groups = store.groups
     concept_dir(store, config.concept)  # a safe folder before anything is read or written
+    requested = config.damping  # "auto": weights learned under gram@auto; the index records the resolved values
+    config = dataclasses.replace(config, damping=resolve_damping(store, config.damping, config.preconditioner))
     if weights is None:
         weights = GroupWeights.from_manifest(store.manifest, config.concept, groups, config.preconditioner,
-                                             config.damping)
+                                             requested)
         other = learned_weights(store.manifest, config.concept, groups)
         if other and weights.info.get("method") == "uniform":
             logger.info("concept %r has weights learned for %s, none for %s: this index uses uniform weights",
-                        config.concept, ", ".join(other), setting_key(config.preconditioner, config.damping))
+                        config.concept, ", ".join(other), setting_key(config.preconditioner, requested))
     weights.check_setting(config.preconditioner, config.damping)
     num_shards = len(store.manifest["shards"])
     existing = store.manifest.get("indexes", {}).get(config.concept)
@@ -154,7 +159,7 @@ def build_index(
             for part_shards in ranges:
                 _build_part(store, config, weights, state, part_shards, folder, show_progress,
                             observe=plan.observe if plan is not None else None)
-            _commit_entry(store, config, weights, state, search, folder)
+            _commit_entry(store, config, weights, state, search, folder, requested)
     except BaseException:
         with suppress(GradIndexError, OSError):  # best effort: the build's own error is the one to report
             _tidy(store, config.concept)
@@ -280,7 +285,8 @@ def _train(store: FeatureStore, config: IndexConfig, weights: GroupWeights, fold
         missing = [g for g in store.groups if g not in grams]
         if missing:
             raise ConfigError(f"--balance on: the store has no Gram matrix for groups {missing}; use --balance off")
-        transform = QueryTransform.from_grams([grams[g] for g in store.groups], config.damping)
+        transform = QueryTransform.from_grams([grams[g] for g in store.groups],
+                                              [group_damping(config.damping, g) for g in store.groups])
         relative = f"{folder}/{TRANSFORM_FILE}"
         data = npz_bytes(transform.arrays())
         store.storage.write_bytes(relative, data)
@@ -387,7 +393,7 @@ def _null():
 
 
 def _commit_entry(store: FeatureStore, config: IndexConfig, weights: GroupWeights, state: dict[str, Any],
-                  search: SearchConfig | None, folder: str) -> None:
+                  search: SearchConfig | None, folder: str, requested: Any = None) -> None:
     """Record every part sidecar of this training in ``folder`` as the concept's entry (one
     :func:`~gradindex.store.modify_manifest`: the manifest is reread under the store lock)."""
     used = {s: store.manifest["shards"][s]["sha256"] for s in range(len(store.manifest["shards"]))}
@@ -424,6 +430,7 @@ def _commit_entry(store: FeatureStore, config: IndexConfig, weights: GroupWeight
             "search": (search or SearchConfig()).to_dict(),
             "parts": [p.to_dict() for p in parts],
             "ntotal": int(sum(p.ntotal for p in parts)),
+            **({"damping_requested": AUTO_DAMPING} if requested == AUTO_DAMPING else {}),
         }
         return {**manifest, "indexes": {**manifest.get("indexes", {}), config.concept: entry}}
 

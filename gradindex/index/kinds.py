@@ -164,11 +164,13 @@ class QueryTransform:
         self.offsets = np.concatenate([[0], np.cumsum(self.dims)]).astype(int)
 
     @classmethod
-    def from_grams(cls, grams: Sequence[np.ndarray], damping: float) -> "QueryTransform":
+    def from_grams(cls, grams: Sequence[np.ndarray], damping: float | Sequence[float]) -> "QueryTransform":
+        """From per-group Grams and the relative damping (one number, or one per group)."""
         forward, backward = [], []
-        for gram in grams:
+        dampings = [float(damping)] * len(grams) if np.isscalar(damping) else [float(d) for d in damping]
+        for gram, relative in zip(grams, dampings):
             k = gram.shape[0]
-            lam = damping * float(np.trace(gram)) / k
+            lam = relative * float(np.trace(gram)) / k
             values, vectors = np.linalg.eigh(np.asarray(gram, np.float64) + max(lam, 1e-12) * np.eye(k))
             values = np.clip(values, 1e-12 * max(values.max(), 1e-30), None)
             forward.append((vectors * values ** -0.5) @ vectors.T)

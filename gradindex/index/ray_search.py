@@ -30,7 +30,7 @@ from gradindex.distributed import ray_session
 from gradindex.errors import ConfigError
 from gradindex.index.kinds import import_faiss
 from gradindex.index.shards import check_queries, index_entry, open_part
-from gradindex.query import Attributor
+from gradindex.query import Attributor, warn_if_weights_changed
 from gradindex.query_features import QueryFeaturizer
 from gradindex.store import FeatureStore
 from gradindex.topk import TopK, merge_topk
@@ -201,4 +201,6 @@ def open_ray_attributor(store: str | Path | FeatureStore, concept: str = "all", 
     except BaseException:
         index.close()
         raise
+    if index.config.concept == concept:  # the shared index carries no weights of its own to go stale
+        warn_if_weights_changed(store, concept, index)
     return RayAttributor(featurizer, index, weights)

@@ -82,7 +82,7 @@ def api_builder(store_path: str, concepts: Sequence[str], config: dict[str, Any]
     def build() -> Any:
         from ray import serve
 
-        from gradindex.query import Attributor
+        from gradindex.query import Attributor, warn_if_weights_changed
         from gradindex.query_features import QueryFeaturizer
         from gradindex.serve.app import create_app
         from gradindex.serve.engine import AttributionEngine
@@ -94,6 +94,7 @@ def api_builder(store_path: str, concepts: Sequence[str], config: dict[str, Any]
             index = ServeIndex(index_entry(store, concept), handles)
             featurizer = QueryFeaturizer.open(store, concept, index.config.preconditioner, index.config.damping,
                                               checkpoint, device)
+            warn_if_weights_changed(store, concept, index)
             attributors[concept] = Attributor(featurizer, index)
         return create_app(AttributionEngine(store, attributors, ServeConfig.from_dict(config)))
 

@@ -7,6 +7,8 @@ BUILTIN_TASKS: dict[str, tuple[str, str, dict]] = {
     "lm": ("gradindex.tasks.lm", "LMTask", {}),
     "lm-deep": ("gradindex.tasks.lm_deep", "DeepLMTask", {}),
     "diffusion": ("gradindex.tasks.diffusion", "DiffusionTask", {}),
+    "diffusion-text": ("gradindex.tasks.diffusion_text", "DiffusionTextTask", {}),
+    "diffusion-text-lora": ("gradindex.tasks.diffusion_text", "DiffusionTextTask", {"lora_rank": 4}),
     "resnet": ("gradindex.tasks.resnet", "ResNetTask", {}),
     "tabular-cancer": ("gradindex.tasks.tabular", "TabularTask", {"dataset": "cancer"}),
     "tabular-wine": ("gradindex.tasks.tabular", "TabularTask", {"dataset": "wine"}),

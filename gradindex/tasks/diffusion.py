@@ -91,6 +91,7 @@ class DiffusionTask(Task):
     """
 
     concepts = FACTORS
+    checkpoint_prefix = "diffusion"
 
     def __init__(self, config: str | None = None, num_train: int | None = None, seed: int = 0, draws: int = 4,
                  steps: int = TrainConfig.steps, width: int = 96, depth: int = 3):
@@ -129,11 +130,14 @@ class DiffusionTask(Task):
     def metadata(self, dataset: Sequence) -> dict[str, np.ndarray]:
         if not isinstance(dataset, ConceptDataset):
             return {}
-        return {f: np.array(self.concept_config.values(f))[dataset.labels[:, j]] for j, f in enumerate(FACTORS)}
+        # the null token (an unspecified factor of a generated query; diffusion-text: label -1) reads ""
+        return {f: np.array([*self.concept_config.values(f), ""])[dataset.labels[:, j]] for j, f in enumerate(FACTORS)}
 
-    def tokens(self, prompts: Sequence[Sequence[str]]) -> np.ndarray:
-        """``[n, 3]`` token indices of ``(subject, style, background)`` name triples."""
-        return np.array([[self.concept_config.index(f, str(name)) for f, name in zip(FACTORS, prompt)]
+    def tokens(self, prompts: Sequence[Sequence[str | None]]) -> np.ndarray:
+        """``[n, 3]`` token indices of ``(subject, style, background)`` name triples (``None`` or ``""``:
+        the factor's null token)."""
+        return np.array([[self.model_config.num_values[j] if name in (None, "") else
+                          self.concept_config.index(f, str(name)) for j, (f, name) in enumerate(zip(FACTORS, prompt))]
                          for prompt in prompts], dtype=np.int64).reshape(-1, 3)
 
     def heldout_prompts(self, count: int | None = None) -> list[tuple[str, str, str]]:
@@ -152,13 +156,24 @@ class DiffusionTask(Task):
         values = [self.concept_config.values(f) for f in FACTORS]
         return [tuple(v[int(rng.integers(len(v)))] for v in values) for _ in range(count)]
 
+    def concept_prompts(self, concept: str, count: int, seed: int = 0) -> list[tuple[str | None, ...]]:
+        """``count`` prompts that specify only ``concept`` (its values cycled, seeded order; the other
+        factors ``None``): the queries ``w^c`` is learned from, so only what ``c`` draws drives them."""
+        column = self.concept_column(concept)
+        values = self.concept_config.values(concept)
+        order = np.random.default_rng([seed, 11, column]).permutation(count)
+        return [tuple(values[int(i) % len(values)] if j == column else None for j in range(len(FACTORS)))
+                for i in order]
+
+    def concept_queries(self, concept: str) -> Sequence:
+        """:data:`DEFAULT_QUERIES` generations of :meth:`concept_prompts` from the default checkpoint."""
+        return self.generate(self.load_model(None), self.concept_prompts(concept, DEFAULT_QUERIES, seed=1), seed=1)
+
     def generate(self, model: nn.Module, prompts: Sequence[Sequence[str]], seed: int = 0, steps: int = 25,
                  guidance: float = 2.0) -> ConceptDataset:
         """Generated images of ``prompts`` (name triples) as a query dataset (keys ``-1 − i``)."""
         tokens = self.tokens(prompts)
-        images = sample(model, torch.from_numpy(tokens), steps=steps, guidance=guidance, seed=seed)
-        pixels = ((images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-        return ConceptDataset(pixels, tokens, -1 - np.arange(len(tokens)))
+        return ConceptDataset(sample_pixels(model, tokens, seed, steps, guidance), tokens, -1 - np.arange(len(tokens)))
 
     def sample_queries(self, model: nn.Module, count: int, seed: int = 0) -> Sequence:
         """Generations of :meth:`random_prompts` (seeded)."""
@@ -179,30 +194,43 @@ class DiffusionTask(Task):
         return path
 
     def load_queries(self, path: str | Path) -> Sequence:
-        data = read_npz(path, "diffusion queries")
-        missing = [key for key in ("images", *FACTORS) if key not in data]
+        images, prompts, _ = self._read_query_file(path)
+        return self._query_arrays(images, prompts, str(path))
+
+    def _read_query_file(self, path: str | Path, extra: tuple[str, ...] = ()) -> tuple[np.ndarray, list, dict]:
+        """``(images, prompts [(subject, style, background)], {extra field: array})`` of a query ``.npz``."""
+        data = read_npz(path, f"{self._spec_name()} queries")
+        fields = ("images", *FACTORS, *extra)
+        missing = [key for key in fields if key not in data]
         if missing:
-            raise ConfigError(f"{path}: expected arrays images, {', '.join(FACTORS)}; missing {missing}")
-        images = data["images"]
+            raise ConfigError(f"{path}: expected arrays {', '.join(fields)}; missing {missing}")
         if any(data[f].ndim != 1 or data[f].dtype.kind not in "USO" for f in FACTORS):
             raise ConfigError(f"{path}: {', '.join(FACTORS)} must be 1-d arrays of value names (strings)")
         prompts = list(zip(*(data[f].astype(str) for f in FACTORS)))
-        return self._query_arrays(images, prompts, str(path))
+        return data["images"], prompts, {f: data[f] for f in extra}
 
     def queries_from_json(self, inputs: Any) -> Sequence:
         """``{"images": [n, H, W, 3] integers 0..255, "subject": [n], "style": [n], "background": [n]}``:
         the arrays of a query ``.npz``."""
-        if not isinstance(inputs, dict) or set(inputs) != {"images", *FACTORS}:
+        images, prompts, _ = self._json_fields(inputs)
+        return self._query_arrays(images, prompts, "inputs")
+
+    def _json_fields(self, inputs: Any, extra: tuple[str, ...] = ()) -> tuple[np.ndarray, list, dict[str, np.ndarray]]:
+        """``(images [n, H, W, 3] uint8, prompts [(subject, style, background)], {extra field: array})``
+        from a request's JSON ``inputs`` (exactly the fields images, the factors and ``extra``)."""
+        fields = ("images", *FACTORS, *extra)
+        if not isinstance(inputs, dict) or set(inputs) != set(fields):
             keys = sorted(inputs) if isinstance(inputs, dict) else type(inputs).__name__
-            raise ConfigError(f"inputs: expected an object with images, {', '.join(FACTORS)}; got {keys}")
+            raise ConfigError(f"inputs: expected an object with {', '.join(fields)}; got {keys}")
         images = json_array(inputs["images"], "inputs.images")
-        if images.ndim != 4 or images.dtype.kind not in "iu" or not images.size or images.min() < 0 or images.max() > 255:
+        if (images.ndim != 4 or images.dtype.kind not in "iu" or not images.size or images.min() < 0
+                or images.max() > 255):
             raise ConfigError(f"inputs.images: expected integers in 0..255 of shape [n, H, W, 3], got "
                               f"{images.dtype} {tuple(images.shape)}")
         names = [json_array(inputs[f], f"inputs.{f}") for f in FACTORS]
         if any(n.dtype.kind != "U" or n.ndim != 1 for n in names):
             raise ConfigError(f"inputs: {', '.join(FACTORS)} must be lists of names")
-        return self._query_arrays(images.astype(np.uint8), list(zip(*names)), "inputs")
+        return images.astype(np.uint8), list(zip(*names)), {f: json_array(inputs[f], f"inputs.{f}") for f in extra}
 
     def _query_arrays(self, images: np.ndarray, prompts: list[tuple[str, str, str]], where: str) -> Sequence:
         size = self.concept_config.image_size
@@ -220,7 +248,8 @@ class DiffusionTask(Task):
     def default_checkpoint(self) -> Path:
         key = json.dumps({"arch": self.arch(), "train": asdict(self.train_config), "seed": self.seed,
                           "data": self.concept_config.fingerprint(), "num_train": self.num_train}, sort_keys=True)
-        return gradindex_home() / "checkpoints" / f"diffusion-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return gradindex_home() / "checkpoints" / f"{self.checkpoint_prefix}-{digest}.pt"
 
     def train(self, path: str | Path | None = None, indices: Sequence[int] | None = None,
               seed: int | None = None) -> Path:
@@ -260,14 +289,25 @@ class DiffusionTask(Task):
         return -self.compute_train_loss(batch, model)
 
     def concept_measurement(self, batch: Any, model: nn.Module, concept: str) -> torch.Tensor:
-        if concept not in FACTORS:
-            raise ConfigError(f"diffusion task: concept must be one of {', '.join(FACTORS)}, got {concept!r}")
+        column = self.concept_column(concept)
         images, tokens, keys = batch
-        column = FACTORS.index(concept)
         nulled = tokens.clone()
         nulled[:, column] = self.model_config.num_values[column]
-        # one forward over 2R rows per item (R full, then R nulled; an item's rows contiguous)
-        pairs = torch.stack([tokens, nulled], dim=1).reshape(-1, 3)
+        return self._contrast(images, tokens, nulled, keys, model)
+
+    def concept_column(self, concept: str) -> int:
+        if concept not in FACTORS:
+            raise ConfigError(f"{self._spec_name()} task: concept must be one of {', '.join(FACTORS)}, got {concept!r}")
+        return FACTORS.index(concept)
+
+    def _spec_name(self) -> str:
+        return getattr(self, "_spec", self.checkpoint_prefix)
+
+    def _contrast(self, images: torch.Tensor, full: torch.Tensor, changed: torch.Tensor, keys: torch.Tensor,
+                  model: nn.Module) -> torch.Tensor:
+        """``mean_r (error with the changed condition − error with the full one)`` ``[B]``, shared draws;
+        one forward over 2R rows per item (R full, then R changed; an item's rows contiguous)."""
+        pairs = torch.stack([full, changed], dim=1).reshape(-1, *full.shape[1:])
         doubled = (images.repeat_interleave(2, dim=0), pairs, keys.repeat_interleave(2))
         errors = self._errors(doubled, model).reshape(len(keys), 2, self.draws)
         return (errors[:, 1] - errors[:, 0]).mean(1)
@@ -278,4 +318,11 @@ class DiffusionTask(Task):
 
     def describe(self, item: Any) -> str:
         tokens = item[1].tolist()
-        return " ".join(self.concept_config.values(f)[v] for f, v in zip(FACTORS, tokens))
+        return " ".join(self.concept_config.values(f)[v] if v < len(self.concept_config.values(f)) else "-"
+                        for f, v in zip(FACTORS, tokens))
+
+
+def sample_pixels(model: nn.Module, tokens: np.ndarray, seed: int, steps: int, guidance: float) -> np.ndarray:
+    """DDIM samples of condition ``tokens [n, ...]`` as uint8 images ``[n, H, W, 3]``."""
+    images = sample(model, torch.from_numpy(tokens), steps=steps, guidance=guidance, seed=seed)
+    return ((images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()

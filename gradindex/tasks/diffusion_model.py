@@ -91,7 +91,36 @@ class Block(nn.Module):
         return h + self.chan2(F.gelu(self.chan1(y)))
 
 
-class PatchMixer(nn.Module):
+class PatchIO:
+    """Patches in and out, shared by the patch-mixer denoisers (this one and ``diffusion-text``'s).
+
+    Needs the attributes ``config`` (``image_size``, ``patch``), ``frequencies`` (a ``[32]`` buffer),
+    ``time``, ``patch_in``, ``pos``, ``film_out`` and ``patch_out`` (the modules of :class:`PatchMixer`).
+    """
+
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """``SiLU(time(sinusoid(t)))``: ``t [N]`` -> ``[N, cond_dim]``."""
+        angles = t[:, None].float() * self.frequencies[None]
+        return F.silu(self.time(torch.cat([angles.sin(), angles.cos()], dim=1)))
+
+    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [N, 3, H, W]`` -> patch tokens with learned positions ``[N, T, width]``."""
+        c = self.config
+        n, side = x.shape[0], c.image_size // c.patch
+        patches = x.reshape(n, 3, side, c.patch, side, c.patch).permute(0, 2, 4, 1, 3, 5).reshape(n, side * side, -1)
+        positions = torch.arange(side * side, device=x.device).expand(n, -1)
+        return self.patch_in(patches) + self.pos(positions)
+
+    def unembed_patches(self, h: torch.Tensor, cond: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Tokens ``[N, T, width]`` -> pixels of ``shape`` after the FiLM-modulated output LayerNorm."""
+        c = self.config
+        n, side = h.shape[0], c.image_size // c.patch
+        scale, shift = self.film_out(cond)[:, None, :].chunk(2, dim=-1)
+        out = self.patch_out(F.layer_norm(h, h.shape[-1:]) * (1 + scale) + shift)
+        return out.reshape(n, side, side, 3, c.patch, c.patch).permute(0, 3, 1, 4, 2, 5).reshape(shape)
+
+
+class PatchMixer(PatchIO, nn.Module):
     """ε-prediction network; see the module docstring."""
 
     def __init__(self, config: ModelConfig):
@@ -117,20 +146,12 @@ class PatchMixer(nn.Module):
         return torch.tensor(self.config.num_values, device=device).expand(n, 3).clone()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        n, side = x.shape[0], c.image_size // c.patch
-        angles = t[:, None].float() * self.frequencies[None]
-        time = F.silu(self.time(torch.cat([angles.sin(), angles.cos()], dim=1)))
-        cond = F.silu(self.cond(torch.cat(
-            [time, self.subject(tokens[:, 0]), self.style(tokens[:, 1]), self.background(tokens[:, 2])], dim=1)))
-        patches = x.reshape(n, 3, side, c.patch, side, c.patch).permute(0, 2, 4, 1, 3, 5).reshape(n, side * side, -1)
-        positions = torch.arange(side * side, device=x.device).expand(n, -1)
-        h = self.patch_in(patches) + self.pos(positions)
+        cond = F.silu(self.cond(torch.cat([self.time_embedding(t), self.subject(tokens[:, 0]),
+                                           self.style(tokens[:, 1]), self.background(tokens[:, 2])], dim=1)))
+        h = self.embed_patches(x)
         for block in self.blocks:
             h = block(h, cond)
-        scale, shift = self.film_out(cond)[:, None, :].chunk(2, dim=-1)
-        out = self.patch_out(F.layer_norm(h, h.shape[-1:]) * (1 + scale) + shift)
-        return out.reshape(n, side, side, 3, c.patch, c.patch).permute(0, 3, 1, 4, 2, 5).reshape(x.shape)
+        return self.unembed_patches(h, cond, x.shape)
 
 
 # -- noise schedule and losses -------------------------------------------------------------------
@@ -169,38 +190,50 @@ def fixed_draws(keys: Sequence[int], draws: int, timesteps: int, shape: tuple[in
 def train_model(config: ModelConfig, images: torch.Tensor, tokens: torch.Tensor, train: TrainConfig,
                 seed: int = 0, show_progress: bool = False) -> PatchMixer:
     """Train a fresh model on ``images [N, 3, H, W]`` in [-1, 1] with ``tokens [N, 3]`` (seeded)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small GEMMs: one thread is as fast, and parallel retrainings do not fight
-    try:
-        return _train(config, images, tokens, train, seed, show_progress)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(config: ModelConfig, images: torch.Tensor, tokens: torch.Tensor, train: TrainConfig, seed: int,
-           show_progress: bool) -> PatchMixer:
-    generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = PatchMixer(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, train))
     null = torch.tensor(config.num_values)
-    model.train()
-    for _ in tqdm(range(train.steps), desc="train diffusion", unit="step", disable=not show_progress):
-        rows = torch.randint(0, len(images), (train.batch_size,), generator=generator)
-        x0, cond = images[rows], tokens[rows].clone()
+
+    def conditions(rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        cond = tokens[rows].clone()
         drop = torch.rand(len(rows), 3, generator=generator) < train.drop_factor
         drop |= torch.rand(len(rows), 1, generator=generator) < train.drop_all
-        cond = torch.where(drop, null.expand_as(cond), cond)
-        t = torch.randint(0, config.timesteps, (len(rows),), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        loss = denoising_errors(model, x0, t, noise, cond).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    return model.eval()
+        return torch.where(drop, null.expand_as(cond), cond)
+
+    return train_denoiser(model, images, conditions, train, seed, show_progress)
+
+
+def train_denoiser(model: nn.Module, images: torch.Tensor, conditions, train: TrainConfig, seed: int = 0,
+                   show_progress: bool = False, desc: str = "train diffusion") -> nn.Module:
+    """Seeded AdamW on the ε-prediction loss of ``model``'s trainable parameters (frozen ones stay).
+
+    ``images [N, 3, H, W]`` in [-1, 1]; ``conditions(rows [B], generator) -> [B, ...]`` gives the
+    condition input of the sampled rows, classifier-free dropout applied (it may draw from
+    ``generator``). One thread: small GEMMs are as fast, and parallel retrainings do not fight.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generator = torch.Generator().manual_seed(seed)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, train))
+        timesteps = model.config.timesteps
+        model.train()
+        for _ in tqdm(range(train.steps), desc=desc, unit="step", disable=not show_progress):
+            rows = torch.randint(0, len(images), (train.batch_size,), generator=generator)
+            x0, cond = images[rows], conditions(rows, generator)
+            t = torch.randint(0, timesteps, (len(rows),), generator=generator)
+            noise = torch.randn(x0.shape, generator=generator)
+            loss = denoising_errors(model, x0, t, noise, cond).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        return model.eval()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _lr_factor(step: int, train: TrainConfig) -> float:

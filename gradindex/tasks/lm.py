@@ -186,7 +186,40 @@ def _train(task: "LMTask", dataset: Sequence, rows: np.ndarray, seed: int, confi
     return model.eval()
 
 
-class LMTask(CausalLMTask):
+class TinyTransformerTask(CausalLMTask):
+    """What the built-in word-level LMs share: a ``tokenizer``, a :class:`TinyTransformer` of
+    ``model_config``, checkpoints trained on first use, training items ``_train_items``.
+    Subclasses set ``name`` (the task's built-in name) and define ``arch``, ``train`` and
+    ``default_checkpoint``."""
+
+    name = "lm"
+
+    # -- tokenizer ------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    # -- model ----------------------------------------------------------------------------------
+    def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(batch["input_ids"])
+
+    def load_model(self, checkpoint: str | Path | None) -> nn.Module:
+        if checkpoint is None:
+            checkpoint = self.default_checkpoint()
+            if not checkpoint.is_file():
+                logger.info("training the %s task's model (first use) -> %s", self.name, checkpoint)
+                self.train(checkpoint)
+        return load_checkpoint(TinyTransformer(self.model_config), checkpoint, self.arch(), self.name,
+                               f"{type(self).__name__}(...).train(path) writes one")
+
+    # -- data -----------------------------------------------------------------------------------
+    def train_dataset(self) -> Sequence:
+        return self._train_items
+
+
+class LMTask(TinyTransformerTask):
     """The built-in causal LM task; see the module docstring. Options: ``corpus`` (a corpus
     config JSON), ``seed`` (training seed), ``layers``, ``width``, ``heads``, ``epochs``."""
 
@@ -213,17 +246,7 @@ class LMTask(CausalLMTask):
         self.vocab_size = self.model_config.vocab_size
         self._train_items = [sequence_item([*self.bos_ids, *self.tokenizer.encode(s)]) for s in self.corpus.sequences]
 
-    # -- tokenizer ------------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(ids)
-
     # -- model ----------------------------------------------------------------------------------
-    def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(batch["input_ids"])
-
     def arch(self) -> dict[str, Any]:
         """What a checkpoint must match: the model config and a hash of the vocabulary."""
         vocab = hashlib.sha256("\n".join(self.corpus.vocabulary).encode()).hexdigest()[:16]
@@ -241,18 +264,7 @@ class LMTask(CausalLMTask):
         model = train_lm(self, indices, self.seed if seed is None else int(seed), self.train_config)
         return save_checkpoint(model, self.arch(), path or self.default_checkpoint())
 
-    def load_model(self, checkpoint: str | Path | None) -> nn.Module:
-        if checkpoint is None:
-            checkpoint = self.default_checkpoint()
-            if not checkpoint.is_file():
-                logger.info("training the lm task's model (first use) -> %s", checkpoint)
-                self.train(checkpoint)
-        return load_checkpoint(TinyTransformer(self.model_config), checkpoint, self.arch(), "lm",
-                               "LMTask(...).train(path) writes one")
-
     # -- data -----------------------------------------------------------------------------------
-    def train_dataset(self) -> Sequence:
-        return self._train_items
 
     def metadata(self, dataset: Sequence) -> dict[str, np.ndarray]:
         if dataset is not self._train_items:

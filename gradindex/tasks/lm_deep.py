@@ -42,11 +42,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from gradindex.tasks.causal_lm import CausalLMTask, completion_item, sequence_item
-from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
-from gradindex.tasks.lm import ModelConfig, TinyTransformer, TrainConfig, train_lm
+from gradindex.tasks.causal_lm import completion_item, sequence_item
+from gradindex.tasks.checkpoints import gradindex_home, save_checkpoint
+from gradindex.tasks.lm import ModelConfig, TinyTransformerTask, TrainConfig, train_lm
 from gradindex.tasks.pydoc_corpus import PydocCorpus, PydocCorpusConfig, build_corpus
 
 logger = logging.getLogger(__name__)
@@ -63,9 +62,11 @@ class QueryItems(list):
         self.topics = topics
 
 
-class DeepLMTask(CausalLMTask):
+class DeepLMTask(TinyTransformerTask):
     """The built-in ``lm-deep`` task; see the module docstring. Options: ``seed`` (training seed),
     ``layers``, ``width``, ``heads``, ``epochs``."""
+
+    name = "lm-deep"
 
     def __init__(self, seed: int = 0, layers: int = 6, width: int = 64, heads: int = 4,
                  epochs: int = DEFAULT_TRAIN.epochs):
@@ -82,17 +83,7 @@ class DeepLMTask(CausalLMTask):
         self._train_items = [sequence_item([*self.bos_ids, *ids]) for ids in self.corpus.sequences]
         self._queries: QueryItems | None = None
 
-    # -- tokenizer ------------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(ids)
-
     # -- model ----------------------------------------------------------------------------------
-    def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(batch["input_ids"])
-
     def arch(self) -> dict[str, Any]:
         """What a checkpoint must match: the model config and a hash of the vocabulary."""
         vocab = hashlib.sha256("\n".join(self.tokenizer.vocabulary).encode()).hexdigest()[:16]
@@ -117,18 +108,7 @@ class DeepLMTask(CausalLMTask):
         model = train_lm(self, indices, self.seed if seed is None else int(seed), config)
         return save_checkpoint(model, self.arch(), path or self.default_checkpoint())
 
-    def load_model(self, checkpoint: str | Path | None) -> nn.Module:
-        if checkpoint is None:
-            checkpoint = self.default_checkpoint()
-            if not checkpoint.is_file():
-                logger.info("training the lm-deep task's model (first use, about a minute) -> %s", checkpoint)
-                self.train(checkpoint)
-        return load_checkpoint(TinyTransformer(self.model_config), checkpoint, self.arch(), "lm-deep",
-                               "DeepLMTask(...).train(path) writes one")
-
     # -- data -----------------------------------------------------------------------------------
-    def train_dataset(self) -> Sequence:
-        return self._train_items
 
     def topic_names(self, topics: Sequence[int]) -> np.ndarray:
         return np.array([self.corpus.topic_names[t] for t in topics], dtype=object)

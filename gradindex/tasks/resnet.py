@@ -46,6 +46,7 @@ from torch import nn
 
 from gradindex.config import require_positive
 from gradindex.errors import ArtifactNotFoundError, ConfigError
+from gradindex.inputs import read_npz
 from gradindex.task import Task
 from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
 from gradindex.tasks.classification import check_labels, margin
@@ -213,16 +214,10 @@ class ResNetTask(Task):
         return columns
 
     def load_queries(self, path: str | Path) -> Sequence:
-        path = Path(path)
-        if not path.is_file():
-            raise ArtifactNotFoundError(f"no query inputs file at {path}")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                if "images" not in data.files:
-                    raise ConfigError(f"{path}: expected an array named 'images' (and optional 'y'), found {data.files}")
-                images, y = data["images"], data["y"] if "y" in data.files else None
-        except (ValueError, OSError) as err:
-            raise ConfigError(f"{path}: not a .npz of resnet queries ({err})") from None
+        data = read_npz(path, "resnet queries")
+        if "images" not in data:
+            raise ConfigError(f"{path}: expected an array named 'images' (and optional 'y'), found {sorted(data)}")
+        images, y = data["images"], data.get("y")
         size = self.concept_config.image_size
         if images.ndim != 4 or images.shape[1:] != (size, size, 3) or images.dtype != np.uint8 or not len(images):
             raise ConfigError(f"{path}: expected uint8 images of shape [n, {size}, {size}, 3], got "

@@ -52,7 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradindex.config import require_positive
-from gradindex.errors import ArtifactNotFoundError, ConfigError
+from gradindex.errors import ConfigError
+from gradindex.inputs import read_npz
 from gradindex.task import Task
 from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
 from gradindex.tasks.classification import check_labels, margin
@@ -176,16 +177,10 @@ class TabularTask(Task):
         return {"label": y}
 
     def load_queries(self, path: str | Path) -> Sequence:
-        path = Path(path)
-        if not path.is_file():
-            raise ArtifactNotFoundError(f"no query inputs file at {path}")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                if "x" not in data.files:
-                    raise ConfigError(f"{path}: expected an array named 'x' (and optional 'y'), found {data.files}")
-                x, y = data["x"], data["y"] if "y" in data.files else None
-        except (ValueError, OSError) as err:
-            raise ConfigError(f"{path}: not a .npz of {self.dataset} rows ({err})") from None
+        data = read_npz(path, f"{self.dataset} rows")
+        if "x" not in data:
+            raise ConfigError(f"{path}: expected an array named 'x' (and optional 'y'), found {sorted(data)}")
+        x, y = data["x"], data.get("y")
         if x.ndim != 2 or x.shape[1] != self.num_features or not len(x) or not np.issubdtype(x.dtype, np.number) \
                 or not np.isfinite(x).all():
             raise ConfigError(f"{path}: expected finite features of shape [n, {self.num_features}], got "
