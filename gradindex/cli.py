@@ -195,6 +195,9 @@ split_option = click.option("--split", type=click.Choice(["fit", "eval", "all"])
                                  "default), eval (eval lds' default; disjoint from fit) or all.")
 concept_option = click.option("--concept", default="all", show_default=True,
                               help="Concept: 'all' (the task's measurement) or one of the task's concepts.")
+shared_option = click.option("--shared/--no-shared", "shared", default=None,
+                              help="Search the shared index (build-index --shared) with the concept's weights on the "
+                                   "query side, or the concept's own partition (default: its own when built).")
 trust_options = [
     click.option("--trust-task", is_flag=True,
                  help="Run the task code the store's manifest names even if it is not built in (only for stores "
@@ -422,12 +425,15 @@ def _parse_shards(text: str | None) -> list[int] | None:
 
 search_options = [
     click.option("--nprobe", type=int, default=0, show_default=True,
-                 help="ivf/ivfpq: direction cells probed per norm band (0 = 32)."),
-    click.option("--ef-search", type=int, default=0, show_default=True, help="hnsw: beam width (0 = 256)."),
+                 help="ivf/ivfpq: scan budget, in directions' worth of vectors (N/nlist each), cells taken in "
+                      "order of estimated best score (0 = the partition's default: calibrated, else 16)."),
+    click.option("--ef-search", type=int, default=0, show_default=True,
+                 help="hnsw: beam width (0 = the partition's default: calibrated, else 256)."),
     click.option("--rerank", type=int, default=0, show_default=True,
-                 help="ivfpq: best candidates (by PQ score, over all bands) re-scored exactly (0 = 20·k)."),
+                 help="ivfpq: best candidates by PQ score re-scored exactly (0 = the partition's default: "
+                      "calibrated, else 20·k)."),
     click.option("--no-prune", "no_prune", is_flag=True,
-                 help="ivf/ivfpq: search every norm band (no ‖q‖·max‖x‖ bound)."),
+                 help="ivf/ivfpq: scan the whole budget (no ‖q‖·max‖x‖ bound per cell)."),
 ]
 
 
@@ -466,31 +472,52 @@ def _search_config(nprobe, ef_search, rerank, no_prune):
               help="Build only the part of these store shards (e.g. 0-4), e.g. one machine each, after --train-only.")
 @click.option("--update", is_flag=True, help="Add parts for store shards no part covers yet (after featurize --append).")
 @click.option("--train-only", is_flag=True, help="Train a fresh partition and build no parts (then --shards per machine).")
+@click.option("--shared", is_flag=True,
+              help="Build the one index of φ serving every concept (its weights applied on the query side) "
+                   "instead of --concept's own partition.")
+@click.option("--target-recall", type=click.FloatRange(0, 1), default=0.95, show_default=True,
+              help="Calibrate the approximate kinds' query knobs left at 0 to the cheapest setting reaching this "
+                   "recall@10 on calibration queries (0 = no calibration).")
 @_apply(search_options)
+@_apply(trust_options)
 @click.pass_context
 def build_index_command(ctx, store_path, concept, kind, preconditioner, damping, device, balance, nlist, bands,
                         pq_bytes, hnsw_m, ef_construction, train_size, index_seed, shards_per_part, keep_vectors,
-                        shards, update, train_only, nprobe, ef_search, rerank, no_prune) -> None:
+                        shards, update, train_only, shared, target_recall, nprobe, ef_search, rerank, no_prune,
+                        trust_task, task_spec) -> None:
     """Build the FAISS partition of a concept from STORE's features and weights.
 
     The query knobs given here (--nprobe, --ef-search, --rerank, --no-prune) become the
-    partition's defaults; `query` and `eval recall` can override them.
+    partition's defaults; the ones left at 0 are calibrated (--target-recall) on stored rows made
+    into queries and, when the store's task may run (built in, or --trust-task / --task), the
+    task's own queries. `query` and `eval recall` can override them.
     """
     from gradindex.config import IndexConfig
     from gradindex.index import build_index
+    from gradindex.index.shared import SHARED
     from gradindex.store import FeatureStore
+    from gradindex.weights import GroupWeights
 
+    if shared and concept != "all":
+        raise ConfigError("--shared builds one index for every concept; drop --concept")
+    concept = SHARED if shared else concept
     config = IndexConfig(concept=concept, kind=kind, preconditioner=preconditioner, damping=damping, device=device,
                          balance=balance, nlist=nlist, bands=bands, pq_bytes=pq_bytes, hnsw_m=hnsw_m,
                          ef_construction=ef_construction, train_size=train_size, seed=index_seed,
                          shards_per_part=shards_per_part, keep_vectors=keep_vectors)
     if sum([update, train_only, shards is not None]) > 1:
         raise ConfigError("--update, --train-only and --shards exclude each other")
-    store = FeatureStore.open(store_path)
-    index = build_index(store, config, show_progress=_progress(ctx), shards=_parse_shards(shards), update=update,
-                        train_only=train_only, search=_search_config(nprobe, ef_search, rerank, no_prune))
+    store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
+    index = build_index(store, config, weights=GroupWeights.uniform(SHARED, store.groups) if shared else None,
+                        show_progress=_progress(ctx), shards=_parse_shards(shards), update=update,
+                        train_only=train_only, search=_search_config(nprobe, ef_search, rerank, no_prune),
+                        target_recall=target_recall or None)
     click.echo(f"{store.path}: index {concept!r} ({index.kind}, {preconditioner}) with {index.ntotal} vectors "
                f"of dimension {store.dim} in {len(index.parts)} part(s)")
+    if "calibration" in index.entry:
+        from gradindex.index.calibrate import describe
+
+        click.echo(f"calibrated knobs: {describe(index.entry['calibration'], index.kind)}")
 
 
 @main.command("learn-weights")
@@ -656,6 +683,7 @@ def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, 
 @device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Queries per backward pass.")
 @_apply(search_options)
+@shared_option
 @click.option("--all", "all_scores", is_flag=True,
               help="Every score, not the top-k: the full [queries, training examples] matrix, computed exactly "
                    "from the store (no index needed) and written to --out.")
@@ -669,7 +697,7 @@ def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, 
                    "at most one per GPU or CPU slot).")
 @_apply(trust_options)
 def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_size, nprobe, ef_search, rerank,
-          no_prune, all_scores, out, ray_address, ray_timeout, actors, trust_task, task_spec) -> None:
+          no_prune, shared, all_scores, out, ray_address, ray_timeout, actors, trust_task, task_spec) -> None:
     """Top-k training examples of STORE for every query in --inputs.
 
     With --all, every score instead (--out scores.npy|scores.parquet), under the concept's
@@ -692,12 +720,13 @@ def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_siz
         _connect_ray(ray_address, ray_timeout)  # the install hint and an unreachable address before any work
     store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
     if ray_address is None:
-        attributor = Attributor.open(store, concept=concept, checkpoint=checkpoint, device=device, search=search)
+        attributor = Attributor.open(store, concept=concept, checkpoint=checkpoint, device=device, search=search,
+                                     shared=shared)
     else:
         from gradindex.index.ray_search import open_ray_attributor
 
         attributor = open_ray_attributor(store, concept=concept, checkpoint=checkpoint, device=device,
-                                         address=ray_address, actors=actors, search=search)
+                                         address=ray_address, actors=actors, search=search, shared=shared)
     queries = attributor.task.load_queries(inputs)
     top = attributor.attribute(queries, k=k, batch_size=batch_size)
     records = result_records(top, metadata_lookup(attributor.store, top.sample_ids))
@@ -877,6 +906,15 @@ def info(store_path, as_json) -> None:
         if index["stale"]:
             line += f"; the store's current weights are {index['current_weights']}: run build-index again to use them"
         click.echo(line)
+        entry = store.manifest["indexes"][concept]
+        if entry.get("calibration"):
+            from gradindex.index.calibrate import describe
+
+            click.echo(f"  search knobs {describe(entry['calibration'], entry['kind'])}")
+        elif entry.get("kind") in ("ivf", "ivfpq", "hnsw"):
+            from gradindex.index.calibrate import knob_text
+
+            click.echo(f"  search knobs {knob_text(entry.get('search', {}), entry['kind'])} (0 = default; not calibrated)")
 
 
 def _setting(config: dict[str, Any]) -> str:
@@ -895,12 +933,15 @@ def _setting(config: dict[str, Any]) -> str:
               help="Query inputs file (default: the task's own held-out queries).")
 @click.option("--queries", "num_queries", type=click.IntRange(min=1), default=None,
               help="Use only the first N queries.")
+@click.option("--target-recall", type=click.FloatRange(0, 1), default=0.95, show_default=True,
+              help="Also print the cheapest knobs reaching this recall@k on these queries (0 = don't).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_apply(search_options)
+@shared_option
 @device_option
 @_apply(trust_options)
-def eval_recall(store_path, concept, k, inputs, num_queries, as_json, nprobe, ef_search, rerank, no_prune,
-                device, trust_task, task_spec) -> None:
+def eval_recall(store_path, concept, k, inputs, num_queries, target_recall, as_json, nprobe, ef_search, rerank,
+                no_prune, shared, device, trust_task, task_spec) -> None:
     """recall@k of an index partition against exact search over the same store."""
     from gradindex.evaluate import index_recall
     from gradindex.query_features import load_store_task
@@ -910,12 +951,19 @@ def eval_recall(store_path, concept, k, inputs, num_queries, as_json, nprobe, ef
     queries = load_store_task(store).load_queries(inputs) if inputs is not None else None
     search = _search_config(nprobe, ef_search, rerank, no_prune)
     result = index_recall(store, concept, queries=queries, k=k, device=device, num_queries=num_queries,
-                          search=search if search.to_dict() != type(search)().to_dict() else None)
+                          search=search if search.to_dict() != type(search)().to_dict() else None, shared=shared,
+                          target=target_recall or None)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
+    from gradindex.index.calibrate import knob_text
+
     _echo_table([{"concept": result.concept, "kind": result.kind, "vectors": result.ntotal,
-                  "queries": result.queries, f"recall@{k}": result.recall}])
+                  "queries": result.queries, "knobs": knob_text(result.search, result.kind), f"recall@{k}": result.recall}])
+    if result.knobs is not None:
+        verdict = "reach" if result.reached else "do NOT reach (the largest setting tried)"
+        click.echo(f"knobs that {verdict} recall@{k} {result.target} on these queries: "
+                   f"{knob_text(result.knobs, result.kind)} (recall {result.knobs_recall:.4g})")
 
 
 @eval_group.command("precision")

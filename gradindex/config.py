@@ -395,7 +395,7 @@ class IndexConfig(_Config):
 class SearchConfig(_Config):
     """Query-time knobs of an approximate index (0 = the kind's default; flat ignores them)."""
 
-    nprobe: int = 0  # direction cells probed per norm band (ivf, ivfpq); default 32
+    nprobe: int = 0  # ivf, ivfpq: scan budget in directions' worth of vectors (N/nlist each); default 16
     ef_search: int = 0  # HNSW beam width; default 256
     rerank: int = 0  # candidates per query re-scored exactly (ivfpq; hnsw with kept vectors); default 20·k
     prune: bool = True  # skip norm bands whose bound ‖q‖·max‖x‖ cannot beat the current k-th score

@@ -41,19 +41,23 @@ def exact_topk(queries: np.ndarray, blocks: Iterable[tuple[np.ndarray, np.ndarra
     return TopK(best_scores.numpy(), best_ids.numpy())
 
 
+def per_query_recall(approx: TopK, exact: TopK) -> np.ndarray:
+    """``|approx ∩ exact| / k`` per query (ids; -1 never counts): ``[n]``."""
+    k = max(1, exact.k)
+    return np.array([len(set(a[a >= 0].tolist()) & set(e[e >= 0].tolist())) / k
+                     for a, e in zip(approx.sample_ids, exact.sample_ids)])
+
+
 def recall_at_k(approx: TopK, exact: TopK) -> float:
     """Mean over queries of ``|approx ∩ exact| / k`` (ids; -1 never counts)."""
-    k = exact.k
-    hits = [
-        len(set(a[a >= 0].tolist()) & set(e[e >= 0].tolist())) / max(1, k)
-        for a, e in zip(approx.sample_ids, exact.sample_ids)
-    ]
-    return float(np.mean(hits)) if hits else 0.0
+    hits = per_query_recall(approx, exact)
+    return float(hits.mean()) if len(hits) else 0.0
 
 
 @dataclass(frozen=True)
 class RecallResult:
-    """recall@k of one index partition against exact search over the same store."""
+    """recall@k of one index partition against exact search over the same store; with a target,
+    the cheapest knobs reaching it on the same queries (``None`` for exact kinds)."""
 
     concept: str
     kind: str
@@ -62,6 +66,10 @@ class RecallResult:
     recall: float
     ntotal: int
     search: dict
+    target: float | None = None
+    knobs: dict | None = None  # SearchConfig fields of the cheapest setting reaching ``target``
+    knobs_recall: float | None = None  # the recall measured there
+    reached: bool | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -69,18 +77,25 @@ class RecallResult:
 
 def index_recall(store: FeatureStore, concept: str = "all", query_vectors: np.ndarray | None = None,
                  queries: Sequence | None = None, k: int = 10, search=None, device: str = "cpu",
-                 num_queries: int | None = None) -> RecallResult:
-    """recall@k of the ``concept`` partition (with ``search`` knobs) against exact search.
+                 num_queries: int | None = None, shared: bool | None = None,
+                 target: float | None = None) -> RecallResult:
+    """recall@k of the partition answering ``concept`` (with ``search`` knobs) against exact search.
 
-    Query vectors ``u(q)``: ``query_vectors`` if given, else the task's (or ``queries``')
-    query features through the partition's preconditioner and weights.
+    Query vectors ``u(q)``: ``query_vectors`` if given (in the partition's query space), else the
+    task's (or ``queries``') query features through the partition's preconditioner and the
+    concept's weights. ``shared``: as in :func:`gradindex.index.shared.resolve_partition`.
+    ``target``: also find the cheapest knobs reaching that mean recall on these queries.
     """
-    from gradindex.index import GradIndex
+    from gradindex.index.calibrate import cheapest_reaching
+    from gradindex.index.shared import open_concept_index
+    from gradindex.query_features import QueryFeaturizer
 
     require_positive(k, "k")
-    index = GradIndex.open(store, concept, search=search)
+    index, weights = open_concept_index(store, concept, search=search, shared=shared)
     if query_vectors is None:
-        attributor = Attributor(_featurizer(store, index, device), index)
+        featurizer = QueryFeaturizer.open(store, concept, index.config.preconditioner, index.config.damping,
+                                          device=device)
+        attributor = Attributor(featurizer, index, weights)
         try:
             dataset = queries if queries is not None else default_queries(attributor.task)
             if num_queries is not None:
@@ -90,15 +105,18 @@ def index_recall(store: FeatureStore, concept: str = "all", query_vectors: np.nd
             attributor.close()
     exact = exact_topk(query_vectors, stored_vector_blocks(store, index.weights), k)
     approx = index.search(query_vectors, k)
-    return RecallResult(concept, index.kind, k, len(query_vectors), recall_at_k(approx, exact), index.ntotal,
-                        (search.to_dict() if search is not None else index.entry.get("search", {})))
+    recall = float(per_query_recall(approx, exact).mean()) if len(query_vectors) else 0.0
+    knobs = knobs_recall = reached = None
+    if target and index.kind != "flat":
+        from gradindex.index.calibrate import CalibrationQueries
 
-
-def _featurizer(store: FeatureStore, index, device: str):
-    from gradindex.query_features import QueryFeaturizer
-
-    return QueryFeaturizer.open(store, index.config.concept, index.config.preconditioner, index.config.damping,
-                                device=device)
+        single = CalibrationQueries(np.ascontiguousarray(query_vectors, np.float32), np.zeros(len(query_vectors), int),
+                                    ("inputs",))
+        setting, per_query, reached = cheapest_reaching(index, single, exact, target, k, search)
+        knobs, knobs_recall = setting.to_dict(), float(per_query.mean())
+    return RecallResult(concept, index.kind, k, len(query_vectors), recall, index.ntotal,
+                        index.parts[0].search_config.to_dict() if index.parts else {}, target, knobs, knobs_recall,
+                        reached)
 
 
 def concept_precision(

@@ -88,7 +88,9 @@ _PART = {
         "ids_file": _PATH, "ids_sha256": _SHA, "trained_sha256": _SHA,
         "info": {"type": ["object", "null"],
                  "properties": {"band_max": {"type": "array", "items": {"type": "number"}},
-                                "band_count": {"type": "array", "items": _COUNT}}},
+                                "band_count": {"type": "array", "items": _COUNT},
+                                "cell_max": {"type": "array", "items": {"type": "number"}},
+                                "cell_count": {"type": "array", "items": _COUNT}}},
     },
     "if": {"required": ["vectors_file"], "properties": {"vectors_file": {"minLength": 1}}},
     "then": {"required": ["vectors_sha256"], "properties": {"vectors_sha256": _SHA}},
@@ -121,7 +123,13 @@ _INDEX = {
         },
         "trained": {"type": "object", "required": ["file", "sha256"], "properties": {"file": _PATH, "sha256": _SHA}},
         "layout": _LAYOUT,
+        "cells": {"anyOf": [{"type": "object", "maxProperties": 0},
+                            {"type": "object", "required": ["file", "sha256"],
+                             "properties": {"file": _PATH, "sha256": _SHA}}]},
         "search": {"type": "object"},
+        "calibration": {"type": "object", "required": ["search", "target", "k", "recall"],
+                        "properties": {"search": {"type": "object"}, "target": {"type": "number"},
+                                       "k": _POSITIVE, "recall": {"type": "number"}}},
         "parts": {"type": "array", "items": _PART},
         "ntotal": _COUNT,
     },
@@ -243,6 +251,8 @@ def manifest_paths(manifest: dict[str, Any]) -> Iterator[tuple[str, str]]:
         yield f"{where}.trained.file", entry["trained"]["file"]
         if entry["transform"]["kind"] != "none":
             yield f"{where}.transform.file", entry["transform"]["file"]
+        if entry.get("cells"):
+            yield f"{where}.cells.file", entry["cells"]["file"]
         for i, part in enumerate(entry["parts"]):
             yield f"{where}.parts.{i}.file", part["file"]
             yield f"{where}.parts.{i}.ids_file", part["ids_file"]
@@ -311,6 +321,9 @@ def _bands_problem(part: dict[str, Any], layout: dict[str, Any]) -> str | None:
     info = part.get("info") or {}
     if len(info.get("band_max", [])) != layout["bands"] or len(info.get("band_count", [])) != layout["bands"]:
         return f"expected band_max and band_count for {layout['bands']} bands"
+    cells = layout["bands"] * layout["nlist"]
+    if "cell_max" in info and (len(info["cell_max"]) != cells or len(info.get("cell_count", [])) != cells):
+        return f"expected cell_max and cell_count for {cells} cells (bands × nlist)"
     return None
 
 

@@ -38,15 +38,16 @@ logger = logging.getLogger(__name__)
 class Attributor:
     """Warm query engine for one concept partition of a store."""
 
-    def __init__(self, featurizer: QueryFeaturizer, index: GradIndex):
+    def __init__(self, featurizer: QueryFeaturizer, index: GradIndex, weights: GroupWeights | None = None):
+        """``weights``: the query side's (default: the partition's; the shared index's are the concept's ``w²``)."""
         self.featurizer = featurizer
         self.index = index
         self.store = featurizer.store
         self.task = featurizer.task
         self.model = featurizer.model
-        self.concept = index.config.concept
+        self.concept = featurizer.concept
         self.groups = featurizer.groups
-        self.weights = index.weights
+        self.weights = weights if weights is not None else index.weights
 
     @classmethod
     def open(
@@ -58,15 +59,21 @@ class Attributor:
         index_device: str | None = None,
         search: SearchConfig | None = None,
         trust_task: bool = False,
+        shared: bool | None = None,
     ) -> "Attributor":
         """``trust_task``: run the task code the store names even if it is not built in
-        (:func:`~gradindex.query_features.load_store_task`)."""
+        (:func:`~gradindex.query_features.load_store_task`). ``shared``: see
+        :func:`gradindex.index.shared.resolve_partition` (default: the concept's own partition when
+        built, else the shared index)."""
+        from gradindex.index.shared import open_concept_index
+
         store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
-        index = GradIndex.open(store, concept, device=index_device, search=search)
+        index, weights = open_concept_index(store, concept, device=index_device, search=search, shared=shared)
         featurizer = QueryFeaturizer.open(store, concept, index.config.preconditioner, index.config.damping,
                                           checkpoint, device, trust_task)
-        warn_if_weights_changed(store, concept, index)
-        return cls(featurizer, index)
+        if index.config.concept == concept:  # the shared index carries no weights of its own to go stale
+            warn_if_weights_changed(store, concept, index)
+        return cls(featurizer, index, weights)
 
     def query_vectors(self, dataset: Sequence, batch_size: int = 64) -> np.ndarray:
         """``u(q)`` for every item of ``dataset``: ``[n, D]`` float32."""

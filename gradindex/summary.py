@@ -57,7 +57,7 @@ def store_summary(store: FeatureStore) -> dict[str, Any]:
                                                        if "config" in w.info else {})}
     for label, damping in group_dampings(manifest, store.groups).items():
         for row in groups:
-            row.setdefault("damping", {})[label] = damping[row["group"]]
+            row.setdefault("damping", {})[label] = damping.get(row["group"])  # None: a crafted manifest lacks it
     indexes = {}
     for concept, entry in sorted(manifest.get("indexes", {}).items()):
         cfg = entry["config"]

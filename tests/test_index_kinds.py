@@ -79,14 +79,14 @@ def test_each_kind_round_trips_to_disk_and_answers(store, queries, kind):
 
 
 def test_ivf_recall_at_nprobe_nlist_is_one_with_and_without_pruning(store, queries):
-    index = build_index(store, IndexConfig(concept="ivf", kind="ivf", nlist=8), show_progress=False)
+    index = build_index(store, IndexConfig(concept="ivf", kind="ivf", nlist=16), show_progress=False)
     want = exact(store, queries)
     for prune in (False, True):
-        full = index.with_search(SearchConfig(nprobe=8, prune=prune)).search(queries, 10)
+        full = index.with_search(SearchConfig(nprobe=16, prune=prune)).search(queries, 10)
         assert recall_at_k(full, want) == 1.0
         np.testing.assert_allclose(full.scores, want.scores, rtol=1e-4, atol=1e-5)
     assert recall_at_k(index.with_search(SearchConfig(nprobe=1)).search(queries, 10), want) < 1.0
-    result = index_recall(store, "ivf", query_vectors=queries, k=10, search=SearchConfig(nprobe=8))
+    result = index_recall(store, "ivf", query_vectors=queries, k=10, search=SearchConfig(nprobe=16))
     assert result.recall == 1.0 and result.kind == "ivf" and result.queries == 40
     assert index_recall(store, "ivf", query_vectors=queries, k=10, search=SearchConfig(nprobe=1)).recall < 1.0
 

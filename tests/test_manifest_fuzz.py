@@ -279,3 +279,14 @@ def test_the_path_property_is_not_vacuous(base, tmp_path, monkeypatch):
         _readers_and_writers(store)
     monkeypatch.setattr(store_module, "inside_store", lambda root, relative, what: Path(root) / relative)
     _readers_and_writers(store)  # reads the copy outside and succeeds
+
+
+def test_info_on_a_per_group_damping_without_every_group(base, tmp_path):
+    """The fuzz's falsifying example: an index config's per-group damping ``{}`` made ``info``
+    raise KeyError (a traceback, exit 1); it must print or refuse in one line."""
+    store = copy_store(base, tmp_path / "store")
+    data = manifest(store)
+    data["indexes"]["all"]["config"]["damping"] = {}
+    write_manifest(store, data)
+    result = CliRunner().invoke(main, ["info", str(store)])
+    assert result.exit_code in (0, 2) and not isinstance(result.exception, KeyError), result.output

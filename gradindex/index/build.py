@@ -34,7 +34,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import PurePosixPath
 from typing import Any
@@ -73,6 +73,7 @@ GradIndex = ShardedIndex
 ADD_BATCH = 65_536
 TRAINED_FILE = "trained.faiss"
 TRANSFORM_FILE = "transform.npz"
+CELLS_FILE = "cells.npz"
 BUILD_PREFIX = "b-"  # a build folder: indexes/<concept>/b-<random>
 FOLDER_LOCK = ".lock"
 
@@ -86,6 +87,7 @@ def build_index(
     update: bool = False,
     search: SearchConfig | None = None,
     train_only: bool = False,
+    target_recall: float | None = None,
 ) -> ShardedIndex:
     """Build the ``config.concept`` partition and record it in the manifest.
 
@@ -94,6 +96,9 @@ def build_index(
     partition has no trained state yet) — one machine per part. ``update``: add parts for the
     store shards no part covers yet (e.g. after ``featurize --append``), leaving the rest as they are.
     ``train_only``: a fresh partition with its trained state and no parts yet (then ``shards=`` per machine).
+    ``target_recall``: afterwards, calibrate the approximate kinds' knobs (those ``search`` leaves at 0)
+    to the cheapest setting reaching that recall@10 (:mod:`gradindex.index.calibrate`) and record them
+    as the partition's defaults; skipped for ``train_only`` and ``shards`` (no whole partition yet).
     """
     check_index_dim(store.dim, f"build-index {store.path}")
     groups = store.groups
@@ -141,18 +146,35 @@ def build_index(
         todo = [s for s in range(num_shards) if s not in covered]
         per = config.shards_per_part or max(1, len(todo))
         ranges = [todo[i:i + per] for i in range(0, len(todo), per)]
+    calibrating = bool(target_recall) and not train_only and shards is None
+    plan = None
     try:
         with _claim_folder(store, config.concept, existing if reuse else None) as folder:
             state = _load_state(store, existing) if reuse else _train(store, config, weights, folder, show_progress)
+            if calibrating and not reuse and state["kind"] is not IndexKind.FLAT:
+                from gradindex.index.calibrate import CalibrationPlan
+
+                plan = CalibrationPlan.prepare(store, config, weights, state["transform"], state["sample"],
+                                               seed=config.seed, device="cpu")
             for part_shards in ranges:
-                _build_part(store, config, weights, state, part_shards, folder, show_progress)
+                _build_part(store, config, weights, state, part_shards, folder, show_progress,
+                            observe=plan.observe if plan is not None else None)
             _commit_entry(store, config, weights, state, search, folder, requested)
     except BaseException:
         with suppress(GradIndexError, OSError):  # best effort: the build's own error is the one to report
             _tidy(store, config.concept)
         raise
     _tidy(store, config.concept)
-    return ShardedIndex.open(store, config.concept, device=config.device, search=search)
+    index = ShardedIndex.open(store, config.concept, device=config.device)
+    if calibrating and index.kind != IndexKind.FLAT.value:
+        from gradindex.index.calibrate import calibrate
+
+        calibration = calibrate(store, index, target_recall, fixed=search, seed=config.seed,
+                                queries=plan.queries if plan is not None else None,
+                                exact=plan.exact.result() if plan is not None else None)
+        record_search(store, config.concept, index.entry, calibration.search, calibration.to_dict())
+        index = ShardedIndex.open(store, config.concept, device=config.device)
+    return index
 
 
 def _trained_fields(config: dict[str, Any]) -> dict[str, Any]:
@@ -223,6 +245,8 @@ def _entry_files(entry: dict[str, Any]) -> set[str]:
     files = {entry["trained"]["file"]}
     if entry["transform"]["kind"] != "none":
         files.add(entry["transform"]["file"])
+    if entry.get("cells"):
+        files.add(entry["cells"]["file"])
     for part in entry["parts"]:
         files.update(f for f in (part["file"], part["ids_file"], part.get("vectors_file")) if f)
         files.add(str(PurePosixPath(part["file"]).with_name(f"{part['name']}.json")))
@@ -281,6 +305,12 @@ def _train(store: FeatureStore, config: IndexConfig, weights: GroupWeights, fold
                 bar.update(len(ids))
         sample = np.concatenate(picked) if picked else sample
     trained, extras = train_index(kind, sample, knobs, config)
+    cells_info = {}
+    if "cells" in extras:
+        cells = f"{folder}/{CELLS_FILE}"
+        data = npz_bytes(extras["cells"].arrays())
+        store.storage.write_bytes(cells, data)
+        cells_info = {"file": cells, "sha256": hashlib.sha256(data).hexdigest()}
     relative = f"{folder}/{TRAINED_FILE}"
     tmp = store.storage.temporary(relative)
     try:
@@ -290,7 +320,8 @@ def _train(store: FeatureStore, config: IndexConfig, weights: GroupWeights, fold
     finally:
         tmp.unlink(missing_ok=True)
     return {"kind": kind, "knobs": knobs, "transform": transform, "transform_info": transform_info,
-            "trained": trained, "extras": extras, "layout": extras.get("layout", {}),
+            "trained": trained, "extras": extras, "layout": extras.get("layout", {}), "cells_info": cells_info,
+            "sample": sample,
             "trained_info": {"file": relative, "sha256": digest}}
 
 
@@ -304,12 +335,14 @@ def _load_state(store: FeatureStore, entry: dict[str, Any]) -> dict[str, Any]:
         extras["directions"] = banded_directions(trained, layout)
     return {"kind": IndexKind(entry["kind"]), "knobs": entry["knobs"], "transform": load_transform(store, entry),
             "transform_info": entry["transform"], "trained": trained, "extras": extras, "layout": layout,
-            "trained_info": info}
+            "cells_info": entry.get("cells", {}), "trained_info": info}
 
 
 # -- parts ----------------------------------------------------------------------------------------
 def _build_part(store: FeatureStore, config: IndexConfig, weights: GroupWeights, state: dict[str, Any],
-                shards: Sequence[int], folder: str, show_progress: bool) -> IndexPart:
+                shards: Sequence[int], folder: str, show_progress: bool,
+                observe: Callable[[np.ndarray, np.ndarray], None] | None = None) -> IndexPart:
+    """Fill one part from ``shards``; ``observe(ids, vectors)`` also sees every added batch."""
     kind = state["kind"]
     name = part_name(shards)
     rows = sum(store.manifest["shards"][s]["rows"] for s in shards)
@@ -324,6 +357,8 @@ def _build_part(store: FeatureStore, config: IndexConfig, weights: GroupWeights,
                 tqdm(total=rows, desc=f"index {config.concept} {name}", unit="ex", disable=not show_progress) as bar:
             for ids, vectors in iter_vector_batches(store, weights, state["transform"], shards):
                 builder.add(vectors)
+                if observe is not None:
+                    observe(ids, vectors)
                 ids_parts.append(ids.astype(np.int64))
                 if handle is not None:
                     handle.write(vectors.astype(np.float16).tobytes())
@@ -391,11 +426,28 @@ def _commit_entry(store: FeatureStore, config: IndexConfig, weights: GroupWeight
             "transform": state["transform_info"],
             "trained": state["trained_info"],
             "layout": state["layout"],
+            "cells": state["cells_info"],
             "search": (search or SearchConfig()).to_dict(),
             "parts": [p.to_dict() for p in parts],
             "ntotal": int(sum(p.ntotal for p in parts)),
             **({"damping_requested": AUTO_DAMPING} if requested == AUTO_DAMPING else {}),
         }
         return {**manifest, "indexes": {**manifest.get("indexes", {}), config.concept: entry}}
+
+    store.manifest = modify_manifest(store.storage, change)
+
+
+def record_search(store: FeatureStore, concept: str, entry: dict[str, Any], search: SearchConfig,
+                  calibration: dict[str, Any]) -> None:
+    """Make ``search`` the default knobs of ``entry`` (the concept's partition that was calibrated)
+    and record how they were chosen; refused if the concept was rebuilt meanwhile."""
+
+    def change(manifest: dict[str, Any] | None) -> dict[str, Any]:
+        current = (manifest or {}).get("indexes", {}).get(concept)
+        if current is None or current["trained"] != entry["trained"]:
+            raise StoreMismatchError(f"{store.path}: index {concept!r} was rebuilt by another process while it was "
+                                     "calibrated; run build-index again")
+        updated = {**current, "search": search.to_dict(), "calibration": calibration}
+        return {**manifest, "indexes": {**manifest["indexes"], concept: updated}}
 
     store.manifest = modify_manifest(store.storage, change)

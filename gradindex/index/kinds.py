@@ -14,13 +14,15 @@ vectors with heavy-tailed norms):
   tail: the top band holds the largest 2^-(bands-1) of norms) and, within each
   band, into ``nlist`` direction cells (spherical k-means shared by the bands);
   cell ``(b, c)`` is inverted list ``b·nlist + c`` with centroid ``ρ_b·dir_c``
-  (``ρ_b`` the band's median norm). A query probes its ``nprobe`` best
-  directions in each band, bands in decreasing order of their largest norm,
-  and skips a band when ``‖q‖·max‖x‖`` over it cannot beat its current k-th
-  score (lossless given exact scores). ``ivf`` stores the raw vectors (exact
-  scores); ``ivfpq`` stores ``pq_bytes``-byte residual PQ codes and re-scores
-  the best ``rerank`` candidates per band exactly against float16 copies of
-  the vectors kept beside the part.
+  (``ρ_b`` the band's median norm). A query scans cells in decreasing order of
+  an estimate of their best score (:mod:`gradindex.index.probe`: the cell's
+  largest norm times the query's alignment with, and spread along, the
+  direction's stored vectors) until ``nprobe`` directions' worth of vectors are
+  scanned, skipping cells whose bound ``‖q‖·max‖x‖`` cannot beat the current
+  k-th exact score (lossless). ``ivf`` stores the raw vectors (exact scores);
+  ``ivfpq`` stores ``pq_bytes``-byte residual PQ codes and re-scores the best
+  ``rerank`` candidates exactly against float16 copies of the vectors kept
+  beside the part.
 * ``hnsw`` — ``IndexHNSWFlat`` with the inner-product metric over the balanced
   vectors (exact scores of the visited nodes). The MIPS→L2 augmentation
   ``[x, √(M² − ‖x‖²)]`` measured far worse here (recall@10 0.27/0.54/0.89 at
@@ -38,6 +40,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +48,16 @@ import numpy as np
 
 from gradindex.config import AUTO_FLAT_LIMIT, IndexConfig, IndexKind, SearchConfig, require_positive
 from gradindex.errors import ConfigError, MissingDependencyError, StoreMismatchError
+from gradindex.index.probe import CellStats, search_banded
 from gradindex.topk import TopK, canonical_order
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_NPROBE = 32
+DEFAULT_NPROBE = 16  # uncalibrated default: 16 directions' worth of vectors (3% of the part at nlist 512)
 DEFAULT_EF_SEARCH = 256
 DEFAULT_RERANK_PER_K = 20
+RESCORE_FLOATS = 1 << 23  # float32 candidates gathered at once by an exact re-rank (32 MB)
+SINGLE_THREAD_QUERIES = 8  # batches up to this size search on one thread (see PartIndex._threads)
 PQ_TRAIN_ROWS = 16_384  # 64 rows per PQ centroid
 PQ_CENTROIDS = 256  # 8-bit sub-quantizers
 MIN_POINTS_PER_CENTROID = 39  # FAISS's ClusteringParameters default, below which it warns
@@ -255,7 +261,7 @@ def train_index(kind: IndexKind, sample: np.ndarray, knobs: Mapping[str, int], c
     index.own_fields = True
     quantizer.this.disown()
     layout = {"bands": bands, "nlist": nlist, "edges": edges, "rho": rho.tolist()}
-    return index, {"layout": layout, "directions": dirs}
+    return index, {"layout": layout, "directions": dirs, "cells": CellStats.fit(sample, dirs)}
 
 
 def assign_lists(x: np.ndarray, directions: np.ndarray, edges: Sequence[float]) -> np.ndarray:
@@ -284,8 +290,9 @@ class PartBuilder:
         self.layout = dict(extras.get("layout", {}))
         self.directions = extras.get("directions")
         self.rows = 0
-        self.band_max = [0.0] * self.layout.get("bands", 0)
-        self.band_count = [0] * self.layout.get("bands", 0)
+        cells = self.layout.get("bands", 0) * self.layout.get("nlist", 0)
+        self.cell_max = np.zeros(cells, np.float32)  # largest norm of each list (band·nlist + c)
+        self.cell_count = np.zeros(cells, np.int64)
 
     def add(self, x: np.ndarray) -> None:
         x = np.ascontiguousarray(x, np.float32)
@@ -296,16 +303,17 @@ class PartBuilder:
         else:
             faiss = import_faiss()
             lists = assign_lists(x, self.directions, self.layout["edges"])
-            norms = np.linalg.norm(x, axis=1)
-            band = lists // self.layout["nlist"]
-            for b in np.unique(band):
-                self.band_max[b] = max(self.band_max[b], float(norms[band == b].max()))
-                self.band_count[b] += int(np.sum(band == b))
+            np.maximum.at(self.cell_max, lists, np.linalg.norm(x, axis=1))
+            self.cell_count += np.bincount(lists, minlength=len(self.cell_count))
             self.index.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(rows), faiss.swig_ptr(lists))
 
     def info(self) -> dict[str, Any]:
+        """Per-part search facts: each band's and each cell's largest norm and size (banded kinds)."""
         if self.layout:
-            return {"band_max": self.band_max, "band_count": self.band_count}
+            bands = self.layout["bands"]
+            return {"band_max": [float(v) for v in self.cell_max.reshape(bands, -1).max(1)],
+                    "band_count": self.cell_count.reshape(bands, -1).sum(1).tolist(),
+                    "cell_max": [float(v) for v in self.cell_max], "cell_count": self.cell_count.tolist()}
         return {}
 
 
@@ -316,7 +324,7 @@ class PartIndex:
     def __init__(self, index: Any, kind: str, dim: int, info: Mapping[str, Any], transform: QueryTransform | None,
                  vectors: np.ndarray | None, search: SearchConfig, device: str = "cpu", name: str = "",
                  sample_ids: np.ndarray | None = None, layout: Mapping[str, Any] | None = None,
-                 directions: np.ndarray | None = None):
+                 directions: np.ndarray | None = None, cells: CellStats | None = None):
         self.kind = IndexKind(kind)
         self.dim = dim
         self.info = dict(info)
@@ -327,8 +335,16 @@ class PartIndex:
         self.sample_ids = sample_ids
         self.layout = dict(layout or {})
         self.directions = directions
+        self.cells = cells
+        if self.kind in (IndexKind.IVF, IndexKind.IVFPQ):
+            if cells is None or "cell_max" not in self.info:
+                raise StoreMismatchError(f"index part {name}: built by an older gradindex (no cell statistics); "
+                                         "run build-index again")
+            self.cell_max = np.asarray(self.info["cell_max"], np.float32)
+            self.cell_count = np.asarray(self.info["cell_count"], np.int64)
         self.cpu_index = index
         self.device = device
+        self._thread_control = None
         self.index = to_gpu(index, self.kind) if device == "cuda" else index
 
     @property
@@ -354,13 +370,14 @@ class PartIndex:
         k = int(k)
         if self.ntotal == 0:
             return TopK(np.full((len(u), k), -np.inf, np.float32), np.full((len(u), k), -1, np.int64))
-        q = self.transform.query(u) if self.transform is not None else u
-        if self.kind is IndexKind.FLAT:
-            scores, rows = flat_search(self.index, q, min(k, self.ntotal))
-        elif self.kind is IndexKind.HNSW:
-            scores, rows = self._search_hnsw(q, k)
-        else:
-            scores, rows = self._search_banded(q, k)
+        with self._threads(len(u)):
+            q = self.transform.query(u) if self.transform is not None else u
+            if self.kind is IndexKind.FLAT:
+                scores, rows = flat_search(self.index, q, min(k, self.ntotal))
+            elif self.kind is IndexKind.HNSW:
+                scores, rows = self._search_hnsw(q, k)
+            else:
+                scores, rows = self._search_banded(q, k)
         top = canonical_order(scores, self._ids(rows), min(k, scores.shape[1]))
         if top.k < k:
             pad = k - top.k
@@ -368,15 +385,32 @@ class PartIndex:
                        np.concatenate([top.sample_ids, np.full((len(u), pad), -1, np.int64)], 1))
         return top
 
+    def _threads(self, queries: int):
+        """One BLAS / OpenMP thread for small batches: their products are too small to share, and
+        waking (or spinning) a second thread cost a batch-1 query 3× its time on a busy 2-core box."""
+        if queries > SINGLE_THREAD_QUERIES or self.device != "cpu":
+            return nullcontext()
+        if self._thread_control is None:
+            from threadpoolctl import ThreadpoolController
+
+            self._thread_control = ThreadpoolController()
+        return self._thread_control.limit(limits=1)
+
     # exact re-scoring of candidate rows (-1 = none) against the kept float16 vectors
     def _rescore(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Exact scores ``[n, c]`` of candidate ``rows [n, c]`` (-1 = none: ``-inf``) for ``q [n, D]``,
+        a few queries at a time (the gathered float32 candidates stay under ``RESCORE_FLOATS``)."""
         import torch
 
         valid = rows >= 0
-        flat = np.where(valid, rows, 0).reshape(-1)
-        gathered = half_to_float(np.take(self.vectors, flat, axis=0))
-        gathered = gathered.reshape(rows.shape[0], rows.shape[1], self.dim)
-        scores = torch.bmm(gathered, torch.from_numpy(q)[:, :, None])[:, :, 0].numpy()
+        safe = np.where(valid, rows, 0)
+        scores = np.empty(rows.shape, np.float32)
+        step = max(1, RESCORE_FLOATS // max(1, rows.shape[1] * self.dim))
+        for start in range(0, len(rows), step):
+            block = safe[start:start + step]
+            gathered = half_to_float(np.take(self.vectors, block.reshape(-1), axis=0))
+            gathered = gathered.reshape(block.shape[0], block.shape[1], self.dim)
+            scores[start:start + step] = torch.bmm(gathered, torch.from_numpy(q[start:start + step])[:, :, None])[:, :, 0]
         return np.where(valid, scores, -np.inf).astype(np.float32)
 
     def _rerank_depth(self, k: int) -> int:
@@ -392,50 +426,30 @@ class PartIndex:
             scores = self._rescore(q, rows)
         return np.where(rows >= 0, scores, -np.inf).astype(np.float32), rows
 
+    def ranked_candidates(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """ivfpq with kept vectors: ``(exact scores, sample ids)`` ``[n, rerank]`` of the candidates a
+        search re-scores, in PQ-score order (-1 = none); a search with a shallower ``rerank = r``
+        re-scores exactly the first ``r`` of them (calibration measures every depth from one search)."""
+        if self.kind is not IndexKind.IVFPQ or self.vectors is None:
+            raise ConfigError(f"index part {self.name}: ranked candidates need an ivfpq part with kept vectors")
+        u = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+        q = self.transform.query(u) if self.transform is not None else u
+        scores, rows = search_banded(
+            self.index, q, k, self._rerank_depth(k), self.layout, self.directions, self.cells, self.cell_max,
+            self.cell_count, self.search_config.nprobe or DEFAULT_NPROBE, self.search_config.prune, self._rescore,
+        )
+        return scores, self._ids(rows)
+
     def _search_banded(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        nlist = self.layout["nlist"]
-        rho = np.asarray(self.layout["rho"], np.float32)
-        band_max = np.asarray(self.info["band_max"], np.float64)
-        band_count = np.asarray(self.info["band_count"])
-        nprobe = min(nlist, self.search_config.nprobe or DEFAULT_NPROBE)
-        depth = k if self.kind is IndexKind.IVF else self._rerank_depth(k)
-        n = len(q)
-        direction_scores = q @ self.directions.T  # [n, nlist]
-        if nprobe < nlist:
-            probe = np.argpartition(-direction_scores, nprobe - 1, axis=1)[:, :nprobe]
-        else:
-            probe = np.broadcast_to(np.arange(nlist), (n, nlist))
-        probe_scores = np.take_along_axis(direction_scores, probe, 1)
-        qnorm = np.linalg.norm(q, axis=1).astype(np.float64)
-        best_scores = np.full((n, 0), -np.inf, np.float32)
-        best_rows = np.zeros((n, 0), np.int64)
-        self.index.nprobe = nprobe
-        for b in np.argsort(-band_max, kind="stable"):
-            if band_count[b] == 0:
-                continue
-            active = np.arange(n)
-            if self.search_config.prune and best_scores.shape[1] >= k:
-                kth = best_scores[:, k - 1].astype(np.float64)
-                active = np.flatnonzero(qnorm * band_max[b] > kth)
-                if len(active) == 0:
-                    continue
-            lists = (b * nlist + probe[active]).astype(np.int64)
-            coarse = (rho[b] * probe_scores[active]).astype(np.float32)
-            kk = int(min(depth, band_count[b]))
-            scores, rows = self.index.search_preassigned(np.ascontiguousarray(q[active]), kk, lists, coarse)
-            scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
-            merged_scores = np.full((n, kk), -np.inf, np.float32)
-            merged_rows = np.full((n, kk), -1, np.int64)
-            merged_scores[active], merged_rows[active] = scores, rows
-            all_scores = np.concatenate([best_scores, merged_scores], 1)
-            all_rows = np.concatenate([best_rows, merged_rows], 1)
-            top = canonical_order(all_scores, all_rows, min(depth, all_scores.shape[1]))
-            best_scores, best_rows = top.scores, top.sample_ids
-        if self.kind is IndexKind.IVFPQ and self.vectors is not None:  # one exact re-rank of the best `depth`
-            best_scores = self._rescore(q, best_rows)
-            top = canonical_order(best_scores, best_rows, min(k, best_scores.shape[1]))
-            best_scores, best_rows = top.scores, top.sample_ids
-        return best_scores, best_rows
+        nprobe = self.search_config.nprobe or DEFAULT_NPROBE
+        rerank = self.kind is IndexKind.IVFPQ and self.vectors is not None
+        depth = self._rerank_depth(k) if rerank else k
+        scores, rows = search_banded(
+            self.index, q, k, depth, self.layout, self.directions, self.cells, self.cell_max, self.cell_count,
+            nprobe, self.search_config.prune, self._rescore if rerank else None,
+        )
+        top = canonical_order(scores, rows, min(k, scores.shape[1]))
+        return top.scores, top.sample_ids
 
 
 FLAT_GEMM_MIN_QUERIES = 2  # from this many queries on, a CPU flat part is searched by matrix products

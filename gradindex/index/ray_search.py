@@ -186,16 +186,21 @@ class RayAttributor(Attributor):
 def open_ray_attributor(store: str | Path | FeatureStore, concept: str = "all", checkpoint: str | Path | None = None,
                         device: str = "cpu", address: str | None = None, actors: int | None = None,
                         index_device: str = "auto", search: SearchConfig | None = None,
-                        trust_task: bool = False) -> RayAttributor:
+                        trust_task: bool = False, shared: bool | None = None) -> RayAttributor:
     """Query features on this machine (``device``), index parts on Ray actors (``trust_task``: see
-    :func:`~gradindex.query_features.load_store_task`)."""
+    :func:`~gradindex.query_features.load_store_task`; ``shared``: the concept's own partition or the
+    shared index, :func:`gradindex.index.shared.resolve_partition`)."""
+    from gradindex.index.shared import resolve_partition
+
     store = store if isinstance(store, FeatureStore) else FeatureStore.open(store, trust_task=trust_task)
-    index = RayIndex.open(store, concept, address=address, actors=actors, device=index_device, search=search)
+    partition, weights = resolve_partition(store, concept, shared)
+    index = RayIndex.open(store, partition, address=address, actors=actors, device=index_device, search=search)
     try:
         featurizer = QueryFeaturizer.open(store, concept, index.config.preconditioner, index.config.damping,
                                           checkpoint, device)
     except BaseException:
         index.close()
         raise
-    warn_if_weights_changed(store, concept, index)
-    return RayAttributor(featurizer, index)
+    if index.config.concept == concept:  # the shared index carries no weights of its own to go stale
+        warn_if_weights_changed(store, concept, index)
+    return RayAttributor(featurizer, index, weights)

@@ -9,6 +9,7 @@ to it in one rename, and only then is the old one removed)::
     indexes/<concept>/B/part-SSSSS-EEEEE.f16    optional float16 vectors [ntotal, D] for exact re-ranking
     indexes/<concept>/B/trained.faiss           the trained, empty index every part starts from (IVF kinds)
     indexes/<concept>/B/transform.npz           the balancing transform (when one is applied)
+    indexes/<concept>/B/cells.npz               per-direction statistics ordering a query's cells (IVF kinds)
     indexes/<concept>/B/.lock                   held (shared) by every process building into B
 
 ``manifest["indexes"][concept]`` lists the parts (``parts``: :class:`IndexPart`
@@ -44,6 +45,7 @@ import numpy as np
 from gradindex.config import IndexConfig, SearchConfig, check_name, require_positive
 from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
 from gradindex.index.kinds import PartIndex, QueryTransform, check_index_kind, read_index, resolve_device
+from gradindex.index.probe import CellStats
 from gradindex.store import FeatureStore
 from gradindex.topk import TopK, merge_topk
 from gradindex.weights import GroupWeights
@@ -173,8 +175,8 @@ def open_part(
             raise StoreMismatchError(f"{path}: expected {part.ntotal} float16 vectors of dimension {entry['dim']}")
         vectors = np.memmap(path, dtype=np.float16, mode="r", shape=(part.ntotal, entry["dim"]))
     ids_path = checked_file(store, part.ids_file, part.ids_sha256)
-    try:
-        sample_ids = np.load(ids_path)
+    try:  # memory-mapped like the float16 copy: a query reads only its k results' ids
+        sample_ids = np.load(ids_path, mmap_mode="r")
     except (OSError, ValueError, EOFError) as err:
         raise StoreMismatchError(f"{ids_path}: not a readable .npy of sample ids ({err}); run build-index again") \
             from None
@@ -190,12 +192,30 @@ def open_part(
             directions = banded_directions(index, layout)
         except RuntimeError as err:
             raise StoreMismatchError(f"{part.file}: does not fit the band layout of the manifest ({err})") from None
+    cells = None
+    if entry.get("cells"):
+        cells_path = checked_file(store, entry["cells"]["file"], entry["cells"]["sha256"])
+        try:
+            cells = CellStats.load(cells_path)
+        except (OSError, ValueError, KeyError, EOFError) as err:
+            raise StoreMismatchError(f"{cells_path}: not readable cell statistics ({err}); run build-index again") \
+                from None
     return PartIndex(
         index, entry["kind"], entry["dim"], part.info or {}, load_transform(store, entry), vectors,
-        search or SearchConfig.from_dict(entry.get("search", {})),
+        effective_search(entry, search),
         resolve_device(device or config.device), name=part.name, sample_ids=sample_ids, layout=layout,
-        directions=directions,
+        directions=directions, cells=cells,
     )
+
+
+def effective_search(entry: dict[str, Any], search: SearchConfig | None = None) -> SearchConfig:
+    """The partition's default knobs (``entry["search"]``: given at build time or calibrated)
+    with the non-zero knobs of ``search`` (and its ``prune``) in their place."""
+    base = SearchConfig.from_dict(entry.get("search", {}))
+    if search is None:
+        return base
+    given = {name: value for name, value in search.to_dict().items() if value and name != "prune"}
+    return SearchConfig.from_dict({**base.to_dict(), **given, "prune": search.prune})
 
 
 class ShardedIndex:
