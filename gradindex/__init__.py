@@ -13,24 +13,22 @@ commands that compute nothing (``--help``, ``info``) load neither torch nor FAIS
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 #: public name -> module that defines it
 _EXPORTS = {
-    "Attributor": "gradindex.query",
-    "FeatureStore": "gradindex.store",
+    "Attributor": "gradindex.query.attributor",
+    "FeatureStore": "gradindex.store.feature_store",
     "FeaturizeConfig": "gradindex.config",
     "GradIndex": "gradindex.index",
     "GradIndexError": "gradindex.errors",
-    "GroupWeights": "gradindex.weights",
+    "GroupWeights": "gradindex.weights.group_weights",
     "IndexConfig": "gradindex.config",
     "ProjectionConfig": "gradindex.config",
     "Task": "gradindex.task",
     "TopK": "gradindex.index",
     "build_index": "gradindex.index",
-    "featurize": "gradindex.featurize",
+    "featurize": "gradindex.features.run",
     "load_task": "gradindex.task",
 }
 
@@ -52,33 +50,12 @@ def __dir__() -> list[str]:
     return sorted({*__all__, "__version__", *(name for name in globals() if name.startswith("__"))})
 
 
-class _Package(types.ModuleType):
-    """``gradindex.featurize`` is the function although a submodule has the same name.
-
-    Importing a submodule sets it as an attribute of its package; this descriptor
-    keeps the public function there (what the former eager import did).
-    """
-
-    @property
-    def featurize(self) -> Any:
-        from gradindex.featurize import featurize
-
-        return featurize
-
-    @featurize.setter
-    def featurize(self, value: Any) -> None:
-        pass  # the import system recording the submodule gradindex.featurize
-
-
-sys.modules[__name__].__class__ = _Package
-
-
 if TYPE_CHECKING:  # static checkers and IDEs see the eager imports
     from gradindex.config import FeaturizeConfig, IndexConfig, ProjectionConfig
     from gradindex.errors import GradIndexError
-    from gradindex.featurize import featurize
+    from gradindex.features.run import featurize
     from gradindex.index import GradIndex, TopK, build_index
-    from gradindex.query import Attributor
-    from gradindex.store import FeatureStore
+    from gradindex.query.attributor import Attributor
+    from gradindex.store.feature_store import FeatureStore
     from gradindex.task import Task, load_task
-    from gradindex.weights import GroupWeights
+    from gradindex.weights.group_weights import GroupWeights

@@ -22,7 +22,7 @@ from gradindex.errors import ConfigError
 #: Gram damping relative to each group's mean eigenvalue, λ_g = damping · trace(G_g) / k_g. 0.1 measured
 #: best (or within noise of best) for uniform-weight LDS on the digits MLP and CNN among 1e-3 … 1 (README).
 DEFAULT_DAMPING = 0.1
-#: ``damping="auto"``: chosen per group from the stored features (gradindex.damping)
+#: ``damping="auto"``: chosen per group from the stored features (gradindex.weights.damping)
 AUTO_DAMPING = "auto"
 
 
@@ -130,7 +130,7 @@ def parse_enum(enum_type: type[enum.Enum], value: Any, field_name: str) -> enum.
 
 def parse_damping(value: Any, field_name: str) -> float | str | dict[str, float]:
     """A relative Gram damping: a number :func:`check_damping` accepts, ``"auto"`` (chosen from the
-    stored features, :mod:`gradindex.damping`) or a resolved ``{group: number}`` mapping."""
+    stored features, :mod:`gradindex.weights.damping`) or a resolved ``{group: number}`` mapping."""
     if isinstance(value, str) and value.strip().lower() == AUTO_DAMPING:
         return AUTO_DAMPING
     if isinstance(value, dict):
@@ -459,7 +459,7 @@ class ExampleNorm(enum.Enum):
 
 
 class GroupNorm(enum.Enum):
-    """How weight learning scales the groups' scores before combining them (see gradindex.learn)."""
+    """How weight learning scales the groups' scores before combining them (see gradindex.weights.learn)."""
 
     AUTO = "auto"  # none for an explicit --method ssl (the paper), rms otherwise
     RMS = "rms"  # unit-rms groups; shares start at and are pulled (KL) towards equal shares
@@ -467,7 +467,7 @@ class GroupNorm(enum.Enum):
 
 
 class LearnMethod(enum.Enum):
-    """The weight-learning objective (see :mod:`gradindex.learn`)."""
+    """The weight-learning objective (see :mod:`gradindex.weights.learn`)."""
 
     AUTO = "auto"  # AGREEMENT for a concept whose values the queries carry, else SNR
     SNR = "snr"  # a few training examples stand out per query (DESIGN §1.3)
@@ -477,7 +477,7 @@ class LearnMethod(enum.Enum):
 
 @dataclass(frozen=True)
 class LearnConfig(_Config):
-    """Learning per-group weights from unlabeled queries (DESIGN §1.3; see :mod:`gradindex.learn`).
+    """Learning per-group weights from unlabeled queries (DESIGN §1.3; see :mod:`gradindex.weights.learn`).
 
     The weights are learned for one attribution setting (``preconditioner``,
     ``damping``); an index built with another setting refuses them.

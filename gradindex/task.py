@@ -321,7 +321,7 @@ def make_batch(task: Task, dataset: Sequence, indices: Sequence[int] | np.ndarra
 def is_builtin_spec(spec: str) -> bool:
     """Whether ``spec`` names gradindex's own code: a built-in name or ``gradindex.tasks.<module>:Class``
     (never a file path). Other specs run code from elsewhere and need the user's consent when a
-    store names them (:func:`gradindex.query_features.load_store_task`)."""
+    store names them (:func:`gradindex.features.query.load_store_task`)."""
     from gradindex.tasks import BUILTIN_TASKS
 
     if spec in BUILTIN_TASKS:

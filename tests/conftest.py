@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from gradindex.config import FeaturizeConfig, ProjectionConfig
-from gradindex.featurize import featurize
+from gradindex.features.run import featurize
 from gradindex.task import load_task
 
 HERE = Path(__file__).parent

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gradindex.gradients import GradientProjector, reference_layout
-from gradindex.groups import part_owners
+from gradindex.features.gradients import GradientProjector, reference_layout
+from gradindex.features.groups import part_owners
 
 TINY_CORPUS = {
     "seed": 3,

@@ -9,9 +9,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from gradindex.gradients import reference_layout
-from gradindex.groups import ParameterGroup
-from gradindex.projection import BlockProjector
+from gradindex.features.gradients import reference_layout
+from gradindex.features.groups import ParameterGroup
+from gradindex.features.projection import BlockProjector
 
 
 def per_example_gradients(

@@ -131,7 +131,7 @@ def start_seaweedfs(folder: Path, timeout: float = 90.0) -> SeaweedFS:
 def round_winners(uri: str, writers: int) -> int:
     """How many of ``writers`` threads, released together, get the exclusive ``.writer.lock`` of the store
     ``uri`` without waiting (each holds it for a second): 1 is right."""
-    from gradindex.storage import open_storage
+    from gradindex.store.storage import open_storage
 
     barrier, won = threading.Barrier(writers), []
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from gradindex.config import FeaturizeConfig, IndexConfig, ProjectionConfig
-from gradindex.featurize import featurize
+from gradindex.features.run import featurize
 from gradindex.index import build_index
-from gradindex.query import Attributor
-from gradindex.store import MANIFEST, FeatureStore
+from gradindex.query.attributor import Attributor
+from gradindex.store.feature_store import MANIFEST, FeatureStore
 from tiny_task import TinyTask
 
 HERE = Path(__file__).parent
@@ -88,7 +88,7 @@ def census(path: Path) -> dict[str, str]:
 
 def minimal_manifest(shards, groups: dict[str, int], **fields) -> dict:
     """A valid manifest for a hand-made store (``shards``: ShardInfo or dicts; ``groups``: {name: dim})."""
-    from gradindex.projection import projection_format
+    from gradindex.features.projection import projection_format
 
     shards = [s if isinstance(s, dict) else s.to_dict() for s in shards]
     return {"task": {"task": "digits", "options": {}}, "checkpoint": None, "model_fingerprint": "0" * 64,

@@ -29,8 +29,8 @@ from gradindex.config import (
     parse_device,
 )
 from gradindex.errors import ConfigError
-from gradindex.query_features import query_group_features
-from gradindex.store import FeatureStore
+from gradindex.features.query import query_group_features
+from gradindex.store.feature_store import FeatureStore
 from tiny_task import TinyTask
 
 HERE = Path(__file__).parent
@@ -255,7 +255,7 @@ def test_full_disk_during_featurize_is_one_line_and_leaves_no_complete_store(bui
 
 
 def test_read_only_folder_is_one_line(built, tmp_path, monkeypatch):
-    import gradindex.store as store_module
+    import gradindex.store.feature_store as store_module
 
     root, checkpoint = built
 
@@ -263,7 +263,7 @@ def test_read_only_folder_is_one_line(built, tmp_path, monkeypatch):
         raise PermissionError(errno.EROFS, "Read-only file system", str(tmp_path / "ro"))
 
     monkeypatch.setattr(store_module, "prepare_store", read_only)
-    monkeypatch.setattr(sys.modules["gradindex.featurize"], "prepare_store", read_only)
+    monkeypatch.setattr(sys.modules["gradindex.features.run"], "prepare_store", read_only)
     one_line_error(run("featurize", TASK, "--out", tmp_path / "ro", "--checkpoint", checkpoint),
                    "Read-only file system", str(tmp_path / "ro"))
     monkeypatch.setattr(store_module.np.lib.format, "open_memmap", read_only)
@@ -361,7 +361,7 @@ def test_unreachable_ray_address_is_one_line_within_the_timeout(built):
 
 def test_ray_session_probes_the_address_too():
     pytest.importorskip("ray")
-    from gradindex.distributed import check_ray_address, ray_session
+    from gradindex.features.distributed import check_ray_address, ray_session
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -397,7 +397,7 @@ def test_task_code_failing_in_an_lds_worker_process_is_one_line(built, tmp_path)
 def test_the_hf_task_has_no_training_routine():
     pytest.importorskip("transformers")
     from gradindex.task import Task
-    from gradindex.tasks.hf import HFCausalLMTask
+    from gradindex.integrations.hf import HFCausalLMTask
 
     assert HFCausalLMTask.train is Task.train  # so `eval lds` refuses it up front (test above)
 

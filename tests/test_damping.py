@@ -1,4 +1,4 @@
-"""Label-free Gram damping (gradindex.damping): each criterion against an independent reference,
+"""Label-free Gram damping (gradindex.weights.damping): each criterion against an independent reference,
 the manifest cache, and `--damping auto` through learn-weights, build-index and info."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from sklearn.covariance import ledoit_wolf, oas
 
 from gradindex.cli import main
 from gradindex.config import DampingCriterion, IndexConfig, LearnConfig, Preconditioner
-from gradindex.damping import (
+from gradindex.weights.damping import (
     DAMPING_GRID, FoldStatistics, auto_damping, choose_damping, cv_log_likelihood, ledoit_wolf_shrinkage,
     oas_shrinkage, relative_damping,
 )
 from gradindex.index import build_index
-from gradindex.learn import learn_weights
-from gradindex.query import score_setting, warn_if_weights_changed
-from gradindex.store import FeatureStore
+from gradindex.weights.learn import learn_weights
+from gradindex.query.attributor import score_setting, warn_if_weights_changed
+from gradindex.store.feature_store import FeatureStore
 
 
 def _features(n: int = 300, k: int = 6, seed: int = 0) -> np.ndarray:

@@ -8,9 +8,9 @@ import torch
 
 from gradindex.config import ProjectionConfig, ProjectionKind
 from gradindex.errors import ConfigError
-from gradindex.featurize import resolve_groups
+from gradindex.features.run import resolve_groups
 from gradindex.config import FeaturizeConfig
-from gradindex.gradients import GradientProjector
+from gradindex.features.gradients import GradientProjector
 from gradindex.task import load_task, make_batch
 from gradindex.tasks.diffusion_model import PatchMixer, TrainConfig, fixed_draws, sample, train_model
 from reference import per_example_gradients

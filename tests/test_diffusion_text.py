@@ -10,11 +10,11 @@ import torch
 
 from gradindex.config import FeaturizeConfig, IndexConfig, ProjectionConfig, ProjectionKind
 from gradindex.errors import ConfigError
-from gradindex.evaluate import concept_precision
-from gradindex.featurize import featurize, resolve_groups
-from gradindex.gradients import GradientProjector
+from gradindex.eval.evaluate import concept_precision
+from gradindex.features.run import featurize, resolve_groups
+from gradindex.features.gradients import GradientProjector
 from gradindex.index import build_index
-from gradindex.query import Attributor
+from gradindex.query.attributor import Attributor
 from gradindex.task import load_task, make_batch
 from gradindex.tasks.checkpoints import load_checkpoint
 from gradindex.tasks.concepts import ConceptConfig

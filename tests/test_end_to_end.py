@@ -8,11 +8,11 @@ import torch
 
 from gradindex.config import FeaturizeConfig, IndexConfig, Preconditioner, ProjectionConfig, ProjectionKind
 from gradindex.errors import StoreMismatchError
-from gradindex.featurize import featurize, resolve_groups
-from gradindex.gradients import GradientProjector
+from gradindex.features.run import featurize, resolve_groups
+from gradindex.features.gradients import GradientProjector
 from gradindex.index import build_index
-from gradindex.query import Attributor
-from gradindex.weights import GroupWeights, save_weights
+from gradindex.query.attributor import Attributor
+from gradindex.weights.group_weights import GroupWeights, save_weights
 from reference import dense_group_projection, per_example_gradients
 from tiny_task import TinyTask
 
@@ -117,7 +117,7 @@ def test_query_with_another_checkpoint_is_refused(tiny, tmp_path):
 
 def test_projected_scores_correlate_with_exact_scores_on_digits():
     """JL at the default dims: per-group projected scores track exact ones (corr ≥ 0.9)."""
-    from gradindex.featurize import featurize_rows
+    from gradindex.features.run import featurize_rows
     from gradindex.task import load_task
 
     for spec in ("digits-mlp", "digits-cnn"):

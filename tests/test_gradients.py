@@ -9,8 +9,8 @@ from torch import nn
 from conftest import mixed_batch, mixed_loss, rows
 from gradindex.config import ProjectionConfig, ProjectionKind
 from gradindex.errors import TaskError
-from gradindex.gradients import GradientProjector
-from gradindex.groups import parameter_groups
+from gradindex.features.gradients import GradientProjector
+from gradindex.features.groups import parameter_groups
 from reference import dense_group_projection, per_example_gradients
 
 

@@ -17,8 +17,8 @@ from torch import nn
 
 from conftest import mixed_batch, mixed_loss, rows
 from gradindex.config import ProjectionConfig, ProjectionKind
-from gradindex.gradients import GradientProjector
-from gradindex.groups import parameter_groups
+from gradindex.features.gradients import GradientProjector
+from gradindex.features.groups import parameter_groups
 from reference import dense_group_projection, per_example_gradients
 
 IDENTITY = ProjectionConfig(kind=ProjectionKind.IDENTITY)
@@ -172,7 +172,7 @@ def test_repeated_copies_with_one_position_each():
 )
 def test_every_combine_path_equals_dense_kronecker_projection(mixed_net, monkeypatch, proj_dim, factor_dim,
                                                                small_head, combine_elements, head_minor):
-    import gradindex.projection as projection
+    import gradindex.features.projection as projection
 
     monkeypatch.setattr(projection, "SMALL_HEAD", small_head)
     monkeypatch.setattr(projection, "COMBINE_ELEMENTS", combine_elements)
@@ -189,7 +189,7 @@ def test_every_combine_path_equals_dense_kronecker_projection(mixed_net, monkeyp
 
 @pytest.mark.parametrize("cached", [True, False])
 def test_reordered_projector_is_the_row_permuted_matrix(monkeypatch, cached):
-    import gradindex.projection as projection
+    import gradindex.features.projection as projection
 
     monkeypatch.setattr(projection, "CHUNK_BYTES", 4 * 6 * 7)  # 6 rows x 7 columns per chunk: 3 chunks
     if not cached:

@@ -10,7 +10,7 @@ from torch import nn
 
 from gradindex.config import GroupRule
 from gradindex.errors import ConfigError
-from gradindex.groups import parameter_groups, unused_rules
+from gradindex.features.groups import parameter_groups, unused_rules
 
 
 def _net():

@@ -15,13 +15,13 @@ from reference import dense_block_matrix
 
 from gradindex.config import GroupRule, ProjectionConfig, ProjectionKind
 from gradindex.errors import ConfigError, MissingDependencyError
-from gradindex.gradients import GradientProjector
-from gradindex.groups import parameter_groups
+from gradindex.features.gradients import GradientProjector
+from gradindex.features.groups import parameter_groups
 from gradindex.task import load_task
 
 transformers = pytest.importorskip("transformers")
 
-HF_TASK = "gradindex.tasks.hf:HFCausalLMTask"
+HF_TASK = "gradindex.integrations.hf:HFCausalLMTask"
 VOCAB = 40
 
 

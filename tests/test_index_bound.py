@@ -17,7 +17,7 @@ import pytest
 from gradindex.config import IndexConfig, SearchConfig
 from gradindex.index import build_index
 from gradindex.index.probe import CellStats
-from gradindex.store import FeatureStore, commit_manifest, prepare_store, write_shard
+from gradindex.store.feature_store import FeatureStore, commit_manifest, prepare_store, write_shard
 from store_helpers import minimal_manifest
 
 DIM = 8

@@ -11,11 +11,11 @@ from click.testing import CliRunner
 
 from gradindex.cli import main
 from gradindex.config import IndexConfig, SearchConfig
-from gradindex.evaluate import exact_topk, per_query_recall
+from gradindex.index.topk import exact_topk, per_query_recall
 from gradindex.index import GradIndex, build_index
 from gradindex.index import calibrate as cal
-from gradindex.precondition import GramAccumulator
-from gradindex.store import FeatureStore, commit_manifest, prepare_store, write_arrays, write_shard
+from gradindex.features.precondition import GramAccumulator
+from gradindex.store.feature_store import FeatureStore, commit_manifest, prepare_store, write_arrays, write_shard
 from store_helpers import minimal_manifest
 
 GROUPS = {"a": 24, "b": 16}

@@ -7,10 +7,10 @@ import pytest
 
 from gradindex.config import FeaturizeConfig, IndexConfig, Preconditioner
 from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
-from gradindex.evaluate import exact_topk, recall_at_k
-from gradindex.featurize import featurize
+from gradindex.index.topk import exact_topk, recall_at_k
+from gradindex.features.run import featurize
 from gradindex.index import GradIndex, build_index
-from gradindex.weights import GroupWeights, scaled_vectors
+from gradindex.weights.group_weights import GroupWeights, scaled_vectors
 from tiny_task import TinyTask
 
 

@@ -9,12 +9,13 @@ from click.testing import CliRunner
 from gradindex.cli import main
 from gradindex.config import IndexConfig, SearchConfig
 from gradindex.errors import ConfigError
-from gradindex.evaluate import exact_topk, index_recall, recall_at_k
+from gradindex.index.topk import exact_topk, recall_at_k
+from gradindex.eval.evaluate import index_recall
 from gradindex.index import GradIndex, build_index, list_parts
 from gradindex.index.kinds import default_pq_bytes, resolve_build, resolve_kind
 from gradindex.config import IndexKind
-from gradindex.precondition import GramAccumulator
-from gradindex.store import FeatureStore, commit_manifest, prepare_store, write_arrays, write_shard
+from gradindex.features.precondition import GramAccumulator
+from gradindex.store.feature_store import FeatureStore, commit_manifest, prepare_store, write_arrays, write_shard
 from store_helpers import minimal_manifest
 
 GROUPS = {"a": 24, "b": 16}

@@ -7,12 +7,12 @@ import pytest
 
 from gradindex.config import FeaturizeConfig, IndexConfig, Preconditioner
 from gradindex.errors import ConfigError
-from gradindex.evaluate import exact_topk
-from gradindex.featurize import featurize
+from gradindex.index.topk import exact_topk
+from gradindex.features.run import featurize
 from gradindex.index import GradIndex, ShardedIndex, build_index, list_parts, open_part
-from gradindex.store import FeatureStore
-from gradindex.topk import TopK, merge_topk
-from gradindex.weights import GroupWeights, scaled_vectors
+from gradindex.store.feature_store import FeatureStore
+from gradindex.index.topk import TopK, merge_topk
+from gradindex.weights.group_weights import GroupWeights, scaled_vectors
 from tiny_task import TinyTask
 
 
@@ -106,7 +106,7 @@ def test_featurize_append_then_update_equals_a_rebuild(tmp_path):
     from click.testing import CliRunner
 
     from gradindex.cli import main
-    from gradindex.featurize_append import featurize_append
+    from gradindex.features.append import featurize_append
 
     task = TinyTask()
     checkpoint = task.train(tmp_path / "tiny.pt")

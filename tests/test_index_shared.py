@@ -12,13 +12,14 @@ from click.testing import CliRunner
 from gradindex.cli import main
 from gradindex.config import IndexConfig, SearchConfig
 from gradindex.errors import ArtifactNotFoundError
-from gradindex.evaluate import exact_topk, index_recall
+from gradindex.index.topk import exact_topk
+from gradindex.eval.evaluate import index_recall
 from gradindex.index import build_index
 from gradindex.index.shared import SHARED, open_concept_index, query_weights
-from gradindex.query import Attributor
-from gradindex.query_features import query_group_features
-from gradindex.store import FeatureStore
-from gradindex.weights import GroupWeights, save_weights
+from gradindex.query.attributor import Attributor
+from gradindex.features.query import query_group_features
+from gradindex.store.feature_store import FeatureStore
+from gradindex.weights.group_weights import GroupWeights, save_weights
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,13 @@ import pytest
 
 from gradindex.config import IndexConfig, LearnConfig
 from gradindex.errors import ArtifactNotFoundError, GradIndexError
-from gradindex.featurize import featurize
-from gradindex.featurize_append import featurize_append
+from gradindex.features.run import featurize
+from gradindex.features.append import featurize_append
 from gradindex.index import build_index, list_parts, open_part
 from gradindex.index.kinds import import_faiss
-from gradindex.learn import learn_weights
-from gradindex.store import FeatureStore
-from gradindex.weights import GroupWeights
+from gradindex.weights.learn import learn_weights
+from gradindex.store.feature_store import FeatureStore
+from gradindex.weights.group_weights import GroupWeights
 from store_helpers import CONFIG, answers, copy_store, make_store, manifest, same_answers, temporaries
 from tiny_task import TinyTask
 

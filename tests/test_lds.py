@@ -13,8 +13,8 @@ from conftest import toy_spec
 from gradindex.cli import main
 from gradindex.config import LDSConfig, Preconditioner
 from gradindex.errors import ConfigError, StoreMismatchError
-from gradindex.learn import score_matrices
-from gradindex.lds import (
+from gradindex.weights.learn import score_matrices
+from gradindex.eval.lds import (
     group_predictions,
     lds_per_query,
     predictions_from_scores,
@@ -24,7 +24,7 @@ from gradindex.lds import (
     subset_sums,
     weighted_predictions,
 )
-from gradindex.query_features import load_store_task, query_group_features
+from gradindex.features.query import load_store_task, query_group_features
 from gradindex.task import load_task
 
 

@@ -13,11 +13,11 @@ from gradindex.cli import main
 from gradindex.config import IndexConfig, LearnConfig, Preconditioner
 from gradindex.errors import ConfigError
 from gradindex.index import build_index
-from gradindex.learn import fit_weights, learn_weights, score_matrices, snr
-from gradindex.query import Attributor
-from gradindex.query_features import load_store_task, query_group_features
-from gradindex.store import FeatureStore
-from gradindex.weights import GroupWeights
+from gradindex.weights.learn import fit_weights, learn_weights, score_matrices, snr
+from gradindex.query.attributor import Attributor
+from gradindex.features.query import load_store_task, query_group_features
+from gradindex.store.feature_store import FeatureStore
+from gradindex.weights.group_weights import GroupWeights
 
 
 def _structured_scores(seed: int = 0) -> np.ndarray:

@@ -8,7 +8,7 @@ import torch
 
 from gradindex.config import LearnConfig, LearnMethod
 from gradindex.errors import ConfigError
-from gradindex.learn import _method_and_values, agreement, fit_weights
+from gradindex.weights.learn import _method_and_values, agreement, fit_weights
 
 
 def _planted(seed: int = 0, queries: int = 24, references: int = 300, values: int = 4):

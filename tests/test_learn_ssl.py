@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from gradindex.cli import main
 from gradindex.config import LearnConfig, Preconditioner
-from gradindex.learn import fit_weights, learn_weights, ssl_loss
-from gradindex.precondition import QueryPreconditioner
+from gradindex.weights.learn import fit_weights, learn_weights, ssl_loss
+from gradindex.features.precondition import QueryPreconditioner
 
 SSL = LearnConfig(method="ssl", steps=150, regularization=0.01)
 

@@ -12,9 +12,9 @@ from lm_reference import assert_features_close, brute_force_features, one_thread
 
 from gradindex.config import FeaturizeConfig, ProjectionConfig, ProjectionKind
 from gradindex.errors import ConfigError
-from gradindex.featurize import featurize
-from gradindex.gradients import GradientProjector
-from gradindex.groups import parameter_groups
+from gradindex.features.run import featurize
+from gradindex.features.gradients import GradientProjector
+from gradindex.features.groups import parameter_groups
 from gradindex.task import load_task, make_batch
 from gradindex.tasks.lm import TinyTransformer
 from gradindex.tasks.pydoc_corpus import (

@@ -11,8 +11,8 @@ from lm_reference import assert_features_close, brute_force_features, one_thread
 
 from gradindex.config import GroupRule, ProjectionConfig, ProjectionKind
 from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
-from gradindex.gradients import GradientProjector
-from gradindex.groups import parameter_groups
+from gradindex.features.gradients import GradientProjector
+from gradindex.features.groups import parameter_groups
 from gradindex.task import load_task, model_fingerprint
 from gradindex.tasks.causal_lm import token_log_probs
 from gradindex.tasks.lm import DEFAULT_CORPUS, LMTask
@@ -277,9 +277,9 @@ def test_featurize_query_end_to_end(tiny, tmp_path):
     """featurize → build-index → query through the public functions; the index is exact, so the top-1 of
     a query equals the arg-max of the brute-force scores."""
     from gradindex.config import FeaturizeConfig, IndexConfig
-    from gradindex.featurize import featurize
+    from gradindex.features.run import featurize
     from gradindex.index import build_index
-    from gradindex.query import Attributor
+    from gradindex.query.attributor import Attributor
 
     task, model, checkpoint = tiny
     config = FeaturizeConfig(projection=ProjectionConfig(proj_dim=32), batch_size=16)

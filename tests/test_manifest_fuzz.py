@@ -28,9 +28,9 @@ from gradindex.cli import main
 from gradindex.config import IndexConfig, LearnConfig
 from gradindex.errors import GradIndexError, StoreMismatchError
 from gradindex.index import GradIndex, build_index
-from gradindex.learn import learn_weights
-from gradindex.query import Attributor
-from gradindex.store import MANIFEST, FeatureStore
+from gradindex.weights.learn import learn_weights
+from gradindex.query.attributor import Attributor
+from gradindex.store.feature_store import MANIFEST, FeatureStore
 from store_helpers import census, copy_store, make_store, manifest, queries, write_manifest
 
 # -- which files Python code opens (pyarrow and FAISS open theirs in C: see the path property below) ------
@@ -266,7 +266,7 @@ def test_crafted_manifests_are_refused_and_nothing_outside_is_touched(base, fami
 def test_the_path_property_is_not_vacuous(base, tmp_path, monkeypatch):
     """With the confinement switched off, a shard path out of the store is read without complaint: the
     fuzz's "a path out of the store never gets past FeatureStore.open" would catch that."""
-    import gradindex.store as store_module
+    import gradindex.store.feature_store as store_module
 
     store = copy_store(base, tmp_path / "store")
     outside = tmp_path / "outside"

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from gradindex.cli import main
 from gradindex.errors import ConfigError
-from gradindex.evaluate import concept_precision, concept_recall
+from gradindex.eval.evaluate import concept_precision, concept_recall
 from gradindex.index import TopK
 
 
@@ -68,7 +68,7 @@ def diffusion_demo(tmp_path_factory):
 def test_diffusion_demo_writes_the_concept_report(diffusion_demo):
     from matplotlib.image import imread
 
-    from gradindex.report import PANEL_HEIGHT, PANEL_WIDTH
+    from gradindex.eval.report import PANEL_HEIGHT, PANEL_WIDTH
 
     out, output = diffusion_demo
     assert output.count("top-4 training examples") == 3 and "precision@4" in output
@@ -84,8 +84,8 @@ def test_diffusion_demo_writes_the_concept_report(diffusion_demo):
 
 
 def test_learn_weights_methods_on_the_cli(diffusion_demo, tmp_path):
-    from gradindex.query_features import load_store_task
-    from gradindex.store import FeatureStore
+    from gradindex.features.query import load_store_task
+    from gradindex.store.feature_store import FeatureStore
 
     out, _ = diffusion_demo
     store = FeatureStore.open(out / "store")
@@ -103,8 +103,8 @@ def test_learn_weights_methods_on_the_cli(diffusion_demo, tmp_path):
 
 
 def test_eval_precision_cli(diffusion_demo, tmp_path):
-    from gradindex.query_features import load_store_task
-    from gradindex.store import FeatureStore
+    from gradindex.features.query import load_store_task
+    from gradindex.store.feature_store import FeatureStore
 
     out, _ = diffusion_demo
     store = FeatureStore.open(out / "store")
@@ -142,9 +142,9 @@ def test_concept_precision_above_chance_and_sign_sensitive(diffusion_demo):
     last and precision falls towards chance (measured: subject 0.72 → 0.31, background 0.78 → 0.51)."""
     import torch
 
-    from gradindex.evaluate import concept_precision
-    from gradindex.query import Attributor
-    from gradindex.store import FeatureStore
+    from gradindex.eval.evaluate import concept_precision
+    from gradindex.query.attributor import Attributor
+    from gradindex.store.feature_store import FeatureStore
 
     out, _ = diffusion_demo
     store = FeatureStore.open(out / "store")

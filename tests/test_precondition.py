@@ -8,7 +8,7 @@ import torch
 
 from gradindex.config import Preconditioner
 from gradindex.errors import ConfigError
-from gradindex.precondition import GramAccumulator, QueryPreconditioner, inverse
+from gradindex.features.precondition import GramAccumulator, QueryPreconditioner, inverse
 
 
 def test_gram_accumulates_over_batches_and_skips_wide_groups():

@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-import gradindex.projection as projection
+import gradindex.features.projection as projection
 from gradindex.config import ProjectionConfig, ProjectionKind
-from gradindex.groups import Block
-from gradindex.projection import Projector, derive_seed, factor_dims, make_block_projector, random_matrix
+from gradindex.features.groups import Block
+from gradindex.features.projection import Projector, derive_seed, factor_dims, make_block_projector, random_matrix
 from reference import dense_block_matrix
 
 
@@ -21,7 +21,7 @@ def test_derive_seed_is_stable_and_key_sensitive():
     assert len({derive_seed(0, "fc1", "left"), derive_seed(0, "fc1", "right"), derive_seed(1, "fc1", "left")}) == 3
     # a fixed function of the text (no Python hash salt): blake2b-64 of "0|a", top bit cleared
     assert derive_seed(0, "a") == 5635702516447729777
-    in_subprocess = subprocess.run([sys.executable, "-c", "from gradindex.projection import derive_seed; print(derive_seed(0, 'a'))"],
+    in_subprocess = subprocess.run([sys.executable, "-c", "from gradindex.features.projection import derive_seed; print(derive_seed(0, 'a'))"],
                                    capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "123"})
     assert int(in_subprocess.stdout) == 5635702516447729777
 

@@ -15,9 +15,9 @@ from conftest import toy_spec
 from gradindex.cli import main
 from gradindex.config import LDSConfig, LearnConfig, Preconditioner
 from gradindex.errors import ConfigError, TaskError
-from gradindex.lds import lds_report, retrain
-from gradindex.learn import learn_weights
-from gradindex.query_features import load_store_task
+from gradindex.eval.lds import lds_report, retrain
+from gradindex.weights.learn import learn_weights
+from gradindex.features.query import load_store_task
 from gradindex.task import (
     Task,
     dataset_metadata,
@@ -113,7 +113,7 @@ def test_digests_are_per_item_and_ignore_where_the_item_came_from(tmp_path):
 
 @pytest.fixture(scope="module")
 def diabetes_store(tmp_path_factory):
-    from gradindex.featurize import featurize
+    from gradindex.features.run import featurize
 
     task = load_task("tabular-diabetes")
     return featurize(task, tmp_path_factory.mktemp("diabetes") / "store", show_progress=False)

@@ -18,15 +18,15 @@ pytest.importorskip("ray")
 
 from gradindex.cli import main  # noqa: E402
 from gradindex.config import FeaturizeConfig, IndexConfig  # noqa: E402
-from gradindex.distributed import featurize_ray, local_ray  # noqa: E402
+from gradindex.features.distributed import featurize_ray, local_ray  # noqa: E402
 from gradindex.index.ray_search import RayIndex  # noqa: E402
 from gradindex.errors import ArtifactNotFoundError, GradIndexError  # noqa: E402
-from gradindex.featurize import featurize  # noqa: E402
+from gradindex.features.run import featurize  # noqa: E402
 from gradindex.index import GradIndex, build_index, list_parts  # noqa: E402
-from gradindex.query import Attributor  # noqa: E402
-from gradindex.store import MANIFEST, FeatureStore, completed_shard, shard_name  # noqa: E402
+from gradindex.query.attributor import Attributor  # noqa: E402
+from gradindex.store.feature_store import MANIFEST, FeatureStore, completed_shard, shard_name  # noqa: E402
 from gradindex.task import load_task  # noqa: E402
-from gradindex.weights import GroupWeights, save_weights, scaled_vectors  # noqa: E402
+from gradindex.weights.group_weights import GroupWeights, save_weights, scaled_vectors  # noqa: E402
 
 CONFIG = FeaturizeConfig(batch_size=4, shard_size=8)  # 40 examples -> 5 shards
 TINY = f"{Path(__file__).parent / 'tiny_task.py'}:TinyTask"  # a file spec: Ray workers import it by path
@@ -181,7 +181,7 @@ def test_cli_query_on_ray_equals_local(cluster, indexed, tmp_path):
 
 
 def test_worker_whose_run_key_differs_is_refused(cluster, tiny):
-    from gradindex.distributed import _WorkerPool
+    from gradindex.features.distributed import _WorkerPool
 
     task, checkpoint, _ = tiny
     with pytest.raises(GradIndexError, match="run key mismatch"):

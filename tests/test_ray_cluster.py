@@ -13,9 +13,9 @@ import pytest
 pytest.importorskip("ray")
 
 from gradindex.config import FeaturizeConfig, IndexConfig  # noqa: E402
-from gradindex.distributed import featurize_ray, loopback_only  # noqa: E402
+from gradindex.features.distributed import featurize_ray, loopback_only  # noqa: E402
 from gradindex.index.ray_search import RayIndex  # noqa: E402
-from gradindex.featurize import featurize  # noqa: E402
+from gradindex.features.run import featurize  # noqa: E402
 from gradindex.index import GradIndex, build_index  # noqa: E402
 from gradindex.task import load_task  # noqa: E402
 

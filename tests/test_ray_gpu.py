@@ -11,8 +11,8 @@ import pytest
 pytest.importorskip("ray")
 
 from gradindex.config import FeaturizeConfig  # noqa: E402
-from gradindex.distributed import featurize_ray, local_ray  # noqa: E402
-from gradindex.featurize import featurize  # noqa: E402
+from gradindex.features.distributed import featurize_ray, local_ray  # noqa: E402
+from gradindex.features.run import featurize  # noqa: E402
 from gradindex.task import load_task  # noqa: E402
 
 TINY = f"{Path(__file__).parent / 'tiny_task.py'}:TinyTask"

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from gradindex.cli import main
-from gradindex.distributed import import_ray
+from gradindex.features.distributed import import_ray
 from gradindex.errors import MissingDependencyError
 
 

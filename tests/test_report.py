@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.image import imread
 
-from gradindex.report import PANEL_HEIGHT, PANEL_WIDTH, write_concept_grid, write_topk_grid
+from gradindex.eval.report import PANEL_HEIGHT, PANEL_WIDTH, write_concept_grid, write_topk_grid
 
 DPI = 110
 

@@ -11,9 +11,9 @@ from reference import per_example_gradients
 
 from gradindex.config import FeaturizeConfig, ProjectionConfig, ProjectionKind
 from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
-from gradindex.featurize import featurize
-from gradindex.gradients import GradientProjector
-from gradindex.groups import parameter_groups
+from gradindex.features.run import featurize
+from gradindex.features.gradients import GradientProjector
+from gradindex.features.groups import parameter_groups
 from gradindex.task import load_task, make_batch
 from gradindex.tasks.concepts import FACTORS
 from gradindex.tasks.resnet import ModelConfig, ResNet

@@ -18,13 +18,14 @@ import pytest
 
 pytest.importorskip("ray")
 
-from gradindex.distributed import featurize_ray, loopback_only  # noqa: E402
-from gradindex.featurize import featurize  # noqa: E402
+from gradindex.features.distributed import featurize_ray, loopback_only  # noqa: E402
+from gradindex.features.run import featurize  # noqa: E402
 from gradindex.index import GradIndex, build_index  # noqa: E402
-from gradindex.index.ray_search import RayIndex, open_ray_attributor  # noqa: E402
+from gradindex.index.ray_search import RayIndex  # noqa: E402
+from gradindex.query.ray import open_ray_attributor
 from gradindex.config import IndexConfig  # noqa: E402
-from gradindex.query import Attributor  # noqa: E402
-from gradindex.store import FeatureStore  # noqa: E402
+from gradindex.query.attributor import Attributor  # noqa: E402
+from gradindex.store.feature_store import FeatureStore  # noqa: E402
 from gradindex.task import load_task  # noqa: E402
 from s3_server import BUCKET  # noqa: E402
 from store_helpers import CONFIG  # noqa: E402

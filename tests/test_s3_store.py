@@ -27,11 +27,11 @@ from click.testing import CliRunner
 from gradindex.cli import main
 from gradindex.config import FeaturizeConfig, IndexConfig, ProjectionConfig, ServeConfig
 from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
-from gradindex.featurize import featurize
-from gradindex.featurize_append import featurize_append
+from gradindex.features.run import featurize
+from gradindex.features.append import featurize_append
 from gradindex.index import build_index
-from gradindex.storage import ObjectStorage, open_storage
-from gradindex.store import FeatureStore, writer_lock
+from gradindex.store.storage import ObjectStorage, open_storage
+from gradindex.store.feature_store import FeatureStore, writer_lock
 from gradindex.task import load_task
 from s3_server import BUCKET, round_winners
 from store_helpers import CONFIG, answers, same_answers
@@ -243,7 +243,7 @@ def test_index_files_come_from_a_verified_cache_and_changes_are_refused(s3_env, 
 # -- a killed featurize, a second writer -------------------------------------------------------------
 KILL_AFTER_TWO_SHARDS = """
 import importlib, os, sys
-featurize_module = importlib.import_module("gradindex.featurize")
+featurize_module = importlib.import_module("gradindex.features.run")
 from gradindex.cli import main
 real, calls = featurize_module.write_shard, []
 def write_shard(*args, **kwargs):

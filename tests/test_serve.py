@@ -33,13 +33,13 @@ from tiny_task import TinyTask  # noqa: E402
 from gradindex.cli import main  # noqa: E402
 from gradindex.config import FeaturizeConfig, IndexConfig, ProjectionConfig, ServeConfig  # noqa: E402
 from gradindex.errors import ConfigError  # noqa: E402
-from gradindex.featurize import featurize  # noqa: E402
+from gradindex.features.run import featurize  # noqa: E402
 from gradindex.index import build_index  # noqa: E402
 from gradindex.serve.app import create_app  # noqa: E402
 from gradindex.serve.batcher import MicroBatcher  # noqa: E402
 from gradindex.serve.engine import AttributionEngine  # noqa: E402
 from gradindex.serve.server import ServerThread  # noqa: E402
-from gradindex.summary import store_summary  # noqa: E402
+from gradindex.eval.summary import store_summary  # noqa: E402
 from gradindex.task import load_task  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,8 +22,8 @@ from test_serve import assert_same_answers, get, post, query_json  # noqa: E402
 
 from gradindex.cli import main  # noqa: E402
 from gradindex.config import FeaturizeConfig, IndexConfig, ServeConfig  # noqa: E402
-from gradindex.distributed import loopback_only  # noqa: E402
-from gradindex.featurize import featurize  # noqa: E402
+from gradindex.features.distributed import loopback_only  # noqa: E402
+from gradindex.features.run import featurize  # noqa: E402
 from gradindex.index import build_index, list_parts  # noqa: E402
 from gradindex.serve.ray_serve import APP, deploy, parts_name  # noqa: E402
 from gradindex.task import load_task  # noqa: E402

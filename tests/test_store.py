@@ -10,8 +10,8 @@ import torch
 
 from gradindex.config import FeaturizeConfig, ProjectionConfig, StorageDtype
 from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
-from gradindex.featurize import featurize
-from gradindex.store import MANIFEST, FeatureStore, atomic_write_json, commit_manifest, prepare_store, write_shard
+from gradindex.features.run import featurize
+from gradindex.store.feature_store import MANIFEST, FeatureStore, atomic_write_json, commit_manifest, prepare_store, write_shard
 from store_helpers import minimal_manifest
 from tiny_task import CrashingTask, TinyTask
 

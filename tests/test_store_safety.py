@@ -18,17 +18,17 @@ import pytest
 from click.testing import CliRunner
 
 import gradindex.index.build as index_build
-import gradindex.projection as projection
+import gradindex.features.projection as projection
 from gradindex.cli import main
 from gradindex.config import FeaturizeConfig, IndexConfig, LearnConfig, ProjectionConfig
 from gradindex.errors import ConfigError, GradIndexError, StoreMismatchError
-from gradindex.featurize import featurize
-from gradindex.featurize_append import featurize_append
+from gradindex.features.run import featurize
+from gradindex.features.append import featurize_append
 from gradindex.index import GradIndex, build_index
-from gradindex.learn import learn_weights
-from gradindex.query import Attributor, metadata_lookup
-from gradindex.store import MANIFEST, FeatureStore, commit_manifest, prepare_store, write_shard
-from gradindex.weights import GroupWeights, save_weights
+from gradindex.weights.learn import learn_weights
+from gradindex.query.attributor import Attributor, metadata_lookup
+from gradindex.store.feature_store import MANIFEST, FeatureStore, commit_manifest, prepare_store, write_shard
+from gradindex.weights.group_weights import GroupWeights, save_weights
 from store_helpers import (
     CONFIG, answers, census, copy_store, make_store, manifest, minimal_manifest, same_answers, stored_ids,
     temporaries, write_manifest,
@@ -212,7 +212,7 @@ def test_second_featurize_into_one_store_is_refused_while_the_first_runs(tmp_pat
 
 def test_commit_refuses_shards_written_by_another_run(tmp_path, monkeypatch):
     """A shard replaced behind the writer's back (no lock on that filesystem) is not committed."""
-    featurize_module = importlib.import_module("gradindex.featurize")  # the package re-exports the function
+    featurize_module = importlib.import_module("gradindex.features.run")  # the package re-exports the function
     checkpoint = TinyTask().train(tmp_path / "tiny.pt")
     real_commit = featurize_module.commit_store
 

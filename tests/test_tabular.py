@@ -9,9 +9,9 @@ from reference import per_example_gradients
 
 from gradindex.config import FeaturizeConfig, ProjectionConfig, ProjectionKind
 from gradindex.errors import ArtifactNotFoundError, ConfigError
-from gradindex.featurize import featurize
-from gradindex.gradients import GradientProjector
-from gradindex.groups import parameter_groups
+from gradindex.features.run import featurize
+from gradindex.features.gradients import GradientProjector
+from gradindex.features.groups import parameter_groups
 from gradindex.task import load_task, make_batch
 from gradindex.tasks import BUILTIN_TASKS
 from gradindex.tasks.tabular import load_split

@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 from gradindex.cli import main
 from gradindex.errors import GradIndexError, TaskConsentError
-from gradindex.query import Attributor
-from gradindex.query_features import load_store_task
-from gradindex.store import FeatureStore
+from gradindex.query.attributor import Attributor
+from gradindex.features.query import load_store_task
+from gradindex.store.feature_store import FeatureStore
 from gradindex.tasks.digits import DigitsTask
 from store_helpers import TASK_SPEC, answers, copy_store, make_store, manifest, write_manifest
 from tiny_task import TinyTask
@@ -118,7 +118,7 @@ def test_the_store_featurize_returns_trusts_its_own_task(tmp_path):
     store = FeatureStore.open(path)
     with pytest.raises(GradIndexError, match="--trust-task"):
         load_store_task(store)
-    from gradindex.featurize import featurize
+    from gradindex.features.run import featurize
     from store_helpers import CONFIG
 
     written = featurize(TinyTask(), tmp_path / "again", CONFIG, checkpoint=tmp_path / "tiny.pt", show_progress=False)

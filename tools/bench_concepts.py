@@ -42,14 +42,14 @@ from pathlib import Path
 import numpy as np
 
 from gradindex.config import FeaturizeConfig, GroupRule, IndexConfig, LearnConfig, LearnMethod, ProjectionConfig
-from gradindex.evaluate import concept_precision, concept_recall
-from gradindex.featurize import featurize
+from gradindex.eval.evaluate import concept_precision, concept_recall
+from gradindex.features.run import featurize
 from gradindex.index import build_index
-from gradindex.learn import learn_weights
-from gradindex.query import Attributor
-from gradindex.report import write_weights_chart
+from gradindex.weights.learn import learn_weights
+from gradindex.query.attributor import Attributor
+from gradindex.eval.report import write_weights_chart
 from gradindex.task import load_task
-from gradindex.weights import GroupWeights
+from gradindex.weights.group_weights import GroupWeights
 
 TASKS = ("diffusion", "diffusion-text", "diffusion-text-lora")
 #: the diffusion task's per-factor embedding rows: excluded so that no group belongs to one concept value
@@ -136,7 +136,7 @@ def main() -> None:
     args = parser.parse_args()
     args.task_option = {key: json.loads(value) for key, _, value in (o.partition("=") for o in args.task_option)}
     # each partition is built from weights passed in, never saved to the store: not a stale index
-    logging.getLogger("gradindex.query").setLevel(logging.ERROR)
+    logging.getLogger("gradindex.query.attributor").setLevel(logging.ERROR)
 
     report, dump = [], {}
     with tempfile.TemporaryDirectory() as scratch:

@@ -3,7 +3,7 @@
 For each model, on the digits training data, at one total projected dimension
 (the sum of gradindex's per-group dims, given to every method):
 
-* ``gradindex``    — ``gradindex.featurize.featurize_rows`` with a ``GradientProjector``
+* ``gradindex``    — ``gradindex.features.run.featurize_rows`` with a ``GradientProjector``
                      (batch collation and the copy to numpy included);
 * ``train step``   — one plain training step per batch: forward + backward of the mean
                      loss, gradients set to None first, **no optimizer step**;
@@ -52,8 +52,8 @@ import torch
 from torch import nn
 
 from gradindex.config import FeaturizeConfig, ProjectionConfig
-from gradindex.featurize import featurize_rows, resolve_groups
-from gradindex.gradients import GradientProjector
+from gradindex.features.run import featurize_rows, resolve_groups
+from gradindex.features.gradients import GradientProjector
 from gradindex.task import load_task, make_batch
 from gradindex.tasks.digits import fit
 

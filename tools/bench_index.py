@@ -51,14 +51,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gradindex.config import IndexConfig, SearchConfig  # noqa: E402
-from gradindex.evaluate import recall_at_k  # noqa: E402
+from gradindex.index.topk import recall_at_k  # noqa: E402
 from gradindex.index import build_index, list_parts  # noqa: E402
 from gradindex.index.calibrate import knob_text  # noqa: E402
 from gradindex.index.shared import SHARED, query_weights  # noqa: E402
-from gradindex.query_features import QueryFeaturizer, load_store_task  # noqa: E402
-from gradindex.store import FeatureStore  # noqa: E402
-from gradindex.topk import TopK  # noqa: E402
-from gradindex.weights import GroupWeights, scaled_vectors  # noqa: E402
+from gradindex.features.query import QueryFeaturizer, load_store_task  # noqa: E402
+from gradindex.store.feature_store import FeatureStore  # noqa: E402
+from gradindex.index.topk import TopK  # noqa: E402
+from gradindex.weights.group_weights import GroupWeights, scaled_vectors  # noqa: E402
 from unlike_digits import make_set  # noqa: E402
 
 SWEEPS = {

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lds_workbench import GROUPINGS, mean_std, open_or_featurize  # noqa: E402
 
 from gradindex.config import LDSConfig, LearnConfig, Preconditioner  # noqa: E402
-from gradindex.lds import (  # noqa: E402
+from gradindex.eval.lds import (  # noqa: E402
     group_predictions,
     lds_per_query,
     precondition_features,
@@ -53,8 +53,8 @@ from gradindex.lds import (  # noqa: E402
     subset_sums,
     weighted_predictions,
 )
-from gradindex.learn import learn_weights  # noqa: E402
-from gradindex.query_features import QueryFeaturizer  # noqa: E402
+from gradindex.weights.learn import learn_weights  # noqa: E402
+from gradindex.features.query import QueryFeaturizer  # noqa: E402
 from gradindex.task import load_task  # noqa: E402
 
 PRECONDITIONERS = {"grad-dot": Preconditioner.IDENTITY, "gram": Preconditioner.GRAM}

@@ -43,7 +43,7 @@ from lds_workbench import mean_std, open_or_featurize, oracle_weights  # noqa: E
 from lm_fact_retrieval import reciprocal_ranks  # noqa: E402
 
 from gradindex.config import LDSConfig, LearnConfig, Preconditioner  # noqa: E402
-from gradindex.lds import (  # noqa: E402
+from gradindex.eval.lds import (  # noqa: E402
     group_predictions,
     lds_per_query,
     precondition_features,
@@ -52,8 +52,8 @@ from gradindex.lds import (  # noqa: E402
     subset_sums,
     weighted_predictions,
 )
-from gradindex.learn import learn_weights  # noqa: E402
-from gradindex.query_features import QueryFeaturizer  # noqa: E402
+from gradindex.weights.learn import learn_weights  # noqa: E402
+from gradindex.features.query import QueryFeaturizer  # noqa: E402
 from gradindex.task import load_task  # noqa: E402
 
 DAMPINGS = (1e-3, 1e-2, 0.1, 1.0)

@@ -44,9 +44,9 @@ from lds_workbench import Workbench, best_oracle, mean_std, open_or_featurize, p
 from gradindex.config import (  # noqa: E402
     AUTO_DAMPING, DampingCriterion, ExampleNorm, IndexConfig, LDSConfig, LearnConfig, Preconditioner,
 )
-from gradindex.damping import FoldStatistics, choose_damping, resolve_damping  # noqa: E402
-from gradindex.lds import retrain  # noqa: E402
-from gradindex.learn import (  # noqa: E402
+from gradindex.weights.damping import FoldStatistics, choose_damping, resolve_damping  # noqa: E402
+from gradindex.eval.lds import retrain  # noqa: E402
+from gradindex.weights.learn import (  # noqa: E402
     example_normed, learn_from_features, query_sample, reference_sample, score_matrices, snr, ssl_loss,
 )
 from gradindex.tasks import BUILTIN_TASKS  # noqa: E402

@@ -3,8 +3,8 @@
 On a local Ray cluster bound to 127.0.0.1 with ``--cpus`` CPU slots (started once,
 not timed), each round times, on the same training set and config:
 
-* **single** — ``gradindex.featurize`` in this process (1 torch thread);
-* **ray-1** / **ray-2** — ``gradindex.distributed.featurize_ray`` with 1 and 2 workers
+* **single** — ``gradindex.features.run`` in this process (1 torch thread);
+* **ray-1** / **ray-2** — ``gradindex.features.distributed.featurize_ray`` with 1 and 2 workers
   (1 CPU slot and 1 torch thread each); the wall time includes starting the actors,
   each loading the task, its model and its data, and the driver's verification and
   manifest — everything a user waits for after the cluster is up. The *shard phase*
@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from gradindex.config import FeaturizeConfig
-from gradindex.distributed import featurize_ray, local_ray
-from gradindex.featurize import featurize
+from gradindex.features.distributed import featurize_ray, local_ray
+from gradindex.features.run import featurize
 from gradindex.task import load_task
 
 ENLARGED = Path(__file__).resolve().parent / "enlarged_digits.py"

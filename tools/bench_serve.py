@@ -52,8 +52,8 @@ def gradindex(*args: str) -> list[str]:
 
 def query_inputs(store: str, count: int) -> tuple[np.ndarray, np.ndarray]:
     """``count`` held-out queries of the store's task: pixels ``[count, 8, 8]`` (0..16), labels ``[count]``."""
-    from gradindex.query_features import load_store_task
-    from gradindex.store import FeatureStore
+    from gradindex.features.query import load_store_task
+    from gradindex.store.feature_store import FeatureStore
 
     task = load_store_task(FeatureStore.open(store, verify=False))
     x, y = task.query_dataset().tensors

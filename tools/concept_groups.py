@@ -21,10 +21,10 @@ import numpy as np
 
 from gradindex.config import IndexConfig
 from gradindex.index import build_index
-from gradindex.query import Attributor
-from gradindex.query_features import load_store_task
-from gradindex.store import FeatureStore
-from gradindex.weights import GroupWeights
+from gradindex.query.attributor import Attributor
+from gradindex.features.query import load_store_task
+from gradindex.store.feature_store import FeatureStore
+from gradindex.weights.group_weights import GroupWeights
 
 
 def group_precision(store: FeatureStore, queries: Sequence | None, k: int) -> dict[str, dict[str, float]]:

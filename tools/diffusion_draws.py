@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from gradindex.config import FeaturizeConfig, IndexConfig, ProjectionConfig
-from gradindex.evaluate import evaluate_precision
-from gradindex.featurize import featurize
+from gradindex.eval.evaluate import evaluate_precision
+from gradindex.features.run import featurize
 from gradindex.index import build_index
-from gradindex.featurize import featurize_rows, resolve_groups
-from gradindex.gradients import GradientProjector
+from gradindex.features.run import featurize_rows, resolve_groups
+from gradindex.features.gradients import GradientProjector
 from gradindex.task import load_task
 
 

@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gradindex.config import FeaturizeConfig, GroupRule, Preconditioner, ProjectionConfig  # noqa: E402
-from gradindex.featurize import featurize  # noqa: E402
-from gradindex.lds import RetrainedModels, group_predictions, lds_per_query, subset_sums  # noqa: E402
-from gradindex.query_features import QueryFeaturizer, precondition_features  # noqa: E402
-from gradindex.store import FeatureStore, write_arrays  # noqa: E402
+from gradindex.features.run import featurize  # noqa: E402
+from gradindex.eval.lds import RetrainedModels, group_predictions, lds_per_query, subset_sums  # noqa: E402
+from gradindex.features.query import QueryFeaturizer, precondition_features  # noqa: E402
+from gradindex.store.feature_store import FeatureStore, write_arrays  # noqa: E402
 
 GROUPINGS = {"module": (), "bias": (GroupRule("*.bias", "{param}"),)}
 

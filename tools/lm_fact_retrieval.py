@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from gradindex.config import FeaturizeConfig, Preconditioner, ProjectionConfig
-from gradindex.featurize import featurize, featurize_rows, resolve_groups
-from gradindex.gradients import GradientProjector
-from gradindex.precondition import QueryPreconditioner
+from gradindex.features.run import featurize, featurize_rows, resolve_groups
+from gradindex.features.gradients import GradientProjector
+from gradindex.features.precondition import QueryPreconditioner
 from gradindex.task import load_task
 
 

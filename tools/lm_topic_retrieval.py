@@ -19,12 +19,12 @@ import argparse
 import numpy as np
 
 from gradindex.config import Preconditioner
-from gradindex.evaluate import concept_precision
+from gradindex.eval.evaluate import concept_precision
 from gradindex.index import TopK
-from gradindex.query_features import load_store_task, query_group_features
-from gradindex.store import FeatureStore
+from gradindex.features.query import load_store_task, query_group_features
+from gradindex.store.feature_store import FeatureStore
 from gradindex.task import dataset_metadata, task_queries
-from gradindex.weights import GroupWeights
+from gradindex.weights.group_weights import GroupWeights
 
 
 def topic_precision(store: FeatureStore, queries, weights: dict[str, float], preconditioner: Preconditioner,

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gradindex.lds import measure
+from gradindex.eval.lds import measure
 from gradindex.task import load_task, make_batch
 from gradindex.tasks.causal_lm import CausalLMTask, token_log_probs
 

@@ -8,7 +8,7 @@ Modules, in the order the data flows:
 * :mod:`~gradindex.index.build` — :func:`build_index`: train, fill and register a partition in the manifest.
 * :mod:`~gradindex.index.ray_search` — the same parts held warm by Ray actors (imported lazily; ``gradindex[ray]``).
 
-In: a :class:`~gradindex.store.FeatureStore` and its concept weights. Out: ``STORE/indexes/<concept>/``
+In: a :class:`~gradindex.store.feature_store.FeatureStore` and its concept weights. Out: ``STORE/indexes/<concept>/``
 and :class:`GradIndex` answering ``search(vectors [n, D], k) -> TopK``.
 """
 

@@ -1,8 +1,8 @@
 """Build and open a concept's index partition (kinds in :mod:`gradindex.index.kinds`, parts in
 :mod:`gradindex.index.shards`).
 
-In: a :class:`~gradindex.store.FeatureStore`, an :class:`~gradindex.config.IndexConfig`
-and the concept's :class:`~gradindex.weights.GroupWeights`.
+In: a :class:`~gradindex.store.feature_store.FeatureStore`, an :class:`~gradindex.config.IndexConfig`
+and the concept's :class:`~gradindex.weights.group_weights.GroupWeights`.
 Out: ``STORE/indexes/<concept>/b-<random>/`` (one part per range of store shards, the trained
 empty index, the balancing transform) and a ``manifest.indexes.<concept>`` entry
 recording the folder, kind, weights (and their digest), preconditioner, damping, transform,
@@ -10,7 +10,7 @@ parts and checksums.
 
 Atomic rebuilds: a fresh partition is built in a new folder while the old one keeps
 answering queries; the manifest switches to it in one rename (through
-:func:`~gradindex.store.modify_manifest`, which rereads the manifest under the store lock),
+:func:`~gradindex.store.feature_store.modify_manifest`, which rereads the manifest under the store lock),
 and only then are folders no entry names removed — never one another process is still
 building into (each builder holds a shared ``flock`` on its folder's ``.lock``). A build
 killed or failing at any point leaves the old partition listed and whole.
@@ -43,7 +43,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gradindex.config import AUTO_DAMPING, Balance, IndexConfig, IndexKind, SearchConfig, check_index_dim, setting_key
-from gradindex.damping import resolve_damping
+from gradindex.weights.damping import resolve_damping
 from gradindex.errors import ConfigError, GradIndexError, StoreMismatchError
 from gradindex.index.kinds import (
     PartBuilder, QueryTransform, banded_directions, check_index_kind, gpu_available, half_to_float, import_faiss,
@@ -55,12 +55,12 @@ from gradindex.index.shards import (
     INDEX_DIR, IndexPart, ShardedIndex, checked_file, concept_dir, entry_folder, list_parts, load_transform,
     open_part, part_name,
 )
-from gradindex.precondition import group_damping
-from gradindex.store import (
+from gradindex.features.precondition import group_damping
+from gradindex.store.feature_store import (
     FeatureStore, json_bytes, modify_manifest, npz_bytes, read_manifest, sha256_file, store_lock,
 )
-from gradindex.topk import TopK, merge_topk
-from gradindex.weights import GroupWeights, learned_weights, scaled_vectors
+from gradindex.index.topk import TopK, merge_topk
+from gradindex.weights.group_weights import GroupWeights, learned_weights, scaled_vectors
 
 __all__ = [
     "GradIndex", "IndexPart", "ShardedIndex", "TopK", "build_index", "gpu_available", "import_faiss",
@@ -395,7 +395,7 @@ def _null():
 def _commit_entry(store: FeatureStore, config: IndexConfig, weights: GroupWeights, state: dict[str, Any],
                   search: SearchConfig | None, folder: str, requested: Any = None) -> None:
     """Record every part sidecar of this training in ``folder`` as the concept's entry (one
-    :func:`~gradindex.store.modify_manifest`: the manifest is reread under the store lock)."""
+    :func:`~gradindex.store.feature_store.modify_manifest`: the manifest is reread under the store lock)."""
     used = {s: store.manifest["shards"][s]["sha256"] for s in range(len(store.manifest["shards"]))}
 
     def change(manifest: dict[str, Any] | None) -> dict[str, Any]:

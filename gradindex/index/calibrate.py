@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from gradindex.config import IndexConfig, IndexKind, SearchConfig
-from gradindex.topk import TopK, canonical_order
+from gradindex.index.topk import TopK, canonical_order
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class QuerySide:
 
 def sample_scaled_rows(store, weights, count: int, seed: int = 0) -> np.ndarray:
     """``√w ⊙ φ(x)`` ``[count, D]`` of a seeded sample of stored rows (one pass over the store)."""
-    from gradindex.weights import scaled_vectors
+    from gradindex.weights.group_weights import scaled_vectors
 
     rows = np.sort(np.random.default_rng([seed, 7211]).choice(store.num_samples, size=min(store.num_samples, count),
                                                               replace=False))
@@ -156,7 +156,7 @@ def row_queries(store, side: QuerySide, scaled_rows: np.ndarray, count: int = PE
     import torch
 
     from gradindex.config import Preconditioner
-    from gradindex.precondition import QueryPreconditioner
+    from gradindex.features.precondition import QueryPreconditioner
 
     groups = store.groups
     dims = [store.group_dims[g] for g in groups]
@@ -191,8 +191,8 @@ def task_query_vectors(store, side: QuerySide, count: int = TASK_QUERIES, device
     import torch
 
     from gradindex.index.shared import SHARED
-    from gradindex.query_features import QueryFeaturizer
-    from gradindex.weights import scaled_vectors
+    from gradindex.features.query import QueryFeaturizer
+    from gradindex.weights.group_weights import scaled_vectors
 
     config = side.config
     concept = "all" if config.concept == SHARED else config.concept
@@ -265,7 +265,8 @@ class ExactNeighbours:
 
 def exact_neighbours(store, index, vectors: np.ndarray, k: int) -> TopK:
     """Exact top-``k`` of ``vectors`` over the partition's stored vectors (streamed from the store)."""
-    from gradindex.evaluate import exact_topk, stored_vector_blocks
+    from gradindex.index.topk import exact_topk
+    from gradindex.weights.group_weights import stored_vector_blocks
 
     return exact_topk(vectors, stored_vector_blocks(store, index.weights), k)
 
@@ -295,7 +296,7 @@ class CalibrationPlan:
 # -- recall ---------------------------------------------------------------------------------------
 def measure(index, search: SearchConfig, vectors: np.ndarray, exact: TopK, k: int) -> np.ndarray:
     """Per-query recall@k of ``index`` at ``search`` (queries searched in batches)."""
-    from gradindex.evaluate import per_query_recall
+    from gradindex.index.topk import per_query_recall
 
     searcher = index.with_search(search)
     parts = [searcher.search(vectors[i:i + SEARCH_BATCH], k) for i in range(0, len(vectors), SEARCH_BATCH)]
@@ -307,7 +308,7 @@ def rerank_recalls(index, search: SearchConfig, vectors: np.ndarray, exact: TopK
                    reranks: Sequence[int]) -> dict[int, np.ndarray]:
     """ivfpq: per-query recall@k at ``search``'s nprobe for every re-rank depth in ``reranks``, from
     one search at the deepest (each part's candidates in PQ order with exact scores)."""
-    from gradindex.evaluate import per_query_recall
+    from gradindex.index.topk import per_query_recall
 
     deepest = max(reranks)
     ranked = []

@@ -49,7 +49,7 @@ import numpy as np
 from gradindex.config import AUTO_FLAT_LIMIT, IndexConfig, IndexKind, SearchConfig, require_positive
 from gradindex.errors import ConfigError, MissingDependencyError, StoreMismatchError
 from gradindex.index.probe import CellStats, search_banded
-from gradindex.topk import TopK, canonical_order
+from gradindex.index.topk import TopK, canonical_order
 
 logger = logging.getLogger(__name__)
 

@@ -145,7 +145,7 @@ def search_banded(
     ``None`` when FAISS's scores are exact or no exact copy exists). The returned scores are
     exact unless the index is an IVF-PQ without ``rescore``.
     """
-    from gradindex.topk import canonical_order
+    from gradindex.index.topk import canonical_order
 
     nlist = int(layout["nlist"])
     rho = np.asarray(layout["rho"], np.float32)

@@ -2,17 +2,17 @@
 
 In: a store whose concept partition was built in parts (``build-index --shards-per-part``,
 :mod:`gradindex.index.shards`) and query vectors ``u(q) [n, D]``. Out:
-:class:`~gradindex.topk.TopK` ``[n, k]`` equal to
+:class:`~gradindex.index.topk.TopK` ``[n, k]`` equal to
 :class:`~gradindex.index.shards.ShardedIndex` ``.search`` on one machine.
 
 How: each :class:`IndexPartHolder` actor opens its parts once (on its GPU when the
 cluster has GPUs and FAISS can use them) and keeps them; :class:`RayIndex` puts the
 query vectors in the object store once, every actor returns the merged top-k of its
 parts, and the driver merges those with the exact
-:func:`~gradindex.topk.merge_topk` (ties by sample id, so the answer does not depend
+:func:`~gradindex.index.topk.merge_topk` (ties by sample id, so the answer does not depend
 on how parts are spread over actors). :class:`RayIndex` stands in for ``GradIndex``
-inside an :class:`~gradindex.query.Attributor`; :func:`open_ray_attributor` builds one
-whose actors stay warm between queries until ``close()``.
+inside an :class:`~gradindex.query.attributor.Attributor`
+(:func:`gradindex.query.ray.open_ray_attributor` builds one whose actors stay warm between queries).
 """
 
 from __future__ import annotations
@@ -26,15 +26,13 @@ from typing import Any
 import numpy as np
 
 from gradindex.config import IndexConfig, SearchConfig, require_positive
-from gradindex.distributed import ray_session
+from gradindex.features.distributed import ray_session
 from gradindex.errors import ConfigError
 from gradindex.index.kinds import import_faiss
 from gradindex.index.shards import check_queries, index_entry, open_part
-from gradindex.query import Attributor, warn_if_weights_changed
-from gradindex.query_features import QueryFeaturizer
-from gradindex.store import FeatureStore
-from gradindex.topk import TopK, merge_topk
-from gradindex.weights import GroupWeights
+from gradindex.store.feature_store import FeatureStore
+from gradindex.index.topk import TopK, merge_topk
+from gradindex.weights.group_weights import GroupWeights
 
 logger = logging.getLogger(__name__)
 
@@ -167,40 +165,3 @@ class RayIndex:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-class RayAttributor(Attributor):
-    """An :class:`~gradindex.query.Attributor` whose index lives on Ray actors (kept warm)."""
-
-    def close(self) -> None:
-        super().close()
-        self.index.close()
-
-    def __enter__(self) -> "RayAttributor":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-def open_ray_attributor(store: str | Path | FeatureStore, concept: str = "all", checkpoint: str | Path | None = None,
-                        device: str = "cpu", address: str | None = None, actors: int | None = None,
-                        index_device: str = "auto", search: SearchConfig | None = None,
-                        trust_task: bool = False, shared: bool | None = None) -> RayAttributor:
-    """Query features on this machine (``device``), index parts on Ray actors (``trust_task``: see
-    :func:`~gradindex.query_features.load_store_task`; ``shared``: the concept's own partition or the
-    shared index, :func:`gradindex.index.shared.resolve_partition`)."""
-    from gradindex.index.shared import resolve_partition
-
-    store = store if isinstance(store, FeatureStore) else FeatureStore.open(store, trust_task=trust_task)
-    partition, weights = resolve_partition(store, concept, shared)
-    index = RayIndex.open(store, partition, address=address, actors=actors, device=index_device, search=search)
-    try:
-        featurizer = QueryFeaturizer.open(store, concept, index.config.preconditioner, index.config.damping,
-                                          checkpoint, device)
-    except BaseException:
-        index.close()
-        raise
-    if index.config.concept == concept:  # the shared index carries no weights of its own to go stale
-        warn_if_weights_changed(store, concept, index)
-    return RayAttributor(featurizer, index, weights)

@@ -23,12 +23,12 @@ API (stable; the Ray fan-out builds on it):
 * :func:`list_parts` ``(store, concept) -> list[IndexPart]``
 * :func:`open_part` ``(store, concept, part, device=None, search=None) -> PartIndex``;
   ``PartIndex.search(vectors [n, D], k) -> TopK`` over that part alone
-* :func:`gradindex.topk.merge_topk` ``(parts: list[TopK], k) -> TopK``: exact, ties by sample id
+* :func:`gradindex.index.topk.merge_topk` ``(parts: list[TopK], k) -> TopK``: exact, ties by sample id
 * :class:`ShardedIndex` ``.open(store, concept, device=None, search=None)``: all parts,
   ``.search(vectors, k)`` = ``merge_topk([p.search(vectors, k) for p in parts], k)``
 
 ``vectors`` are always query vectors ``u(q)`` in the stored space ``v(x) = [√w_g φ_g(x)]``
-(what :class:`~gradindex.query.Attributor` computes); a part applies its own
+(what :class:`~gradindex.query.attributor.Attributor` computes); a part applies its own
 balancing transform to them.
 """
 
@@ -46,9 +46,9 @@ from gradindex.config import IndexConfig, SearchConfig, check_name, require_posi
 from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
 from gradindex.index.kinds import PartIndex, QueryTransform, check_index_kind, read_index, resolve_device
 from gradindex.index.probe import CellStats
-from gradindex.store import FeatureStore
-from gradindex.topk import TopK, merge_topk
-from gradindex.weights import GroupWeights
+from gradindex.store.feature_store import FeatureStore
+from gradindex.index.topk import TopK, merge_topk
+from gradindex.weights.group_weights import GroupWeights
 
 INDEX_DIR = "indexes"
 

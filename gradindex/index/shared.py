@@ -11,18 +11,17 @@ It is the partition ``indexes/shared.phi/`` (manifest ``indexes["shared.phi"]``)
 partition when there is one and the shared index otherwise (``--shared``: always the shared one).
 
 * :func:`query_weights` ``(weights) -> GroupWeights``: the weights whose ``√`` scales give ``w``
-  (what :func:`~gradindex.weights.scaled_vectors` needs for the shared index's query side).
+  (what :func:`~gradindex.weights.group_weights.scaled_vectors` needs for the shared index's query side).
 * :func:`open_concept_index` ``(store, concept, ...) -> (GradIndex, query-side GroupWeights)``.
 """
 
 from __future__ import annotations
 
-from typing import Any
 
 from gradindex.errors import ArtifactNotFoundError
 from gradindex.index.shards import ShardedIndex
-from gradindex.store import FeatureStore
-from gradindex.weights import GroupWeights
+from gradindex.store.feature_store import FeatureStore
+from gradindex.weights.group_weights import GroupWeights
 
 SHARED = "shared.phi"  # the shared index's partition name (a dot: never a task's concept name)
 

@@ -1,12 +1,12 @@
 """The warm engine behind ``gradindex serve``: a request's JSON → query items → ``query --json``'s objects.
 
-In: a store and one :class:`~gradindex.query.Attributor` per served concept (model,
+In: a store and one :class:`~gradindex.query.attributor.Attributor` per served concept (model,
 projections, preconditioner and index loaded once; the index may live on Ray,
 :mod:`gradindex.serve.ray_serve`). A request body ``{"inputs": ..., "k": 10, "concept": "all"}``
 is checked and turned into query items by the task's ``queries_from_json`` (:meth:`parse`).
 Out: for a batch of parsed requests, each request's list of
 ``{"query": i, "results": [{"rank", "sample_id", "score", ...metadata}]}`` — built by
-:func:`~gradindex.query.result_records`, the function behind ``query --json``.
+:func:`~gradindex.query.attributor.result_records`, the function behind ``query --json``.
 
 A batch runs one query featurization per concept (all its requests' queries together)
 and one index search per distinct ``k`` (an approximate index's candidates depend on
@@ -25,10 +25,10 @@ import torch
 
 from gradindex.config import SearchConfig, ServeConfig
 from gradindex.errors import ConfigError
-from gradindex.query import Attributor, MetadataTable, result_records
-from gradindex.store import FeatureStore
-from gradindex.summary import store_summary
-from gradindex.topk import TopK
+from gradindex.query.attributor import Attributor, MetadataTable, result_records
+from gradindex.store.feature_store import FeatureStore
+from gradindex.eval.summary import store_summary
+from gradindex.index.topk import TopK
 
 REQUEST_KEYS = ("inputs", "k", "concept")
 DEFAULT_K = 10
@@ -61,7 +61,7 @@ class AttributionEngine:
              config: ServeConfig = ServeConfig(), checkpoint: str | Path | None = None, device: str = "cpu",
              search: SearchConfig | None = None, trust_task: bool = False) -> "AttributionEngine":
         """Load the model and each concept's index once (the same calls as ``gradindex query``;
-        ``trust_task``: see :func:`~gradindex.query_features.load_store_task`)."""
+        ``trust_task``: see :func:`~gradindex.features.query.load_store_task`)."""
         store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
         attributors: dict[str, Attributor] = {}
         try:

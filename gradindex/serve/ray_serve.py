@@ -11,7 +11,7 @@ In: a store every node sees, whose concept partitions were built in parts
 * ``gradindex-api``: the FastAPI app of :mod:`gradindex.serve.app` (built on each replica when it
   starts): the model, projections and preconditioner for query features, the micro-batcher, and per
   concept a :class:`ServeIndex` that sends a batch's query vectors to every parts deployment and
-  merges their top-k exactly (:func:`~gradindex.topk.merge_topk`, ties by sample id).
+  merges their top-k exactly (:func:`~gradindex.index.topk.merge_topk`, ties by sample id).
 
 Serve's HTTP proxy listens on ``ServeConfig.host:port`` (loopback by default). Needs Ray Serve with
 ingress builder functions (Ray >= 2.47): ``pip install 'gradindex[serve]' 'ray[serve]'``.
@@ -31,8 +31,8 @@ from gradindex.config import SearchConfig, ServeConfig
 from gradindex.errors import ConfigError, MissingDependencyError
 from gradindex.index.ray_search import IndexPartHolder, RayIndex, part_layout
 from gradindex.index.shards import index_entry
-from gradindex.store import FeatureStore
-from gradindex.topk import TopK
+from gradindex.store.feature_store import FeatureStore
+from gradindex.index.topk import TopK
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +77,13 @@ def api_builder(store_path: str, concepts: Sequence[str], config: dict[str, Any]
                 device: str, names: dict[str, list[str]], trust_task: bool = False,
                 task: str | None = None) -> Callable[[], Any]:
     """The builder each ``gradindex-api`` replica runs when it starts: engine and app, warm (``trust_task``,
-    ``task``: the consent to run the store's task, see :func:`~gradindex.query_features.load_store_task`)."""
+    ``task``: the consent to run the store's task, see :func:`~gradindex.features.query.load_store_task`)."""
 
     def build() -> Any:
         from ray import serve
 
-        from gradindex.query import Attributor, warn_if_weights_changed
-        from gradindex.query_features import QueryFeaturizer
+        from gradindex.query.attributor import Attributor, warn_if_weights_changed
+        from gradindex.features.query import QueryFeaturizer
         from gradindex.serve.app import create_app
         from gradindex.serve.engine import AttributionEngine
 

@@ -22,7 +22,7 @@ def gradindex_home() -> Path:
 
 
 def save_checkpoint(model: nn.Module, arch: Any, path: str | Path) -> Path:
-    from gradindex.store import temporary_path
+    from gradindex.store.feature_store import temporary_path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

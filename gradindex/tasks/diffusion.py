@@ -186,7 +186,7 @@ class DiffusionTask(Task):
         return self.sample_queries(self.load_model(None), DEFAULT_QUERIES, seed=1)
 
     def save_queries(self, path: str | Path, dataset: ConceptDataset) -> Path:
-        from gradindex.store import write_arrays
+        from gradindex.store.feature_store import write_arrays
 
         path = Path(path)
         names = self.metadata(dataset)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from gradindex.config import require_positive
 from gradindex.errors import ConfigError
-from gradindex.projection import derive_seed
+from gradindex.features.projection import derive_seed
 
 
 @dataclass(frozen=True)

@@ -190,7 +190,7 @@ class DiffusionTextTask(DiffusionTask):
         return TextConceptDataset(pixels, labels, templates, -1 - np.arange(len(labels)), self.prompter)
 
     def save_queries(self, path: str | Path, dataset: TextConceptDataset) -> Path:
-        from gradindex.store import write_arrays
+        from gradindex.store.feature_store import write_arrays
 
         path = Path(path)
         names = self.metadata(dataset)

@@ -227,7 +227,7 @@ class ResNetTask(Task):
 
     def save_queries(self, path: str | Path, dataset: ConceptImageDataset) -> Path:
         """Write ``dataset`` as a query file :meth:`load_queries` reads."""
-        from gradindex.store import write_arrays
+        from gradindex.store.feature_store import write_arrays
 
         pixels = ((dataset.tensors[0].permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         write_arrays(path, {"images": pixels.numpy(), "y": dataset.tensors[1].numpy()})

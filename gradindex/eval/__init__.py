@@ -1,0 +1,9 @@
+"""The evaluation stage: how good the attributions and the index are (DESIGN §4).
+
+In: a store, its index partitions and query sets. Out: numbers and reports.
+
+* :mod:`~gradindex.eval.evaluate` — index recall@k against exact search; concept precision/recall@k.
+* :mod:`~gradindex.eval.lds` — the linear datamodeling score against retrained models (cached).
+* :mod:`~gradindex.eval.report` — the demo's picture of queries and their top-k.
+* :mod:`~gradindex.eval.summary` — the store summary ``info`` and ``/v1/info`` print (no torch).
+"""

@@ -1,0 +1,411 @@
+"""Per-example, per-group projected gradients (DESIGN §1.1). No I/O.
+
+In: a model, its :class:`~gradindex.features.groups.ParameterGroup` s, a projection
+config and a closure returning per-example scalars ``[B]`` (losses or
+measurements). Out: ``{group: Tensor[B, k_g]}`` with
+``φ_g(x) = P_g ∇_{θ_g} f(x)``.
+
+How: forward hooks see each block's module inputs and record the gradient edge
+of its output (where ``∂/∂output`` arrives, before any later in-place op on the
+output); one ``autograd.grad`` of ``Σ_b f_b`` to those edges gives every
+example's output gradient ``δ`` at once (examples do not interact). Parameter
+gradients are not requested (except to verify), so autograd skips the
+weight-gradient products a training step computes. Factorized blocks (linear,
+HF conv1d, conv2d, embedding) are projected side by side, ``Σ_t (P_l u_t)(P_r v_t)ᵀ``
+(``t`` runs over tokens, pixels, noise draws), and never form the ``[left, right]``
+per-example gradient; a conv's input side is
+projected by convolving with ``P_r`` reshaped as kernels (no unfold). Generic
+blocks (norms, odd parameters) get exact per-example gradients from a
+module-local vector-Jacobian product (``torch.func.vmap`` over the captured
+inputs and ``δ``) and a dense projection.
+
+A module's leading dimension may be ``R·B`` (``R`` contiguous copies per example,
+e.g. noise draws); rows are summed per example. The blocks of a tied tensor (same
+``Block.tie``) share one projector and their contributions are summed into one
+feature block.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+from gradindex.config import ProjectionConfig
+from gradindex.errors import TaskError
+from gradindex.features.groups import TRANSPOSED_KINDS, ParameterGroup, part_owners
+from gradindex.features.projection import BlockProjector, make_block_projector
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Call:
+    """What one module call left behind: projected input side and projected output gradient."""
+
+    right: torch.Tensor | None = None  # factorized: [B', T, k_right] (linear/conv) or [B', T, k_left] (embedding)
+    left: torch.Tensor | None = None  # factorized: the other side, from the output gradient
+    args: tuple = ()  # generic: cloned inputs
+    kwargs: dict = field(default_factory=dict)
+    delta: torch.Tensor | None = None  # generic: raw output gradient
+    edge: GradientEdge | None = None  # where the output's gradient δ arrives (before any in-place op)
+    shape: tuple[int, ...] = ()  # the output's shape
+
+
+class GradientProjector:
+    """Computes projected per-example gradients of ``model`` for every group.
+
+    Use as a context manager (hooks are removed on exit) or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        groups: Sequence[ParameterGroup],
+        projection: ProjectionConfig,
+        device: torch.device | str = "cpu",
+    ):
+        self.model = model
+        self.groups = list(groups)
+        self.device = torch.device(device)
+        modules = dict(model.named_modules())
+        self.projectors: dict[str, list[BlockProjector]] = {
+            group.name: [make_block_projector(group.name, block, projection, self.device) for block in group.blocks]
+            for group in self.groups
+        }
+        self._blocks = [bp for group in self.groups for bp in self.projectors[group.name]]
+        # block positions per feature part (one untied block, or every alias of one tied tensor)
+        self._parts: list[list[int]] = []
+        position = 0
+        for group in self.groups:
+            keys: dict[Any, list[int]] = {}
+            for offset, bp in enumerate(self.projectors[group.name]):
+                keys.setdefault(bp.block.tie or offset, []).append(position + offset)
+            self._parts.extend(keys.values())
+            position += len(self.projectors[group.name])
+        self._modules = {bp.block.module: modules[bp.block.module] for bp in self._blocks}
+        self._calls: dict[int, list[_Call]] = {}
+        self._recording = False
+        self._handles = []
+        for position, bp in enumerate(self._blocks):
+            module = self._modules[bp.block.module]
+            self._handles.append(
+                module.register_forward_hook(self._make_forward_hook(position, bp), with_kwargs=True)
+            )
+
+    # -- public -------------------------------------------------------------------------
+    def group_dims(self) -> dict[str, int]:
+        return {
+            name: sum(blocks[i].out_dim for i in part_owners([bp.block for bp in blocks]))
+            for name, blocks in self.projectors.items()
+        }
+
+    def __call__(self, compute: Callable[[], torch.Tensor], verify: bool = False) -> dict[str, torch.Tensor]:
+        """Run ``compute()`` (per-example scalars ``[B]``) and return ``{group: [B, k_g]}``.
+
+        With ``verify=True`` the per-example results are checked against the
+        autograd batch gradient: ``Σ_b φ_b`` must equal the projected ``Σ_b ∇f_b``.
+        """
+        self._calls = {position: [] for position in range(len(self._blocks))}
+        params = self._block_params()
+        try:
+            self._recording = True
+            with torch.enable_grad():
+                values = compute()
+                if not isinstance(values, torch.Tensor) or values.ndim != 1:
+                    shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+                    raise TaskError(f"the task must return one scalar per example, shape [B]; got {shape}")
+                if not torch.isfinite(values).all():
+                    raise TaskError("the task returned a non-finite loss or measurement (nan or inf)")
+                if not values.requires_grad:
+                    raise TaskError("the task's loss or measurement has no gradient: it does not depend on the "
+                                    "model's trainable parameters (computed under no_grad, detached, or from "
+                                    "another model?)")
+        finally:
+            self._recording = False
+        # One backward to the recorded output edges gives every call's δ. Parameter gradients are
+        # asked for only where they are checked (to verify; parts whose forward never ran), so
+        # autograd skips the weight-gradient products of a training step everywhere else. Every
+        # alias of a tied tensor receives its whole gradient: a part's first block stands for it.
+        recorded = [(position, call) for position, calls in self._calls.items()
+                    for call in calls if call.edge is not None]
+        checked = [positions[0] for positions in self._parts
+                   if verify or not any(self._calls[position] for position in positions)]
+        inputs = [call.edge for _, call in recorded] + [p for position in checked for p in params[position]]
+        grads = torch.autograd.grad(values.sum(), inputs, allow_unused=True) if inputs else ()
+        for (position, call), grad in zip(recorded, grads):
+            call.edge = None  # drop the reference to the graph
+            if grad is not None:
+                self._take_output_gradient(self._blocks[position], call, grad)
+        param_grads = iter(grads[len(recorded):])
+        summed_per_block = {position: [next(param_grads) for _ in params[position]] for position in checked}
+        batch = values.shape[0]
+        features = {}
+        position = 0
+        for group in self.groups:
+            # a part is one untied block, or all blocks of one tied tensor added up
+            parts: dict[Any, list] = {}  # key -> [first block projector, phi, calls seen, full gradient]
+            for offset, bp in enumerate(self.projectors[group.name]):
+                calls = self._calls[position]
+                phi = self._finish_block(bp, calls, batch)
+                key = bp.block.tie or offset
+                if key in parts:
+                    parts[key][1] = parts[key][1] + phi
+                    parts[key][2] += len(calls)
+                else:  # every alias of a tied tensor receives its whole gradient: keep the first
+                    parts[key] = [bp, phi, len(calls), summed_per_block.get(position, ())]
+                position += 1
+            for first_bp, phi, num_calls, block_sum in parts.values():
+                if not num_calls:
+                    self._check_ran(first_bp, group.name, block_sum)
+                if verify:
+                    self._verify(first_bp, group.name, phi, block_sum)
+            phis = [part[1] for part in parts.values()]
+            features[group.name] = phis[0] if len(phis) == 1 else torch.cat(phis, dim=1)
+        self._calls = {}
+        return features
+
+    @staticmethod
+    def _check_ran(bp: BlockProjector, group: str, block_sum: list) -> None:
+        if any(g is not None and bool(g.any()) for g in block_sum):
+            raise TaskError(
+                f"module {bp.block.module!r} (group {group!r}): its parameters received gradient "
+                "but its forward() never ran; its weights are used by another module (e.g. "
+                "nn.MultiheadAttention's out_proj). Merge or exclude them with a group rule."
+            )
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> "GradientProjector":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- hooks ------------------------------------------------------------------------------
+    def _block_params(self) -> list[list[torch.Tensor]]:
+        return [
+            [getattr(self._modules[bp.block.module], name) for name in bp.block.params] for bp in self._blocks
+        ]
+
+    def _make_forward_hook(self, position: int, bp: BlockProjector):
+        block = bp.block
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if not self._recording:
+                return
+            if not isinstance(output, torch.Tensor):
+                raise TaskError(
+                    f"module {block.module!r} returns {type(output).__name__}, not a tensor; "
+                    "put its parameters in a group of a module that returns a tensor (group rules)"
+                )
+            call = _Call()
+            with torch.no_grad():
+                self._capture_inputs(call, bp, module, args, kwargs)
+            self._calls[position].append(call)
+            if output.requires_grad:
+                call.edge = get_gradient_edge(_gradient_target(output))
+                call.shape = tuple(output.shape)
+
+        return hook
+
+    @staticmethod
+    def _capture_inputs(call: _Call, bp: BlockProjector, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        block = bp.block
+        if block.kind in ("linear", "conv1d"):
+            call.right = bp.combine_right(_with_bias_column(_as_rows(args[0]), block))
+        elif block.kind == "conv2d":
+            call.right = _project_conv_input(args[0], module, bp)
+        elif block.kind == "embedding":
+            tokens = args[0].reshape(args[0].shape[0], -1)
+            onehot_side = bp.combine_left.columns(tokens)
+            if module.padding_idx is not None:
+                onehot_side = onehot_side * (tokens != module.padding_idx).unsqueeze(-1)
+            call.left = onehot_side
+        else:
+            call.args = tuple(_detached_clone(a) for a in args)
+            call.kwargs = {key: _detached_clone(value) for key, value in kwargs.items()}
+
+    @staticmethod
+    def _take_output_gradient(bp: BlockProjector, call: _Call, grad: torch.Tensor) -> None:
+        """Project (or keep, for generic blocks) the output gradient ``δ`` of one call."""
+        kind = bp.block.kind
+        grad = grad.detach().reshape(call.shape).float()
+        if kind in ("linear", "conv1d"):
+            call.left = bp.combine_left(_as_rows(grad))
+        elif kind == "conv2d":
+            call.left = bp.combine_left(grad.flatten(2).transpose(1, 2))
+        elif kind == "embedding":
+            call.right = bp.combine_right(grad.reshape(grad.shape[0], -1, grad.shape[-1]))
+        else:
+            call.delta = grad
+
+    # -- combining --------------------------------------------------------------------------
+    def _finish_block(self, bp: BlockProjector, calls: list[_Call], batch: int) -> torch.Tensor:
+        out = None
+        for call in calls:
+            if bp.block.kind == "generic":
+                if call.delta is None:
+                    continue
+                grads = self._generic_gradients(bp, call)
+                phi = bp.dense(_per_example(grads, batch, bp.block.module).sum(1))
+            else:
+                if call.left is None or call.right is None:
+                    continue  # the output did not reach the loss: zero gradient
+                left = _per_example(call.left, batch, bp.block.module)
+                right = _per_example(call.right, batch, bp.block.module)
+                phi = bp.combine(left, right)
+            out = phi if out is None else out + phi
+        return torch.zeros(batch, bp.out_dim, device=self.device) if out is None else out
+
+    def _generic_gradients(self, bp: BlockProjector, call: _Call) -> torch.Tensor:
+        """Exact per-row gradients ``[B', numel]`` of a generic block by a module-local VJP."""
+        module = self._modules[bp.block.module]
+        names = bp.block.params
+        params = {name: getattr(module, name).detach() for name in names}
+        rows = call.delta.shape[0]
+        batched = [isinstance(a, torch.Tensor) and a.ndim > 0 and a.shape[0] == rows for a in call.args]
+        kw_batched = {
+            k: isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == rows for k, v in call.kwargs.items()
+        }
+
+        def row_gradient(p: dict, args: tuple, kwargs: dict, delta: torch.Tensor) -> torch.Tensor:
+            args = tuple(a.unsqueeze(0) if b else a for a, b in zip(args, batched))
+            kwargs = {k: v.unsqueeze(0) if kw_batched[k] else v for k, v in kwargs.items()}
+
+            def local(q: dict) -> torch.Tensor:
+                return torch.func.functional_call(module, q, args, kwargs)
+
+            _, vjp = torch.func.vjp(local, p)
+            (grads,) = vjp(delta.unsqueeze(0).to(_first_dtype(p)))
+            return torch.cat([grads[name].reshape(-1).float() for name in names])
+
+        arg_dims = tuple(0 if b else None for b in batched)
+        kwarg_dims = {k: 0 if b else None for k, b in kw_batched.items()}
+        try:
+            return torch.func.vmap(row_gradient, in_dims=(None, arg_dims, kwarg_dims, 0))(
+                params, call.args, call.kwargs, call.delta
+            )
+        except Exception as err:  # vmap cannot trace every forward; the row loop is exact too
+            logger.debug("vmap failed for %s (%s); using a per-row loop", bp.block.module, err)
+            return torch.stack(
+                [
+                    row_gradient(
+                        params,
+                        tuple(a[i] if b else a for a, b in zip(call.args, batched)),
+                        {k: v[i] if kw_batched[k] else v for k, v in call.kwargs.items()},
+                        call.delta[i],
+                    )
+                    for i in range(rows)
+                ]
+            )
+
+    def _verify(self, bp: BlockProjector, group: str, phi: torch.Tensor, block_sum: list) -> None:
+        full = [
+            (g if g is not None else torch.zeros_like(getattr(self._modules[bp.block.module], name))).float()
+            for g, name in zip(block_sum, bp.block.params)
+        ]
+        expected = bp.project_gradient(reference_layout(bp.block.kind, bp.block.params, full).unsqueeze(0))[0]
+        got = phi.sum(0)
+        scale = expected.norm().clamp_min(1e-12)
+        error = float((got - expected).norm().detach() / scale)
+        if error > 1e-3 and float(expected.norm()) > 1e-8:
+            raise TaskError(
+                f"module {bp.block.module!r} (group {group!r}): per-example gradients do not add up to the "
+                f"batch gradient (relative error {error:.2e}): the module's weights are used outside its "
+                "forward(), or its output is a view modified in place; merge or exclude it with a group rule"
+            )
+
+
+def reference_layout(kind: str, params: Sequence[str], grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Flatten one example's full parameter gradients of a block into the projectors' layout.
+
+    linear/conv1d/conv2d: row-major ``[out, in (+1 bias column)]`` (conv1d stores its
+    weight ``[in, out]``: transposed here); embedding: ``[vocab, dim]``; generic: the
+    parameters flattened and concatenated in block order. Returns ``[numel]``.
+    """
+    if kind in ("generic", "embedding"):
+        return torch.cat([g.reshape(-1) for g in grads])
+    by_name = dict(zip(params, grads))
+    columns = []
+    if "weight" in by_name:
+        weight = by_name["weight"].T if kind in TRANSPOSED_KINDS else by_name["weight"]
+        columns.append(weight.reshape(weight.shape[0], -1))
+    if "bias" in by_name:
+        columns.append(by_name["bias"].reshape(-1, 1))
+    return torch.cat(columns, dim=1).reshape(-1)
+
+
+def _gradient_target(output: torch.Tensor) -> torch.Tensor:
+    """The tensor whose gradient edge receives ``∂/∂output`` even if ``output`` is later modified in place.
+
+    A plain tensor's edge (like a tensor hook) survives in-place ops, but a view's does not
+    (``nn.Linear`` on a 3-D input returns a view of a 2-D product: an in-place op on it reroutes the
+    gradient around the view node): then the edge is the view's base's, which holds the same
+    elements in the same order when the view is a contiguous reshape of it.
+    """
+    base = output._base
+    if base is not None and base.numel() == output.numel() and base.is_contiguous() and output.is_contiguous():
+        return base
+    return output
+
+
+def _detached_clone(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
+def _first_dtype(params: dict) -> torch.dtype:
+    return next(iter(params.values())).dtype
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """``[B', ..., d] -> [B', T, d]`` (T = 1 for plain vectors), float32, detached (a view made under
+    ``no_grad`` still requires grad, and an identity projector would keep it)."""
+    return x.detach().reshape(x.shape[0], -1, x.shape[-1]).float()
+
+
+def _with_bias_column(rows: torch.Tensor, block) -> torch.Tensor:
+    parts = []
+    if "weight" in block.params:
+        parts.append(rows)
+    if "bias" in block.params:
+        parts.append(rows.new_ones(rows.shape[0], rows.shape[1], 1))
+    return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+
+def _project_conv_input(x: torch.Tensor, module: nn.Conv2d, bp: BlockProjector) -> torch.Tensor:
+    """``P_right`` applied to every input patch (bias column included): ``[B', L, k_right]``."""
+    if x.ndim != 4:
+        raise TaskError(f"conv module {bp.block.module!r}: expected a [B, C, H, W] input, got {tuple(x.shape)}")
+    matrix = bp.combine_right.matrix()  # [k_right, C*kh*kw (+1)]
+    has_weight = "weight" in bp.block.params
+    rows = x.shape[0]
+    if has_weight:
+        patch_cols = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+        kernel = matrix[:, :patch_cols].reshape(-1, module.in_channels, *module.kernel_size)
+        bias = matrix[:, patch_cols].contiguous() if "bias" in bp.block.params else None  # the bias column
+        projected = F.conv2d(x.float(), kernel, bias, module.stride, module.padding, module.dilation)
+        return projected.flatten(2).transpose(1, 2)  # [B', L, k_right]
+    # bias only: the input side is the constant 1 at every output position
+    out_hw = F.conv2d(x[:, :1].float(), x.new_zeros(1, 1, *module.kernel_size).float(), None,
+                      module.stride, module.padding, module.dilation).shape[-2:]
+    return matrix[:, 0].expand(rows, out_hw[0] * out_hw[1], -1)
+
+
+def _per_example(rows: torch.Tensor, batch: int, module: str) -> torch.Tensor:
+    """``[B', ..., k] -> [B, R·..., k]`` where ``B' = R·B`` holds R contiguous copies per example."""
+    if rows.shape[0] % batch:
+        raise TaskError(
+            f"module {module!r} saw a leading dimension of {rows.shape[0]}, not a multiple of the batch size "
+            f"{batch}; modules must see examples (or R contiguous copies of each) along dimension 0"
+        )
+    return rows.reshape(batch, -1, rows.shape[-1])

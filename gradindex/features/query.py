@@ -1,0 +1,161 @@
+"""Query-side features: query inputs → per-group query features ``−ψ_g(q)``.
+
+In: a complete store, its task and checkpoint, a preconditioner setting and a
+concept. Out: ``{group: [n, k_g]}`` float32 with ``−ψ_g(q) = −H_g⁻¹ P_g ∇m(q)``
+(``∇m_c`` for a concept ``c``): the same groups, seeds and projections as the
+stored training features, so ``−ψ_g(q)ᵀ φ_g(x)`` is group ``g``'s score of
+training example ``x`` (positive: training on ``x`` raises ``m(q)``).
+
+Used by the query stage (:mod:`gradindex.query.attributor`, which scales and concatenates
+the blocks into ``u(q)``), by weight learning and by LDS evaluation, which need
+the per-group blocks apart. :class:`QueryFeaturizer` refuses a checkpoint whose
+parameters or parameter groups differ from the ones the store was built from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gradindex.config import DEFAULT_DAMPING, UNIFORM_CONCEPT, FeaturizeConfig, Preconditioner
+from gradindex.devices import resolve_device
+from gradindex.errors import ConfigError, StoreMismatchError, TaskConsentError
+from gradindex.features.run import featurize_rows, planned_group_entries, resolve_groups
+from gradindex.features.gradients import GradientProjector
+from gradindex.features.precondition import Damping, QueryPreconditioner
+from gradindex.features.projection import check_projection_format
+from gradindex.store.feature_store import FeatureStore
+from gradindex.task import Task, is_builtin_spec, load_task, model_fingerprint, resolve_spec
+
+
+def load_store_task(store: FeatureStore, trust_task: bool = False, task: str | None = None) -> Task:
+    """The task the store was featurized from (rebuilt from the manifest's spec).
+
+    A store is data (someone may hand you one), and its manifest names the code to run. Code
+    that is not built in (a ``file.py:Class`` or ``module:Class`` spec) runs only with consent:
+    ``trust_task`` (``--trust-task``), or ``task`` (``--task SPEC``) naming the same spec; either may
+    also come with the store (``FeatureStore.open(path, trust_task=..., task=...)``; a store that
+    ``featurize`` returns carries its own task). Otherwise a one-line :class:`TaskConsentError`.
+    """
+    spec = store.manifest["task"]
+    name = spec["task"]
+    given = task if task is not None else store.task
+    if given is not None and resolve_spec(given) != resolve_spec(name):
+        raise TaskConsentError(f"{store.path}: the store's task is {name!r}, not {given!r}; pass the store's own "
+                               "spec with --task, or --trust-task to run the store's task")
+    if given is None and not (trust_task or store.trust_task or is_builtin_spec(name)):
+        raise TaskConsentError(
+            f"{store.path}: the store names task code {name!r} that is not built in; run it only if you trust "
+            f"the store: pass --task '{name}' or --trust-task (Python: trust_task=True)"
+        )
+    return load_task(name, spec.get("options", {}))
+
+
+def check_concept(task: Task, concept: str) -> None:
+    """``concept`` must be ``all``, ``uniform`` (the measurement of ``all``, uniform weights) or one of
+    the task's concepts."""
+    if concept not in ("all", UNIFORM_CONCEPT) and concept not in task.concepts:
+        raise ConfigError(f"concept {concept!r}: the task measures {', '.join(('all', *task.concepts))} "
+                          f"(and {UNIFORM_CONCEPT!r} is 'all' with uniform weights)")
+
+
+def measurement_function(task: Task, concept: str):
+    """``(batch, model) -> [B]``: the task's measurement ``m`` (concept ``all`` or ``uniform``) or ``m_c``."""
+    check_concept(task, concept)
+    if concept in ("all", UNIFORM_CONCEPT):
+        return task.compute_measurement
+    return lambda batch, model: task.concept_measurement(batch, model, concept)
+
+
+class QueryFeaturizer:
+    """Warm model, projector and preconditioner computing ``−ψ_g(q)`` for one store and concept."""
+
+    def __init__(self, store: FeatureStore, task: Task, model: torch.nn.Module, device: torch.device,
+                 preconditioner: Preconditioner = Preconditioner.GRAM, damping: Damping = DEFAULT_DAMPING,
+                 concept: str = "all"):
+        self.store = store
+        self.task = task
+        self.model = model
+        self.device = device
+        self.concept = concept
+        self.measurement = measurement_function(task, concept)
+        check_projection_format(store.manifest["projection_format"], str(store.path))
+        config = FeaturizeConfig.from_dict(store.manifest["config"])
+        groups = resolve_groups(task, model, config)
+        if planned_group_entries(groups, config.projection) != store.manifest["groups"]:
+            raise StoreMismatchError(
+                f"{store.path}: the model's parameter groups (or their projected dims) differ from the store's; "
+                "featurize again"
+            )
+        self.groups = [g.name for g in groups]
+        self.projector = GradientProjector(model, groups, config.projection, device)
+        self.preconditioner = QueryPreconditioner(
+            preconditioner, store.read_gram() if preconditioner is Preconditioner.GRAM else None, damping, self.groups
+        )
+
+    @classmethod
+    def open(
+        cls,
+        store: str | Path | FeatureStore,
+        concept: str = "all",
+        preconditioner: Preconditioner = Preconditioner.GRAM,
+        damping: Damping = DEFAULT_DAMPING,
+        checkpoint: str | Path | None = None,
+        device: str = "cpu",
+        trust_task: bool = False,
+    ) -> "QueryFeaturizer":
+        """``trust_task``: run the task code the store names even if it is not built in (see
+        :func:`load_store_task`)."""
+        store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+        task = load_store_task(store, trust_task)
+        check_concept(task, concept)
+        torch_device = resolve_device(device)
+        model = task.load_model(checkpoint or store.manifest.get("checkpoint")).to(torch_device).eval()
+        fingerprint = model_fingerprint(model)
+        if fingerprint != store.manifest["model_fingerprint"]:
+            raise StoreMismatchError(
+                f"{store.path} was featurized from another checkpoint (model fingerprint "
+                f"{store.manifest['model_fingerprint'][:12]}…, this one {fingerprint[:12]}…); "
+                "query with the store's checkpoint or featurize this one"
+            )
+        return cls(store, task, model, torch_device, preconditioner, damping, concept)
+
+    def group_features(self, dataset: Sequence, batch_size: int = 64,
+                       show_progress: bool = False) -> dict[str, np.ndarray]:
+        """``{group: −ψ_g(q) [n, k_g]}`` (float32) for every item of ``dataset``."""
+        if len(dataset) == 0:
+            raise ConfigError("no queries: the query inputs hold no items")
+        with tqdm(total=len(dataset), desc="query features", unit="q", disable=not show_progress) as bar:
+            feats = featurize_rows(self.task, self.model, dataset, range(len(dataset)), self.projector, batch_size,
+                                   self.device, measurement=self.measurement, bar=bar)
+        psi = self.preconditioner({g: torch.from_numpy(feats[g]) for g in self.groups})
+        return {g: (-psi[g]).numpy() for g in self.groups}
+
+    def close(self) -> None:
+        self.projector.close()
+
+
+def query_group_features(store: FeatureStore, dataset: Sequence, concept: str = "all",
+                         preconditioner: Preconditioner = Preconditioner.GRAM, damping: Damping = DEFAULT_DAMPING,
+                         batch_size: int = 64, device: str = "cpu") -> dict[str, np.ndarray]:
+    """One-shot ``{group: −ψ_g(q) [n, k_g]}`` float32 numpy for ``dataset`` (opens and closes a featurizer)."""
+    featurizer = QueryFeaturizer.open(store, concept, preconditioner, damping, device=device)
+    try:
+        return featurizer.group_features(dataset, batch_size)
+    finally:
+        featurizer.close()
+
+
+def precondition_features(store: FeatureStore, raw: Mapping[str, np.ndarray], preconditioner: Preconditioner,
+                          damping: Damping) -> dict[str, np.ndarray]:
+    """Apply a preconditioner to unpreconditioned query features ``{group: [Q, k_g]}`` (float32 numpy)."""
+    if preconditioner is Preconditioner.IDENTITY:
+        return dict(raw)
+    groups = list(raw)
+    apply = QueryPreconditioner(preconditioner, store.read_gram(), damping, groups)
+    return {g: block.numpy() for g, block in apply({g: torch.from_numpy(np.asarray(raw[g], np.float32))
+                                                       for g in groups}).items()}

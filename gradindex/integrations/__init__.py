@@ -1,0 +1,6 @@
+"""Adapters to other libraries: Hugging Face models as gradindex tasks (:mod:`~gradindex.integrations.hf`).
+
+In: a library's own objects (a ``transformers`` causal LM and its text). Out: a
+:class:`~gradindex.task.Task`. Each adapter needs its library (an optional extra) and is
+imported only when used.
+"""
