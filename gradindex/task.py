@@ -318,26 +318,32 @@ def make_batch(task: Task, dataset: Sequence, indices: Sequence[int] | np.ndarra
     return task.collate([dataset[int(i)] for i in indices])
 
 
+#: modules that moved; a store written before the move names the old one (0.1.0: ``gradindex.tasks.hf``)
+MOVED_MODULES = {"gradindex.tasks.hf": "gradindex.integrations.hf"}
+
+
 def is_builtin_spec(spec: str) -> bool:
-    """Whether ``spec`` names gradindex's own code: a built-in name or ``gradindex.tasks.<module>:Class``
-    (never a file path). Other specs run code from elsewhere and need the user's consent when a
+    """Whether ``spec`` names gradindex's own code: a built-in name, ``gradindex.tasks.<module>:Class`` or
+    ``gradindex.integrations.<module>:Class`` (never a file path). Other specs run code from elsewhere and need the user's consent when a
     store names them (:func:`gradindex.features.query.load_store_task`)."""
     from gradindex.tasks import BUILTIN_TASKS
 
     if spec in BUILTIN_TASKS:
         return True
-    target, sep, name = spec.rpartition(":")
+    target, sep, name = resolve_spec(spec).rpartition(":")
     parts = target.split(".")
-    return (bool(sep and name) and parts[:2] == ["gradindex", "tasks"] and len(parts) == 3
+    return (bool(sep and name) and parts[:2] in (["gradindex", "tasks"], ["gradindex", "integrations"]) and len(parts) == 3
             and parts[2].isidentifier() and name.isidentifier())
 
 
 def resolve_spec(spec: str) -> str:
     """``spec`` with a ``file.py`` path made absolute (the form stored in a manifest: it works from
-    any directory); other specs unchanged."""
+    any directory), a module that moved named by its new place (:data:`MOVED_MODULES`); other specs unchanged."""
     target, sep, name = spec.rpartition(":")
     if sep and target.endswith(".py"):
         return f"{Path(target).expanduser().resolve()}:{name}"
+    if sep and target in MOVED_MODULES:
+        return f"{MOVED_MODULES[target]}:{name}"
     return spec
 
 
@@ -360,7 +366,7 @@ def load_task(spec: str, options: dict[str, Any] | None = None) -> Task:
                               f"{', '.join(accepted) or 'no options'}")
         task = cls(**{**defaults, **options})
     else:
-        cls = _import_task_class(spec)
+        cls = _import_task_class(resolve_spec(spec))
         try:
             task = cls(**options)
         except TypeError as err:
