@@ -1,0 +1,150 @@
+"""The documentation stays true to the code: docs/cli.md is what the commands' --help says now, every
+"DESIGN §x" citation in the code has its heading in docs/design.md, the README stays short and starts with
+the set-up commands that CI runs, and the relative links between the docs resolve."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+import pytest
+
+from gradindex.cli.help_docs import REGENERATE, iter_commands, render_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+CITATION = re.compile(r"DESIGN §(\d+(?:\.\d+)*)")
+SECTION_HEADING = re.compile(r"^#{1,6} §(\d+(?:\.\d+)*)\s", re.MULTILINE)
+
+
+def design_citations() -> dict[str, list[str]]:
+    """``{section: ["path:line", ...]}`` for every "DESIGN §x" in gradindex/, tests/ and tools/ (this file aside)."""
+    found: dict[str, list[str]] = {}
+    for folder in ("gradindex", "tests", "tools"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path.resolve() == Path(__file__).resolve():
+                continue
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                for section in CITATION.findall(line):
+                    found.setdefault(section, []).append(f"{path.relative_to(ROOT)}:{number}")
+    return found
+
+
+def design_sections() -> set[str]:
+    return set(SECTION_HEADING.findall((DOCS / "design.md").read_text(encoding="utf-8")))
+
+
+def test_docs_cli_md_is_current():
+    current = (DOCS / "cli.md").read_text(encoding="utf-8")
+    assert current == render_markdown(), f"docs/cli.md is out of date: run {REGENERATE}"
+
+
+def test_cli_reference_covers_every_command_and_flag():
+    """The generator walks the whole tree (nested groups too) and each flag of each command appears."""
+    from gradindex.cli import main
+
+    text = render_markdown()
+    contexts = list(iter_commands(main))
+    paths = [ctx.command_path for ctx in contexts]
+    assert {"gradindex", "gradindex query", "gradindex eval lds", "gradindex weights plot"} <= set(paths)
+    assert len(paths) == len(set(paths))
+    for ctx in contexts:
+        assert f"\n## {ctx.command_path}\n" in text
+        for param in ctx.command.params:
+            if isinstance(param, click.Option) and not param.hidden:
+                assert any(opt in text for opt in param.opts), (ctx.command_path, param.opts)
+
+
+def test_cli_reference_does_not_depend_on_the_terminal(monkeypatch):
+    first = render_markdown()
+    monkeypatch.setenv("COLUMNS", "37")
+    assert render_markdown() == first
+
+
+def test_the_generator_sees_a_changed_help_text():
+    """The currency check can fail: a command whose help changes renders differently."""
+
+    @click.group()
+    def group():
+        """A group."""
+
+    @group.command()
+    @click.option("--alpha", default=1, show_default=True, help="The first flag.")
+    def sub(alpha):
+        """A subcommand."""
+
+    before = render_markdown(group)
+    sub.params[0].help = "A changed flag."
+    after = render_markdown(group)
+    assert "The first flag." in before and "A changed flag." in after and before != after
+
+
+def test_every_design_citation_resolves_to_a_heading():
+    citations = design_citations()
+    assert citations, "no DESIGN § citation found: the scan is broken"
+    missing = {s: where for s, where in citations.items() if s not in design_sections()}
+    assert not missing, f"DESIGN § citations without a heading in docs/design.md: {missing}"
+
+
+def test_the_citation_check_can_fail():
+    assert "9.9" not in design_sections()
+    assert CITATION.findall("see DESIGN §1.3, §1.5") == ["1.3"]
+    assert SECTION_HEADING.findall("## §1.3 Learned weights\n### §4 Measuring\n§2 not a heading\n") == ["1.3", "4"]
+
+
+def test_no_citation_of_a_design_file_outside_the_repository():
+    for folder in ("gradindex", "tests", "tools"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path.resolve() != Path(__file__).resolve():
+                assert "/work/shared" not in path.read_text(encoding="utf-8"), path
+
+
+def ci_commands() -> list[str]:
+    """The shell command lines `.ci/run` runs (after its set-up lines)."""
+    lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip().startswith("python3 ")]
+
+
+def readme_commands() -> list[str]:
+    """The commands of the README's first code block, comments stripped."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```bash\n(.*?)```", text, re.DOTALL)
+    assert block is not None
+    return [line.split("#", 1)[0].strip() for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_readme_is_short_and_starts_with_the_setup_commands_ci_runs():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 250
+    assert text.startswith("# gradindex\n\n```bash\n"), "the set-up commands come first"
+    commands = readme_commands()
+    assert len(commands) == 2 and "gradindex demo" in commands[0]
+    assert ci_commands() == [commands[1]], "CI must run exactly the README's test command"
+
+
+@pytest.mark.parametrize("page", sorted(p.relative_to(ROOT).as_posix() for p in [ROOT / "README.md",
+                                                                                   *DOCS.rglob("*.md")]))
+def test_relative_links_resolve(page):
+    """Every relative link and image of the README and docs/ names a file that exists, and an anchor
+    into a Markdown file names one of its headings."""
+    source = ROOT / page
+    text = re.sub(r"```.*?```", "", source.read_text(encoding="utf-8"), flags=re.DOTALL)
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        resolved = (source.parent / path).resolve() if path else source
+        assert resolved.exists(), f"{page}: link to missing {target}"
+        if anchor and resolved.suffix == ".md":
+            assert anchor in heading_anchors(resolved), f"{page}: no heading for #{anchor} in {path or page}"
+
+
+def heading_anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings (lower case, punctuation dropped, spaces → -)."""
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.DOTALL)
+    anchors = set()
+    for title in re.findall(r"^#{1,6} (.+)$", text, re.MULTILINE):
+        anchor = re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+        anchors.add(anchor)
+    return anchors
