@@ -5,6 +5,7 @@ the set-up commands that CI runs, and the relative links between the docs resolv
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import click
@@ -186,3 +187,50 @@ def test_the_readme_task_example_runs(tmp_path, monkeypatch):
         done = CliRunner().invoke(main, ["-q", *args[1:]], catch_exceptions=False)
         assert done.exit_code == 0, (line, done.output)
     assert "query 2" in done.output  # the last command printed every query's top-k
+
+
+def documented_command_lines() -> list[tuple[str, str]]:
+    """``(page, line)`` for every ``gradindex ...`` command in a code block of the README and docs/
+    (fenced or indented; continuation lines joined), except the generated docs/cli.md and the synopsis
+    with placeholders in docs/design.md §3."""
+    found = []
+    for page in [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]:
+        if page in (DOCS / "cli.md", DOCS / "design.md"):
+            continue
+        text = page.read_text(encoding="utf-8")
+        blocks = re.findall(r"```[a-z]*\n(.*?)```", text, re.DOTALL)
+        blocks += ["\n".join(line[4:] for line in re.findall(r"^    .*$", text, re.MULTILINE))]
+        for block in blocks:
+            for line in block.replace("\\\n", " ").splitlines():
+                if line.strip().startswith("gradindex "):
+                    found.append((page.relative_to(ROOT).as_posix(), line.strip()))
+    return found
+
+
+def test_documented_commands_and_flags_exist(monkeypatch):
+    """Every command line the docs show parses against the CLI as it is now: the commands, flags, choices
+    and number formats exist (the commands' bodies are replaced by no-ops; nothing runs)."""
+    from click.testing import CliRunner
+
+    from gradindex.cli import main
+
+    for ctx in iter_commands(main):
+        monkeypatch.setattr(ctx.command, "callback", lambda *args, **kwargs: None)
+    lines = documented_command_lines()
+    assert len(lines) > 30, "the scan of the docs' code blocks is broken"
+    for page, line in lines:
+        text = re.sub(r"\[[^\]]*\]", "", line).replace("$c", "subject")  # optional parts, loop variables
+        args = shlex.split(text, comments=True)[1:]
+        result = CliRunner().invoke(main, args, catch_exceptions=False)
+        assert result.exit_code == 0, f"{page}: `{line}` no longer parses: {result.output.strip()}"
+
+
+def test_the_command_check_can_fail(monkeypatch):
+    from click.testing import CliRunner
+
+    from gradindex.cli import main
+
+    for ctx in iter_commands(main):
+        monkeypatch.setattr(ctx.command, "callback", lambda *args, **kwargs: None)
+    assert CliRunner().invoke(main, ["query", "runs/store", "--inputs", "q.npz", "--no-such-flag"]).exit_code != 0
+    assert CliRunner().invoke(main, ["query", "runs/store", "--inputs", "q.npz", "-k", "5"]).exit_code == 0
