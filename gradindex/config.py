@@ -20,7 +20,7 @@ from gradindex.errors import ConfigError
 
 
 #: Gram damping relative to each group's mean eigenvalue, λ_g = damping · trace(G_g) / k_g. 0.1 measured
-#: best (or within noise of best) for uniform-weight LDS on the digits MLP and CNN among 1e-3 … 1 (README).
+#: best (or within noise of best) for uniform-weight LDS on the digits MLP and CNN among 1e-3 … 1 (docs/benchmarks/lds.md).
 DEFAULT_DAMPING = 0.1
 #: ``damping="auto"``: chosen per group from the stored features (gradindex.weights.damping)
 AUTO_DAMPING = "auto"

@@ -58,7 +58,7 @@ def test_default_corpus_states_facts_in_known_sequences():
 
 
 def test_bundled_example_queries_ask_facts_of_the_default_corpus():
-    """data/lm-queries.jsonl (the README's query example) loads and asks facts the corpus states."""
+    """data/lm-queries.jsonl (the query example in docs/tasks.md) loads and asks facts the corpus states."""
     task = LMTask()
     path = DEFAULT_CORPUS.parent / "lm-queries.jsonl"
     items = task.load_queries(path)

@@ -20,7 +20,7 @@ on this machine, everything on 127.0.0.1:
    ``--seconds`` (at most ``--max-requests``): p50/p99 latency per request, QPS, and the server's
    batching counters (mean queries per featurize + search).
 
-Prints one JSON object per row and a Markdown table (the README's).
+Prints one JSON object per row and a Markdown table (docs/benchmarks/serve.md's).
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def load_level(address: str, bodies: list[dict], clients: int, seconds: float, m
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store", required=True, help="Store with a built index (10⁵ vectors for the README).")
+    parser.add_argument("--store", required=True, help="Store with a built index (10⁵ vectors for docs/benchmarks/serve.md).")
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--clients", default="1,8,32", help="Concurrency levels.")
     parser.add_argument("--seconds", type=float, default=20.0, help="Load time per level (at most).")

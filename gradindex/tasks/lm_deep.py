@@ -15,7 +15,7 @@ set; a model trained on a subset of ``n`` of the ``N`` sequences gets ``round(8 
 epochs, so that every model takes about the same number of optimizer steps (:meth:`DeepLMTask.epochs_for`).
 Trained for 8 epochs, the LDS models on random halves were far less trained than the
 full-data model (perplexity 85 against 39 on the queries) and uniform Gram LDS was 0.04;
-with equal steps it is 0.13 (24 models, the eval split; README). The default checkpoint
+with equal steps it is 0.13 (24 models, the eval split; docs/tasks.md). The default checkpoint
 is trained on first use and cached under ``$GRADINDEX_HOME/checkpoints``.
 
 Queries (default): every held-out chunk, its first 16 tokens as the prompt and the

@@ -4,7 +4,7 @@ In: a store's training features (one streamed pass over its shards). Out: a rela
 per group, ``{group: ρ_g}`` with ``λ_g = ρ_g · trace(G_g) / k_g`` (the convention of
 :mod:`gradindex.features.precondition`). No query, label or retrained model is looked at.
 
-Criteria (:class:`~gradindex.config.DampingCriterion`; the README's quality table says which
+Criteria (:class:`~gradindex.config.DampingCriterion`; docs/benchmarks/quality.md says which
 one measured best and is the default):
 
 * ``cv-likelihood``: per group, the relative damping on :data:`DAMPING_GRID` that maximises the
@@ -171,7 +171,7 @@ def auto_damping(store: FeatureStore, criterion: DampingCriterion, save: bool = 
     return damping
 
 
-#: the criterion ``damping="auto"`` uses (README: "Weight learning and LDS")
+#: the criterion ``damping="auto"`` uses (docs/benchmarks/quality.md)
 DEFAULT_CRITERION = DampingCriterion.CV_SHARED
 
 

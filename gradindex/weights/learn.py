@@ -33,7 +33,7 @@ reference sample of ``R`` stored training examples:
    (rescaling one group's scores rescales only its raw weight, inversely).
    Without the example norm the SNR's arg-max piles the weight onto a
    low-dimensional, heavy-tailed group (a bias); the variants we measured and
-   their LDS are in the README.
+   their LDS are in docs/benchmarks/lds.md.
 
 Agreement (``LearnMethod.AGREEMENT``, DESIGN §1.4), for a concept ``c`` whose value
 each query carries (we control the prompts of generated queries, so no training
@@ -71,7 +71,7 @@ The guards are separate knobs (``example_norm``, ``group_norm``; ``auto`` resolv
 normalisation (start and KL pull at equal shares, so one group's scale changes only its own raw
 weight), and the paper's loss can be combined with them (``--example-norm standardize
 --group-norm rms``). Which combination ``method="auto"`` uses (:data:`DEFAULT_METHOD`) is measured
-by ``tools/bench_quality.py`` (README, "Weight learning and LDS").
+by ``tools/bench_quality.py`` (docs/benchmarks/quality.md).
 
 Deterministic for a fixed ``seed`` (query and reference samples; the
 optimisation itself is deterministic CPU math on float32 scores).
@@ -100,8 +100,8 @@ from gradindex.weights.group_weights import GroupWeights, save_weights
 
 logger = logging.getLogger(__name__)
 
-#: what ``method="auto"`` learns with for a concept whose values the queries do not carry (README:
-#: "Weight learning and LDS")
+#: what ``method="auto"`` learns with for a concept whose values the queries do not carry
+#: (docs/benchmarks/quality.md)
 DEFAULT_METHOD = LearnMethod.SNR
 #: sharpness of the agreement objective's soft top-k, on scores z-scored over the reference sample
 AGREEMENT_BETA = 3.0
