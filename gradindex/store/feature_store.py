@@ -498,6 +498,16 @@ class FeatureStore:
         return grams
 
 
+def open_store(store: str | Path | Storage | FeatureStore, trust_task: bool = False,
+               task: str | None = None) -> FeatureStore:
+    """``store`` itself when it is an open :class:`FeatureStore`, else ``FeatureStore.open(store,
+    trust_task=trust_task, task=task)``: the one "a path or an open store" rule of every entry point
+    (an open store keeps the consent it was opened with)."""
+    if isinstance(store, FeatureStore):
+        return store
+    return FeatureStore.open(store, trust_task=trust_task, task=task)
+
+
 def _store_storage(path: str | Path | Storage) -> Storage:
     """The storage of a store; a local one confines manifest paths with :func:`inside_store`."""
     storage = open_storage(path)
