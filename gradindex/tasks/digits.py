@@ -29,7 +29,7 @@ from torch import nn
 from gradindex.errors import ConfigError
 from gradindex.inputs import read_npy, read_npz
 from gradindex.task import Task, json_array
-from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
+from gradindex.tasks.checkpoints import gradindex_home, load_or_train, save_checkpoint
 from gradindex.tasks.classification import margin
 
 logger = logging.getLogger(__name__)
@@ -124,13 +124,10 @@ class DigitsTask(Task):
         return save_checkpoint(model, self.arch, path or self.default_checkpoint())
 
     def load_model(self, checkpoint: str | Path | None) -> nn.Module:
-        if checkpoint is None:
-            checkpoint = self.default_checkpoint()
-            if not checkpoint.is_file():
-                logger.info("training the digits %s (first use) -> %s", self.arch, checkpoint)
-                self.train(checkpoint)
-        return load_checkpoint(build_model(self.arch), checkpoint, self.arch, "digits",
-                               f"train one with `python tools/train_digits.py --arch {self.arch} --out {checkpoint}`")
+        out = checkpoint if checkpoint is not None else self.default_checkpoint()
+        how_to_train = f"train one with `python tools/train_digits.py --arch {self.arch} --out {out}`"
+        return load_or_train(self, checkpoint, lambda: build_model(self.arch), self.arch, "digits", how_to_train,
+                             f"digits {self.arch}")
 
     # -- data --------------------------------------------------------------------------------
     def train_dataset(self) -> Sequence:

@@ -40,7 +40,7 @@ from torch import nn
 from gradindex.config import require_positive
 from gradindex.errors import ArtifactNotFoundError, ConfigError
 from gradindex.tasks.causal_lm import CausalLMTask, sequence_item
-from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
+from gradindex.tasks.checkpoints import gradindex_home, load_or_train, save_checkpoint
 from gradindex.tasks.lm_corpus import Corpus, CorpusConfig, WordTokenizer, generate_corpus
 
 logger = logging.getLogger(__name__)
@@ -206,13 +206,8 @@ class TinyTransformerTask(CausalLMTask):
         return model(batch["input_ids"])
 
     def load_model(self, checkpoint: str | Path | None) -> nn.Module:
-        if checkpoint is None:
-            checkpoint = self.default_checkpoint()
-            if not checkpoint.is_file():
-                logger.info("training the %s task's model (first use) -> %s", self.name, checkpoint)
-                self.train(checkpoint)
-        return load_checkpoint(TinyTransformer(self.model_config), checkpoint, self.arch(), self.name,
-                               f"{type(self).__name__}(...).train(path) writes one")
+        return load_or_train(self, checkpoint, lambda: TinyTransformer(self.model_config), self.arch(), self.name,
+                             f"{type(self).__name__}(...).train(path) writes one")
 
     # -- data -----------------------------------------------------------------------------------
     def train_dataset(self) -> Sequence:

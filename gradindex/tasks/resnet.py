@@ -48,7 +48,7 @@ from gradindex.config import require_positive
 from gradindex.errors import ArtifactNotFoundError, ConfigError
 from gradindex.inputs import read_npz
 from gradindex.task import Task
-from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
+from gradindex.tasks.checkpoints import gradindex_home, load_or_train, save_checkpoint
 from gradindex.tasks.classification import check_labels, margin
 from gradindex.tasks.concepts import FACTORS, ConceptConfig, ConceptImages, generate
 
@@ -255,13 +255,8 @@ class ResNetTask(Task):
         return save_checkpoint(model, self.arch(), path or self.default_checkpoint())
 
     def load_model(self, checkpoint: str | Path | None) -> nn.Module:
-        if checkpoint is None:
-            checkpoint = self.default_checkpoint()
-            if not checkpoint.is_file():
-                logger.info("training the resnet task's model (first use, ~30 s) -> %s", checkpoint)
-                self.train(checkpoint)
-        return load_checkpoint(ResNet(self.model_config), checkpoint, self.arch(), "resnet",
-                               "ResNetTask(...).train(path) writes one")
+        return load_or_train(self, checkpoint, lambda: ResNet(self.model_config), self.arch(), "resnet",
+                             "ResNetTask(...).train(path) writes one", "resnet task's model (~30 s)")
 
     # -- losses ---------------------------------------------------------------------------------
     def compute_train_loss(self, batch: Any, model: nn.Module) -> torch.Tensor:

@@ -55,7 +55,7 @@ from gradindex.config import require_positive
 from gradindex.errors import ConfigError
 from gradindex.inputs import read_npz
 from gradindex.task import Task
-from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
+from gradindex.tasks.checkpoints import gradindex_home, load_or_train, save_checkpoint
 from gradindex.tasks.classification import check_labels, margin
 
 logger = logging.getLogger(__name__)
@@ -244,13 +244,8 @@ class TabularTask(Task):
         return model.eval()
 
     def load_model(self, checkpoint: str | Path | None) -> nn.Module:
-        if checkpoint is None:
-            checkpoint = self.default_checkpoint()
-            if not checkpoint.is_file():
-                logger.info("training the tabular %s model (first use) -> %s", self.dataset, checkpoint)
-                self.train(checkpoint)
-        return load_checkpoint(self.build_model(), checkpoint, self.arch(), f"tabular-{self.dataset}",
-                               "TabularTask(...).train(path) writes one")
+        return load_or_train(self, checkpoint, self.build_model, self.arch(), f"tabular-{self.dataset}",
+                             "TabularTask(...).train(path) writes one", f"tabular {self.dataset} model")
 
     # -- losses ---------------------------------------------------------------------------------
     def _losses(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
