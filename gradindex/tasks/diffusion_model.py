@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -40,28 +41,43 @@ from gradindex.errors import ConfigError
 from gradindex.features.projection import derive_seed
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    num_values: tuple[int, int, int]  # values per factor (subject, style, background); index n = null
+@dataclass(frozen=True, kw_only=True)
+class DenoiserConfig:
+    """The fields both patch denoisers share (this :class:`ModelConfig` and the text-conditioned
+    :class:`~gradindex.tasks.text_diffusion_model.TextModelConfig`), keyword-only; a subclass
+    names itself in ``label`` and its own positive fields in ``positive``."""
+
+    label: ClassVar[str] = "diffusion"
+    positive: ClassVar[tuple[str, ...]] = ()
     image_size: int = 16
     patch: int = 4
     width: int = 96
     depth: int = 3
     cond_dim: int = 128
-    embed_dim: int = 32
     mlp_ratio: int = 2
     timesteps: int = 200
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "patch", "width", "depth", "cond_dim", "embed_dim", "mlp_ratio", "timesteps"):
-            require_positive(getattr(self, name), f"diffusion model {name}")
+        for name in (*self.positive, "image_size", "patch", "width", "depth", "cond_dim", "mlp_ratio", "timesteps"):
+            require_positive(getattr(self, name), f"{self.label} model {name}")
         if self.image_size % self.patch:
-            raise ConfigError(f"diffusion model: patch {self.patch} does not divide image_size {self.image_size}")
-        object.__setattr__(self, "num_values", tuple(int(v) for v in self.num_values))
+            raise ConfigError(f"{self.label} model: patch {self.patch} does not divide image_size {self.image_size}")
 
     @property
     def tokens(self) -> int:
         return (self.image_size // self.patch) ** 2
+
+
+@dataclass(frozen=True)
+class ModelConfig(DenoiserConfig):
+    num_values: tuple[int, int, int]  # values per factor (subject, style, background); index n = null
+    embed_dim: int = 32
+
+    positive: ClassVar[tuple[str, ...]] = ("embed_dim",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "num_values", tuple(int(v) for v in self.num_values))
 
 
 @dataclass(frozen=True)
