@@ -173,15 +173,7 @@ class TextPatchMixer(PatchIO, nn.Module):
         c = config
         self.encoder = TextEncoder(c.vocab_size, c.max_len, c.text_dim, c.text_layers, c.text_heads, c.text_seed)
         self.time = nn.Linear(64, c.cond_dim)
-        self.patch_in = nn.Linear(3 * c.patch * c.patch, c.width)
-        self.pos = nn.Embedding(c.tokens, c.width)
-        self.blocks = nn.ModuleList([TextBlock(c) for _ in range(c.depth)])
-        self.film_out = nn.Linear(c.cond_dim, 2 * c.width)
-        self.patch_out = nn.Linear(c.width, 3 * c.patch * c.patch)
-        nn.init.zeros_(self.patch_out.weight)
-        nn.init.zeros_(self.patch_out.bias)
-        frequencies = torch.exp(-math.log(1000.0) * torch.arange(32) / 32)
-        self.register_buffer("frequencies", frequencies, persistent=False)
+        self.add_patch_layers(lambda: TextBlock(c))
 
     def null_tokens(self, n: int, device: torch.device | None = None) -> torch.Tensor:
         """``[n, max_len]`` empty prompts (``BOS`` alone): the unconditional input of guidance."""
