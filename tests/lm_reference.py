@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
 from gradindex.features.gradients import GradientProjector, reference_layout
 from gradindex.features.groups import part_owners
+from gradindex.task import load_task
+from gradindex.tasks.training import one_thread
 
 TINY_CORPUS = {
     "seed": 3,
@@ -31,20 +33,37 @@ TINY_CORPUS = {
 }
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Tiny models run fastest on one thread (and the test machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models run fastest on one thread (and the test machine is shared): import it into a test
+    module to run the whole module so."""
+    with one_thread():
+        yield
 
 def write_tiny_corpus(path: Path, **changes) -> Path:
     path.write_text(json.dumps({**TINY_CORPUS, **changes}))
     return path
+
+
+def tiny_lm(root: Path, epochs: int) -> tuple:
+    """``(task, checkpoint)``: the ``lm`` task on the tiny corpus (width 16, 2 layers, 2 heads) trained for
+    ``epochs`` into ``root/model.pt``."""
+    options = {"corpus": str(write_tiny_corpus(root / "corpus.json")), "width": 16, "layers": 2, "heads": 2,
+               "epochs": epochs}
+    task = load_task("lm", options)
+    return task, task.train(root / "model.pt")
+
+
+def assert_projector_matches_brute_force(task, model: nn.Module, groups, config, cases) -> None:
+    """For each ``(items, function)`` of ``cases``: the projector's batched per-example features of
+    ``function(batch, model)`` equal :func:`brute_force_features` (one backward per example)."""
+    with GradientProjector(model, groups, config) as projector:
+        for items, function in cases:
+            batch = task.collate(list(items))
+            got = projector(lambda: function(batch, model), verify=True)
+            expected = brute_force_features(model, projector, items, lambda b: function(b, model), task.collate)
+            assert_features_close(got, expected)
 
 
 def brute_force_features(

@@ -29,16 +29,34 @@ def queries():
     return TinyTask().query_dataset()
 
 
-def make_store(root: Path, name: str = "store", limit: int | None = None, index: IndexConfig | None = IndexConfig(),
-               config: FeaturizeConfig = CONFIG) -> Path:
-    """A featurized tiny store at ``root/name`` (first ``limit`` rows), with an index unless ``index`` is None."""
+def featurized(root: Path, config: FeaturizeConfig = CONFIG, name: str = "store",
+               limit: int | None = None) -> FeatureStore:
+    """The tiny task (trained once into ``root/tiny.pt``) featurized into ``root/name`` (first ``limit`` rows)."""
     checkpoint = root / "tiny.pt"
     if not checkpoint.exists():
         TinyTask().train(checkpoint)
-    store = featurize(TinyTask(), root / name, config, checkpoint=checkpoint, limit=limit, show_progress=False)
+    return featurize(TinyTask(), root / name, config, checkpoint=checkpoint, limit=limit, show_progress=False)
+
+
+def make_store(root: Path, name: str = "store", limit: int | None = None, index: IndexConfig | None = IndexConfig(),
+               config: FeaturizeConfig = CONFIG) -> Path:
+    """A featurized tiny store at ``root/name`` (first ``limit`` rows), with an index unless ``index`` is None."""
+    store = featurized(root, config, name, limit)
     if index is not None:
         build_index(store, index, show_progress=False)
     return root / name
+
+
+def cli_store(root: Path, run) -> tuple[Path, Path]:
+    """Through the CLI (``run(*args)``, a click runner): the tiny task featurized (proj_dim 8, shards of 16
+    rows) into ``root/store`` and indexed, with ``root/queries.npz`` (4 query rows); ``(root, checkpoint)``."""
+    checkpoint = TinyTask().train(root / "tiny.pt")
+    assert run("featurize", TASK_SPEC, "--out", root / "store", "--checkpoint", checkpoint, "--proj-dim", 8,
+               "--shard-size", 16).exit_code == 0
+    assert run("build-index", root / "store").exit_code == 0
+    task = TinyTask()
+    np.savez(root / "queries.npz", x=task.x[40:44], y=task.y[40:44])
+    return root, checkpoint
 
 
 def copy_store(source: Path, target: Path) -> Path:

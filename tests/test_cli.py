@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from gradindex.cli import main
+from store_helpers import cli_store
 from tiny_task import TinyTask
 
 TASK = f"{Path(__file__).parent / 'tiny_task.py'}:TinyTask"
@@ -29,14 +30,7 @@ def assert_one_line_error(result, match):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    checkpoint = TinyTask().train(root / "tiny.pt")
-    assert run("featurize", TASK, "--out", root / "store", "--checkpoint", checkpoint, "--proj-dim", 8,
-               "--shard-size", 16).exit_code == 0
-    assert run("build-index", root / "store").exit_code == 0
-    task = TinyTask()
-    np.savez(root / "queries.npz", x=task.x[40:44], y=task.y[40:44])
-    return root, checkpoint
+    return cli_store(tmp_path_factory.mktemp("cli"), run)
 
 
 def test_groups_table_and_json():

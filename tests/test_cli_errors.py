@@ -31,6 +31,7 @@ from gradindex.config import (
 from gradindex.errors import ConfigError
 from gradindex.features.query import query_group_features
 from gradindex.store.feature_store import FeatureStore
+from store_helpers import cli_store
 from tiny_task import TinyTask
 
 HERE = Path(__file__).parent
@@ -58,14 +59,7 @@ def one_line_error(result, *fragments: str) -> str:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """A TinyTask store with a flat index, its checkpoint and a query file."""
-    root = tmp_path_factory.mktemp("errors")
-    checkpoint = TinyTask().train(root / "tiny.pt")
-    assert run("featurize", TASK, "--out", root / "store", "--checkpoint", checkpoint, "--proj-dim", 8,
-               "--shard-size", 16).exit_code == 0
-    assert run("build-index", root / "store").exit_code == 0
-    task = TinyTask()
-    np.savez(root / "queries.npz", x=task.x[40:44], y=task.y[40:44])
-    return root, checkpoint
+    return cli_store(tmp_path_factory.mktemp("errors"), run)
 
 
 def write_task(folder: Path, body: str, name: str = "user_task.py") -> str:

@@ -18,11 +18,15 @@ from reference import per_example_gradients
 TINY = {"num_train": 48, "steps": 150, "width": 16, "depth": 1, "draws": 2}
 
 
+def trained_tiny(spec: str, options: dict, folder):
+    """``(task, model)``: the ``spec`` task with ``options`` trained into ``folder/tiny.pt`` and loaded."""
+    task = load_task(spec, options)
+    return task, task.load_model(task.train(folder / "tiny.pt"))
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    task = load_task("diffusion", TINY)
-    checkpoint = task.train(tmp_path_factory.mktemp("diffusion") / "tiny.pt")
-    return task, task.load_model(checkpoint)
+    return trained_tiny("diffusion", TINY, tmp_path_factory.mktemp("diffusion"))
 
 
 def _mean_loss(task, model, dataset):

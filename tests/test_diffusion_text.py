@@ -22,23 +22,20 @@ from gradindex.tasks.lora import LoRALinear, add_lora
 from gradindex.tasks.prompts import BOS, NEUTRAL_WORDS, PAD, TEMPLATES, Prompter
 from gradindex.tasks.text_diffusion_model import TextEncoder, TextPatchMixer
 from test_concepts import CONFIG
-from test_diffusion import engine_and_autograd
+from test_diffusion import engine_and_autograd, trained_tiny
 
 TINY = {"num_train": 64, "steps": 150, "width": 16, "depth": 1, "draws": 2}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    task = load_task("diffusion-text", TINY)
-    checkpoint = task.train(tmp_path_factory.mktemp("diffusion-text") / "tiny.pt")
-    return task, task.load_model(checkpoint)
+    return trained_tiny("diffusion-text", TINY, tmp_path_factory.mktemp("diffusion-text"))
 
 
 @pytest.fixture(scope="module")
 def tiny_lora(tmp_path_factory):
-    task = load_task("diffusion-text-lora", {**TINY, "num_train": 96, "lora_steps": 60})
-    checkpoint = task.train(tmp_path_factory.mktemp("diffusion-text-lora") / "tiny.pt")
-    return task, task.load_model(checkpoint)
+    return trained_tiny("diffusion-text-lora", {**TINY, "num_train": 96, "lora_steps": 60},
+                        tmp_path_factory.mktemp("diffusion-text-lora"))
 
 
 def test_prompts_write_each_value_in_words_and_neutral_words_in_its_slot():

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 import torch
-from lm_reference import assert_features_close, brute_force_features, one_thread
+from lm_reference import assert_features_close, brute_force_features
+from lm_reference import single_thread  # noqa: F401  (autouse: the module runs on one thread)
 from torch import nn
 
 from reference import dense_block_matrix
@@ -23,12 +24,6 @@ transformers = pytest.importorskip("transformers")
 
 HF_TASK = "gradindex.integrations.hf:HFCausalLMTask"
 VOCAB = 40
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
 
 
 def tiny_gpt2(seed: int = 0) -> nn.Module:

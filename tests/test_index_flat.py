@@ -11,6 +11,7 @@ from gradindex.index.topk import exact_topk, recall_at_k
 from gradindex.features.run import featurize
 from gradindex.index import GradIndex, build_index
 from gradindex.weights.group_weights import GroupWeights, scaled_vectors
+from store_helpers import featurized
 from tiny_task import TinyTask
 
 
@@ -27,10 +28,7 @@ def assert_same_topk(got, want, atol=1e-5):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flat")
-    task = TinyTask()
-    checkpoint = task.train(root / "tiny.pt")
-    return featurize(task, root / "store", FeaturizeConfig(shard_size=16), checkpoint=checkpoint, show_progress=False)
+    return featurized(tmp_path_factory.mktemp("flat"), FeaturizeConfig(shard_size=16))
 
 
 def test_flat_index_equals_exact_blockwise_topk(store):

@@ -13,15 +13,13 @@ from gradindex.index import GradIndex, ShardedIndex, build_index, list_parts, op
 from gradindex.store.feature_store import FeatureStore
 from gradindex.index.topk import TopK, merge_topk
 from gradindex.weights.group_weights import GroupWeights, scaled_vectors
+from store_helpers import featurized
 from tiny_task import TinyTask
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shards")
-    task = TinyTask()
-    checkpoint = task.train(root / "tiny.pt")
-    return featurize(task, root / "store", FeaturizeConfig(shard_size=8), checkpoint=checkpoint, show_progress=False)
+    return featurized(tmp_path_factory.mktemp("shards"), FeaturizeConfig(shard_size=8))
 
 
 def exact(store, queries, k):

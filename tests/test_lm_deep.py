@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from lm_reference import assert_features_close, brute_force_features, one_thread
+from lm_reference import assert_projector_matches_brute_force
+from lm_reference import single_thread  # noqa: F401  (autouse: the module runs on one thread)
 
 from gradindex.config import FeaturizeConfig, ProjectionConfig, ProjectionKind
 from gradindex.errors import ConfigError
 from gradindex.features.run import featurize
-from gradindex.features.gradients import GradientProjector
 from gradindex.features.groups import parameter_groups
 from gradindex.task import load_task, make_batch
 from gradindex.tasks.lm import TinyTransformer
@@ -27,12 +27,6 @@ from gradindex.tasks.pydoc_corpus import (
 )
 
 TINY = {"width": 16, "layers": 2, "heads": 2, "epochs": 4}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +122,7 @@ def test_per_example_gradients_match_brute_force(tiny, kind):
     groups = parameter_groups(model)
     config = ProjectionConfig(kind=kind, proj_dim=64, seed=5)
     cases = [(task.train_dataset()[:4], task.compute_train_loss), (task.query_dataset()[:4], task.compute_measurement)]
-    with GradientProjector(model, groups, config) as projector:
-        for items, function in cases:
-            batch = task.collate(list(items))
-            got = projector(lambda: function(batch, model), verify=True)
-            expected = brute_force_features(model, projector, items, lambda b: function(b, model), task.collate)
-            assert_features_close(got, expected)
+    assert_projector_matches_brute_force(task, model, groups, config, cases)
 
 
 # -- queries ------------------------------------------------------------------------------------------------------

@@ -7,32 +7,25 @@ import json
 import numpy as np
 import pytest
 import torch
-from lm_reference import assert_features_close, brute_force_features, one_thread, write_tiny_corpus
+from lm_reference import (
+    assert_features_close, assert_projector_matches_brute_force, brute_force_features, tiny_lm, write_tiny_corpus,
+)
+from lm_reference import single_thread  # noqa: F401  (autouse: the module runs on one thread)
 
 from gradindex.config import GroupRule, ProjectionConfig, ProjectionKind
 from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
 from gradindex.features.gradients import GradientProjector
 from gradindex.features.groups import parameter_groups
-from gradindex.task import load_task, model_fingerprint
+from gradindex.task import model_fingerprint
 from gradindex.tasks.causal_lm import token_log_probs
 from gradindex.tasks.lm import DEFAULT_CORPUS, LMTask
 from gradindex.tasks.lm_corpus import CorpusConfig, WordTokenizer, generate_corpus
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny lm task (width 16, 2 layers) and a briefly trained checkpoint."""
-    root = tmp_path_factory.mktemp("lm")
-    options = {"corpus": str(write_tiny_corpus(root / "corpus.json")), "width": 16, "layers": 2, "heads": 2,
-               "epochs": 40}
-    task = load_task("lm", options)
-    checkpoint = task.train(root / "model.pt")
+    task, checkpoint = tiny_lm(tmp_path_factory.mktemp("lm"), epochs=40)
     return task, task.load_model(checkpoint), checkpoint
 
 
@@ -240,13 +233,7 @@ def test_per_example_gradients_match_brute_force(tiny, kind):
         (sequence_level, task.compute_measurement),
         (queries, task.compute_measurement),
     ]
-    config = ProjectionConfig(kind=kind, proj_dim=64, seed=5)
-    with GradientProjector(model, groups, config) as projector:
-        for items, function in cases:
-            batch = task.collate(list(items))
-            got = projector(lambda: function(batch, model), verify=True)
-            expected = brute_force_features(model, projector, items, lambda b: function(b, model), task.collate)
-            assert_features_close(got, expected)
+    assert_projector_matches_brute_force(task, model, groups, ProjectionConfig(kind=kind, proj_dim=64, seed=5), cases)
 
 
 def test_selected_module_groups_by_rules(tiny):

@@ -8,9 +8,10 @@ import pytest
 import torch
 from lm_reference import assert_features_close, brute_force_features
 from reference import per_example_gradients
+from task_helpers import assert_query_file_errors
 
 from gradindex.config import FeaturizeConfig, ProjectionConfig, ProjectionKind
-from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
+from gradindex.errors import ConfigError, StoreMismatchError
 from gradindex.features.run import featurize
 from gradindex.features.gradients import GradientProjector
 from gradindex.features.groups import parameter_groups
@@ -117,18 +118,9 @@ def test_query_files_round_trip_and_errors(tiny, tmp_path):
     images = np.zeros((2, 16, 16, 3), np.uint8)
     np.savez(tmp_path / "unlabelled.npz", images=images)
     assert task.load_queries(tmp_path / "unlabelled.npz").tensors[1].tolist() == [-1, -1]
-    for arrays, message in (({"images": images[:, :8]}, "shape"), ({"x": images}, "'images'"),
-                            ({"images": images.astype(np.float32)}, "uint8"),
-                            ({"images": images, "y": np.array([0, 6])}, "labels")):
-        np.savez(tmp_path / "bad.npz", **arrays)
-        with pytest.raises(ConfigError, match=message):
-            task.load_queries(tmp_path / "bad.npz")
-    with pytest.raises(ArtifactNotFoundError):
-        task.load_queries(tmp_path / "none.npz")
-    for content in (b"", b"not a zip archive"):  # 0 bytes, garbage: one-line errors, never a traceback
-        (tmp_path / "broken.npz").write_bytes(content)
-        with pytest.raises(ConfigError, match="empty|not a readable .npz"):
-            task.load_queries(tmp_path / "broken.npz")
+    assert_query_file_errors(task, tmp_path, [({"images": images[:, :8]}, "shape"), ({"x": images}, "'images'"),
+                                              ({"images": images.astype(np.float32)}, "uint8"),
+                                              ({"images": images, "y": np.array([0, 6])}, "labels")])
 
 
 def test_checkpoint_of_another_width_is_refused(tiny, tmp_path):

@@ -27,7 +27,7 @@ from click.testing import CliRunner
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from lm_reference import write_tiny_corpus  # noqa: E402
+from lm_reference import tiny_lm  # noqa: E402
 from tiny_task import TinyTask  # noqa: E402
 
 from gradindex.cli import main  # noqa: E402
@@ -112,10 +112,7 @@ def server(digits):
 def lm(tmp_path_factory):
     """(store, queries JSONL, records): the tiny lm task (width 16) with a flat index."""
     root = tmp_path_factory.mktemp("serve-lm")
-    options = {"corpus": str(write_tiny_corpus(root / "corpus.json")), "width": 16, "layers": 2, "heads": 2,
-               "epochs": 20}
-    task = load_task("lm", options)
-    checkpoint = task.train(root / "model.pt")
+    task, checkpoint = tiny_lm(root, epochs=20)
     config = FeaturizeConfig(projection=ProjectionConfig(proj_dim=16), batch_size=16)
     store = featurize(task, root / "store", config, checkpoint=checkpoint, show_progress=False)
     build_index(store, IndexConfig(), show_progress=False)

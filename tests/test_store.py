@@ -78,12 +78,19 @@ def test_missing_or_foreign_store(tmp_path):
         FeatureStore.open(tmp_path / "bad")
 
 
-def test_interrupted_featurize_leaves_no_complete_looking_store(tmp_path):
+def _crashed_run(tmp_path):
+    """A featurize of the tiny task into ``tmp_path/store`` interrupted after its first shard:
+    ``(task, checkpoint, config)`` to resume it with."""
     task = TinyTask()
     checkpoint = task.train(tmp_path / "tiny.pt")
     config = FeaturizeConfig(batch_size=4, shard_size=8)
     with pytest.raises(KeyboardInterrupt):
         featurize(CrashingTask(crash_at=4), tmp_path / "store", config, checkpoint=checkpoint, show_progress=False)
+    return task, checkpoint, config
+
+
+def test_interrupted_featurize_leaves_no_complete_looking_store(tmp_path):
+    task, checkpoint, config = _crashed_run(tmp_path)
     assert not (tmp_path / "store" / MANIFEST).exists()
     assert not list((tmp_path / "store").rglob("*.tmp-*"))
     with pytest.raises(ArtifactNotFoundError, match="incomplete"):
@@ -101,11 +108,7 @@ def test_interrupted_featurize_leaves_no_complete_looking_store(tmp_path):
 
 
 def test_resume_ignores_shards_of_a_different_run(tmp_path):
-    task = TinyTask()
-    checkpoint = task.train(tmp_path / "tiny.pt")
-    config = FeaturizeConfig(batch_size=4, shard_size=8)
-    with pytest.raises(KeyboardInterrupt):
-        featurize(CrashingTask(crash_at=4), tmp_path / "store", config, checkpoint=checkpoint, show_progress=False)
+    task, checkpoint, config = _crashed_run(tmp_path)
     other = FeaturizeConfig(batch_size=4, shard_size=8, projection=ProjectionConfig(seed=9))
     resumed = featurize(task, tmp_path / "store", other, checkpoint=checkpoint, resume=True, show_progress=False)
     clean = featurize(task, tmp_path / "clean", other, checkpoint=checkpoint, show_progress=False)

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 from reference import per_example_gradients
+from task_helpers import assert_query_file_errors
 
 from gradindex.config import FeaturizeConfig, ProjectionConfig, ProjectionKind
-from gradindex.errors import ArtifactNotFoundError, ConfigError
+from gradindex.errors import ConfigError
 from gradindex.features.run import featurize
 from gradindex.features.gradients import GradientProjector
 from gradindex.features.groups import parameter_groups
@@ -115,17 +116,9 @@ def test_query_files(trained, tmp_path):
         torch.testing.assert_close(a, b[:4])
     np.savez(tmp_path / "unlabelled.npz", x=split["x_query"][:2])
     assert task.load_queries(tmp_path / "unlabelled.npz").tensors[1].tolist() == [-1, -1]
-    for arrays, message in (({"x": split["x_query"][:2, :5]}, "shape"), ({"z": split["x_query"]}, "'x'"),
-                            ({"x": split["x_query"][:2], "y": np.array([0, 2])}, "labels")):
-        np.savez(tmp_path / "bad.npz", **arrays)
-        with pytest.raises(ConfigError, match=message):
-            task.load_queries(tmp_path / "bad.npz")
-    with pytest.raises(ArtifactNotFoundError):
-        task.load_queries(tmp_path / "none.npz")
-    for content in (b"", b"not a zip archive"):  # 0 bytes, garbage: one-line errors, never a traceback
-        (tmp_path / "broken.npz").write_bytes(content)
-        with pytest.raises(ConfigError, match="empty|not a readable .npz"):
-            task.load_queries(tmp_path / "broken.npz")
+    assert_query_file_errors(task, tmp_path, [({"x": split["x_query"][:2, :5]}, "shape"),
+                                              ({"z": split["x_query"]}, "'x'"),
+                                              ({"x": split["x_query"][:2], "y": np.array([0, 2])}, "labels")])
     regression = load_task("tabular-diabetes", {"measurement": "neg_squared_error"})
     np.savez(tmp_path / "reg.npz", x=load_split("diabetes")["x_query"][:3])
     with pytest.raises(ConfigError, match="needs targets"):

@@ -41,17 +41,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lds_workbench import GROUPINGS, mean_std, open_or_featurize  # noqa: E402
+from lds_workbench import GROUPINGS, best_single, halves, mean_std, open_or_featurize  # noqa: E402
 
 from gradindex.config import LDSConfig, LearnConfig, Preconditioner  # noqa: E402
 from gradindex.eval.lds import (  # noqa: E402
-    group_predictions,
-    lds_per_query,
-    precondition_features,
-    predictions_from_scores,
-    retrain,
-    subset_sums,
-    weighted_predictions,
+    group_predictions, precondition_features, predictions_from_scores, retrain, subset_sums, weighted_predictions,
 )
 from gradindex.weights.learn import learn_weights  # noqa: E402
 from gradindex.features.query import QueryFeaturizer  # noqa: E402
@@ -139,15 +133,8 @@ def run_arch(arch: str, args: argparse.Namespace) -> dict:
     retrained = retrain(task, out / "lds", LDSConfig(num_models=args.models, fraction=0.5), workers=args.workers)
     retrain_seconds = time.perf_counter() - started
     queries = task.query_dataset()
-    measured = retrained.measurements["all"]
-    half = len(queries) // 2
-    fit = torch.utils.data.Subset(queries, list(range(half)))
-    dev, evaluation = np.arange(half), np.arange(half, len(queries))
-
-    def lds(predictions: np.ndarray, rows: np.ndarray) -> float:
-        return float(lds_per_query(predictions[:, rows], measured[:, rows]).mean())
-
-    results: dict = {"retrain_seconds": retrain_seconds, "num_queries_fit": half,
+    fit, dev, evaluation, lds = halves(queries, retrained.measurements["all"])
+    results: dict = {"retrain_seconds": retrain_seconds, "num_queries_fit": len(dev),
                      "num_queries_eval": len(evaluation), "runs": []}
     for grouping in args.groupings:
         for seed in args.seeds:
@@ -167,8 +154,7 @@ def run_arch(arch: str, args: argparse.Namespace) -> dict:
                 run[f"learned {name}"] = lds(weighted_predictions(predictions, learned.weights), evaluation)
                 run[f"weights {name}"] = learned.weights
                 run[f"shares {name}"] = learned.info["shares"]
-                singles = {g: (lds(predictions[g], dev), lds(predictions[g], evaluation)) for g in store.groups}
-                best = max(singles, key=lambda g: singles[g][0])
+                best, singles = best_single(predictions, lds, dev, evaluation)
                 run[f"best group {name}"] = singles[best][1]
                 run[f"best group {name} name"] = best
                 run[f"groups {name}"] = {g: v[1] for g, v in singles.items()}

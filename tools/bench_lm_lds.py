@@ -39,18 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_lds import PRECONDITIONERS  # noqa: E402
-from lds_workbench import mean_std, open_or_featurize, oracle_weights  # noqa: E402
+from lds_workbench import best_single, halves, mean_std, open_or_featurize, oracle_weights  # noqa: E402
 from lm_fact_retrieval import reciprocal_ranks  # noqa: E402
 
 from gradindex.config import LDSConfig, LearnConfig, Preconditioner  # noqa: E402
 from gradindex.eval.lds import (  # noqa: E402
-    group_predictions,
-    lds_per_query,
-    precondition_features,
-    predictions_from_scores,
-    retrain,
-    subset_sums,
-    weighted_predictions,
+    group_predictions, precondition_features, predictions_from_scores, retrain, subset_sums, weighted_predictions,
 )
 from gradindex.weights.learn import learn_weights  # noqa: E402
 from gradindex.features.query import QueryFeaturizer  # noqa: E402
@@ -103,12 +97,7 @@ def truncated(scores: np.ndarray, k: int) -> np.ndarray:
 
 def run_seed(task, seed: int, retrained, queries, facts, targets, args: argparse.Namespace) -> dict:
     measured = retrained.measurements["all"]
-    half = len(queries) // 2
-    fit = torch.utils.data.Subset(queries, list(range(half)))
-    dev, evaluation = np.arange(half), np.arange(half, len(queries))
-
-    def lds(predictions: np.ndarray, rows: np.ndarray) -> float:
-        return float(lds_per_query(predictions[:, rows], measured[:, rows]).mean())
+    fit, dev, evaluation, lds = halves(queries, measured)
 
     def mrr(scores: np.ndarray) -> float:
         return float(reciprocal_ranks(scores, targets).mean())
@@ -130,8 +119,7 @@ def run_seed(task, seed: int, retrained, queries, facts, targets, args: argparse
         learned = learn_weights(store, LearnConfig(preconditioner=preconditioner, damping=args.damping, seed=seed,
                                                    **learn_options(args.learn_option)),
                                 queries=fit, save=False, show_progress=False)
-        singles = {g: (lds(predictions[g], dev), lds(predictions[g], evaluation)) for g in store.groups}
-        best = max(singles, key=lambda g: singles[g][0])
+        best, singles = best_single(predictions, lds, dev, evaluation)
         oracle = oracle_weights(predictions, measured, dev)
         for row, weights in (("uniform", uniform), ("learned", learned.weights),
                              ("best group", {g: float(g == best) for g in store.groups}), ("oracle", oracle)):

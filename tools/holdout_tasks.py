@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradindex.task import Task
-from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
+from gradindex.tasks.checkpoints import gradindex_home, load_or_train, save_checkpoint
+from gradindex.tasks.training import seeded_model, train_epochs
 
 
 class _Block(nn.Module):
@@ -95,27 +96,14 @@ class _Tabular(Task):
         seed = self.seed if seed is None else seed
         rows = np.arange(len(self.data["x_train"])) if indices is None else np.asarray(indices)
         xs, ys = torch.from_numpy(self.data["x_train"][rows]), torch.from_numpy(self.data["y_train"][rows])
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = self.build()
-        generator = torch.Generator().manual_seed(seed)
+        model = seeded_model(self.build, seed)
         optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
-        model.train()
-        for _ in range(self.epochs):
-            order = torch.randperm(len(xs), generator=generator)
-            for start in range(0, len(xs), self.batch_size):
-                batch = order[start:start + self.batch_size]
-                optimizer.zero_grad(set_to_none=True)
-                self.loss(model(xs[batch]), ys[batch]).mean().backward()
-                optimizer.step()
-        return save_checkpoint(model.eval(), self.name, path or self.default_checkpoint())
+        train_epochs(model, lambda rows: self.loss(model(xs[rows]), ys[rows]).mean(), len(xs), self.epochs,
+                     self.batch_size, seed, optimizer)
+        return save_checkpoint(model, self.name, path or self.default_checkpoint())
 
     def load_model(self, checkpoint: str | Path | None) -> nn.Module:
-        if checkpoint is None:
-            checkpoint = self.default_checkpoint()
-            if not Path(checkpoint).is_file():
-                self.train(checkpoint)
-        return load_checkpoint(self.build(), checkpoint, self.name, self.name, "train it with task.train()")
+        return load_or_train(self, checkpoint, self.build, self.name, self.name, "train it with task.train()")
 
     def train_dataset(self) -> Sequence:
         return torch.utils.data.TensorDataset(torch.from_numpy(self.data["x_train"]),

@@ -6,6 +6,7 @@
   any preconditioner, damping and group weighting costs milliseconds;
 * :func:`oracle_weights`: group weights fitted to the retrained models (labels: a head-room
   diagnostic, not an attribution method);
+* :func:`halves`: the fit/evaluation halves of the queries and their LDS; :func:`best_single`: the best group alone;
 * :func:`paired`: paired per-query differences with their standard errors.
 """
 
@@ -128,6 +129,26 @@ def best_oracle(bench: Workbench, preconditioner: Preconditioner, damping, fit: 
     candidates = [{g: 1.0 for g in bench.groups}, oracle_weights(predictions, bench.measured, fit)]
     candidates += [{h: float(h == g) for h in bench.groups} for g in bench.groups]
     return max(candidates, key=lambda w: bench.lds(bench.combined(preconditioner, damping, w), fit).mean())
+
+
+def halves(queries, measured: np.ndarray):
+    """The two-halves protocol of the LDS benchmarks: ``(fit, dev, evaluation, lds)`` — the first half
+    of ``queries`` as a dataset to learn weights on, the query rows of each half, and
+    ``lds(predictions [M, Q], rows) -> mean LDS`` against ``measured [M, Q]`` on those rows."""
+    half = len(queries) // 2
+    fit = torch.utils.data.Subset(queries, list(range(half)))
+
+    def lds(predictions: np.ndarray, rows: np.ndarray) -> float:
+        return float(lds_per_query(predictions[:, rows], measured[:, rows]).mean())
+
+    return fit, np.arange(half), np.arange(half, len(queries)), lds
+
+
+def best_single(predictions: Mapping[str, np.ndarray], lds, dev: np.ndarray,
+                evaluation: np.ndarray) -> tuple[str, dict[str, tuple[float, float]]]:
+    """The group whose predictions alone score best on ``dev``, and every group's ``(dev, evaluation)`` LDS."""
+    singles = {g: (lds(p, dev), lds(p, evaluation)) for g, p in predictions.items()}
+    return max(singles, key=lambda g: singles[g][0]), singles
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:

@@ -98,7 +98,8 @@ def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_siz
 def _query_all(store_path, inputs, concept, checkpoint, device, batch_size, out, all_scores, ray_address, trust_task,
                task_spec) -> None:
     from gradindex.query.attributor import all_scores as compute_all
-    from gradindex.store.feature_store import FeatureStore, check_score_path, score_ids_path, write_score_matrix
+    from gradindex.store.feature_store import FeatureStore
+    from gradindex.store.scores import check_score_path, score_ids_path, write_score_matrix
 
     if not all_scores or out is None:
         raise ConfigError("--all and --out go together: query STORE --inputs FILE --all --out scores.npy")

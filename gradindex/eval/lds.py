@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -311,19 +311,7 @@ def retrain(
                 _run_job(job, task)
                 finished(done)
         else:
-            _check_loadable(spec)
-            threads = max(1, (os.cpu_count() or 1) // workers)
-            with ProcessPoolExecutor(max_workers=parallel, mp_context=get_context("spawn"),
-                                     initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-                futures = [pool.submit(_run_job, job) for job in jobs]
-                for done, future in enumerate(as_completed(futures), start=1):
-                    try:
-                        future.result()
-                    except GradIndexError:
-                        raise
-                    except Exception as err:  # the task's code failed in a worker: one line, not its traceback
-                        raise TaskError(f"LDS worker: {_worker_failure(err)}") from err
-                    finished(done)
+            _run_parallel(jobs, spec, workers, parallel, finished)
         bar.close()
     measurements = {c: np.zeros((config.num_models, len(queries))) for c in concepts}
     for j in range(config.num_models):
@@ -331,6 +319,25 @@ def retrain(
             for c in concepts:
                 measurements[c][j] = data[c]
     return RetrainedModels(masks, sample_ids, measurements)
+
+
+def _run_parallel(jobs: list[_Job], spec: dict[str, Any], workers: int, parallel: int,
+                  finished: Callable[[int], None]) -> None:
+    """Run ``jobs`` in ``parallel`` spawned processes (each rebuilding the task from ``spec``), calling
+    ``finished(done)`` as each completes; a worker's failure is one line (:class:`TaskError`)."""
+    _check_loadable(spec)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(max_workers=parallel, mp_context=get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        futures = [pool.submit(_run_job, job) for job in jobs]
+        for done, future in enumerate(as_completed(futures), start=1):
+            try:
+                future.result()
+            except GradIndexError:
+                raise
+            except Exception as err:  # the task's code failed in a worker: one line, not its traceback
+                raise TaskError(f"LDS worker: {_worker_failure(err)}") from err
+            finished(done)
 
 
 def _run_job(job: _Job, task: Task | None = None) -> int:

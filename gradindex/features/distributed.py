@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from gradindex.config import FeaturizeConfig, check_index_dim, require_number
 from gradindex.errors import ConfigError, GradIndexError, MissingDependencyError, StoreMismatchError
-from gradindex.features.run import commit_store, featurize_shard, group_entries, prepare_run
+from gradindex.features.run import RunOptions, commit_store, featurize_shard, group_entries, prepare_run
 from gradindex.features.gradients import GradientProjector
 from gradindex.features.precondition import GramAccumulator
 from gradindex.store.feature_store import (
@@ -223,37 +223,36 @@ def featurize_ray(
     task: Task,
     out: str | Path,
     config: FeaturizeConfig = FeaturizeConfig(),
-    checkpoint: str | Path | None = None,
-    device: str = "cpu",
-    overwrite: bool = False,
-    resume: bool = False,
-    limit: int | None = None,
     address: str | None = None,
     workers: int | None = None,
     cpus_per_worker: int = 1,
     max_retries: int = 2,
-    show_progress: bool = True,
     fail_shards: Collection[int] = (),
+    **run: Any,
 ) -> FeatureStore:
     """Featurize the task's training set into a new store at ``out`` on Ray workers.
 
+    ``run``: the keywords of :func:`~gradindex.features.run.featurize` (``checkpoint``, ``device``,
+    ``overwrite``, ``resume``, ``limit``, ``show_progress``; :class:`~gradindex.features.run.RunOptions`).
     ``device``: ``cpu`` (one worker per ``cpus_per_worker`` CPU slots), ``cuda`` (one
     worker per GPU; an error if the cluster has none) or ``auto`` (GPUs when the cluster
     has them). ``workers`` caps the pool. ``fail_shards`` is a test hook: the first
     attempt of those shards kills its worker mid-shard.
     """
     import_ray()  # the install hint before any work
+    options = RunOptions(**run)
+    checkpoint, device, limit, resume = options.checkpoint, options.device, options.limit, options.resume
     if cpus_per_worker < 1 or max_retries < 0 or (workers is not None and workers < 1):
         raise ConfigError(f"featurize on Ray: expected workers >= 1, cpus_per_worker >= 1 and max_retries >= 0, "
                           f"got {workers}, {cpus_per_worker}, {max_retries}")
     if not (device in ("cpu", "auto") or device.startswith("cuda")):
         raise ConfigError(f"featurize on Ray: --device must be cpu, cuda or auto, got {device!r}")
     cpu = torch.device("cpu")
-    run = prepare_run(task, config, checkpoint, cpu, limit)
+    prepared = prepare_run(task, config, checkpoint, cpu, limit)
     with writer_lock(out) as path:
-        prepare_store(path, overwrite=overwrite, resume=resume)
-        return _featurize_ray_into(path, task, run, config, checkpoint, device, resume, limit, address, workers,
-                                   cpus_per_worker, max_retries, show_progress, fail_shards)
+        prepare_store(path, overwrite=options.overwrite, resume=resume)
+        return _featurize_ray_into(path, task, prepared, config, checkpoint, device, resume, limit, address, workers,
+                                   cpus_per_worker, max_retries, options.show_progress, fail_shards)
 
 
 def _featurize_ray_into(path: Storage, task: Task, run: Any, config: FeaturizeConfig, checkpoint: str | Path | None,

@@ -65,10 +65,16 @@ def group_damping(damping: Damping, group: str) -> float:
     return float(damping)
 
 
+def relative_lambda(gram: np.ndarray, damping: float) -> float:
+    """``λ = damping · trace(G) / k`` for a ``[k, k]`` Gram ``G``: the damping relative to its mean
+    eigenvalue (the one rule for the query-side inverse and the index's whitening transform)."""
+    return damping * float(np.trace(gram)) / gram.shape[0]
+
+
 def inverse(gram: np.ndarray, damping: float) -> tuple[np.ndarray, float]:
-    """``((G + λI)⁻¹, λ)`` with ``λ = damping · trace(G) / k``; float64."""
+    """``((G + λI)⁻¹, λ)`` with ``λ`` from :func:`relative_lambda`; float64."""
     k = gram.shape[0]
-    lam = damping * float(np.trace(gram)) / k
+    lam = relative_lambda(gram, damping)
     regularized = gram + lam * np.eye(k)
     try:
         inv_factor = np.linalg.solve(np.linalg.cholesky(regularized), np.eye(k))

@@ -28,7 +28,7 @@ from gradindex.features.run import featurize_rows, planned_group_entries, resolv
 from gradindex.features.gradients import GradientProjector
 from gradindex.features.precondition import Damping, QueryPreconditioner
 from gradindex.features.projection import check_projection_format
-from gradindex.store.feature_store import FeatureStore
+from gradindex.store.feature_store import FeatureStore, open_store
 from gradindex.task import Task, is_builtin_spec, load_task, model_fingerprint, resolve_spec
 
 
@@ -110,7 +110,7 @@ class QueryFeaturizer:
     ) -> "QueryFeaturizer":
         """``trust_task``: run the task code the store names even if it is not built in (see
         :func:`load_store_task`)."""
-        store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+        store = open_store(store)
         task = load_store_task(store, trust_task)
         check_concept(task, concept)
         torch_device = resolve_device(device)

@@ -92,6 +92,19 @@ class FeaturizeRun:
                 for i, start in enumerate(range(0, len(self.ids), shard_size))]
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """The keywords of one featurize run besides the task, ``out`` and the :class:`FeaturizeConfig`:
+    the same for :func:`featurize` and :func:`~gradindex.features.distributed.featurize_ray`."""
+
+    checkpoint: str | Path | None = None
+    device: str = "cpu"
+    overwrite: bool = False
+    resume: bool = False
+    limit: int | None = None
+    show_progress: bool = True
+
+
 def prepare_run(task: Task, config: FeaturizeConfig, checkpoint: str | Path | None, device: torch.device,
                 limit: int | None = None) -> FeaturizeRun:
     """Load the model on ``device``, resolve its groups, read the training table and derive the run key."""

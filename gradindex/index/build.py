@@ -101,51 +101,18 @@ def build_index(
     as the partition's defaults; skipped for ``train_only`` and ``shards`` (no whole partition yet).
     """
     check_index_dim(store.dim, f"build-index {store.path}")
-    groups = store.groups
     concept_dir(store, config.concept)  # a safe folder before anything is read or written
     requested = config.damping  # "auto": weights learned under gram@auto; the index records the resolved values
     config = dataclasses.replace(config, damping=resolve_damping(store, config.damping, config.preconditioner))
-    if weights is None:
-        weights = GroupWeights.from_manifest(store.manifest, config.concept, groups, config.preconditioner,
-                                             requested)
-        other = learned_weights(store.manifest, config.concept, groups)
-        if other and weights.info.get("method") == "uniform":
-            logger.info("concept %r has weights learned for %s, none for %s: this index uses uniform weights",
-                        config.concept, ", ".join(other), setting_key(config.preconditioner, requested))
+    weights = _index_weights(store, config, requested) if weights is None else weights
     weights.check_setting(config.preconditioner, config.damping)
-    num_shards = len(store.manifest["shards"])
     existing = store.manifest.get("indexes", {}).get(config.concept)
     reuse = (update or shards is not None) and existing is not None and "parts" in existing
-    if reuse and _trained_fields(existing["config"]) != _trained_fields(config.to_dict()):
-        if update:
-            config = IndexConfig.from_dict(existing["config"])
-        else:
-            raise ConfigError(
-                f"index {config.concept!r} was trained with another config; build it again without --shards first"
-            )
-    if reuse and existing["weights"] != weights.to_dict():
-        raise ConfigError(f"index {config.concept!r} was built with other weights; rebuild it without --update/--shards")
+    if reuse:
+        config = _reused_config(config, weights, existing, update)
     if shards is not None:
-        shards = sorted({int(s) for s in shards})
-        bad = [s for s in shards if not 0 <= s < num_shards]
-        if bad or not shards:
-            raise ConfigError(f"--shards {bad or shards}: the store has shards 0..{num_shards - 1}")
-    if reuse and shards is not None:
-        taken = {s: p["name"] for p in existing["parts"] for s in p["shards"] if s in shards}
-        if taken:
-            raise ConfigError(
-                f"--shards: store shards {sorted(taken)} are already in parts {sorted(set(taken.values()))}; "
-                "start a fresh partition with --train-only, then build each part"
-            )
-    if train_only:
-        ranges = []
-    elif shards is not None:
-        ranges = [shards]
-    else:
-        covered = {s for p in (existing["parts"] if reuse else []) for s in p["shards"]}
-        todo = [s for s in range(num_shards) if s not in covered]
-        per = config.shards_per_part or max(1, len(todo))
-        ranges = [todo[i:i + per] for i in range(0, len(todo), per)]
+        shards = _checked_shards(store, shards, existing["parts"] if reuse else [])
+    ranges = _part_ranges(store, config, existing if reuse else None, shards, train_only)
     calibrating = bool(target_recall) and not train_only and shards is None
     plan = None
     try:
@@ -167,14 +134,78 @@ def build_index(
     _tidy(store, config.concept)
     index = ShardedIndex.open(store, config.concept, device=config.device)
     if calibrating and index.kind != IndexKind.FLAT.value:
-        from gradindex.index.calibrate import calibrate
-
-        calibration = calibrate(store, index, target_recall, fixed=search, seed=config.seed,
-                                queries=plan.queries if plan is not None else None,
-                                exact=plan.exact.result() if plan is not None else None)
-        record_search(store, config.concept, index.entry, calibration.search, calibration.to_dict())
-        index = ShardedIndex.open(store, config.concept, device=config.device)
+        index = _calibrate(store, index, config, target_recall, search, plan)
     return index
+
+
+def _index_weights(store: FeatureStore, config: IndexConfig, requested: Any) -> GroupWeights:
+    """The store's weights of ``config.concept`` for the index's setting (``requested``: the damping as
+    asked, e.g. ``"auto"``); uniform ones, with a note, when it has weights only for other settings."""
+    groups = store.groups
+    weights = GroupWeights.from_manifest(store.manifest, config.concept, groups, config.preconditioner, requested)
+    other = learned_weights(store.manifest, config.concept, groups)
+    if other and weights.info.get("method") == "uniform":
+        logger.info("concept %r has weights learned for %s, none for %s: this index uses uniform weights",
+                    config.concept, ", ".join(other), setting_key(config.preconditioner, requested))
+    return weights
+
+
+def _reused_config(config: IndexConfig, weights: GroupWeights, existing: dict[str, Any], update: bool) -> IndexConfig:
+    """The config to add parts to the ``existing`` partition with: its own when ``update`` and the
+    trained fields differ; a one-line error when they differ for ``--shards`` or the weights differ."""
+    if _trained_fields(existing["config"]) != _trained_fields(config.to_dict()):
+        if update:
+            config = IndexConfig.from_dict(existing["config"])
+        else:
+            raise ConfigError(
+                f"index {config.concept!r} was trained with another config; build it again without --shards first"
+            )
+    if existing["weights"] != weights.to_dict():
+        raise ConfigError(f"index {config.concept!r} was built with other weights; rebuild it without --update/--shards")
+    return config
+
+
+def _checked_shards(store: FeatureStore, shards: Sequence[int], parts: list[dict[str, Any]]) -> list[int]:
+    """``--shards`` sorted, each a store shard and in none of the partition's ``parts`` yet."""
+    num_shards = len(store.manifest["shards"])
+    shards = sorted({int(s) for s in shards})
+    bad = [s for s in shards if not 0 <= s < num_shards]
+    if bad or not shards:
+        raise ConfigError(f"--shards {bad or shards}: the store has shards 0..{num_shards - 1}")
+    taken = {s: p["name"] for p in parts for s in p["shards"] if s in shards}
+    if taken:
+        raise ConfigError(
+            f"--shards: store shards {sorted(taken)} are already in parts {sorted(set(taken.values()))}; "
+            "start a fresh partition with --train-only, then build each part"
+        )
+    return shards
+
+
+def _part_ranges(store: FeatureStore, config: IndexConfig, existing: dict[str, Any] | None,
+                 shards: list[int] | None, train_only: bool) -> list[list[int]]:
+    """The store shards of each part to build: none (``train_only``), the one part ``shards``, or the
+    shards no part of ``existing`` covers, ``config.shards_per_part`` a part."""
+    if train_only:
+        return []
+    if shards is not None:
+        return [shards]
+    covered = {s for p in (existing["parts"] if existing is not None else []) for s in p["shards"]}
+    todo = [s for s in range(len(store.manifest["shards"])) if s not in covered]
+    per = config.shards_per_part or max(1, len(todo))
+    return [todo[i:i + per] for i in range(0, len(todo), per)]
+
+
+def _calibrate(store: FeatureStore, index: ShardedIndex, config: IndexConfig, target_recall: float,
+               search: SearchConfig | None, plan: Any) -> ShardedIndex:
+    """Calibrate the new partition's knobs to ``target_recall`` (reusing ``plan``'s queries and exact
+    answers when the build gathered them), record them, and reopen the index with them."""
+    from gradindex.index.calibrate import calibrate
+
+    calibration = calibrate(store, index, target_recall, fixed=search, seed=config.seed,
+                            queries=plan.queries if plan is not None else None,
+                            exact=plan.exact.result() if plan is not None else None)
+    record_search(store, config.concept, index.entry, calibration.search, calibration.to_dict())
+    return ShardedIndex.open(store, config.concept, device=config.device)
 
 
 def _trained_fields(config: dict[str, Any]) -> dict[str, Any]:

@@ -48,6 +48,7 @@ import numpy as np
 
 from gradindex.config import AUTO_FLAT_LIMIT, IndexConfig, IndexKind, SearchConfig, require_positive
 from gradindex.errors import ConfigError, MissingDependencyError, StoreMismatchError
+from gradindex.features.precondition import relative_lambda
 from gradindex.index.probe import CellStats, search_banded
 from gradindex.index.topk import TopK, canonical_order
 
@@ -170,7 +171,7 @@ class QueryTransform:
         dampings = [float(damping)] * len(grams) if np.isscalar(damping) else [float(d) for d in damping]
         for gram, relative in zip(grams, dampings):
             k = gram.shape[0]
-            lam = relative * float(np.trace(gram)) / k
+            lam = relative_lambda(gram, relative)
             values, vectors = np.linalg.eigh(np.asarray(gram, np.float64) + max(lam, 1e-12) * np.eye(k))
             values = np.clip(values, 1e-12 * max(values.max(), 1e-30), None)
             forward.append((vectors * values ** -0.5) @ vectors.T)

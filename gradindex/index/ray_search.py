@@ -30,7 +30,7 @@ from gradindex.features.distributed import ray_session
 from gradindex.errors import ConfigError
 from gradindex.index.kinds import import_faiss
 from gradindex.index.shards import check_queries, index_entry, open_part
-from gradindex.store.feature_store import FeatureStore
+from gradindex.store.feature_store import FeatureStore, open_store
 from gradindex.index.topk import TopK, merge_topk
 from gradindex.weights.group_weights import GroupWeights
 
@@ -97,7 +97,7 @@ class RayIndex:
         """Start the actors: one per part, at most ``actors`` and at most one per GPU (when the
         cluster has GPUs and ``device`` is not ``cpu``) or per ``cpus_per_actor`` CPUs.
         ``search``: query-time knobs for every part (default: the ones the index was built with)."""
-        store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+        store = open_store(store)
         entry = index_entry(store, concept)
         count = len(entry["parts"])
         if count == 0:

@@ -29,7 +29,7 @@ from gradindex.config import (
 )
 from gradindex.index import GradIndex, TopK
 from gradindex.features.query import QueryFeaturizer, load_store_task
-from gradindex.store.feature_store import FeatureStore
+from gradindex.store.feature_store import FeatureStore, open_store
 from gradindex.weights.group_weights import GroupWeights, learned_weights, scaled_vectors, stored_vector_blocks
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class Attributor:
         built, else the shared index)."""
         from gradindex.index.shared import open_concept_index
 
-        store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+        store = open_store(store)
         index, weights = open_concept_index(store, concept, device=index_device, search=search, shared=shared)
         featurizer = QueryFeaturizer.open(store, concept, index.config.preconditioner, index.config.damping,
                                           checkpoint, device, trust_task)

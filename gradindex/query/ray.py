@@ -15,7 +15,7 @@ from gradindex.config import SearchConfig
 from gradindex.features.query import QueryFeaturizer
 from gradindex.index.ray_search import RayIndex
 from gradindex.query.attributor import Attributor, warn_if_weights_changed
-from gradindex.store.feature_store import FeatureStore
+from gradindex.store.feature_store import FeatureStore, open_store
 
 
 class RayAttributor(Attributor):
@@ -41,7 +41,7 @@ def open_ray_attributor(store: str | Path | FeatureStore, concept: str = "all", 
     shared index, :func:`gradindex.index.shared.resolve_partition`)."""
     from gradindex.index.shared import resolve_partition
 
-    store = store if isinstance(store, FeatureStore) else FeatureStore.open(store, trust_task=trust_task)
+    store = open_store(store, trust_task=trust_task)
     partition, weights = resolve_partition(store, concept, shared)
     index = RayIndex.open(store, partition, address=address, actors=actors, device=index_device, search=search)
     try:

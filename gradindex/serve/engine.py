@@ -26,7 +26,7 @@ import torch
 from gradindex.config import SearchConfig, ServeConfig
 from gradindex.errors import ConfigError
 from gradindex.query.attributor import Attributor, MetadataTable, result_records
-from gradindex.store.feature_store import FeatureStore
+from gradindex.store.feature_store import FeatureStore, open_store
 from gradindex.eval.summary import store_summary
 from gradindex.index.topk import TopK
 
@@ -62,7 +62,7 @@ class AttributionEngine:
              search: SearchConfig | None = None, trust_task: bool = False) -> "AttributionEngine":
         """Load the model and each concept's index once (the same calls as ``gradindex query``;
         ``trust_task``: see :func:`~gradindex.features.query.load_store_task`)."""
-        store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+        store = open_store(store)
         attributors: dict[str, Attributor] = {}
         try:
             for concept in dict.fromkeys(concepts or ("all",)):

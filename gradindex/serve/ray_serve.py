@@ -31,7 +31,7 @@ from gradindex.config import SearchConfig, ServeConfig
 from gradindex.errors import ConfigError, MissingDependencyError
 from gradindex.index.ray_search import IndexPartHolder, RayIndex, part_layout
 from gradindex.index.shards import index_entry
-from gradindex.store.feature_store import FeatureStore
+from gradindex.store.feature_store import FeatureStore, open_store
 from gradindex.index.topk import TopK
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def deploy(store: str | Path | FeatureStore, concepts: Sequence[str] = ("all",),
     if replicas_per_part < 1 or api_replicas < 1 or cpus_per_actor < 1:
         raise ConfigError(f"serve --ray: expected replicas and CPUs per actor >= 1, got {replicas_per_part}, "
                           f"{api_replicas} and {cpus_per_actor}")
-    store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+    store = open_store(store)
     concepts = list(dict.fromkeys(concepts or ("all",)))
     knobs = search.to_dict() if search is not None else None
     names: dict[str, list[str]] = {}

@@ -13,6 +13,8 @@ Modules, in the order the bytes flow:
 * :mod:`~gradindex.store.schema` — the manifest's JSON schema and consistency checks.
 * :mod:`~gradindex.store.feature_store` — :class:`FeatureStore`: open, verify and read a store;
   :func:`~gradindex.store.feature_store.open_store` for "a path or an open store".
+* :mod:`~gradindex.store.shards` — write, recognise and read one Parquet shard and its sidecar.
+* :mod:`~gradindex.store.scores` — full score matrices (``query --all --out``), ``.npy`` or ``.parquet``.
 
 Imports only :mod:`gradindex.config` and :mod:`gradindex.errors` (no torch, no FAISS).
 """

@@ -1,4 +1,5 @@
-"""The feature store: Parquet shards + ``manifest.json`` (the only pyarrow importer).
+"""The feature store: Parquet shards + ``manifest.json`` (pyarrow only here, in :mod:`~gradindex.store.shards`
+and in :mod:`~gradindex.store.scores`).
 
 Layout of a store directory::
 
@@ -30,40 +31,31 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
 from gradindex.store.schema import FORMAT_VERSION, manifest_paths, validate_manifest
+from gradindex.store.shards import (  # noqa: F401  (the shard helpers are imported from here by other modules)
+    FEATURE_PREFIX, META_PREFIX, ROW_GROUP_ROWS, SHARD_DIR, ShardInfo, completed_shard, json_bytes, read_shard,
+    read_written_shard, remove_temporaries, remove_unlisted_shards, shard_name, shard_rows, sidecar_name, write_shard,
+)
 from gradindex.store.storage import (  # noqa: F401  (the file helpers are imported from here by other modules)
     LocalStorage, Storage, atomic_write_bytes, file_lock, inside_root, open_storage, sha256_file, temporary_path,
 )
 
-if TYPE_CHECKING:  # pyarrow is imported where shards are read or written: `info` reads only the manifest
-    import pyarrow as pa
-
 MANIFEST = "manifest.json"
-SHARD_DIR = "shards"
 GRAM_FILE = "gram.npz"  # the Gram file of version-1 stores; newer ones name it by content (gram-<sha>.npz)
 LOCK_FILE = ".manifest.lock"
 WRITER_LOCK = ".writer.lock"
-FEATURE_PREFIX = "grad:"
-META_PREFIX = "meta:"
-ROW_GROUP_ROWS = 4096
 
 
 # -- small file helpers ----------------------------------------------------------------------
-def json_bytes(data: Any) -> bytes:
-    return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
-
-
 def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_bytes(path, json_bytes(data))
 
@@ -72,109 +64,6 @@ def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return buffer.getvalue()
-
-
-# -- shards -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ShardInfo:
-    """What the manifest (and a shard's sidecar) records about one shard."""
-
-    path: str  # relative to the store
-    rows: int
-    sha256: str
-    bytes: int
-    run_key: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def shard_name(index: int) -> str:
-    return f"{SHARD_DIR}/part-{index:05d}.parquet"
-
-
-def sidecar_name(relative: str) -> str:
-    return str(PurePosixPath(relative).with_suffix(".json"))
-
-
-def write_shard(
-    store: str | Path | Storage,
-    index: int,
-    sample_ids: np.ndarray,
-    features: Mapping[str, np.ndarray],
-    metadata: Mapping[str, np.ndarray] | None = None,
-    run_key: str = "",
-) -> ShardInfo:
-    """Write one shard (temp name → rename; on object storage one PUT of the finished file), then
-    its sidecar; return its :class:`ShardInfo`."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    storage = open_storage(store)
-    rows = len(sample_ids)
-    columns: dict[str, pa.Array] = {"sample_id": pa.array(np.asarray(sample_ids, dtype=np.int64))}
-    for group, block in features.items():
-        block = np.ascontiguousarray(block)
-        if block.ndim != 2 or block.shape[0] != rows:
-            raise ValueError(f"shard {index}: group {group!r} has shape {block.shape}, expected [{rows}, dim]")
-        columns[FEATURE_PREFIX + group] = pa.FixedSizeListArray.from_arrays(pa.array(block.reshape(-1)), block.shape[1])
-    for name, values in (metadata or {}).items():
-        columns[META_PREFIX + name] = pa.array(np.asarray(values))
-    table = pa.table(columns)
-    relative = shard_name(index)
-    tmp = storage.temporary(relative)
-    try:
-        pq.write_table(table, tmp, compression="none", row_group_size=ROW_GROUP_ROWS)
-        digest = sha256_file(tmp)
-        size = tmp.stat().st_size
-        storage.publish(tmp, relative)
-    finally:
-        tmp.unlink(missing_ok=True)
-    info = ShardInfo(relative, rows, digest, size, run_key)
-    storage.write_bytes(sidecar_name(relative), json_bytes(info.to_dict()))
-    return info
-
-
-def completed_shard(store: str | Path | Storage, index: int, run_key: str) -> ShardInfo | None:
-    """The shard's info if it was completely written by a run with ``run_key`` and verifies
-    (on object storage: its size; a PUT is whole, and readers check the sha256)."""
-    storage = open_storage(store)
-    relative = shard_name(index)
-    sidecar = sidecar_name(relative)
-    if not (storage.is_file(relative) and storage.is_file(sidecar)):
-        return None
-    try:
-        info = ShardInfo(**json.loads(storage.read_bytes(sidecar)))
-    except (ValueError, TypeError):
-        return None
-    if info.run_key != run_key or not storage.written(relative, info.bytes, info.sha256):
-        return None
-    return info
-
-
-def read_written_shard(store: str | Path | Storage, info: ShardInfo,
-                       groups: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Read back a shard this writer (or a resumed run of it) wrote: ``read_shard`` of its local file
-    (on object storage a verified copy in the cache)."""
-    storage = open_storage(store)
-    file = storage.fetch(info.path, info.sha256, False, f"{storage}: shard {info.path} is missing",
-                         f"{storage}: checksum mismatch in {info.path}; featurize again", "shard")
-    return read_shard(file, groups)
-
-
-def remove_temporaries(store: str | Path | Storage) -> list[Path]:
-    """Delete the temporary files a killed writer left in the store's root and shard folder
-    (call with the writer lock held; object storage holds none)."""
-    return open_storage(store).remove_temporaries(["", SHARD_DIR])
-
-
-def remove_unlisted_shards(store: str | Path | Storage, manifest: Mapping[str, Any]) -> None:
-    """Delete shard files (and sidecars) the manifest does not list: an interrupted append's."""
-    storage = open_storage(store)
-    listed = {PurePosixPath(s["path"]).name for s in manifest["shards"]}
-    for name in storage.names(SHARD_DIR, "part-*"):
-        if str(PurePosixPath(name).with_suffix(".parquet")) not in listed:
-            storage.delete(f"{SHARD_DIR}/{name}")
 
 
 # -- locks and the one manifest read-modify-write ----------------------------------------------
@@ -498,6 +387,16 @@ class FeatureStore:
         return grams
 
 
+def open_store(store: str | Path | Storage | FeatureStore, trust_task: bool = False,
+               task: str | None = None) -> FeatureStore:
+    """``store`` itself when it is an open :class:`FeatureStore`, else ``FeatureStore.open(store,
+    trust_task=trust_task, task=task)``: the one "a path or an open store" rule of every entry point
+    (an open store keeps the consent it was opened with)."""
+    if isinstance(store, FeatureStore):
+        return store
+    return FeatureStore.open(store, trust_task=trust_task, task=task)
+
+
 def _store_storage(path: str | Path | Storage) -> Storage:
     """The storage of a store; a local one confines manifest paths with :func:`inside_store`."""
     storage = open_storage(path)
@@ -511,133 +410,3 @@ def _present(manifest: dict[str, Any] | None, path: Path) -> dict[str, Any]:
     if manifest is None:
         raise ArtifactNotFoundError(f"{path}: the manifest disappeared (the store is being overwritten?)")
     return manifest
-
-
-def shard_rows(file: str | Path) -> int:
-    """The row count a Parquet shard's footer records (a one-line error if it is no Parquet file)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_metadata(file).num_rows
-    except (pa.ArrowException, OSError) as err:
-        raise StoreMismatchError(f"{file}: not a readable Parquet shard ({_first_line(err)}); featurize again") \
-            from None
-
-
-def read_shard(
-    file: str | Path, groups: Sequence[str], meta_names: Sequence[str] = ()
-) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """``(sample_ids [n], {group: [n, k_g]}, {meta: [n]})`` of one shard file (no verification).
-
-    The one place shards are read: a file that is no shard of this layout is a one-line
-    ``StoreMismatchError``.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    columns = ["sample_id", *(FEATURE_PREFIX + g for g in groups), *(META_PREFIX + m for m in meta_names)]
-    try:
-        table = pq.read_table(file, columns=columns)
-        ids = table.column("sample_id").to_numpy()
-        feats = {g: _fixed_list_to_numpy(table.column(FEATURE_PREFIX + g)) for g in groups}
-        meta = {m: table.column(META_PREFIX + m).to_numpy(zero_copy_only=False) for m in meta_names}
-    except (pa.ArrowException, OSError, KeyError, AttributeError, ValueError, TypeError) as err:
-        raise StoreMismatchError(f"{file}: not a readable Parquet shard of this store ({_first_line(err)}); "
-                                 "featurize again") from None
-    return ids, feats, meta
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def _fixed_list_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
-    array = column.combine_chunks()
-    width = array.type.list_size
-    return array.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
-
-
-# -- score matrices (query --all) ----------------------------------------------------------------
-SCORE_FORMATS = (".npy", ".parquet")
-
-
-def score_ids_path(path: str | Path) -> Path:
-    """Where the sample ids of a ``.npy`` score matrix go: ``scores.npy`` → ``scores.sample_ids.npy``."""
-    path = Path(path)
-    return path.with_name(f"{path.stem}.sample_ids.npy")
-
-
-def check_score_path(path: str | Path) -> Path:
-    """``path`` if a score matrix can be written there (checked before any work), else a one-line error."""
-    path = Path(path)
-    if path.suffix not in SCORE_FORMATS:
-        raise ConfigError(f"--out {path}: expected a file name ending in .npy or .parquet")
-    if path.is_dir():
-        raise ConfigError(f"--out {path}: is a directory; give a file name ending in .npy or .parquet")
-    if not path.parent.is_dir():
-        raise ArtifactNotFoundError(f"--out {path}: no folder {path.parent}")
-    return path
-
-
-def write_score_matrix(path: str | Path, num_queries: int, num_samples: int,
-                       blocks: Iterator[tuple[np.ndarray, np.ndarray]]) -> Path:
-    """Write a full score matrix from ``(sample_ids [b], scores [num_queries, b])`` blocks, in store order.
-
-    ``.npy``: ``[num_queries, num_samples]`` float32, the sample ids ``[num_samples]`` int64 in
-    ``<stem>.sample_ids.npy`` beside it. ``.parquet``: one row per training example, columns
-    ``sample_id`` (int64) and ``scores`` (fixed-size list of ``num_queries`` float32: the
-    transpose, the store's own layout). Both are written under temporary names and renamed
-    when complete (the ids first), so an interrupted write never leaves a complete-looking file.
-    """
-    path = check_score_path(path)
-    if num_queries < 1:
-        raise ConfigError("score matrix: no queries")
-    tmp = temporary_path(path)
-    ids_tmp = temporary_path(score_ids_path(path))
-    try:
-        if path.suffix == ".npy":
-            matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(num_queries, num_samples))
-            if hasattr(os, "posix_fallocate"):  # a full disk is an OSError now, not a SIGBUS mid-write
-                with open(tmp, "r+b") as handle:
-                    os.posix_fallocate(handle.fileno(), 0, os.path.getsize(tmp))
-            ids = np.zeros(num_samples, np.int64)
-            start = 0
-            for block_ids, scores in blocks:
-                stop = start + len(block_ids)
-                if stop > num_samples or scores.shape != (num_queries, len(block_ids)):
-                    raise StoreMismatchError(f"score block of shape {scores.shape} at column {start} does not fit "
-                                             f"[{num_queries}, {num_samples}]")
-                matrix[:, start:stop] = scores
-                ids[start:stop] = block_ids
-                start = stop
-            if start != num_samples:
-                raise StoreMismatchError(f"score matrix: {start} columns written, expected {num_samples}")
-            matrix.flush()
-            del matrix
-            with open(ids_tmp, "wb") as handle:
-                np.save(handle, ids)
-            path.unlink(missing_ok=True)  # never an old matrix beside the new ids
-            os.replace(ids_tmp, score_ids_path(path))
-        else:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            schema = pa.schema([("sample_id", pa.int64()), ("scores", pa.list_(pa.float32(), num_queries))])
-            rows = 0
-            with pq.ParquetWriter(tmp, schema, compression="none") as writer:
-                for block_ids, scores in blocks:
-                    columns = np.ascontiguousarray(np.asarray(scores, np.float32).T)
-                    writer.write_table(pa.table({
-                        "sample_id": pa.array(np.asarray(block_ids, np.int64)),
-                        "scores": pa.FixedSizeListArray.from_arrays(pa.array(columns.reshape(-1)), num_queries),
-                    }, schema=schema))
-                    rows += len(block_ids)
-            if rows != num_samples:
-                raise StoreMismatchError(f"score table: {rows} rows written, expected {num_samples}")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        ids_tmp.unlink(missing_ok=True)
-    return path

@@ -7,7 +7,9 @@ which model it holds, and :func:`load_checkpoint` refuses a checkpoint of anothe
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,8 @@ import torch
 from torch import nn
 
 from gradindex.errors import ArtifactNotFoundError, StoreMismatchError
+
+logger = logging.getLogger(__name__)
 
 
 def gradindex_home() -> Path:
@@ -50,3 +54,19 @@ def load_checkpoint(model: nn.Module, path: str | Path, arch: Any, task: str, ho
         first = str(err).strip().splitlines()[-1].strip()
         raise StoreMismatchError(f"{path} does not fit the {task} model ({first}); train it again") from None
     return model.eval()
+
+
+def load_or_train(task: Any, checkpoint: str | Path | None, build: Callable[[], nn.Module], arch: Any, name: str,
+                  how_to_train: str, what: str | None = None) -> nn.Module:
+    """A built-in task's ``load_model``: the model in ``checkpoint``, or (``None``) in the task's
+    ``default_checkpoint()``, trained there with ``task.train(path)`` on first use.
+
+    ``build()`` makes the empty model (called after any training), ``arch``/``name``/``how_to_train``
+    go to :func:`load_checkpoint`; ``what`` names the model in the first-use log line.
+    """
+    if checkpoint is None:
+        checkpoint = task.default_checkpoint()
+        if not checkpoint.is_file():
+            logger.info("training the %s (first use) -> %s", what or f"{name} task's model", checkpoint)
+            task.train(checkpoint)
+    return load_checkpoint(build(), checkpoint, arch, name, how_to_train)

@@ -44,7 +44,7 @@ from gradindex.config import require_positive
 from gradindex.errors import ArtifactNotFoundError, ConfigError
 from gradindex.inputs import read_npz
 from gradindex.task import Task, json_array
-from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
+from gradindex.tasks.checkpoints import gradindex_home, load_or_train, save_checkpoint
 from gradindex.tasks.concepts import FACTORS, ConceptConfig, ConceptImages, generate
 from gradindex.tasks.diffusion_model import (
     ModelConfig,
@@ -263,13 +263,8 @@ class DiffusionTask(Task):
         return save_checkpoint(model, self.arch(), path or self.default_checkpoint())
 
     def load_model(self, checkpoint: str | Path | None) -> nn.Module:
-        if checkpoint is None:
-            checkpoint = self.default_checkpoint()
-            if not checkpoint.is_file():
-                logger.info("training the diffusion task's model (first use, a few minutes) -> %s", checkpoint)
-                self.train(checkpoint)
-        return load_checkpoint(PatchMixer(self.model_config), checkpoint, self.arch(), "diffusion",
-                               "DiffusionTask(...).train(path) writes one")
+        return load_or_train(self, checkpoint, lambda: PatchMixer(self.model_config), self.arch(), "diffusion",
+                             "DiffusionTask(...).train(path) writes one", "diffusion task's model (a few minutes)")
 
     # -- losses ---------------------------------------------------------------------------------
     def _errors(self, batch: Any, model: nn.Module) -> torch.Tensor:

@@ -26,8 +26,9 @@ about 5 minutes on one core of that machine.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -40,28 +41,43 @@ from gradindex.errors import ConfigError
 from gradindex.features.projection import derive_seed
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    num_values: tuple[int, int, int]  # values per factor (subject, style, background); index n = null
+@dataclass(frozen=True, kw_only=True)
+class DenoiserConfig:
+    """The fields both patch denoisers share (this :class:`ModelConfig` and the text-conditioned
+    :class:`~gradindex.tasks.text_diffusion_model.TextModelConfig`), keyword-only; a subclass
+    names itself in ``label`` and its own positive fields in ``positive``."""
+
+    label: ClassVar[str] = "diffusion"
+    positive: ClassVar[tuple[str, ...]] = ()
     image_size: int = 16
     patch: int = 4
     width: int = 96
     depth: int = 3
     cond_dim: int = 128
-    embed_dim: int = 32
     mlp_ratio: int = 2
     timesteps: int = 200
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "patch", "width", "depth", "cond_dim", "embed_dim", "mlp_ratio", "timesteps"):
-            require_positive(getattr(self, name), f"diffusion model {name}")
+        for name in (*self.positive, "image_size", "patch", "width", "depth", "cond_dim", "mlp_ratio", "timesteps"):
+            require_positive(getattr(self, name), f"{self.label} model {name}")
         if self.image_size % self.patch:
-            raise ConfigError(f"diffusion model: patch {self.patch} does not divide image_size {self.image_size}")
-        object.__setattr__(self, "num_values", tuple(int(v) for v in self.num_values))
+            raise ConfigError(f"{self.label} model: patch {self.patch} does not divide image_size {self.image_size}")
 
     @property
     def tokens(self) -> int:
         return (self.image_size // self.patch) ** 2
+
+
+@dataclass(frozen=True)
+class ModelConfig(DenoiserConfig):
+    num_values: tuple[int, int, int]  # values per factor (subject, style, background); index n = null
+    embed_dim: int = 32
+
+    positive: ClassVar[tuple[str, ...]] = ("embed_dim",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "num_values", tuple(int(v) for v in self.num_values))
 
 
 @dataclass(frozen=True)
@@ -95,8 +111,24 @@ class PatchIO:
     """Patches in and out, shared by the patch-mixer denoisers (this one and ``diffusion-text``'s).
 
     Needs the attributes ``config`` (``image_size``, ``patch``), ``frequencies`` (a ``[32]`` buffer),
-    ``time``, ``patch_in``, ``pos``, ``film_out`` and ``patch_out`` (the modules of :class:`PatchMixer`).
+    ``time``, ``patch_in``, ``pos``, ``film_out`` and ``patch_out`` (the modules of :class:`PatchMixer`),
+    all but ``time`` made by :meth:`add_patch_layers`.
     """
+
+    def add_patch_layers(self, block: Callable[[], nn.Module]) -> None:
+        """Register ``patch_in``, ``pos``, ``config.depth`` blocks made by ``block()``, ``film_out``,
+        the zero-initialised ``patch_out`` and the ``frequencies`` buffer, in this order (the order the
+        seeded initialisation draws in)."""
+        c = self.config
+        self.patch_in = nn.Linear(3 * c.patch * c.patch, c.width)
+        self.pos = nn.Embedding(c.tokens, c.width)
+        self.blocks = nn.ModuleList([block() for _ in range(c.depth)])
+        self.film_out = nn.Linear(c.cond_dim, 2 * c.width)
+        self.patch_out = nn.Linear(c.width, 3 * c.patch * c.patch)
+        nn.init.zeros_(self.patch_out.weight)
+        nn.init.zeros_(self.patch_out.bias)
+        frequencies = torch.exp(-math.log(1000.0) * torch.arange(32) / 32)
+        self.register_buffer("frequencies", frequencies, persistent=False)
 
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
         """``SiLU(time(sinusoid(t)))``: ``t [N]`` -> ``[N, cond_dim]``."""
@@ -132,15 +164,7 @@ class PatchMixer(PatchIO, nn.Module):
         self.style = nn.Embedding(c.num_values[1] + 1, c.embed_dim)
         self.background = nn.Embedding(c.num_values[2] + 1, c.embed_dim)
         self.cond = nn.Linear(c.cond_dim + 3 * c.embed_dim, c.cond_dim)
-        self.patch_in = nn.Linear(3 * c.patch * c.patch, c.width)
-        self.pos = nn.Embedding(c.tokens, c.width)
-        self.blocks = nn.ModuleList([Block(c.tokens, c.width, c.cond_dim, c.mlp_ratio) for _ in range(c.depth)])
-        self.film_out = nn.Linear(c.cond_dim, 2 * c.width)
-        self.patch_out = nn.Linear(c.width, 3 * c.patch * c.patch)
-        nn.init.zeros_(self.patch_out.weight)
-        nn.init.zeros_(self.patch_out.bias)
-        frequencies = torch.exp(-math.log(1000.0) * torch.arange(32) / 32)
-        self.register_buffer("frequencies", frequencies, persistent=False)
+        self.add_patch_layers(lambda: Block(c.tokens, c.width, c.cond_dim, c.mlp_ratio))
 
     def null_tokens(self, n: int, device: torch.device | None = None) -> torch.Tensor:
         return torch.tensor(self.config.num_values, device=device).expand(n, 3).clone()

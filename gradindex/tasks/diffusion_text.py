@@ -57,7 +57,7 @@ from torch import nn
 
 from gradindex.config import require_positive
 from gradindex.errors import ConfigError
-from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
+from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, load_or_train, save_checkpoint
 from gradindex.tasks.concepts import FACTORS
 from gradindex.tasks.diffusion import ConceptDataset, DiffusionTask, sample_pixels
 from gradindex.tasks.diffusion_model import TrainConfig, train_denoiser
@@ -305,15 +305,9 @@ class DiffusionTextTask(DiffusionTask):
                                "DiffusionTextTask(lora_rank=...).train() writes one")
 
     def load_model(self, checkpoint: str | Path | None) -> nn.Module:
-        if checkpoint is None:
-            checkpoint = self.default_checkpoint()
-            if not checkpoint.is_file():
-                logger.info("training the %s task's model (first use, a few minutes) -> %s", self.checkpoint_prefix,
-                            checkpoint)
-                self.train(checkpoint)
-        model = load_checkpoint(self.build_model(), checkpoint, self.arch(), self.checkpoint_prefix,
-                                "DiffusionTextTask(...).train(path) writes one")
-        return model
+        return load_or_train(self, checkpoint, self.build_model, self.arch(), self.checkpoint_prefix,
+                             "DiffusionTextTask(...).train(path) writes one",
+                             f"{self.checkpoint_prefix} task's model (a few minutes)")
 
     # -- losses ---------------------------------------------------------------------------------
     def compute_train_loss(self, batch: Any, model: nn.Module) -> torch.Tensor:

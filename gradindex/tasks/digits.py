@@ -29,8 +29,9 @@ from torch import nn
 from gradindex.errors import ConfigError
 from gradindex.inputs import read_npy, read_npz
 from gradindex.task import Task, json_array
-from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
+from gradindex.tasks.checkpoints import gradindex_home, load_or_train, save_checkpoint
 from gradindex.tasks.classification import margin
+from gradindex.tasks.training import seeded_model, train_epochs
 
 logger = logging.getLogger(__name__)
 
@@ -71,27 +72,17 @@ def build_model(arch: str) -> nn.Module:
 def train_model(arch: str, x: np.ndarray, y: np.ndarray, seed: int = 0, epochs: int = 40,
                 batch_size: int = 64, lr: float = 3e-3) -> nn.Module:
     """Train a fresh model deterministically on ``(x, y)`` (seconds on a CPU)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = build_model(arch)
+    model = seeded_model(lambda: build_model(arch), seed)
     return fit(model, x, y, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr)
 
 
 def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, seed: int = 0, epochs: int = 40,
         batch_size: int = 64, lr: float = 3e-3) -> nn.Module:
     """Train ``model`` in place with seeded Adam on ``(x, y)``; returns it in eval mode."""
-    generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
     xs, ys = torch.from_numpy(x), torch.from_numpy(y)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(xs), generator=generator)
-        for start in range(0, len(xs), batch_size):
-            rows = order[start : start + batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(xs[rows]), ys[rows]).backward()
-            optimizer.step()
-    return model.eval()
+    return train_epochs(model, lambda rows: F.cross_entropy(model(xs[rows]), ys[rows]), len(xs), epochs,
+                        batch_size, seed, optimizer)
 
 
 class DigitsTask(Task):
@@ -124,13 +115,10 @@ class DigitsTask(Task):
         return save_checkpoint(model, self.arch, path or self.default_checkpoint())
 
     def load_model(self, checkpoint: str | Path | None) -> nn.Module:
-        if checkpoint is None:
-            checkpoint = self.default_checkpoint()
-            if not checkpoint.is_file():
-                logger.info("training the digits %s (first use) -> %s", self.arch, checkpoint)
-                self.train(checkpoint)
-        return load_checkpoint(build_model(self.arch), checkpoint, self.arch, "digits",
-                               f"train one with `python tools/train_digits.py --arch {self.arch} --out {checkpoint}`")
+        out = checkpoint if checkpoint is not None else self.default_checkpoint()
+        how_to_train = f"train one with `python tools/train_digits.py --arch {self.arch} --out {out}`"
+        return load_or_train(self, checkpoint, lambda: build_model(self.arch), self.arch, "digits", how_to_train,
+                             f"digits {self.arch}")
 
     # -- data --------------------------------------------------------------------------------
     def train_dataset(self) -> Sequence:

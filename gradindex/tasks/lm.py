@@ -40,8 +40,9 @@ from torch import nn
 from gradindex.config import require_positive
 from gradindex.errors import ArtifactNotFoundError, ConfigError
 from gradindex.tasks.causal_lm import CausalLMTask, sequence_item
-from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
+from gradindex.tasks.checkpoints import gradindex_home, load_or_train, save_checkpoint
 from gradindex.tasks.lm_corpus import Corpus, CorpusConfig, WordTokenizer, generate_corpus
+from gradindex.tasks.training import one_thread, seeded_model, train_epochs
 
 logger = logging.getLogger(__name__)
 
@@ -154,19 +155,12 @@ def train_lm(task: "LMTask", indices: Sequence[int] | None, seed: int,
     rows = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
     if len(rows) == 0:
         raise ConfigError("lm training: no training examples selected")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return _train(task, dataset, rows, seed, config)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(task: "LMTask", dataset: Sequence, rows: np.ndarray, seed: int, config: TrainConfig) -> nn.Module:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = TinyTransformer(task.model_config)
-    generator = torch.Generator().manual_seed(seed)
+    model = seeded_model(lambda: TinyTransformer(task.model_config), seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = -(-len(rows) // config.batch_size)
     total = config.epochs * steps_per_epoch
@@ -174,16 +168,12 @@ def _train(task: "LMTask", dataset: Sequence, rows: np.ndarray, seed: int, confi
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * step / total))
     )
-    model.train()
-    for _ in range(config.epochs):
-        order = rows[torch.randperm(len(rows), generator=generator).numpy()]
-        for start in range(0, len(order), config.batch_size):
-            batch = task.collate([dataset[int(i)] for i in order[start : start + config.batch_size]])
-            optimizer.zero_grad(set_to_none=True)
-            task.compute_train_loss(batch, model).mean().backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()
+
+    def batch_loss(positions: torch.Tensor) -> torch.Tensor:
+        batch = task.collate([dataset[int(i)] for i in rows[positions.numpy()]])
+        return task.compute_train_loss(batch, model).mean()
+
+    return train_epochs(model, batch_loss, len(rows), config.epochs, config.batch_size, seed, optimizer, schedule)
 
 
 class TinyTransformerTask(CausalLMTask):
@@ -206,13 +196,8 @@ class TinyTransformerTask(CausalLMTask):
         return model(batch["input_ids"])
 
     def load_model(self, checkpoint: str | Path | None) -> nn.Module:
-        if checkpoint is None:
-            checkpoint = self.default_checkpoint()
-            if not checkpoint.is_file():
-                logger.info("training the %s task's model (first use) -> %s", self.name, checkpoint)
-                self.train(checkpoint)
-        return load_checkpoint(TinyTransformer(self.model_config), checkpoint, self.arch(), self.name,
-                               f"{type(self).__name__}(...).train(path) writes one")
+        return load_or_train(self, checkpoint, lambda: TinyTransformer(self.model_config), self.arch(), self.name,
+                             f"{type(self).__name__}(...).train(path) writes one")
 
     # -- data -----------------------------------------------------------------------------------
     def train_dataset(self) -> Sequence:

@@ -48,9 +48,10 @@ from gradindex.config import require_positive
 from gradindex.errors import ArtifactNotFoundError, ConfigError
 from gradindex.inputs import read_npz
 from gradindex.task import Task
-from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
+from gradindex.tasks.checkpoints import gradindex_home, load_or_train, save_checkpoint
 from gradindex.tasks.classification import check_labels, margin
 from gradindex.tasks.concepts import FACTORS, ConceptConfig, ConceptImages, generate
+from gradindex.tasks.training import one_thread, seeded_model, train_epochs
 
 logger = logging.getLogger(__name__)
 
@@ -127,28 +128,13 @@ def train_resnet(config: ModelConfig, images: torch.Tensor, labels: torch.Tensor
     """A fresh :class:`ResNet` trained on ``images [n, 3, H, W]``, ``labels [n]`` (seeded, one thread)."""
     if len(images) == 0:
         raise ConfigError("resnet training: no training examples selected")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = ResNet(config)
-        generator = torch.Generator().manual_seed(seed)
+    with one_thread():
+        model = seeded_model(lambda: ResNet(config), seed)
         optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
         steps = train.epochs * -(-len(images) // train.batch_size)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, train.lr, total_steps=steps)
-        model.train()
-        for _ in range(train.epochs):
-            order = torch.randperm(len(images), generator=generator)
-            for start in range(0, len(images), train.batch_size):
-                rows = order[start : start + train.batch_size]
-                optimizer.zero_grad(set_to_none=True)
-                F.cross_entropy(model(images[rows]), labels[rows]).backward()
-                optimizer.step()
-                schedule.step()
-        return model.eval()
-    finally:
-        torch.set_num_threads(threads)
+        return train_epochs(model, lambda rows: F.cross_entropy(model(images[rows]), labels[rows]), len(images),
+                            train.epochs, train.batch_size, seed, optimizer, schedule)
 
 
 class ConceptImageDataset(torch.utils.data.TensorDataset):
@@ -255,13 +241,8 @@ class ResNetTask(Task):
         return save_checkpoint(model, self.arch(), path or self.default_checkpoint())
 
     def load_model(self, checkpoint: str | Path | None) -> nn.Module:
-        if checkpoint is None:
-            checkpoint = self.default_checkpoint()
-            if not checkpoint.is_file():
-                logger.info("training the resnet task's model (first use, ~30 s) -> %s", checkpoint)
-                self.train(checkpoint)
-        return load_checkpoint(ResNet(self.model_config), checkpoint, self.arch(), "resnet",
-                               "ResNetTask(...).train(path) writes one")
+        return load_or_train(self, checkpoint, lambda: ResNet(self.model_config), self.arch(), "resnet",
+                             "ResNetTask(...).train(path) writes one", "resnet task's model (~30 s)")
 
     # -- losses ---------------------------------------------------------------------------------
     def compute_train_loss(self, batch: Any, model: nn.Module) -> torch.Tensor:

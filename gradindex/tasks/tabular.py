@@ -55,8 +55,9 @@ from gradindex.config import require_positive
 from gradindex.errors import ConfigError
 from gradindex.inputs import read_npz
 from gradindex.task import Task
-from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
+from gradindex.tasks.checkpoints import gradindex_home, load_or_train, save_checkpoint
 from gradindex.tasks.classification import check_labels, margin
+from gradindex.tasks.training import one_thread, seeded_model, train_epochs
 
 logger = logging.getLogger(__name__)
 
@@ -217,40 +218,21 @@ class TabularTask(Task):
         rows = np.arange(len(y)) if indices is None else np.asarray(indices, dtype=np.int64)
         if rows.ndim != 1 or not len(rows) or rows.min() < 0 or rows.max() >= len(y):
             raise ConfigError(f"tabular train: indices must be positions in 0..{len(y) - 1}")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_thread():
             model = self._fit(x[torch.from_numpy(rows)], y[torch.from_numpy(rows)],
                               self.seed if seed is None else int(seed))
-        finally:
-            torch.set_num_threads(threads)
         return save_checkpoint(model, self.arch(), path or self.default_checkpoint())
 
     def _fit(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> nn.Module:
         config = self.train_config
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = self.build_model()
-        generator = torch.Generator().manual_seed(seed)
+        model = seeded_model(self.build_model, seed)
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        model.train()
-        for _ in range(config.epochs):
-            order = torch.randperm(len(x), generator=generator)
-            for start in range(0, len(x), config.batch_size):
-                rows = order[start : start + config.batch_size]
-                optimizer.zero_grad(set_to_none=True)
-                self._losses(model(x[rows]), y[rows]).mean().backward()
-                optimizer.step()
-        return model.eval()
+        return train_epochs(model, lambda rows: self._losses(model(x[rows]), y[rows]).mean(), len(x), config.epochs,
+                            config.batch_size, seed, optimizer)
 
     def load_model(self, checkpoint: str | Path | None) -> nn.Module:
-        if checkpoint is None:
-            checkpoint = self.default_checkpoint()
-            if not checkpoint.is_file():
-                logger.info("training the tabular %s model (first use) -> %s", self.dataset, checkpoint)
-                self.train(checkpoint)
-        return load_checkpoint(self.build_model(), checkpoint, self.arch(), f"tabular-{self.dataset}",
-                               "TabularTask(...).train(path) writes one")
+        return load_or_train(self, checkpoint, self.build_model, self.arch(), f"tabular-{self.dataset}",
+                             "TabularTask(...).train(path) writes one", f"tabular {self.dataset} model")
 
     # -- losses ---------------------------------------------------------------------------------
     def _losses(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -29,50 +29,38 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradindex.config import require_positive
 from gradindex.errors import ConfigError
-from gradindex.tasks.diffusion_model import PatchIO
+from gradindex.tasks.diffusion_model import DenoiserConfig, PatchIO
 from gradindex.tasks.prompts import BOS, PAD
 
 
 @dataclass(frozen=True)
-class TextModelConfig:
+class TextModelConfig(DenoiserConfig):
     vocab_size: int
     max_len: int
-    image_size: int = 16
-    patch: int = 4
-    width: int = 96
-    depth: int = 3
     heads: int = 4
     attn_dim: int = 48  # cross-attention inner width (heads × head dim)
-    cond_dim: int = 128
-    mlp_ratio: int = 2
-    timesteps: int = 200
     text_dim: int = 64
     text_layers: int = 2
     text_heads: int = 4
     text_seed: int = 0
 
+    label: ClassVar[str] = "diffusion-text"
+    positive: ClassVar[tuple[str, ...]] = ("vocab_size", "max_len", "heads", "attn_dim", "text_dim", "text_heads")
+
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "max_len", "image_size", "patch", "width", "depth", "heads", "attn_dim", "cond_dim",
-                     "mlp_ratio", "timesteps", "text_dim", "text_heads"):
-            require_positive(getattr(self, name), f"diffusion-text model {name}")
-        if self.image_size % self.patch:
-            raise ConfigError(f"diffusion-text model: patch {self.patch} does not divide image_size {self.image_size}")
+        super().__post_init__()
         if self.attn_dim % self.heads:
             raise ConfigError(f"diffusion-text model: heads {self.heads} do not divide attn_dim {self.attn_dim}")
         if self.text_dim % self.text_heads:
             raise ConfigError(f"diffusion-text model: text_heads {self.text_heads} do not divide text_dim "
                               f"{self.text_dim}")
-
-    @property
-    def tokens(self) -> int:
-        return (self.image_size // self.patch) ** 2
 
 
 class EncoderLayer(nn.Module):
@@ -185,15 +173,7 @@ class TextPatchMixer(PatchIO, nn.Module):
         c = config
         self.encoder = TextEncoder(c.vocab_size, c.max_len, c.text_dim, c.text_layers, c.text_heads, c.text_seed)
         self.time = nn.Linear(64, c.cond_dim)
-        self.patch_in = nn.Linear(3 * c.patch * c.patch, c.width)
-        self.pos = nn.Embedding(c.tokens, c.width)
-        self.blocks = nn.ModuleList([TextBlock(c) for _ in range(c.depth)])
-        self.film_out = nn.Linear(c.cond_dim, 2 * c.width)
-        self.patch_out = nn.Linear(c.width, 3 * c.patch * c.patch)
-        nn.init.zeros_(self.patch_out.weight)
-        nn.init.zeros_(self.patch_out.bias)
-        frequencies = torch.exp(-math.log(1000.0) * torch.arange(32) / 32)
-        self.register_buffer("frequencies", frequencies, persistent=False)
+        self.add_patch_layers(lambda: TextBlock(c))
 
     def null_tokens(self, n: int, device: torch.device | None = None) -> torch.Tensor:
         """``[n, max_len]`` empty prompts (``BOS`` alone): the unconditional input of guidance."""
