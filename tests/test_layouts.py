@@ -228,3 +228,33 @@ def test_batch_dims_follow_batch_first():
     dims = module_batch_dims(model)
     assert dims["0.layers.0.linear1"] == dims["0.layers.0.norm1"] == dims["0.layers.0.self_attn"] == 1
     assert dims["1"] == dims["2"] == 0
+
+
+def test_cli_featurizes_a_transformer_encoder_with_default_groups_silently(tmp_path):
+    """The issue's example: a classifier built from nn.TransformerEncoderLayer featurizes with the default
+    groups (attention included) under -q with nothing on stderr, and its features are exact."""
+    import subprocess
+    import sys
+
+    from conftest import toy_spec
+    from gradindex.store.feature_store import FeatureStore
+
+    spec = toy_spec("EncoderTask")
+    done = subprocess.run([sys.executable, "-m", "gradindex", "-q", "featurize", spec, "--out", str(tmp_path / "s"),
+                           "--proj-kind", "identity", "--batch-size", "7"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    from gradindex.task import load_task
+
+    task = load_task(spec)
+    model = task.load_model(None)
+    groups = parameter_groups(model)
+    assert {"enc.layers.0.self_attn", "enc.layers.0.self_attn.out_proj"} <= {g.name for g in groups}
+    items = task.train_dataset()[:5]
+    want = per_example_gradients(model, groups, lambda b: task.compute_train_loss(b, model),
+                                 [task.collate([item]) for item in items])
+    ids, feats = FeatureStore.open(tmp_path / "s").read()
+    assert list(ids[:5]) == [0, 1, 2, 3, 4]
+    for group in ("enc.layers.0.self_attn", "enc.layers.1.self_attn.out_proj", "enc.layers.1.linear1"):
+        got = torch.as_tensor(feats[group][:5])
+        torch.testing.assert_close(got, want[group], rtol=1e-4, atol=1e-5)
