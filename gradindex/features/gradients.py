@@ -119,6 +119,37 @@ class GradientProjector:
         With ``verify=True`` the per-example results are checked against the
         autograd batch gradient: ``Σ_b φ_b`` must equal the projected ``Σ_b ∇f_b``.
         """
+        batch, summed_per_block = self.record(compute, verify)
+        features = {}
+        position = 0
+        for group in self.groups:
+            # a part is one untied block, or all blocks of one tied tensor added up
+            parts: dict[Any, list] = {}  # key -> [first block projector, phi, calls seen, full gradient]
+            for offset, bp in enumerate(self.projectors[group.name]):
+                calls = self._calls[position]
+                phi = self._finish_block(bp, calls, batch)
+                key = bp.block.tie or offset
+                if key in parts:
+                    parts[key][1] = parts[key][1] + phi
+                    parts[key][2] += len(calls)
+                else:  # every alias of a tied tensor receives its whole gradient: keep the first
+                    parts[key] = [bp, phi, len(calls), summed_per_block.get(position, ())]
+                position += 1
+            for first_bp, phi, num_calls, block_sum in parts.values():
+                if not num_calls:
+                    self._check_ran(first_bp, group.name, block_sum)
+                if verify:
+                    self._verify(first_bp, group.name, phi, block_sum)
+            phis = [part[1] for part in parts.values()]
+            features[group.name] = phis[0] if len(phis) == 1 else torch.cat(phis, dim=1)
+        self._calls = {}
+        return features
+
+    def record(self, compute: Callable[[], torch.Tensor],
+               verify: bool = False) -> tuple[int, dict[int, list[torch.Tensor | None]]]:
+        """Run ``compute()`` and one backward; leave every block's calls (projected sides, generic
+        inputs and output gradients) in ``self._calls``. Returns the batch size ``B`` and the summed
+        parameter gradients of the parts that are checked (``verify``; parts whose forward never ran)."""
         self._calls = {position: [] for position in range(len(self._blocks))}
         params = self._block_params()
         try:
@@ -154,31 +185,7 @@ class GradientProjector:
             call.edges = {}  # drop the references to the graph
         param_grads = iter(grads[len(recorded):])
         summed_per_block = {position: [next(param_grads) for _ in params[position]] for position in checked}
-        batch = values.shape[0]
-        features = {}
-        position = 0
-        for group in self.groups:
-            # a part is one untied block, or all blocks of one tied tensor added up
-            parts: dict[Any, list] = {}  # key -> [first block projector, phi, calls seen, full gradient]
-            for offset, bp in enumerate(self.projectors[group.name]):
-                calls = self._calls[position]
-                phi = self._finish_block(bp, calls, batch)
-                key = bp.block.tie or offset
-                if key in parts:
-                    parts[key][1] = parts[key][1] + phi
-                    parts[key][2] += len(calls)
-                else:  # every alias of a tied tensor receives its whole gradient: keep the first
-                    parts[key] = [bp, phi, len(calls), summed_per_block.get(position, ())]
-                position += 1
-            for first_bp, phi, num_calls, block_sum in parts.values():
-                if not num_calls:
-                    self._check_ran(first_bp, group.name, block_sum)
-                if verify:
-                    self._verify(first_bp, group.name, phi, block_sum)
-            phis = [part[1] for part in parts.values()]
-            features[group.name] = phis[0] if len(phis) == 1 else torch.cat(phis, dim=1)
-        self._calls = {}
-        return features
+        return values.shape[0], summed_per_block
 
     @staticmethod
     def _check_ran(bp: BlockProjector, group: str, block_sum: list) -> None:
