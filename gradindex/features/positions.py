@@ -12,11 +12,12 @@ module*: the part of ``φ_g`` carried by the module's output at position ``t``.
 
 * factorized blocks (linear, conv1d, embedding): position ``t`` contributes the
   projected ``(P_l δ_t)(P_r a_t)ᵀ`` — the summand of the stored feature itself;
-* generic blocks (norms, attention, recurrent layers): ``dᵀ P VJP(δ ⊙ 1_t)``, the
+* generic blocks (norms, attention, recurrent layers): ``dᵀ P ∇θ = ⟨J_θ (Pᵀd), δ⟩``,
+  so one forward-mode JVP of the module in the parameter direction ``Pᵀd`` gives
+  every position's share ``⟨(J_θ Pᵀd)_t, δ_t⟩``. Where torch has no forward
+  derivative (its attention kernels), ``dᵀ P VJP(δ ⊙ 1_t)`` instead: the
   module-local VJP of the output gradient kept at position ``t`` only, one per
-  position (vmapped; VJPs are linear in δ, so the shares add up to the block's
-  score). Forward-mode AD would need one JVP, but torch's attention kernels have
-  no forward derivative;
+  position (vmapped); both add up to the block's share because they are linear in δ;
 * a call whose output has no axis of ``L`` positions (a pooled head, an RNN's
   last state, pixels) cannot be localised: its share is spread evenly over the
   ``L`` positions. So are ``R`` copies of an example (noise draws): summed first.
@@ -114,6 +115,10 @@ def _generic_positions(projector: GradientProjector, bp: BlockProjector, call: _
         outputs = _tensor_leaves(torch.func.functional_call(module, p, call.args, call.kwargs))
         return tuple(outputs[leaf] for leaf in chosen)
 
+    try:  # forward mode: one JVP per direction, ⟨(J v)_t, δ_t⟩ at every position at once
+        return _by_jvp(local, params, names, tangents, deltas, batch_dims, position_axes, length)
+    except NotImplementedError:  # no forward derivative (torch's attention kernels): VJPs per position
+        pass
     _, vjp = torch.func.vjp(local, params)
 
     def share(row_hot: torch.Tensor, position_hot: torch.Tensor) -> torch.Tensor:
@@ -127,11 +132,37 @@ def _generic_positions(projector: GradientProjector, bp: BlockProjector, call: _
 
     row_hot = torch.eye(rows, device=part.device).repeat_interleave(length, dim=0)  # [B'·L, B']
     position_hot = torch.eye(length, device=part.device).repeat(rows, 1)  # [B'·L, L]
-    chunk = max(1, (1 << 24) // max(1, sum(p.numel() for p in params.values())))
+    per_vjp = sum(p.numel() for p in params.values()) + sum(d.numel() for d in deltas)
+    chunk = max(1, (1 << 24) // per_vjp)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_VMAP_FALLBACK_NOTICE, category=UserWarning)
         out = torch.func.vmap(share, chunk_size=chunk)(row_hot, position_hot)  # [B'·L, Q]
     return out.reshape(rows, length, -1)
+
+
+def _by_jvp(local, params: dict, names, tangents: torch.Tensor, deltas: list, batch_dims: list, position_axes: list,
+            length: int) -> torch.Tensor:
+    """``[B', length, Q]`` from one forward-mode JVP per direction (raises NotImplementedError where torch has no
+    forward derivative)."""
+    columns = []
+    for tangent in tangents:
+        pieces, start = {}, 0
+        for name in names:
+            shape = params[name].shape
+            pieces[name] = tangent[start : start + shape.numel()].reshape(shape).to(params[name].dtype)
+            start += shape.numel()
+        _, jvps = torch.func.jvp(local, (params,), (pieces,))
+        total = 0
+        for jvp, delta, dim, axis in zip(jvps, deltas, batch_dims, position_axes):
+            product = jvp.float() * delta.float()
+            if axis is None:  # no position axis: the row's total, spread evenly
+                row = product.movedim(dim, 0).reshape(product.shape[dim], -1).sum(-1, keepdim=True)
+                total = total + row.expand(-1, length) / length
+            else:
+                product = product.movedim((dim, axis), (0, 1))
+                total = total + product.reshape(product.shape[0], length, -1).sum(-1)
+        columns.append(total)
+    return torch.stack(columns, dim=-1)
 
 
 def _position_axis(delta: torch.Tensor, batch_dim: int, length: int) -> int | None:
