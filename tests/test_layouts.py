@@ -258,3 +258,26 @@ def test_cli_featurizes_a_transformer_encoder_with_default_groups_silently(tmp_p
     for group in ("enc.layers.0.self_attn", "enc.layers.1.self_attn.out_proj", "enc.layers.1.linear1"):
         got = torch.as_tensor(feats[group][:5])
         torch.testing.assert_close(got, want[group], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", [nn.LSTMCell, nn.GRUCell, nn.RNNCell])
+def test_recurrent_cells_with_outputs_computed_from_each_other(cell):
+    """An LSTM cell's h is computed from its c inside the module: both reach the loss, and each output's
+    gradient must count only what the rest of the model sends back (no double counting through h)."""
+    torch.manual_seed(0)
+
+    class Unrolled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = cell(3, 4)
+
+        def forward(self, x, h):
+            state = (h, torch.zeros_like(h)) if cell is nn.LSTMCell else h
+            total = 0
+            for t in range(x.shape[1]):  # the same cell called at every step
+                state = self.cell(x[:, t], state)
+                h_t = state[0] if cell is nn.LSTMCell else state
+                total = total + h_t.pow(2).sum(1) + (state[1].sum(1) if cell is nn.LSTMCell else 0)
+            return total
+
+    _check(Unrolled().eval(), lambda m, b: m(*b), (torch.randn(4, 3, 3), torch.randn(4, 4)))

@@ -221,8 +221,15 @@ class GradientProjector:
             if not self._recording:
                 return
             call = _Call(batch_dim=self._batch_dims.get(block.module, 0))
+            replaced = None
             if block.kind == "generic":
                 leaves = _tensor_leaves(output)
+                if sum(leaf.requires_grad for leaf in leaves) > 1:
+                    # one output may be computed from another inside the module (an LSTM cell's h from c):
+                    # the gradient edge of the inner one would also carry what reaches it through the other.
+                    # Copies receive only what the rest of the model sends back to each output.
+                    replaced = tree_map(_copy_if_grad, output)
+                    leaves = _tensor_leaves(replaced)
                 rows = output_rows(module, call.batch_dim, output)
                 call.layouts = call_layouts(module, call.batch_dim, args, kwargs, output, rows)
             elif isinstance(output, torch.Tensor):
@@ -237,6 +244,7 @@ class GradientProjector:
                 if tensor.requires_grad:
                     call.edges[leaf] = get_gradient_edge(_gradient_target(tensor))
                     call.shapes[leaf] = tuple(tensor.shape)
+            return replaced
 
         return hook
 
@@ -411,6 +419,10 @@ def _host_rule(bp: BlockProjector, group: str) -> str:
 
 def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
     return [leaf for leaf in tree_flatten(tree)[0] if isinstance(leaf, torch.Tensor)]
+
+
+def _copy_if_grad(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) and value.requires_grad else value
 
 
 def _detached_clone(value: Any) -> Any:
