@@ -142,15 +142,13 @@ def _generic_positions(projector: GradientProjector, bp: BlockProjector, call: _
 
 def _by_jvp(local, params: dict, names, tangents: torch.Tensor, deltas: list, batch_dims: list, position_axes: list,
             length: int) -> torch.Tensor:
-    """``[B', length, Q]`` from one forward-mode JVP per direction (raises NotImplementedError where torch has no
-    forward derivative)."""
-    columns = []
-    for tangent in tangents:
-        pieces, start = {}, 0
-        for name in names:
-            shape = params[name].shape
-            pieces[name] = tangent[start : start + shape.numel()].reshape(shape).to(params[name].dtype)
-            start += shape.numel()
+    """``[B', length, Q]`` from one forward-mode JVP per direction, vmapped over the directions (raises
+    NotImplementedError where torch has no forward derivative)."""
+    sizes = [params[name].numel() for name in names]
+
+    def one(tangent: torch.Tensor) -> torch.Tensor:
+        pieces = {name: piece.reshape(params[name].shape).to(params[name].dtype)
+                  for name, piece in zip(names, tangent.split(sizes))}
         _, jvps = torch.func.jvp(local, (params,), (pieces,))
         total = 0
         for jvp, delta, dim, axis in zip(jvps, deltas, batch_dims, position_axes):
@@ -161,8 +159,10 @@ def _by_jvp(local, params: dict, names, tangents: torch.Tensor, deltas: list, ba
             else:
                 product = product.movedim((dim, axis), (0, 1))
                 total = total + product.reshape(product.shape[0], length, -1).sum(-1)
-        columns.append(total)
-    return torch.stack(columns, dim=-1)
+        return total  # [B', length]
+
+    chunk = max(1, (1 << 24) // max(1, sum(d.numel() for d in deltas)))
+    return torch.func.vmap(one, out_dims=-1, chunk_size=chunk)(tangents)  # [B', length, Q]
 
 
 def _position_axis(delta: torch.Tensor, batch_dim: int, length: int) -> int | None:

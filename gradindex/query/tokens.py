@@ -7,7 +7,7 @@ In: an :class:`~gradindex.query.attributor.Attributor`, query items and ``k``. O
     Σ_t token_score[t] = u(q)ᵀ v(x)          (the sequence score the index ranked by)
 
 The index stays sequence-level: only the ``k`` retrieved documents are featurized
-again, one at a time, with their training loss, and their per-position
+again (documents of equal length together, so no padding enters), with their training loss, and their per-position
 contributions (:func:`gradindex.features.positions.position_scores`) are dotted
 with the same query vector ``u(q)`` — same groups, projections, preconditioner
 and weights; the direction of group ``g`` is ``u_g(q)`` times the stored side's
@@ -39,7 +39,9 @@ from gradindex.index import TopK
 
 def attribute_tokens(attributor: Any, queries: Sequence, k: int = 10,
                      batch_size: int = 64) -> tuple[TopK, list[list[list[dict[str, Any]]]]]:
-    """The top-``k`` of every query and, per query and rank, ``[{"pos", "token", "score"}]`` of the document."""
+    """The top-``k`` of every query and, per query and rank, ``[{"pos", "token", "score"}]`` of the document.
+
+    Retrieved documents of equal length are recomputed together, ``batch_size`` at a time."""
     task = attributor.task
     vectors = attributor.query_vectors(queries, batch_size)  # [n, D]
     top = attributor.index.search(vectors, k)
@@ -47,6 +49,7 @@ def attribute_tokens(attributor: Any, queries: Sequence, k: int = 10,
     where = {int(sid): row for row, sid in enumerate(ids)}
     directions = _group_directions(attributor, torch.from_numpy(np.ascontiguousarray(vectors)))
     tokens: list[list[list[dict[str, Any]]]] = [[[] for _ in range(top.k)] for _ in range(len(top))]
+    by_length: dict[int, list[tuple[int, Any, list[str]]]] = {}
     for sid in sorted({int(s) for s in top.sample_ids.reshape(-1) if s >= 0}):
         if sid not in where:
             raise TaskError(f"sample id {sid} is in the index but not in the task's training data; "
@@ -55,23 +58,31 @@ def attribute_tokens(attributor: Any, queries: Sequence, k: int = 10,
         text = task.tokens(item)
         if text is None:
             raise ConfigError(f"--tokens: task {type(task).__name__} has no token axis (define tokens(item))")
-        rows, ranks = np.nonzero(top.sample_ids == sid)
-        scores = document_token_scores(attributor, item, {g: d[rows] for g, d in directions.items()}, len(text))
-        for column, (q, rank) in enumerate(zip(rows, ranks)):
-            tokens[q][rank] = [{"pos": t, "token": text[t], "score": float(scores[t, column])}
-                               for t in range(len(text))]
+        by_length.setdefault(len(text), []).append((sid, item, text))
+    for length, documents in by_length.items():
+        for start in range(0, len(documents), batch_size):
+            chunk = documents[start : start + batch_size]
+            wanted = np.isin(top.sample_ids, [sid for sid, _, _ in chunk])
+            asking = np.nonzero(wanted.any(1))[0]  # the queries that retrieved any of them
+            scores = document_token_scores(attributor, [item for _, item, _ in chunk],
+                                           {g: d[asking] for g, d in directions.items()}, length)
+            column = {int(q): c for c, q in enumerate(asking)}
+            for row, (sid, _, text) in enumerate(chunk):
+                for q, rank in zip(*np.nonzero(top.sample_ids == sid)):
+                    tokens[q][rank] = [{"pos": t, "token": text[t], "score": float(scores[row, t, column[int(q)]])}
+                                       for t in range(length)]
     return top, tokens
 
 
-def document_token_scores(attributor: Any, item: Any, directions: dict[str, torch.Tensor],
+def document_token_scores(attributor: Any, items: Sequence, directions: dict[str, torch.Tensor],
                           length: int) -> np.ndarray:
-    """``[L, Q]``: the training document ``item``'s score for each direction ``{group: [Q, k_g]}``, split over
-    its ``L`` positions (recomputed alone)."""
+    """``[B, L, Q]``: the training documents ``items`` (``L`` tokens each) scored by each direction
+    ``{group: [Q, k_g]}``, split over their positions (their training loss, recomputed together)."""
     featurizer = attributor.featurizer
     task, model = featurizer.task, featurizer.model
-    batch = task.to_device(task.collate([item]), featurizer.device)
+    batch = task.to_device(task.collate(list(items)), featurizer.device)
     split = position_scores(featurizer.projector, lambda: task.compute_train_loss(batch, model), directions, length)
-    return split[0].detach().cpu().numpy().astype(np.float64)
+    return split.detach().cpu().numpy().astype(np.float64)
 
 
 def _group_directions(attributor: Any, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
