@@ -169,6 +169,11 @@ class Task:
         """A short caption of one example (its label, say)."""
         return ""
 
+    def tokens(self, item: Any) -> list[str] | None:
+        """The item's tokens as text, one per position of the sequence axis its modules see (``[B, L, ...]``),
+        for token-level attribution (``query --tokens``); None: the task has no token axis."""
+        return None
+
     def spec(self) -> dict[str, Any]:
         """What :func:`load_task` needs to rebuild this task (stored in the manifest)."""
         default = f"{type(self).__module__}:{type(self).__qualname__}"

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from gradindex.features.gradients import reference_layout
-from gradindex.features.groups import ParameterGroup
+from gradindex.features.groups import ParameterGroup, part_owners
 from gradindex.features.projection import BlockProjector
 
 
@@ -30,11 +30,12 @@ def per_example_gradients(
         value = compute(batch)
         assert value.shape == (1,)
         for group in groups:
-            params = [getattr(modules[b.module], name) for b in group.blocks for name in b.params]
+            blocks = [group.blocks[i] for i in part_owners(group.blocks)]  # a tied tensor once
+            params = [modules[b.module].get_parameter(name) for b in blocks for name in b.params]
             grads = torch.autograd.grad(value[0], params, retain_graph=True, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
             parts, position = [], 0
-            for block in group.blocks:
+            for block in blocks:
                 count = len(block.params)
                 parts.append(reference_layout(block.kind, block.params, grads[position : position + count]))
                 position += count
@@ -54,7 +55,8 @@ def dense_block_matrix(bp: BlockProjector) -> torch.Tensor:
 def dense_group_projection(projectors: Sequence[BlockProjector], gradients: torch.Tensor) -> torch.Tensor:
     """Project full group gradients ``[n, numel_g]`` block by block with the explicit matrices."""
     outputs, start = [], 0
-    for bp in projectors:
+    for position in part_owners([bp.block for bp in projectors]):  # a tied tensor once
+        bp = projectors[position]
         stop = start + bp.block.numel
         outputs.append(gradients[:, start:stop] @ dense_block_matrix(bp).T)
         start = stop

@@ -245,10 +245,11 @@ def test_hf_cli_featurize_index_query(hf, tmp_path):
     assert result.exit_code == 0, result.output
     assert runner.invoke(main, ["-q", "build-index", str(tmp_path / "store")]).exit_code == 0
     result = runner.invoke(main, ["-q", "query", str(tmp_path / "store"), "--inputs", str(root / "queries.jsonl"),
-                                  "-k", "3", "--json"])
+                                  "-k", "3", "--json", "--trust-task"])
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.output.splitlines()]  # nothing but JSON, even with stderr mixed in
     assert [line["query"] for line in lines] == [0, 1, 2] and all(len(line["results"]) == 3 for line in lines)
     (tmp_path / "bad.jsonl").write_text('{"prompt_ids": [1], "completion_ids": []}\n')
-    result = runner.invoke(main, ["-q", "query", str(tmp_path / "store"), "--inputs", str(tmp_path / "bad.jsonl")])
+    result = runner.invoke(main, ["-q", "query", str(tmp_path / "store"), "--inputs", str(tmp_path / "bad.jsonl"),
+                                  "--trust-task"])
     assert result.exit_code == 2 and "completion is empty" in result.output

@@ -131,3 +131,50 @@ class TwoConceptTask(ToyTask):
         if concept == "first":
             return margin(logits[:, 0], batch["y"])
         return margin(logits[:, 1], batch["y2"])
+
+
+class EncoderClassifier(nn.Module):
+    """Token sequences ``[B, T]`` -> logits ``[B, CLASSES]`` through ``nn.TransformerEncoderLayer`` s (the
+    default ``batch_first=False`` layout, a padding mask, ``nn.MultiheadAttention`` inside)."""
+
+    def __init__(self, vocab: int = 13, width: int = 8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(width, 2, 16, dropout=0.0), 2,
+                                         enable_nested_tensor=False)
+        self.head = nn.Linear(width, CLASSES)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        pad = tokens == 0
+        hidden = self.enc(self.embed(tokens).transpose(0, 1), src_key_padding_mask=pad).transpose(0, 1)
+        keep = (~pad).unsqueeze(-1).float()
+        return self.head((hidden * keep).sum(1) / keep.sum(1))
+
+
+class EncoderTask(Task):
+    """A classifier built from ``nn.TransformerEncoderLayer``, on 40 random padded token sequences
+    (label: token 1's count mod 3); 8 queries. An untrained seeded model when no checkpoint is given."""
+
+    def _items(self, start: int, stop: int):
+        generator = torch.Generator().manual_seed(7)
+        tokens = torch.randint(1, 13, (48, 6), generator=generator)
+        for row in range(0, 48, 3):
+            tokens[row, 4:] = 0  # padded
+        labels = (tokens == 1).sum(1) % CLASSES
+        return [{"tokens": tokens[i], "y": labels[i]} for i in range(start, stop)]
+
+    def train_dataset(self):
+        return self._items(0, 40)
+
+    def query_dataset(self):
+        return self._items(40, 48)
+
+    def load_model(self, checkpoint) -> nn.Module:
+        torch.manual_seed(0)
+        model = EncoderClassifier()
+        if checkpoint is not None:
+            model.load_state_dict(torch.load(checkpoint, weights_only=True))
+        return model.eval()
+
+    def compute_train_loss(self, batch, model) -> torch.Tensor:
+        return F.cross_entropy(model(batch["tokens"]), batch["y"], reduction="none")

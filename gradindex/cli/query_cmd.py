@@ -49,9 +49,16 @@ from gradindex.cli.options import (
 @click.option("--actors", type=click.IntRange(min=1), default=None,
               help="With --ray: at most this many actors holding the index parts (default: one per part, "
                    "at most one per GPU or CPU slot).")
+@click.option("--tokens", "with_tokens", is_flag=True,
+              help="Token scores inside each retrieved training document (they add up to its score): "
+                   "'tokens' [{pos, token, score}] and 'top_span' per result in --json, the top span marked in "
+                   "the table. Recomputes the k documents (tasks with a token axis, e.g. language models).")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --tokens: also write a page with each document's tokens shaded by score.")
 @apply_options(trust_options)
 def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_size, nprobe, ef_search, rerank,
-          no_prune, shared, all_scores, out, ray_address, ray_timeout, actors, trust_task, task_spec) -> None:
+          no_prune, shared, all_scores, out, with_tokens, html_path, ray_address, ray_timeout, actors, trust_task,
+          task_spec) -> None:
     """Top-k training examples of STORE for every query in --inputs.
 
     With --all, every score instead (--out scores.npy|scores.parquet), under the concept's
@@ -68,6 +75,10 @@ def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_siz
         return
     if k < 1:
         raise ConfigError(f"-k: expected a positive integer, got {k}")
+    if html_path is not None and not with_tokens:
+        raise ConfigError("--html writes the token page: add --tokens")
+    if with_tokens and ray_address is not None:
+        raise ConfigError("--tokens recomputes the retrieved documents here; drop --ray")
     search = search_config(nprobe, ef_search, rerank, no_prune)
     search = search if search.to_dict() != type(search)().to_dict() else None
     if ray_address is not None:
@@ -82,17 +93,41 @@ def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_siz
         attributor = open_ray_attributor(store, concept=concept, checkpoint=checkpoint, device=device,
                                          address=ray_address, actors=actors, search=search, shared=shared)
     queries = attributor.task.load_queries(inputs)
-    top = attributor.attribute(queries, k=k, batch_size=batch_size)
+    if with_tokens:
+        from gradindex.query.tokens import add_tokens, attribute_tokens
+
+        top, tokens = attribute_tokens(attributor, queries, k=k, batch_size=batch_size)
+    else:
+        top = attributor.attribute(queries, k=k, batch_size=batch_size)
     records = result_records(top, metadata_lookup(attributor.store, top.sample_ids))
+    if with_tokens:
+        add_tokens(records, tokens)
+    captions = [attributor.task.describe(item) for item in queries]
     for q, record in enumerate(records):
         if as_json:
             click.echo(json.dumps(record))
         else:
-            caption = attributor.task.describe(queries[q])
-            click.echo(f"query {q}: {caption}" if caption else f"query {q}")
-            echo_table(record["results"])
+            click.echo(f"query {q}: {captions[q]}" if captions[q] else f"query {q}")
+            echo_table([_table_row(result) for result in record["results"]])
             click.echo("")
+    if html_path is not None:
+        from gradindex.query.tokens import write_token_page
+
+        write_token_page(html_path, captions, records)
+        if not as_json:
+            click.echo(f"token page: {html_path}")
     attributor.close()
+
+
+def _table_row(result: dict) -> dict:
+    """A result for the readable table: the token list becomes the document's top span, marked [[ ]]."""
+    if "tokens" not in result:
+        return result
+    from gradindex.query.tokens import marked_text
+
+    row = {key: value for key, value in result.items() if key not in ("tokens", "top_span")}
+    row["top span"] = marked_text(result)
+    return row
 
 
 def _query_all(store_path, inputs, concept, checkpoint, device, batch_size, out, all_scores, ray_address, trust_task,

@@ -28,6 +28,7 @@ feature block.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,10 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from gradindex.config import ProjectionConfig
 from gradindex.errors import TaskError
 from gradindex.features.groups import TRANSPOSED_KINDS, ParameterGroup, part_owners
+from gradindex.features.layouts import call_layouts, module_batch_dims, output_rows
 from gradindex.features.projection import BlockProjector, make_block_projector
 
 logger = logging.getLogger(__name__)
@@ -53,9 +56,12 @@ class _Call:
     left: torch.Tensor | None = None  # factorized: the other side, from the output gradient
     args: tuple = ()  # generic: cloned inputs
     kwargs: dict = field(default_factory=dict)
-    delta: torch.Tensor | None = None  # generic: raw output gradient
-    edge: GradientEdge | None = None  # where the output's gradient δ arrives (before any in-place op)
-    shape: tuple[int, ...] = ()  # the output's shape
+    layouts: tuple = ()  # generic: (input leaf layouts, output leaf layouts), see gradindex.features.layouts
+    deltas: dict[int, torch.Tensor] = field(default_factory=dict)  # generic: output leaf -> raw gradient
+    # where each output leaf's gradient δ arrives (before any in-place op), and its shape
+    edges: dict[int, GradientEdge] = field(default_factory=dict)
+    shapes: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    batch_dim: int = 0  # factorized: the dimension of the examples in the module's input and output
 
 
 class GradientProjector:
@@ -90,6 +96,7 @@ class GradientProjector:
             self._parts.extend(keys.values())
             position += len(self.projectors[group.name])
         self._modules = {bp.block.module: modules[bp.block.module] for bp in self._blocks}
+        self._batch_dims = module_batch_dims(model)
         self._calls: dict[int, list[_Call]] = {}
         self._recording = False
         self._handles = []
@@ -112,40 +119,7 @@ class GradientProjector:
         With ``verify=True`` the per-example results are checked against the
         autograd batch gradient: ``Σ_b φ_b`` must equal the projected ``Σ_b ∇f_b``.
         """
-        self._calls = {position: [] for position in range(len(self._blocks))}
-        params = self._block_params()
-        try:
-            self._recording = True
-            with torch.enable_grad():
-                values = compute()
-                if not isinstance(values, torch.Tensor) or values.ndim != 1:
-                    shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
-                    raise TaskError(f"the task must return one scalar per example, shape [B]; got {shape}")
-                if not torch.isfinite(values).all():
-                    raise TaskError("the task returned a non-finite loss or measurement (nan or inf)")
-                if not values.requires_grad:
-                    raise TaskError("the task's loss or measurement has no gradient: it does not depend on the "
-                                    "model's trainable parameters (computed under no_grad, detached, or from "
-                                    "another model?)")
-        finally:
-            self._recording = False
-        # One backward to the recorded output edges gives every call's δ. Parameter gradients are
-        # asked for only where they are checked (to verify; parts whose forward never ran), so
-        # autograd skips the weight-gradient products of a training step everywhere else. Every
-        # alias of a tied tensor receives its whole gradient: a part's first block stands for it.
-        recorded = [(position, call) for position, calls in self._calls.items()
-                    for call in calls if call.edge is not None]
-        checked = [positions[0] for positions in self._parts
-                   if verify or not any(self._calls[position] for position in positions)]
-        inputs = [call.edge for _, call in recorded] + [p for position in checked for p in params[position]]
-        grads = torch.autograd.grad(values.sum(), inputs, allow_unused=True) if inputs else ()
-        for (position, call), grad in zip(recorded, grads):
-            call.edge = None  # drop the reference to the graph
-            if grad is not None:
-                self._take_output_gradient(self._blocks[position], call, grad)
-        param_grads = iter(grads[len(recorded):])
-        summed_per_block = {position: [next(param_grads) for _ in params[position]] for position in checked}
-        batch = values.shape[0]
+        batch, summed_per_block = self.record(compute, verify)
         features = {}
         position = 0
         for group in self.groups:
@@ -171,13 +145,55 @@ class GradientProjector:
         self._calls = {}
         return features
 
+    def record(self, compute: Callable[[], torch.Tensor],
+               verify: bool = False) -> tuple[int, dict[int, list[torch.Tensor | None]]]:
+        """Run ``compute()`` and one backward; leave every block's calls (projected sides, generic
+        inputs and output gradients) in ``self._calls``. Returns the batch size ``B`` and the summed
+        parameter gradients of the parts that are checked (``verify``; parts whose forward never ran)."""
+        self._calls = {position: [] for position in range(len(self._blocks))}
+        params = self._block_params()
+        try:
+            self._recording = True
+            with torch.enable_grad():
+                values = compute()
+                if not isinstance(values, torch.Tensor) or values.ndim != 1:
+                    shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+                    raise TaskError(f"the task must return one scalar per example, shape [B]; got {shape}")
+                if not torch.isfinite(values).all():
+                    raise TaskError("the task returned a non-finite loss or measurement (nan or inf)")
+                if not values.requires_grad:
+                    raise TaskError("the task's loss or measurement has no gradient: it does not depend on the "
+                                    "model's trainable parameters (computed under no_grad, detached, or from "
+                                    "another model?)")
+        finally:
+            self._recording = False
+        # One backward to the recorded output edges gives every call's δ. Parameter gradients are
+        # asked for only where they are checked (to verify; parts whose forward never ran), so
+        # autograd skips the weight-gradient products of a training step everywhere else. Every
+        # alias of a tied tensor receives its whole gradient: a part's first block stands for it.
+        recorded = [(position, call, leaf) for position, calls in self._calls.items()
+                    for call in calls for leaf in call.edges]
+        checked = [positions[0] for positions in self._parts
+                   if verify or not any(self._calls[position] for position in positions)]
+        inputs = [call.edges[leaf] for _, call, leaf in recorded]
+        inputs += [p for position in checked for p in params[position]]
+        grads = torch.autograd.grad(values.sum(), inputs, allow_unused=True) if inputs else ()
+        for (position, call, leaf), grad in zip(recorded, grads):
+            if grad is not None:
+                self._take_output_gradient(self._blocks[position], call, leaf, grad)
+        for _, call, _ in recorded:
+            call.edges = {}  # drop the references to the graph
+        param_grads = iter(grads[len(recorded):])
+        summed_per_block = {position: [next(param_grads) for _ in params[position]] for position in checked}
+        return values.shape[0], summed_per_block
+
     @staticmethod
     def _check_ran(bp: BlockProjector, group: str, block_sum: list) -> None:
         if any(g is not None and bool(g.any()) for g in block_sum):
             raise TaskError(
-                f"module {bp.block.module!r} (group {group!r}): its parameters received gradient "
-                "but its forward() never ran; its weights are used by another module (e.g. "
-                "nn.MultiheadAttention's out_proj). Merge or exclude them with a group rule."
+                f"module {bp.block.module!r} (group {group!r}): its parameters received gradient but its "
+                f"forward() never ran: another module uses its weights; take the group's gradients where "
+                f"they are used with the group rule {_host_rule(bp, group)}"
             )
 
     def close(self) -> None:
@@ -194,7 +210,8 @@ class GradientProjector:
     # -- hooks ------------------------------------------------------------------------------
     def _block_params(self) -> list[list[torch.Tensor]]:
         return [
-            [getattr(self._modules[bp.block.module], name) for name in bp.block.params] for bp in self._blocks
+            [self._modules[bp.block.module].get_parameter(name) for name in bp.block.params]
+            for bp in self._blocks
         ]
 
     def _make_forward_hook(self, position: int, bp: BlockProjector):
@@ -203,18 +220,31 @@ class GradientProjector:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if not self._recording:
                 return
-            if not isinstance(output, torch.Tensor):
-                raise TaskError(
-                    f"module {block.module!r} returns {type(output).__name__}, not a tensor; "
-                    "put its parameters in a group of a module that returns a tensor (group rules)"
-                )
-            call = _Call()
+            call = _Call(batch_dim=self._batch_dims.get(block.module, 0))
+            replaced = None
+            if block.kind == "generic":
+                leaves = _tensor_leaves(output)
+                if sum(leaf.requires_grad for leaf in leaves) > 1:
+                    # one output may be computed from another inside the module (an LSTM cell's h from c):
+                    # the gradient edge of the inner one would also carry what reaches it through the other.
+                    # Copies receive only what the rest of the model sends back to each output.
+                    replaced = tree_map(_copy_if_grad, output)
+                    leaves = _tensor_leaves(replaced)
+                rows = output_rows(module, call.batch_dim, output)
+                call.layouts = call_layouts(module, call.batch_dim, args, kwargs, output, rows)
+            elif isinstance(output, torch.Tensor):
+                leaves = [output]
+            else:
+                raise TaskError(f"module {block.module!r} returns {type(output).__name__}, not a tensor; "
+                                f"take its gradients as a generic block: the group rule {_host_rule(bp, '')}")
             with torch.no_grad():
                 self._capture_inputs(call, bp, module, args, kwargs)
             self._calls[position].append(call)
-            if output.requires_grad:
-                call.edge = get_gradient_edge(_gradient_target(output))
-                call.shape = tuple(output.shape)
+            for leaf, tensor in enumerate(leaves):
+                if tensor.requires_grad:
+                    call.edges[leaf] = get_gradient_edge(_gradient_target(tensor))
+                    call.shapes[leaf] = tuple(tensor.shape)
+            return replaced
 
         return hook
 
@@ -222,39 +252,41 @@ class GradientProjector:
     def _capture_inputs(call: _Call, bp: BlockProjector, module: nn.Module, args: tuple, kwargs: dict) -> None:
         block = bp.block
         if block.kind in ("linear", "conv1d"):
-            call.right = bp.combine_right(_with_bias_column(_as_rows(args[0]), block))
+            call.right = bp.combine_right(_with_bias_column(_as_rows(args[0].movedim(call.batch_dim, 0)), block))
         elif block.kind == "conv2d":
             call.right = _project_conv_input(args[0], module, bp)
         elif block.kind == "embedding":
-            tokens = args[0].reshape(args[0].shape[0], -1)
+            tokens = args[0].movedim(call.batch_dim, 0)
+            tokens = tokens.reshape(tokens.shape[0], -1)
             onehot_side = bp.combine_left.columns(tokens)
             if module.padding_idx is not None:
                 onehot_side = onehot_side * (tokens != module.padding_idx).unsqueeze(-1)
             call.left = onehot_side
         else:
-            call.args = tuple(_detached_clone(a) for a in args)
-            call.kwargs = {key: _detached_clone(value) for key, value in kwargs.items()}
+            call.args, call.kwargs = tree_map(_detached_clone, (tuple(args), dict(kwargs)))
 
     @staticmethod
-    def _take_output_gradient(bp: BlockProjector, call: _Call, grad: torch.Tensor) -> None:
-        """Project (or keep, for generic blocks) the output gradient ``δ`` of one call."""
+    def _take_output_gradient(bp: BlockProjector, call: _Call, leaf: int, grad: torch.Tensor) -> None:
+        """Project (or keep, for generic blocks) the gradient ``δ`` of output leaf ``leaf`` of one call."""
         kind = bp.block.kind
-        grad = grad.detach().reshape(call.shape).float()
+        grad = grad.detach().reshape(call.shapes[leaf])
+        if kind == "generic":
+            call.deltas[leaf] = grad
+            return
+        grad = grad.float().movedim(call.batch_dim, 0)
         if kind in ("linear", "conv1d"):
             call.left = bp.combine_left(_as_rows(grad))
         elif kind == "conv2d":
             call.left = bp.combine_left(grad.flatten(2).transpose(1, 2))
         elif kind == "embedding":
             call.right = bp.combine_right(grad.reshape(grad.shape[0], -1, grad.shape[-1]))
-        else:
-            call.delta = grad
 
     # -- combining --------------------------------------------------------------------------
     def _finish_block(self, bp: BlockProjector, calls: list[_Call], batch: int) -> torch.Tensor:
         out = None
         for call in calls:
             if bp.block.kind == "generic":
-                if call.delta is None:
+                if not call.deltas:
                     continue
                 grads = self._generic_gradients(bp, call)
                 phi = bp.dense(_per_example(grads, batch, bp.block.module).sum(1))
@@ -268,50 +300,65 @@ class GradientProjector:
         return torch.zeros(batch, bp.out_dim, device=self.device) if out is None else out
 
     def _generic_gradients(self, bp: BlockProjector, call: _Call) -> torch.Tensor:
-        """Exact per-row gradients ``[B', numel]`` of a generic block by a module-local VJP."""
+        """Exact per-row gradients ``[B', numel]`` of a generic block by a module-local VJP, vmapped over the
+        examples (``B'`` rows along each leaf's examples dimension, see :mod:`gradindex.features.layouts`)."""
         module = self._modules[bp.block.module]
-        names = bp.block.params
-        params = {name: getattr(module, name).detach() for name in names}
-        rows = call.delta.shape[0]
-        batched = [isinstance(a, torch.Tensor) and a.ndim > 0 and a.shape[0] == rows for a in call.args]
-        kw_batched = {
-            k: isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == rows for k, v in call.kwargs.items()
-        }
+        params = {name: module.get_parameter(name).detach() for name in bp.block.params}
+        in_layouts, out_layouts = call.layouts
+        leaves, spec = tree_flatten((call.args, call.kwargs))
+        dims, inserts, tensor_position = [], [], 0
+        for position, leaf in enumerate(leaves):
+            layout = in_layouts[tensor_position] if isinstance(leaf, torch.Tensor) else None
+            tensor_position += isinstance(leaf, torch.Tensor)
+            if layout is None or layout.dim is None:
+                dims.append(None)
+                inserts.append(None)
+            elif layout.heads > 1:  # [B'·heads, ...] -> [B', heads, ...]; a row is the [heads, ...] of one call
+                leaves[position] = leaf.reshape(-1, layout.heads, *leaf.shape[1:])
+                dims.append(0)
+                inserts.append(None)
+            else:
+                dims.append(layout.dim)
+                inserts.append(layout.dim)
+        chosen = sorted(call.deltas)
+        out_dims = [out_layouts[leaf].dim for leaf in chosen]
+        if None in out_dims:
+            raise TaskError(f"module {bp.block.module!r}: an output that does not hold examples along a dimension "
+                            "(an unbatched call) reached the loss; call it on a batch")
+        deltas = [call.deltas[leaf] for leaf in chosen]
+        dtype = _first_dtype(params)
 
-        def row_gradient(p: dict, args: tuple, kwargs: dict, delta: torch.Tensor) -> torch.Tensor:
-            args = tuple(a.unsqueeze(0) if b else a for a, b in zip(args, batched))
-            kwargs = {k: v.unsqueeze(0) if kw_batched[k] else v for k, v in kwargs.items()}
+        def row_gradient(p: dict, row_leaves: list, row_deltas: list) -> torch.Tensor:
+            full = [leaf.unsqueeze(d) if d is not None else leaf for leaf, d in zip(row_leaves, inserts)]
+            args, kwargs = tree_unflatten(full, spec)
 
-            def local(q: dict) -> torch.Tensor:
-                return torch.func.functional_call(module, q, args, kwargs)
+            def local(q: dict) -> tuple:
+                outputs = _tensor_leaves(torch.func.functional_call(module, q, args, kwargs))
+                return tuple(outputs[leaf] for leaf in chosen)
 
             _, vjp = torch.func.vjp(local, p)
-            (grads,) = vjp(delta.unsqueeze(0).to(_first_dtype(p)))
-            return torch.cat([grads[name].reshape(-1).float() for name in names])
+            (grads,) = vjp(tuple(d.unsqueeze(o).to(dtype) for d, o in zip(row_deltas, out_dims)))
+            return torch.cat([grads[name].reshape(-1).float() for name in bp.block.params])
 
-        arg_dims = tuple(0 if b else None for b in batched)
-        kwarg_dims = {k: 0 if b else None for k, b in kw_batched.items()}
-        try:
-            return torch.func.vmap(row_gradient, in_dims=(None, arg_dims, kwarg_dims, 0))(
-                params, call.args, call.kwargs, call.delta
-            )
-        except Exception as err:  # vmap cannot trace every forward; the row loop is exact too
-            logger.debug("vmap failed for %s (%s); using a per-row loop", bp.block.module, err)
-            return torch.stack(
-                [
-                    row_gradient(
-                        params,
-                        tuple(a[i] if b else a for a, b in zip(call.args, batched)),
-                        {k: v[i] if kw_batched[k] else v for k, v in call.kwargs.items()},
-                        call.delta[i],
-                    )
+        with warnings.catch_warnings():
+            # torch's notice that vmap falls back to a loop for an op (attention, RNN kernels): a speed
+            # note for torch's developers, not the user's concern
+            warnings.filterwarnings("ignore", message=_VMAP_FALLBACK_NOTICE, category=UserWarning)
+            try:
+                return torch.func.vmap(row_gradient, in_dims=(None, dims, out_dims))(params, leaves, deltas)
+            except Exception as err:  # vmap cannot trace every forward (GRU); the row loop is exact too
+                logger.debug("vmap failed for %s (%s); using a per-row loop", bp.block.module, err)
+                rows = deltas[0].shape[out_dims[0]]
+                return torch.stack([
+                    row_gradient(params,
+                                 [leaf if d is None else leaf.select(d, i) for leaf, d in zip(leaves, dims)],
+                                 [delta.select(o, i) for delta, o in zip(deltas, out_dims)])
                     for i in range(rows)
-                ]
-            )
+                ])
 
     def _verify(self, bp: BlockProjector, group: str, phi: torch.Tensor, block_sum: list) -> None:
         full = [
-            (g if g is not None else torch.zeros_like(getattr(self._modules[bp.block.module], name))).float()
+            (g if g is not None else torch.zeros_like(self._modules[bp.block.module].get_parameter(name))).float()
             for g, name in zip(block_sum, bp.block.params)
         ]
         expected = bp.project_gradient(reference_layout(bp.block.kind, bp.block.params, full).unsqueeze(0))[0]
@@ -322,7 +369,8 @@ class GradientProjector:
             raise TaskError(
                 f"module {bp.block.module!r} (group {group!r}): per-example gradients do not add up to the "
                 f"batch gradient (relative error {error:.2e}): the module's weights are used outside its "
-                "forward(), or its output is a view modified in place; merge or exclude it with a group rule"
+                f"forward(), or its output is a view modified in place; take its gradients where they are used "
+                f"with the group rule {_host_rule(bp, group)}"
             )
 
 
@@ -357,6 +405,24 @@ def _gradient_target(output: torch.Tensor) -> torch.Tensor:
     if base is not None and base.numel() == output.numel() and base.is_contiguous() and output.is_contiguous():
         return base
     return output
+
+
+_VMAP_FALLBACK_NOTICE = r"There is a performance drop because we have not yet implemented the batching rule"
+
+
+def _host_rule(bp: BlockProjector, group: str) -> str:
+    """A group rule that takes ``bp``'s parameters' gradients through the whole model's forward."""
+    prefix = f"{bp.block.module}." if bp.block.module else ""
+    pattern = f"{prefix}*" if len(bp.block.params) > 1 else prefix + bp.block.params[0]
+    return f"'{pattern}={group or bp.block.module or bp.block.params[0]}@'"
+
+
+def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
+    return [leaf for leaf in tree_flatten(tree)[0] if isinstance(leaf, torch.Tensor)]
+
+
+def _copy_if_grad(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) and value.requires_grad else value
 
 
 def _detached_clone(value: Any) -> Any:

@@ -32,6 +32,16 @@ gradients are taken (see :mod:`gradindex.features.gradients`):
   ``[d_out, d_in (+1)]`` like ``linear``'s, i.e. the transposed weight. It is
   recognised by class name and shape (transformers is never imported here);
 * ``generic``: anything else; per-example gradients by a module-local VJP.
+
+A block's ``module`` is where its gradients are taken (its *host*), and its
+``params`` are named relative to it (``out_proj.weight``). The host is the owning
+module, except where the owner's weights are used by an ancestor's forward:
+``nn.MultiheadAttention`` calls its ``out_proj`` functionally, so ``out_proj``'s
+block is hosted by the attention module. A rule's group may name the host
+itself, ``GROUP@MODULE`` (``GROUP@`` for the whole model): the parameters'
+gradients are then taken through ``MODULE``'s forward, which must be where they
+are used (for a weight reused outside its module, e.g. a tied output layer
+computed with ``F.linear(h, self.embed.weight)``).
 """
 
 from __future__ import annotations
@@ -140,9 +150,12 @@ def parameter_groups(model: nn.Module, rules: Sequence[GroupRule] = ()) -> list[
         group = chosen.pop()
         if group is None:
             continue
+        group, host = _split_host(group)
         tie = full_names[0] if len(aliases) > 1 else ""
         for module_name, local_name in aliases:
-            assignment.setdefault(group, {}).setdefault((module_name, tie), []).append(local_name)
+            where = _host(modules, module_name, host, _full_name(module_name, local_name))
+            relative = _full_name(module_name, local_name)[len(where) + 1 if where else 0:]
+            assignment.setdefault(group, {}).setdefault((where, tie), []).append(relative)
     if not assignment:
         raise ConfigError("parameter groups: the model has no trainable parameter left after the group rules")
     groups = []
@@ -151,6 +164,31 @@ def parameter_groups(model: nn.Module, rules: Sequence[GroupRule] = ()) -> list[
         ties = [tie for (_, tie) in per_module]
         groups.append(ParameterGroup(group_name, _tie_blocks(blocks, ties)))
     return groups
+
+
+def _split_host(group: str) -> tuple[str, str | None]:
+    """``GROUP@MODULE`` -> ``(GROUP, MODULE)``; a plain group name has no host (``None``)."""
+    name, sep, host = group.partition("@")
+    if sep and not name:
+        raise ConfigError(f"group rule: {group!r} names a host but no group; write GROUP@MODULE")
+    return (name, host) if sep else (group, None)
+
+
+def _host(modules: dict[str, nn.Module], module_name: str, host: str | None, param: str) -> str:
+    """The module whose forward a parameter's gradients are taken through (see the module docstring)."""
+    from torch import nn
+
+    if host is None:
+        ancestor = module_name
+        while ancestor:
+            ancestor = ancestor.rpartition(".")[0]
+            if isinstance(modules[ancestor], nn.MultiheadAttention):
+                return ancestor  # it uses its out_proj's weights functionally
+        return module_name
+    if host not in modules or not (host == "" or module_name == host or module_name.startswith(host + ".")):
+        raise ConfigError(f"group rule: host {host!r} of {param!r} is not a module containing it; name an "
+                          f"ancestor of {module_name!r} (or nothing after '@' for the whole model)")
+    return host
 
 
 def _full_name(module_name: str, local_name: str) -> str:
@@ -219,7 +257,7 @@ def _make_block(module_name: str, module: nn.Module, params: tuple[str, ...]) ->
         and not module.scale_grad_by_freq
     ):
         return Block(module_name, params, "embedding", module.num_embeddings, module.embedding_dim)
-    numel = sum(getattr(module, name).numel() for name in params)
+    numel = sum(module.get_parameter(name).numel() for name in params)
     return Block(module_name, params, "generic", numel, 1)
 
 

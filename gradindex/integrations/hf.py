@@ -22,13 +22,20 @@ embeddings see examples along dimension 0.
 Groups: the default (one per module). GPT-2's ``Conv1D`` layers are factorized,
 and its ``lm_head`` (tied to ``wte``) joins the ``transformer.wte`` group.
 LoRA-only attribution: freeze the base model (peft does) — frozen parameters are
-never attributed; selected modules: group rules such as
+never attributed; a peft adapter directory (``adapter_config.json``, as
+``PeftModel.save_pretrained`` writes it) as ``model`` loads its base model (the
+adapter config's ``base_model_name_or_path``, a local directory) with the adapter
+trainable, so only the adapter is attributed. Selected modules: group rules such as
 ``--group-rule 'transformer.h.5.*=h5' --group-rule '*=-'``.
+
+:class:`~gradindex.integrations.hf_callback.GradindexCallback` (importable from here)
+writes stores of this task during ``transformers.Trainer`` training.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +58,34 @@ def import_transformers():
     return transformers
 
 
+def _base_dir(directory: Path) -> Path:
+    """The directory holding the full model: ``directory`` itself, or a peft adapter's base model."""
+    adapter = directory / "adapter_config.json"
+    if not adapter.is_file():
+        return directory
+    base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise ArtifactNotFoundError(f"hf task: the peft adapter {directory} names base model {base!r}, which is not "
+                                    "a local directory (save the base model with save_pretrained and train from it)")
+    return Path(base)
+
+
+def _load_adapter(model: nn.Module, directory: Path) -> nn.Module:
+    try:
+        import peft
+    except ImportError:
+        raise MissingDependencyError(f"hf task: {directory} is a peft adapter: pip install peft") from None
+    return peft.PeftModel.from_pretrained(model, directory, is_trainable=True)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "GradindexCallback":  # imports transformers: only when asked for
+        from gradindex.integrations.hf_callback import GradindexCallback
+
+        return GradindexCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class HFCausalLMTask(CausalLMTask):
     """Any ``AutoModelForCausalLM`` saved in a local directory; see the module docstring."""
 
@@ -66,7 +101,7 @@ class HFCausalLMTask(CausalLMTask):
         self.options = {"model": str(model), "train_file": str(train_file), "tokenizer": tokenizer,
                         "query_file": query_file, "bos_id": bos_id, "max_length": max_length}
         transformers = import_transformers()
-        self.config = transformers.AutoConfig.from_pretrained(self.model_dir, local_files_only=True)
+        self.config = transformers.AutoConfig.from_pretrained(_base_dir(self.model_dir), local_files_only=True)
         self.tokenizer = self._load_tokenizer(transformers, tokenizer)
         vocab_size = self.vocab_size = int(self.config.vocab_size)
         self.bos_ids = self._bos_ids(bos_id, vocab_size)
@@ -79,7 +114,7 @@ class HFCausalLMTask(CausalLMTask):
 
     # -- set-up ---------------------------------------------------------------------------------
     def _load_tokenizer(self, transformers: Any, path: str | None) -> Any:
-        directory = Path(path) if path else self.model_dir
+        directory = Path(path) if path else _base_dir(self.model_dir)
         has_files = any((directory / name).is_file() for name in
                         ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"))
         if not has_files:
@@ -148,13 +183,15 @@ class HFCausalLMTask(CausalLMTask):
         bar = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # its weight-loading bar would break `query --json` output
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+            model = transformers.AutoModelForCausalLM.from_pretrained(_base_dir(directory), local_files_only=True)
+            if _base_dir(directory) != directory:
+                model = _load_adapter(model, directory)
         except (OSError, ValueError) as err:
             raise StoreMismatchError(f"hf task: cannot load a causal LM from {directory}: {err}") from None
         finally:
             if bar:
                 hf_logging.enable_progress_bar()
-        if int(model.config.vocab_size) != int(self.config.vocab_size):
+        if int(model.config.vocab_size) != int(self.config.vocab_size):  # a peft model forwards .config
             raise StoreMismatchError(f"hf task: {directory} has vocabulary size {model.config.vocab_size}, "
                                      f"the task's model {self.config.vocab_size}")
         return model.eval()

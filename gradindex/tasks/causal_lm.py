@@ -204,6 +204,10 @@ class CausalLMTask(Task):
         return bounds[0], bounds[1]
 
     # -- display --------------------------------------------------------------------------------
+    def tokens(self, item: dict[str, torch.Tensor]) -> list[str]:
+        """Each input token decoded alone: the positions of ``input_ids [L]``."""
+        return [self.decode([token]) for token in item["input_ids"].tolist()]
+
     def describe(self, item: dict[str, torch.Tensor]) -> str:
         """The item's text with the scored tokens of a query in brackets."""
         ids = item["input_ids"].tolist()
