@@ -426,15 +426,25 @@ class LDSConfig(_Config):
     fixes the task's training seed for every model; ``None`` gives model ``j``
     its own seed derived from ``(seed, j)`` (initialisation and batch-order noise
     included, as in TRAK's evaluation).
+
+    ``runs_per_subset`` ``R`` trains each subset ``R`` times with different training
+    seeds and averages the measurements (the de-noised ground truth of TRAK and
+    dattri); run 0 is the model a single-run evaluation trains, so raising ``R``
+    keeps every model already trained.
     """
 
     num_models: int = 64
     fraction: float = 0.5
     seed: int = 0
     training_seed: int | None = None
+    runs_per_subset: int = 1
 
     def __post_init__(self) -> None:
         require_positive(self.num_models, "LDSConfig.num_models", maximum=MAX_MODELS)
+        require_positive(self.runs_per_subset, "LDSConfig.runs_per_subset", maximum=MAX_MODELS)
+        if self.runs_per_subset > 1 and self.training_seed is not None:
+            raise ConfigError("LDSConfig.runs_per_subset: several runs per subset need a training seed per run; "
+                              "drop training_seed (--training-seed)")
         object.__setattr__(self, "fraction", require_number(self.fraction, "LDSConfig.fraction", above=0, below=1))
         _require_seed(self.seed, "LDSConfig.seed")
         if self.training_seed is not None:
