@@ -451,6 +451,50 @@ class LDSConfig(_Config):
             _require_seed(self.training_seed, "LDSConfig.training_seed")
 
 
+#: ``gradindex tune``'s damping grid (relative, as everywhere): 0 is the pseudo-inverse of the bare Gram
+TUNE_DAMPINGS = (0.0, 1e-4, 1e-3, 1e-2, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+#: weightings ``tune`` scores: uniform weights and the label-free learned objectives
+TUNE_METHODS = ("uniform", "snr", "ssl")
+
+
+@dataclass(frozen=True)
+class TuneConfig(_Config):
+    """``gradindex tune``: the retraining budget and the grid it scores (see :mod:`gradindex.eval.tune`).
+
+    ``budget`` trainings = ``budget // runs_per_subset`` subset masks × ``runs_per_subset`` runs
+    (default 16 × 2); the grid is every :class:`Preconditioner` (the identity once, the others at
+    each of ``dampings``) × ``methods``.
+    """
+
+    budget: int = 32
+    runs_per_subset: int = 2
+    dampings: tuple[float, ...] = TUNE_DAMPINGS
+    methods: tuple[str, ...] = TUNE_METHODS
+    replicates: int = 200
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require_positive(self.runs_per_subset, "TuneConfig.runs_per_subset", maximum=MAX_MODELS)
+        require_positive(self.budget, "TuneConfig.budget", maximum=MAX_MODELS)
+        if self.budget // self.runs_per_subset < 4:
+            raise ConfigError(f"TuneConfig.budget: expected at least 4 subsets x {self.runs_per_subset} runs = "
+                              f"{4 * self.runs_per_subset} trainings (a Spearman over fewer models says nothing), "
+                              f"got {self.budget}")
+        object.__setattr__(self, "dampings", tuple(check_damping(d, "TuneConfig.dampings") for d in self.dampings))
+        known = ("uniform", LearnMethod.SNR.value, LearnMethod.SSL.value)
+        bad = [m for m in self.methods if m not in known]
+        if bad or not self.methods or not self.dampings:
+            raise ConfigError(f"TuneConfig.methods: expected some of {', '.join(known)} (and some dampings), "
+                              f"got {list(self.methods)}")
+        object.__setattr__(self, "methods", tuple(self.methods))
+        require_positive(self.replicates, "TuneConfig.replicates")
+        _require_seed(self.seed, "TuneConfig.seed")
+
+    @property
+    def num_models(self) -> int:
+        return self.budget // self.runs_per_subset
+
+
 class QuerySplit(enum.Enum):
     """Which of a task's default queries (:meth:`~gradindex.task.Task.query_splits`) a stage uses."""
 

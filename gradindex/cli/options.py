@@ -121,6 +121,21 @@ preconditioner_options = [
                  help="Query-side preconditioner: per-group Gram inverse (TRAK-style) or none (grad-dot)."),
     click.option("--damping", type=DAMPING, default=DEFAULT_DAMPING, show_default=True, help=DAMPING_HELP),
 ]
+def tuned_default(ctx: click.Context, manifest: dict[str, Any], concept: str, preconditioner: str,
+                  damping: Any) -> tuple[str, Any, dict[str, Any] | None]:
+    """``(preconditioner, damping, tuned)``: the setting ``gradindex tune`` recorded for the store
+    (``manifest["tuned"]``, for concept ``all``) when neither ``--preconditioner`` nor ``--damping`` was
+    given on the command line, else the flags' values (``tuned`` ``None``)."""
+    from click.core import ParameterSource
+
+    tuned = manifest.get("tuned")
+    given = any(ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
+                for name in ("preconditioner", "damping"))
+    if given or concept != "all" or not isinstance(tuned, dict) or "preconditioner" not in tuned:
+        return preconditioner, damping, None
+    return tuned["preconditioner"], DEFAULT_DAMPING if tuned.get("damping") is None else tuned["damping"], tuned
+
+
 inputs_option = click.option("--inputs", type=click.Path(path_type=Path), default=None,
                              help="Query inputs file (the task's format; default: the task's own queries of --split).")
 split_option = click.option("--split", type=click.Choice(["fit", "eval", "all"]), default=None,

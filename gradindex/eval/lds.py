@@ -322,29 +322,12 @@ def retrain(
     must be loadable by :func:`load_task`.
     """
     require_positive(workers, "workers", maximum=MAX_WORKERS)
-    require_training_routine(task, "LDS")
     cache = Path(cache)
-    dataset = task.train_dataset()
-    sample_ids = np.asarray(task.sample_ids(dataset), dtype=np.int64)
     if queries is None:
         queries = default_queries(task) if queries_file is None else task.load_queries(queries_file)
-    concepts = ("all", *task.concepts)
-    _open_cache(cache, task, config, sample_ids)
-    key = dataset_key(task, queries)
-    measured_dir = cache / MEASUREMENT_DIR / key
-    measured_dir.mkdir(parents=True, exist_ok=True)
-    spec = task.spec()
-    jobs = []
-    masks = np.zeros((config.num_models, len(sample_ids)), dtype=bool)
-    runs = config.runs_per_subset
-    for j in range(config.num_models):
-        indices = subset_indices(len(sample_ids), config.fraction, config.seed, j)
-        masks[j, indices] = True
-        for r in range(runs):
-            if not _measurement_path(cache, key, j, r).is_file():
-                jobs.append(_Job(spec["task"], spec.get("options", {}), str(cache), j, r, indices,
-                                 training_seed(config, j, r), None if queries_file is None else str(queries_file),
-                                 key, concepts))
+    plan = _Plan.of(task, cache, config, queries, queries_file)
+    sample_ids, masks, jobs, key, concepts = plan.sample_ids, plan.masks, plan.jobs, plan.key, plan.concepts
+    spec, runs = task.spec(), config.runs_per_subset
     total = config.num_models * runs
     if jobs:
         parallel = 1 if workers == 1 or len(jobs) == 1 else min(workers, len(jobs))
@@ -366,7 +349,7 @@ def retrain(
 
         if parallel == 1:
             for done, job in enumerate(jobs, start=1):
-                _run_job(job, task)
+                _run_job(job, task, queries)
                 finished(done)
         else:
             _check_loadable(spec)
@@ -392,7 +375,52 @@ def retrain(
     return RetrainedModels(masks, sample_ids, {c: m.mean(0) for c, m in measured.items()}, measured)
 
 
-def _run_job(job: _Job, task: Task | None = None) -> int:
+@dataclass(frozen=True)
+class _Plan:
+    """What :func:`retrain` has to do: the subsets' ``masks [M, N]`` and the trainings still missing."""
+
+    sample_ids: np.ndarray
+    masks: np.ndarray
+    jobs: list[_Job]
+    key: str
+    concepts: tuple[str, ...]
+
+    @classmethod
+    def of(cls, task: Task, cache: Path, config: LDSConfig, queries: Sequence,
+           queries_file: str | Path | None = None) -> "_Plan":
+        require_training_routine(task, "LDS")
+        sample_ids = np.asarray(task.sample_ids(task.train_dataset()), dtype=np.int64)
+        concepts = ("all", *task.concepts)
+        _open_cache(cache, task, config, sample_ids)
+        key = dataset_key(task, queries)
+        (cache / MEASUREMENT_DIR / key).mkdir(parents=True, exist_ok=True)
+        spec = task.spec()
+        jobs = []
+        masks = np.zeros((config.num_models, len(sample_ids)), dtype=bool)
+        for j in range(config.num_models):
+            indices = subset_indices(len(sample_ids), config.fraction, config.seed, j)
+            masks[j, indices] = True
+            for r in range(config.runs_per_subset):
+                if not _measurement_path(cache, key, j, r).is_file():
+                    jobs.append(_Job(spec["task"], spec.get("options", {}), str(cache), j, r, indices,
+                                     training_seed(config, j, r), None if queries_file is None else str(queries_file),
+                                     key, concepts))
+        return cls(sample_ids, masks, jobs, key, concepts)
+
+
+def time_one_training(task: Task, cache: str | Path, config: LDSConfig, queries: Sequence) -> tuple[int, float | None]:
+    """``(missing trainings, seconds one took)``: trains and measures the first missing model of
+    :func:`retrain`'s plan (part of the budget: ``retrain`` then skips it) to time it; ``(0, None)``
+    when everything is cached. The queries must be ``retrain``'s own (``queries_file`` unsupported)."""
+    jobs = _Plan.of(task, Path(cache), config, queries).jobs
+    if not jobs:
+        return 0, None
+    started = time.perf_counter()
+    _run_job(jobs[0], task, queries)
+    return len(jobs), time.perf_counter() - started
+
+
+def _run_job(job: _Job, task: Task | None = None, queries: Sequence | None = None) -> int:
     """Train run ``job.run`` of subset ``job.model`` unless its checkpoint exists, then measure the queries on it."""
     task = task or load_task(job.task_spec, job.task_options)
     cache = Path(job.cache)
@@ -410,7 +438,8 @@ def _run_job(job: _Job, task: Task | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     checkpoint = _checkpoint_in(folder)
     model = task.load_model(checkpoint).eval()
-    queries = default_queries(task) if job.queries_file is None else task.load_queries(job.queries_file)
+    if queries is None:
+        queries = default_queries(task) if job.queries_file is None else task.load_queries(job.queries_file)
     values = {c: measure(task, model, queries, c) for c in job.concepts}
     write_arrays(_measurement_path(cache, job.queries_key, job.model, job.run), values)
     return job.model
