@@ -24,6 +24,11 @@ from gradindex.errors import ConfigError
 DEFAULT_DAMPING = 0.1
 #: ``damping="auto"``: chosen per group from the stored features (gradindex.weights.damping)
 AUTO_DAMPING = "auto"
+#: the label-free dampings a name may ask for (resolved by gradindex.weights.damping.resolve_damping):
+#: ``auto`` (cross-validated likelihood), ``mp`` (each group's Marchenko–Pastur noise edge), ``pinv``
+#: (λ = 0: the pseudo-inverse of the bare Gram), ``schedule`` (SOURCE-style λ ≈ 1/Σ_t η_t from the task's
+#: :meth:`~gradindex.task.Task.learning_rates`)
+NAMED_DAMPINGS = (AUTO_DAMPING, "mp", "pinv", "schedule")
 
 
 class ProjectionKind(enum.Enum):
@@ -129,10 +134,10 @@ def parse_enum(enum_type: type[enum.Enum], value: Any, field_name: str) -> enum.
 
 
 def parse_damping(value: Any, field_name: str) -> float | str | dict[str, float]:
-    """A relative Gram damping: a number :func:`check_damping` accepts, ``"auto"`` (chosen from the
-    stored features, :mod:`gradindex.weights.damping`) or a resolved ``{group: number}`` mapping."""
-    if isinstance(value, str) and value.strip().lower() == AUTO_DAMPING:
-        return AUTO_DAMPING
+    """A relative Gram damping: a number :func:`check_damping` accepts, one of :data:`NAMED_DAMPINGS`
+    (chosen without labels, :mod:`gradindex.weights.damping`) or a resolved ``{group: number}`` mapping."""
+    if isinstance(value, str) and value.strip().lower() in NAMED_DAMPINGS:
+        return value.strip().lower()
     if isinstance(value, dict):
         return {str(g): check_damping(v, f"{field_name}[{g!r}]") for g, v in value.items()}
     return check_damping(value, field_name)

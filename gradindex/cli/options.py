@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from gradindex.config import AUTO_DAMPING, DEFAULT_DAMPING, LDSConfig, LearnConfig
+from gradindex.config import DEFAULT_DAMPING, LDSConfig, LearnConfig
 from gradindex.errors import ConfigError
 
 
@@ -95,26 +95,30 @@ device_option = click.option("--device", default="cpu", show_default=True, callb
 
 
 class DampingType(click.ParamType):
-    """A relative Gram damping on the command line: a number or ``auto``."""
+    """A relative Gram damping on the command line: a number or a name (``auto``, ``mp``, ``pinv``, ``schedule``)."""
 
-    name = "NUMBER|auto"
+    name = "NUMBER|auto|mp|pinv|schedule"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, (int, float)) or value == AUTO_DAMPING:
+        from gradindex.config import NAMED_DAMPINGS
+
+        if isinstance(value, (int, float)) or value in NAMED_DAMPINGS:
             return value
         text = str(value).strip().lower()
-        if text == AUTO_DAMPING:
-            return AUTO_DAMPING
+        if text in NAMED_DAMPINGS:
+            return text
         try:
             return float(text)
         except ValueError:
-            self.fail(f"expected a non-negative number or 'auto', got {value!r}", param, ctx)
+            self.fail(f"expected a non-negative number or one of {', '.join(NAMED_DAMPINGS)}, got {value!r}",
+                      param, ctx)
 
 
 DAMPING = DampingType()
-DAMPING_HELP = ("Gram damping, relative to each group's mean eigenvalue; 'auto' chooses it from the stored "
-                 "training features (cross-validated likelihood, no labels; recorded in the manifest per group, "
-                 "`info` shows it).")
+DAMPING_HELP = ("Gram damping, relative to each group's mean eigenvalue (0: pseudo-inverse); 'auto' chooses it "
+                 "from the stored training features (cross-validated likelihood, no labels; recorded in the "
+                 "manifest per group, `info` shows it); 'mp': each group's Marchenko-Pastur noise edge; 'pinv': "
+                 "0; 'schedule': 1/sum of the task's learning rates (Task.learning_rates).")
 
 preconditioner_options = [
     click.option("--preconditioner", type=click.Choice(["gram", "identity"]), default="gram", show_default=True,

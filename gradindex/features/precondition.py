@@ -66,9 +66,12 @@ def group_damping(damping: Damping, group: str) -> float:
 
 
 def inverse(gram: np.ndarray, damping: float) -> tuple[np.ndarray, float]:
-    """``((G + λI)⁻¹, λ)`` with ``λ = damping · trace(G) / k``; float64."""
+    """``((G + λI)⁻¹, λ)`` with ``λ = damping · trace(G) / k``; float64. ``damping`` 0: the
+    pseudo-inverse ``G⁺`` (eigenvalues below ``k · eps · max eigenvalue`` count as 0)."""
     k = gram.shape[0]
     lam = damping * float(np.trace(gram)) / k
+    if lam == 0:
+        return np.linalg.pinv(gram, hermitian=True), 0.0
     regularized = gram + lam * np.eye(k)
     try:
         inv_factor = np.linalg.solve(np.linalg.cholesky(regularized), np.eye(k))
