@@ -84,14 +84,18 @@ class TuneResult:
 
 
 def score_grid(store: FeatureStore, retrained: RetrainedModels, queries: Sequence, config: TuneConfig = TuneConfig(),
-               device: str = "cpu", show_progress: bool = False) -> TuneResult:
+               device: str = "cpu", show_progress: bool = False, learn_queries: Sequence | None = None) -> TuneResult:
     """Score every cell of :func:`tune_grid` × ``config.methods`` by LDS against ``retrained``
-    (which measured ``queries``, the fit queries: ``[M, len(queries)]``)."""
+    (which measured ``queries``, the fit queries: ``[M, len(queries)]``). Learned weights are fitted
+    (without labels) on ``learn_queries``, default ``queries``; a benchmark scoring eval queries passes
+    the fit queries here."""
     featurizer = QueryFeaturizer.open(store, "all", Preconditioner.IDENTITY, device=device)
     try:
         raw = featurizer.group_features(queries, show_progress=show_progress)
+        learn_raw = raw if learn_queries is None else featurizer.group_features(learn_queries)
     finally:
         featurizer.close()
+    learn_queries = queries if learn_queries is None else learn_queries
     sums = subset_sums(store, retrained.masks, retrained.sample_ids)
     rows: list[TuneRow] = []
     predictions: list[np.ndarray] = []
@@ -108,7 +112,7 @@ def score_grid(store: FeatureStore, retrained: RetrainedModels, queries: Sequenc
             row = TuneRow(preconditioner.value, damping, method)
             rows.append(row)
             try:
-                weights = _weights(store, raw, queries, preconditioner, damping, method, config.seed)
+                weights = _weights(store, learn_raw, learn_queries, preconditioner, damping, method, config.seed)
             except (GradIndexError, NotImplementedError) as err:
                 row.error = _one_line(err)
                 continue
