@@ -293,7 +293,7 @@ def tables(results: dict[str, list[dict]]) -> str:
     boots = {name: seed_bootstrap(runs) for name, runs in results.items()}
     lines = ["LDS on the eval queries, seed mean ± SE (bootstrap over retrained models and eval queries, "
              f"{REPLICATES} replicates); ceiling: split-half reliability of the run-averaged ground truth "
-             "(docs/benchmarks/quality.md):", "",
+             "(docs/tune.md):", "",
              "| task | groups | models × runs | ceiling | setting | " + " | ".join(METHODS[:-1])
              + " | oracle (head-room) |", "|---|---|---|---|---|" + "---|" * len(METHODS)]
     for name, runs in results.items():

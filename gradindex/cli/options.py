@@ -236,8 +236,12 @@ def search_config(nprobe, ef_search, rerank, no_prune):
 def setting_text(config: dict[str, Any]) -> str:
     """``gram (damping 0.1)`` or ``identity``: the damping only where it applies."""
     if config.get("preconditioner") == "gram":
-        auto = config.get("damping_requested") == "auto" or isinstance(config.get("damping"), dict)
-        return f"gram (damping {damping_text(config.get('damping')) if auto else config.get('damping')})"
+        requested = config.get("damping_requested")
+        auto = requested == "auto" or isinstance(config.get("damping"), dict)
+        text = damping_text(config.get("damping")) if auto else config.get("damping")
+        if auto and isinstance(requested, str) and requested != "auto":
+            text = str(text).replace("auto", requested, 1)  # mp / schedule: resolved per group like auto
+        return f"gram (damping {text})"
     return str(config.get("preconditioner"))
 
 
