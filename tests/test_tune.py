@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from gradindex.cli import main
-from gradindex.config import ConfigError, LDSConfig, Preconditioner, TuneConfig
+from gradindex.config import LDSConfig, Preconditioner, TuneConfig
+from gradindex.errors import ConfigError
 from gradindex.eval.lds import predictions_from_scores, retrain
 from gradindex.eval.tune import score_grid, tune_grid, tuned_setting
 from gradindex.features.query import load_store_task, query_group_features
