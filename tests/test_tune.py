@@ -93,6 +93,12 @@ def test_tune_records_the_best_setting_and_build_index_uses_it(store, tmp_path):
                                 "--damping", "0.5"]).exit_code == 0
     entry = FeatureStore.open(store.path).manifest["indexes"]["all"]
     assert (entry["config"]["preconditioner"], entry["config"]["damping"]) == ("gram", 0.5)
+    # eval lds reports the tuned setting on the eval queries, against the same cached models
+    report = runner.invoke(main, ["-q", "eval", "lds", str(store.path), "--cache", str(tmp_path / "lds"), "--models",
+                                  "4", "--runs-per-subset", "2", "--workers", "1", "--json", "--trust-task"])
+    assert report.exit_code == 0, report.output
+    names = [row["attribution"] for row in json.loads(report.stdout)]
+    assert f"{'uniform' if best['method'] == 'uniform' else 'learned'} (tuned)" in names
     # the second run reuses every cached model; the table names the bootstrap
     table = runner.invoke(main, [*args, "--dry-run"])
     assert table.exit_code == 0 and "bootstrap" in table.output and "not recorded" in table.output

@@ -156,7 +156,8 @@ def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Seque
 
     Rows: uniform weights, each single group alone (the per-group diagnostic) and
     the concept's learned weights when the manifest has them (under the setting
-    they were learned for), for grad-dot and Gram preconditioning. Each row has
+    they were learned for; "learned (tuned)" for those ``gradindex tune`` chose, "uniform (tuned)" when it
+    chose uniform weights), for grad-dot and Gram preconditioning. Each row has
     ``attribution``, ``preconditioner``, ``damping`` (``"auto"`` for a per-group one), ``lds`` (mean over
     queries), ``se`` (its standard error: a bootstrap over retrained models and queries,
     :mod:`gradindex.eval.reliability`), ``sem_queries`` (the standard error over queries alone, for comparison)
@@ -196,7 +197,8 @@ def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Seque
         if not isinstance(learned_damping, Mapping):
             learned_damping = float(learned_damping)
         predictions = group_predictions(precondition_features(store, raw, preconditioner, learned_damping), sums)
-        add("learned", weighted_predictions(predictions, learned.weights), preconditioner, learned_damping)
+        add("learned (tuned)" if learned.info.get("tuned") else "learned",
+            weighted_predictions(predictions, learned.weights), preconditioner, learned_damping)
         baselines[len(rows) - 1] = weighted_predictions(predictions, {g: 1.0 for g in groups})
         overlap = learned.fit_overlap(digests)
         rows[-1]["fit_overlap"] = overlap
@@ -204,6 +206,14 @@ def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Seque
             logger.warning("warning: %d of the %d evaluation queries were used to fit the learned weights of concept "
                            "%r; their LDS is optimistic (evaluate on other queries, e.g. the task's eval split)",
                            overlap, len(queries), concept)
+    tuned = store.manifest.get("tuned")
+    if concept == "all" and isinstance(tuned, Mapping) and tuned.get("method") == "uniform" \
+            and tuned.get("preconditioner") in (Preconditioner.IDENTITY.value, Preconditioner.GRAM.value):
+        preconditioner = Preconditioner(tuned["preconditioner"])  # the setting `gradindex tune` chose
+        tuned_damping = 0.0 if tuned.get("damping") is None else float(tuned["damping"])
+        predictions = group_predictions(precondition_features(store, raw, preconditioner, tuned_damping), sums)
+        add("uniform (tuned)", weighted_predictions(predictions, {g: 1.0 for g in groups}), preconditioner,
+            tuned_damping)
     return _with_errors(rows, predictions_of, retrained, concept, baselines, replicates)
 
 
