@@ -466,10 +466,8 @@ TUNE_METHODS = ("uniform", "snr", "ssl")
 class TuneConfig(_Config):
     """``gradindex tune``: the retraining budget and the grid it scores (see :mod:`gradindex.eval.tune`).
 
-    ``budget`` trainings = ``budget // runs_per_subset`` subset masks × ``runs_per_subset`` runs
-    (default 16 × 2); the grid is every :class:`Preconditioner` (the identity once, the others at
-    each of ``dampings``) × ``methods``.
-    """
+    ``budget`` trainings = ``budget // runs_per_subset`` masks × ``runs_per_subset`` runs (default 16 × 2);
+    the grid: every :class:`Preconditioner` (identity once, the others at each damping) × ``methods``."""
 
     budget: int = 32
     runs_per_subset: int = 2
@@ -486,10 +484,8 @@ class TuneConfig(_Config):
                               f"{4 * self.runs_per_subset} trainings (a Spearman over fewer models says nothing), "
                               f"got {self.budget}")
         object.__setattr__(self, "dampings", tuple(check_damping(d, "TuneConfig.dampings") for d in self.dampings))
-        known = ("uniform", LearnMethod.SNR.value, LearnMethod.SSL.value)
-        bad = [m for m in self.methods if m not in known]
-        if bad or not self.methods or not self.dampings:
-            raise ConfigError(f"TuneConfig.methods: expected some of {', '.join(known)} (and some dampings), "
+        if not self.methods or not self.dampings or not set(self.methods) <= set(TUNE_METHODS):
+            raise ConfigError(f"TuneConfig.methods: expected some of {', '.join(TUNE_METHODS)} (and some dampings), "
                               f"got {list(self.methods)}")
         object.__setattr__(self, "methods", tuple(self.methods))
         require_positive(self.replicates, "TuneConfig.replicates")
