@@ -24,6 +24,11 @@ from gradindex.errors import ConfigError
 DEFAULT_DAMPING = 0.1
 #: ``damping="auto"``: chosen per group from the stored features (gradindex.weights.damping)
 AUTO_DAMPING = "auto"
+#: the label-free dampings a name may ask for (resolved by gradindex.weights.damping.resolve_damping):
+#: ``auto`` (cross-validated likelihood), ``mp`` (each group's Marchenko–Pastur noise edge), ``pinv``
+#: (λ = 0: the pseudo-inverse of the bare Gram), ``schedule`` (SOURCE-style λ ≈ 1/Σ_t η_t from the task's
+#: :meth:`~gradindex.task.Task.learning_rates`)
+NAMED_DAMPINGS = (AUTO_DAMPING, "mp", "pinv", "schedule")
 
 
 class ProjectionKind(enum.Enum):
@@ -129,10 +134,10 @@ def parse_enum(enum_type: type[enum.Enum], value: Any, field_name: str) -> enum.
 
 
 def parse_damping(value: Any, field_name: str) -> float | str | dict[str, float]:
-    """A relative Gram damping: a number :func:`check_damping` accepts, ``"auto"`` (chosen from the
-    stored features, :mod:`gradindex.weights.damping`) or a resolved ``{group: number}`` mapping."""
-    if isinstance(value, str) and value.strip().lower() == AUTO_DAMPING:
-        return AUTO_DAMPING
+    """A relative Gram damping: a number :func:`check_damping` accepts, one of :data:`NAMED_DAMPINGS`
+    (chosen without labels, :mod:`gradindex.weights.damping`) or a resolved ``{group: number}`` mapping."""
+    if isinstance(value, str) and value.strip().lower() in NAMED_DAMPINGS:
+        return value.strip().lower()
     if isinstance(value, dict):
         return {str(g): check_damping(v, f"{field_name}[{g!r}]") for g, v in value.items()}
     return check_damping(value, field_name)
@@ -426,19 +431,69 @@ class LDSConfig(_Config):
     fixes the task's training seed for every model; ``None`` gives model ``j``
     its own seed derived from ``(seed, j)`` (initialisation and batch-order noise
     included, as in TRAK's evaluation).
+
+    ``runs_per_subset`` ``R`` trains each subset ``R`` times with different training
+    seeds and averages the measurements (the de-noised ground truth of TRAK and
+    dattri); run 0 is the model a single-run evaluation trains, so raising ``R``
+    keeps every model already trained.
     """
 
     num_models: int = 64
     fraction: float = 0.5
     seed: int = 0
     training_seed: int | None = None
+    runs_per_subset: int = 1
 
     def __post_init__(self) -> None:
         require_positive(self.num_models, "LDSConfig.num_models", maximum=MAX_MODELS)
+        require_positive(self.runs_per_subset, "LDSConfig.runs_per_subset", maximum=MAX_MODELS)
+        if self.runs_per_subset > 1 and self.training_seed is not None:
+            raise ConfigError("LDSConfig.runs_per_subset: several runs per subset need a training seed per run; "
+                              "drop training_seed (--training-seed)")
         object.__setattr__(self, "fraction", require_number(self.fraction, "LDSConfig.fraction", above=0, below=1))
         _require_seed(self.seed, "LDSConfig.seed")
         if self.training_seed is not None:
             _require_seed(self.training_seed, "LDSConfig.training_seed")
+
+
+#: ``gradindex tune``'s damping grid (relative, as everywhere): 0 is the pseudo-inverse of the bare Gram
+TUNE_DAMPINGS = (0.0, 1e-4, 1e-3, 1e-2, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+#: weightings ``tune`` scores: uniform weights and the label-free learned objectives
+TUNE_METHODS = ("uniform", "snr", "ssl")
+
+
+@dataclass(frozen=True)
+class TuneConfig(_Config):
+    """``gradindex tune``: the retraining budget and the grid it scores (see :mod:`gradindex.eval.tune`).
+
+    ``budget`` trainings = ``budget // runs_per_subset`` masks × ``runs_per_subset`` runs (default 16 × 2);
+    the grid: every :class:`Preconditioner` (identity once, the others at each damping) × ``methods``."""
+
+    budget: int = 32
+    runs_per_subset: int = 2
+    dampings: tuple[float, ...] = TUNE_DAMPINGS
+    methods: tuple[str, ...] = TUNE_METHODS
+    replicates: int = 200
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require_positive(self.runs_per_subset, "TuneConfig.runs_per_subset", maximum=MAX_MODELS)
+        require_positive(self.budget, "TuneConfig.budget", maximum=MAX_MODELS)
+        if self.budget // self.runs_per_subset < 4:
+            raise ConfigError(f"TuneConfig.budget: expected at least 4 subsets x {self.runs_per_subset} runs = "
+                              f"{4 * self.runs_per_subset} trainings (a Spearman over fewer models says nothing), "
+                              f"got {self.budget}")
+        object.__setattr__(self, "dampings", tuple(check_damping(d, "TuneConfig.dampings") for d in self.dampings))
+        if not self.methods or not self.dampings or not set(self.methods) <= set(TUNE_METHODS):
+            raise ConfigError(f"TuneConfig.methods: expected some of {', '.join(TUNE_METHODS)} (and some dampings), "
+                              f"got {list(self.methods)}")
+        object.__setattr__(self, "methods", tuple(self.methods))
+        require_positive(self.replicates, "TuneConfig.replicates")
+        _require_seed(self.seed, "TuneConfig.seed")
+
+    @property
+    def num_models(self) -> int:
+        return self.budget // self.runs_per_subset
 
 
 class QuerySplit(enum.Enum):

@@ -89,6 +89,11 @@ class Task:
         demo and by retraining-based evaluation (LDS)."""
         raise NotImplementedError(f"{type(self).__name__} defines no training routine (train(path, indices, seed))")
 
+    def learning_rates(self) -> Sequence[float] | None:
+        """The learning rate of every optimizer step of the default training run (``--damping schedule``
+        uses ``1 / Σ_t η_t``), or ``None`` (the default) when the task does not say."""
+        return None
+
     def parameter_groups(self, model: nn.Module) -> Sequence[GroupRule]:
         """Group rules applied before the user's; default: one group per module."""
         return ()

@@ -39,7 +39,7 @@ TASK = f"{HERE / 'tiny_task.py'}:TinyTask"
 
 
 #: commands that run the store's task: these tests' stores are their own (a file task), so they consent
-TRUSTING = ("query", "learn-weights", "eval", "serve")
+TRUSTING = ("query", "learn-weights", "eval", "serve", "tune")
 
 
 def run(*args, quiet: bool = True):
@@ -372,6 +372,11 @@ def test_eval_lds_without_a_training_routine_refuses_up_front(bare_store, built)
     root, _ = built
     one_line_error(run("eval", "lds", bare_store, "--inputs", root / "queries.npz", "--models", 2),
                    "defines no train", "retrain")
+    assert not (bare_store / "lds").exists()
+
+
+def test_tune_without_a_training_routine_refuses_up_front(bare_store):
+    one_line_error(run("tune", bare_store, "--budget", 8), "defines no train", "tune")
     assert not (bare_store / "lds").exists()
 
 

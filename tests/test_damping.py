@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from scipy.stats import multivariate_normal
 from sklearn.covariance import ledoit_wolf, oas
 
+from gradindex.errors import ConfigError
 from gradindex.cli import main
 from gradindex.config import DampingCriterion, IndexConfig, LearnConfig, Preconditioner
 from gradindex.weights.damping import (
@@ -144,3 +145,60 @@ def test_cli_rejects_a_bad_damping(toy_store):
     assert result.exit_code == 2 and "auto" in result.output
     result = CliRunner().invoke(main, ["build-index", str(toy_store.path), "--damping", "-1"])
     assert result.exit_code == 2 and ">= 0" in result.output
+
+
+# -- the label-free dampings of issue 21: mp, pinv, schedule ------------------------------------------------------
+def test_mp_quantile_matches_sampled_spectra():
+    from gradindex.weights.damping import mp_quantile
+
+    rng = np.random.default_rng(0)
+    for rows, k in ((4000, 400), (2000, 1000)):
+        x = rng.normal(size=(rows, k))
+        eigenvalues = np.linalg.eigvalsh(x.T @ x / rows)
+        assert mp_quantile(k / rows) == pytest.approx(np.median(eigenvalues), rel=0.02)
+
+
+def test_mp_damping_sits_at_the_noise_edge_of_a_spiked_spectrum():
+    """Pure noise of variance 4 plus three strong spikes: the edge is 4·(1 + √(k/n))², found from the
+    median although the spikes inflate the mean eigenvalue."""
+    from gradindex.weights.damping import mp_damping
+
+    rng = np.random.default_rng(1)
+    rows, k = 3000, 300
+    x = 2.0 * rng.normal(size=(rows, k))
+    x[:, :3] += rng.normal(size=(rows, 3)) * 30.0
+    eigenvalues = np.linalg.eigvalsh(x.T @ x / rows)
+    relative = mp_damping(eigenvalues, rows)
+    edge = 4.0 * (1 + np.sqrt(k / rows)) ** 2
+    assert relative * eigenvalues.mean() == pytest.approx(edge, rel=0.05)
+    assert (eigenvalues > relative * eigenvalues.mean()).sum() == 3  # only the spikes stand above it
+    # wider than the sample: the n non-zero eigenvalues carry the law of ratio n/k
+    wide = 2.0 * rng.normal(size=(200, 500))
+    eigenvalues = np.linalg.eigvalsh(wide.T @ wide / 200)
+    assert mp_damping(eigenvalues, 200) * eigenvalues.mean() == pytest.approx(4.0 * (1 + np.sqrt(2.5)) ** 2, rel=0.1)
+
+
+def test_zero_damping_is_the_pseudo_inverse():
+    from gradindex.features.precondition import inverse
+
+    rng = np.random.default_rng(2)
+    basis = rng.normal(size=(6, 3))
+    gram = basis @ basis.T  # rank 3
+    inv, lam = inverse(gram, 0.0)
+    assert lam == 0.0
+    np.testing.assert_allclose(inv, np.linalg.pinv(gram), atol=1e-8)
+    np.testing.assert_allclose(gram @ inv @ gram, gram, atol=1e-8)
+
+
+def test_named_dampings_resolve_per_group(toy_store):
+    from gradindex.config import parse_damping
+    from gradindex.weights.damping import resolve_damping, schedule_damping
+
+    assert resolve_damping(toy_store, "pinv") == 0.0
+    mp = resolve_damping(toy_store, parse_damping(" MP ", "damping"))
+    assert set(mp) == set(toy_store.groups) and all(v > 0 for v in mp.values())
+    assert resolve_damping(toy_store, "mp", Preconditioner.IDENTITY) == "mp"
+    with pytest.raises(ConfigError, match="learning rates"):
+        resolve_damping(toy_store, "schedule")  # the toy task does not say its schedule
+    gram = np.diag([1.0, 3.0])  # mean eigenvalue 2: λ = 1/Σ η = 0.1 is relative damping 0.05
+    assert schedule_damping(gram, 10.0) == pytest.approx(0.05)

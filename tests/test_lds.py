@@ -149,4 +149,39 @@ def test_eval_lds_cli_reports_every_attribution(toy_store, tmp_path):
     best_informative = max(lds[("group body.0", "identity")], lds[("group heads.0", "identity")])
     assert best_informative > lds[("uniform", "identity")] + 0.1
     table = runner.invoke(main, [a for a in args if a != "--json"])
-    assert table.exit_code == 0 and "uniform" in table.output and "sem" in table.output
+    assert table.exit_code == 0 and "uniform" in table.output and " se " in table.output and "ceiling: unknown" in table.output
+
+
+def test_runs_per_subset_average_seeds_and_keep_single_run_caches(tmp_path):
+    task = load_task(toy_spec("ToyTask"))
+    cache = tmp_path / "lds"
+    single = retrain(task, cache, LDSConfig(num_models=2), workers=1, show_progress=False)
+    stamps = [os.stat(f).st_mtime_ns for f in _model_files(cache)]
+    double = retrain(task, cache, LDSConfig(num_models=2, runs_per_subset=2), workers=1, show_progress=False)
+    files = _model_files(cache)
+    assert [f.parent.name for f in files] == ["model-00000", "model-00000-run1", "model-00001", "model-00001-run1"]
+    assert [os.stat(f).st_mtime_ns for f in (files[0], files[2])] == stamps  # run 0 is the R = 1 model
+    runs = double.runs["all"]
+    assert runs.shape == (2, 2, 48) and double.runs_per_subset == 2
+    np.testing.assert_array_equal(runs[0], single.measurements["all"])
+    assert not np.allclose(runs[0], runs[1])  # another training seed
+    np.testing.assert_allclose(double.measurements["all"], runs.mean(0))
+    np.testing.assert_array_equal(double.masks, single.masks)  # the same subsets
+    part = double.queries([3, 5])
+    np.testing.assert_array_equal(part.runs["all"], runs[:, :, [3, 5]])
+    assert single.ceiling() is None and double.ceiling() is not None
+    with pytest.raises(ConfigError, match="training seed per run"):
+        LDSConfig(runs_per_subset=2, training_seed=3)
+
+
+def test_eval_lds_cli_reports_bootstrap_errors_and_the_ceiling(toy_store, tmp_path):
+    args = ["-q", "eval", "lds", str(toy_store.path), "--cache", str(tmp_path / "cache"), "--models", "6",
+            "--runs-per-subset", "2", "--workers", "1", "--bootstrap", "50", "--trust-task"]
+    result = CliRunner().invoke(main, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    ceilings = {row["ceiling"] for row in rows}
+    assert len(ceilings) == 1 and 0 < ceilings.pop() <= 1
+    assert all(row["se"] > 0 for row in rows)
+    table = CliRunner().invoke(main, args)
+    assert table.exit_code == 0 and "ceiling 0." in table.output and "6 subsets x 2 run(s)" in table.output

@@ -19,9 +19,10 @@ and each seed (projection seed = weight-learning seed):
 5. diagnostics: uniform Gram LDS over a damping sweep, and each label-free damping criterion.
 
 Every cell's per-query LDS is cached in ``OUT/<task>/seed<s>/cells.json`` (keyed by its settings), so a
-rerun computes only what is missing. Prints markdown tables — mean ± std over seeds; paired per-query
-differences *default − baseline* with their standard error over queries (each query's difference
-averaged over seeds) — and writes ``OUT/results.json``.
+rerun computes only what is missing. Prints markdown tables — the seed mean ± its standard error from a
+two-way bootstrap over the retrained models and the eval queries (gradindex.eval.reliability; the same
+resampled models and queries for every seed and cell, so differences are paired), the ceiling of the
+ground truth when ``--runs`` ≥ 2 — and writes ``OUT/results.json``.
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lds_workbench import Workbench, best_oracle, mean_std, open_or_featurize, paired  # noqa: E402
+from lds_workbench import Workbench, best_oracle, open_or_featurize  # noqa: E402
 
 from gradindex.config import (  # noqa: E402
     AUTO_DAMPING, DampingCriterion, ExampleNorm, IndexConfig, LDSConfig, LearnConfig, Preconditioner,
 )
 from gradindex.weights.damping import FoldStatistics, choose_damping, resolve_damping  # noqa: E402
 from gradindex.eval.lds import retrain  # noqa: E402
+from gradindex.eval.reliability import REPLICATES, bootstrap_lds  # noqa: E402
 from gradindex.weights.learn import (  # noqa: E402
     example_normed, learn_from_features, query_sample, reference_sample, score_matrices, snr, ssl_loss,
 )
@@ -59,7 +61,7 @@ SETTINGS = {"grad-dot": (Preconditioner.IDENTITY, 0.0), "gram 0.1": (Preconditio
 LEARNED = {"snr": {"method": "snr"}, "ssl": {"method": "ssl"},
            "ssl+guards": {"method": "ssl", "example_norm": "standardize", "group_norm": "rms"}}
 METHODS = ("uniform", *LEARNED, "oracle")
-SWEEP = (1e-3, 1e-2, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+SWEEP = (0.0, 1e-4, 1e-3, 1e-2, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 #: tasks without LDS in the suite (no retrainable measurement worth the time on 2 cores; the diffusion
 #: tasks' quality is concept precision, tools/bench_concepts.py)
 SKIP = {"diffusion", "diffusion-text", "diffusion-text-lora", "digits-mlp"}
@@ -219,7 +221,24 @@ def run_seed(name: str, task, seed: int, retrained, queries, fit, evaluation, ar
         return {"criteria": rows}
 
     out["criteria"] = cells.get("criteria", {"criteria": [c.value for c in DampingCriterion]}, criteria_cell)["criteria"]
+    out["_predictions"] = cell_predictions(bench, out, evaluation, auto)
     return out
+
+
+def cell_predictions(bench: Workbench, out: dict, evaluation: np.ndarray, auto) -> dict[str, np.ndarray]:
+    """``{cell: ŷ [M, Q_eval]}`` of every table cell (from its recorded weights and damping), for the bootstrap."""
+    predictions = {}
+    for setting, (preconditioner, damping) in SETTINGS.items():
+        resolved = auto if damping == AUTO_DAMPING else damping
+        for method in METHODS:
+            cell = out[f"{method}|{setting}"]
+            weights = cell.get("weights") or {g: 1.0 for g in bench.groups}
+            predictions[f"{method}|{setting}"] = bench.combined(preconditioner, cell.get("damping", resolved),
+                                                                weights)[:, evaluation]
+    default = out["default"]
+    predictions["default"] = bench.combined(IndexConfig().preconditioner, default["damping"],
+                                            default["weights"])[:, evaluation]
+    return predictions
 
 
 def run_task(name: str, args) -> list[dict]:
@@ -227,15 +246,16 @@ def run_task(name: str, args) -> list[dict]:
     task.load_model(None)  # the default checkpoint (trained on first use, cached under $GRADINDEX_HOME)
     models = args.models or (32 if name in LANGUAGE_MODELS else 64)
     started = time.perf_counter()
-    retrained = retrain(task, args.out / label(name) / "lds", LDSConfig(num_models=models), workers=args.workers,
-                        show_progress=False)
+    retrained = retrain(task, args.out / label(name) / "lds", LDSConfig(num_models=models, runs_per_subset=args.runs),
+                        workers=args.workers, show_progress=False)
     queries = task.query_dataset()
     fit, evaluation = query_split(task, len(queries))
     runs = []
     for seed in args.seeds:
         run = run_seed(name, task, seed, retrained, queries, fit, evaluation, args)
-        run.update(models=models, num_fit=len(fit), num_eval=len(evaluation),
-                   seconds=round(time.perf_counter() - started, 1))
+        run.update(models=models, runs_per_subset=args.runs, num_fit=len(fit), num_eval=len(evaluation),
+                   seconds=round(time.perf_counter() - started, 1), ceiling=retrained.queries(evaluation).ceiling(),
+                   _measured=retrained.measurements["all"][:, evaluation])
         runs.append(run)
         print(f"{label(name)} seed {seed}: " + ", ".join(
             f"{cell} {np.mean(run[cell]['eval']):.3f}" for cell in
@@ -249,39 +269,59 @@ def _mean(run: dict, cell: str) -> float:
     return float(np.mean(run[cell]["eval"]))
 
 
-def _pooled(runs: list[dict], a: str, b: str) -> tuple[float, float, float]:
-    """Paired ``a − b``: mean, SE over queries (each query's difference averaged over seeds), std over seeds."""
-    per_query = np.mean([np.asarray(r[a]["eval"]) - np.asarray(r[b]["eval"]) for r in runs], axis=0)
-    mean, se = paired(per_query, np.zeros_like(per_query))
-    return mean, se, float(np.std([_mean(r, a) - _mean(r, b) for r in runs]))
+def seed_bootstrap(runs: list[dict], replicates: int = REPLICATES) -> dict[str, np.ndarray]:
+    """``{cell: [replicates]}``: the seed-mean eval LDS of every cell in each two-way bootstrap replicate
+    (the same resampled models and queries for every seed and cell, as the seeds share the models)."""
+    cells = list(runs[0]["_predictions"])
+    per_seed = [bootstrap_lds([r["_predictions"][c] for c in cells], r["_measured"], replicates, seed=0) for r in runs]
+    mean = np.mean(per_seed, axis=0)
+    return {c: mean[:, e] for e, c in enumerate(cells)}
+
+
+def _se(boot: dict[str, np.ndarray], a: str, b: str | None = None) -> float:
+    """Bootstrap SE of the seed-mean LDS of cell ``a`` (or of ``a − b``, paired)."""
+    return float((boot[a] - (boot[b] if b else 0)).std(ddof=1))
+
+
+def _pooled(runs: list[dict], a: str, b: str, boot: dict[str, np.ndarray]) -> tuple[float, float, float]:
+    """Paired ``a − b``: seed-mean difference, its bootstrap SE over models and queries, std over seeds."""
+    diffs = [_mean(r, a) - _mean(r, b) for r in runs]
+    return float(np.mean(diffs)), _se(boot, a, b), float(np.std(diffs))
 
 
 def tables(results: dict[str, list[dict]]) -> str:
-    lines = ["LDS on the eval queries, mean ± std over seeds:", "",
-             "| task | groups | setting | " + " | ".join(METHODS[:-1]) + " | oracle (head-room) |",
-             "|---|---|---|" + "---|" * len(METHODS)]
+    boots = {name: seed_bootstrap(runs) for name, runs in results.items()}
+    lines = ["LDS on the eval queries, seed mean ± SE (bootstrap over retrained models and eval queries, "
+             f"{REPLICATES} replicates); ceiling: split-half reliability of the run-averaged ground truth "
+             "(docs/tune.md):", "",
+             "| task | groups | models × runs | ceiling | setting | " + " | ".join(METHODS[:-1])
+             + " | oracle (head-room) |", "|---|---|---|---|---|" + "---|" * len(METHODS)]
     for name, runs in results.items():
+        ceiling = runs[0].get("ceiling")
         for setting in SETTINGS:
-            cells = [mean_std([_mean(r, f"{m}|{setting}") for r in runs]) for m in METHODS]
-            lines.append(f"| {name} | {len(runs[0]['groups'])} | {setting} | " + " | ".join(cells) + " |")
+            cells = [f"{np.mean([_mean(r, f'{m}|{setting}') for r in runs]):.3f} ± {_se(boots[name], f'{m}|{setting}'):.3f}"
+                     for m in METHODS]
+            lines.append(f"| {name} | {len(runs[0]['groups'])} | {runs[0]['models']} × {runs[0].get('runs_per_subset', 1)} "
+                         f"| {'—' if not ceiling else f'{ceiling[1]:.3f}'} | {setting} | " + " | ".join(cells) + " |")
     lines += ["", "The default configuration (`learn-weights` then `build-index`, no flags) against the baselines: "
-              "paired per-query differences, mean ± SE over queries (std over seeds):", "",
+              "paired differences, seed mean ± bootstrap SE over models and queries (std over seeds):", "",
               "| task | default | uniform grad-dot | uniform Gram 0.1 | default − grad-dot | default − Gram 0.1 "
               "| ≥ better baseline? |", "|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
-        diffs = [_pooled(runs, "default", base) for base in ("uniform|grad-dot", "uniform|gram 0.1")]
+        diffs = [_pooled(runs, "default", base, boots[name]) for base in ("uniform|grad-dot", "uniform|gram 0.1")]
         better = max(("uniform|grad-dot", "uniform|gram 0.1"), key=lambda c: np.mean([_mean(r, c) for r in runs]))
         worst = diffs[0] if better == "uniform|grad-dot" else diffs[1]
         verdict = "yes" if worst[0] >= 0 else ("within 2 SE" if worst[0] > -2 * worst[1] else "no")
-        cells = [mean_std([_mean(r, c) for r in runs]) for c in ("default", "uniform|grad-dot", "uniform|gram 0.1")]
+        cells = [f"{np.mean([_mean(r, c) for r in runs]):.3f} ± {_se(boots[name], c):.3f}"
+                 for c in ("default", "uniform|grad-dot", "uniform|gram 0.1")]
         cells += [f"{m:+.4f} ± {se:.4f} ({sd:.4f})" for m, se, sd in diffs]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {verdict} |")
-    lines += ["", "Learned − uniform, same setting (paired over queries, mean ± SE; std over seeds):", "",
+    lines += ["", "Learned − uniform, same setting (paired, seed mean ± bootstrap SE; std over seeds):", "",
               "| task | setting | " + " | ".join(f"{m} − uniform" for m in METHODS[1:]) + " |",
               "|---|---|" + "---|" * (len(METHODS) - 1)]
     for name, runs in results.items():
         for setting in SETTINGS:
-            cells = [_pooled(runs, f"{m}|{setting}", f"uniform|{setting}") for m in METHODS[1:]]
+            cells = [_pooled(runs, f"{m}|{setting}", f"uniform|{setting}", boots[name]) for m in METHODS[1:]]
             lines.append(f"| {name} | {setting} | " + " | ".join(f"{m:+.4f} ± {se:.4f} ({sd:.4f})"
                                                                   for m, se, sd in cells) + " |")
     objectives = ("snr standardized", "snr", "ssl")
@@ -313,6 +353,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=None, help="built-in task names (default: all with LDS)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--models", type=int, default=0, help="retrained models M (0: 32 for LMs, 64 otherwise)")
+    parser.add_argument("--runs", type=int, default=1, help="training runs per subset R (averaged; R >= 2: ceiling)")
     parser.add_argument("--workers", type=int, default=1, help="retraining processes")
     parser.add_argument("--proj-dim", type=int, default=256, help="per module block (the featurize default)")
     parser.add_argument("--learn-option", action="append", default=[], metavar="METHOD:KEY=VALUE",
@@ -338,7 +379,9 @@ def main() -> None:
           f"total {time.perf_counter() - started:.0f}s")
     path = args.results or args.out / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cell_safe({"args": {k: str(v) for k, v in vars(args).items()}, "results": results})))
+    kept = {name: [{k: v for k, v in run.items() if not k.startswith("_")} for run in runs]
+            for name, runs in results.items()}  # predictions and measurements stay out of the JSON
+    path.write_text(json.dumps(cell_safe({"args": {k: str(v) for k, v in vars(args).items()}, "results": kept})))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,12 @@ def eval_group() -> None:
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder of retrained models and measurements (default: STORE/lds); reruns reuse it.")
 @click.option("--models", "num_models", type=int, default=LDS_DEFAULTS.num_models, show_default=True,
-              help="Retrained models M.")
+              help="Subset masks M (each trained --runs-per-subset times).")
+@click.option("--runs-per-subset", "runs", type=int, default=LDS_DEFAULTS.runs_per_subset, show_default=True,
+              help="Training runs R per subset (training seeds); their measurements are averaged, and with R >= 2 "
+                   "the ceiling this ground truth allows is printed beside the LDS.")
+@click.option("--bootstrap", "replicates", type=click.IntRange(min=0), default=200, show_default=True,
+              help="Bootstrap replicates over models and queries for the SE column (0 or 1: none).")
 @click.option("--fraction", type=float, default=LDS_DEFAULTS.fraction, show_default=True, help="Subset fraction alpha.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subsets (and training seeds).")
 @click.option("--training-seed", type=int, default=None,
@@ -53,7 +58,7 @@ def eval_group() -> None:
 @device_option
 @apply_options(trust_options)
 @click.pass_context
-def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, workers, inputs, split, concept,
+def eval_lds(ctx, store_path, cache, num_models, runs, replicates, fraction, seed, training_seed, workers, inputs, split, concept,
              damping, as_json, device, trust_task, task_spec) -> None:
     """LDS of STORE's attributions (uniform, each group alone, learned) against retrained models."""
     from gradindex.config import MAX_WORKERS, parse_damping, require_positive
@@ -63,7 +68,8 @@ def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, 
     from gradindex.store.feature_store import FeatureStore
     from gradindex.task import require_training_routine
 
-    config = LDSConfig(num_models=num_models, fraction=fraction, seed=seed, training_seed=training_seed)
+    config = LDSConfig(num_models=num_models, fraction=fraction, seed=seed, training_seed=training_seed,
+                       runs_per_subset=runs)
     damping = parse_damping(damping, "--damping")
     require_positive(workers, "--workers", maximum=MAX_WORKERS)
     resolve_device(device, "--device")
@@ -76,13 +82,28 @@ def eval_lds(ctx, store_path, cache, num_models, fraction, seed, training_seed, 
                         show_progress=progress_enabled(ctx), queries=measured)
     if positions is not None:  # the cache measures every default query; keep the split's
         retrained = retrained.queries(positions)
-    rows = lds_report(store, retrained, queries, concept=concept, damping=damping, device=device)
+    rows = lds_report(store, retrained, queries, concept=concept, damping=damping, device=device,
+                      replicates=replicates)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    echo_table([{**row, "damping": "" if row["damping"] is None else row["damping"]} for row in rows])
-    click.echo(f"LDS over {where} and {num_models} models trained on {fraction:g} of the data "
-               f"(concept {concept!r}); sem = standard error over queries")
+    echo_table([_table_row(row) for row in rows])
+    ceiling = retrained.ceiling(concept)
+    click.echo(f"LDS over {where} and {num_models} subsets x {runs} run(s) trained on {fraction:g} of the data "
+               f"(concept {concept!r}); se = bootstrap over models and queries ({replicates} replicates), "
+               "sem_q = over queries alone")
+    click.echo(f"ceiling {ceiling[1]:.3f} (split-half reliability of the {runs}-run average "
+               f"{ceiling[0]:.3f}, Spearman-Brown corrected; no estimator is expected above it)" if ceiling else
+               "ceiling: unknown with one run per subset (--runs-per-subset 2 or more measures it)")
+
+
+def _table_row(row: dict) -> dict:
+    out = {"attribution": row["attribution"], "preconditioner": row["preconditioner"],
+           "damping": "" if row["damping"] is None else row["damping"], "lds": row["lds"], "se": row["se"],
+           "sem_q": row["sem_queries"], "- uniform (paired)": ""}
+    if "minus_uniform" in row:
+        out["- uniform (paired)"] = f"{row['minus_uniform']:+.4f} ± {row['minus_uniform_se']:.4f}"
+    return out
 
 
 @eval_group.command("recall")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 
 import click
 
@@ -16,6 +17,7 @@ from gradindex.cli.options import (
     search_config,
     search_options,
     trust_options,
+    tuned_default,
 )
 
 
@@ -76,15 +78,23 @@ def build_index_command(ctx, store_path, concept, kind, preconditioner, damping,
 
     if shared and concept != "all":
         raise ConfigError("--shared builds one index for every concept; drop --concept")
-    concept = SHARED if shared else concept
-    config = IndexConfig(concept=concept, kind=kind, preconditioner=preconditioner, damping=damping, device=device,
-                         balance=balance, nlist=nlist, bands=bands, pq_bytes=pq_bytes, hnsw_m=hnsw_m,
-                         ef_construction=ef_construction, train_size=train_size, seed=index_seed,
+    config = IndexConfig(concept=SHARED if shared else concept, kind=kind, preconditioner=preconditioner,
+                         damping=damping, device=device, balance=balance, nlist=nlist, bands=bands, pq_bytes=pq_bytes,
+                         hnsw_m=hnsw_m, ef_construction=ef_construction, train_size=train_size, seed=index_seed,
                          shards_per_part=shards_per_part, keep_vectors=keep_vectors)
     if sum([update, train_only, shards is not None]) > 1:
         raise ConfigError("--update, --train-only and --shards exclude each other")
     store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
-    index = build_index(store, config, weights=GroupWeights.uniform(SHARED, store.groups) if shared else None,
+    weights = GroupWeights.uniform(SHARED, store.groups) if shared else None
+    preconditioner, damping, tuned = tuned_default(ctx, store.manifest, config.concept, preconditioner, damping)
+    if tuned is not None:  # the store's default setting, chosen by `gradindex tune`
+        config = dataclasses.replace(config, preconditioner=preconditioner, damping=damping)
+        click.echo(f"{store.path}: the setting `gradindex tune` chose: {preconditioner}"
+                   + ("" if tuned.get("damping") is None else f", damping {damping:g}")
+                   + f", {tuned['method']} weights (--preconditioner/--damping override it)", err=True)
+        if tuned["method"] == "uniform":
+            weights = GroupWeights.uniform(concept, store.groups)
+    index = build_index(store, config, weights=weights,
                         show_progress=progress_enabled(ctx), shards=parse_shards(shards), update=update,
                         train_only=train_only, search=search_config(nprobe, ef_search, rerank, no_prune),
                         target_recall=target_recall or None)

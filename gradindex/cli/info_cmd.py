@@ -94,6 +94,16 @@ def info(store_path, as_json) -> None:
                    if objective and {"num_queries", "reference_size"} <= set(learned) else "")
             setting = setting_text(learned) if "preconditioner" in learned else key
             click.echo(f"weights {concept!r}: {learned['method']} for {setting}{snr}; digest {learned['digest']}")
+    tuned = store.manifest.get("tuned")
+    if isinstance(tuned, dict) and "preconditioner" in tuned:
+        damping = "" if tuned.get("damping") is None else f", damping {tuned['damping']:g}"
+        ceiling = f", ceiling {tuned['ceiling']:.3f}" if tuned.get("ceiling") is not None else ""
+        click.echo(f"default setting (gradindex tune): {tuned['preconditioner']}{damping}, {tuned['method']} weights; "
+                   f"LDS {tuned['lds']:.4f} ± {tuned['se']:.4f} on {tuned['queries']} {tuned.get('split', 'fit')} "
+                   f"queries, {tuned['models']} subsets x {tuned['runs_per_subset']} runs{ceiling}")
+    else:
+        click.echo("default setting: label-free (gram, damping 0.1, learned weights where present); "
+                   "`gradindex tune` chooses one by LDS when the task can retrain")
     for concept, index in summary["indexes"].items():
         line = (f"index {concept!r}: {index['kind']}, {setting_text(index)}, {index['ntotal']} vectors in "
                 f"{index['parts']} part(s); built with weights {index['weights']}")

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from gradindex.config import AUTO_DAMPING, DEFAULT_DAMPING, LDSConfig, LearnConfig
+from gradindex.config import DEFAULT_DAMPING, LDSConfig, LearnConfig
 from gradindex.errors import ConfigError
 
 
@@ -95,32 +95,51 @@ device_option = click.option("--device", default="cpu", show_default=True, callb
 
 
 class DampingType(click.ParamType):
-    """A relative Gram damping on the command line: a number or ``auto``."""
+    """A relative Gram damping on the command line: a number or a name (``auto``, ``mp``, ``pinv``, ``schedule``)."""
 
-    name = "NUMBER|auto"
+    name = "NUMBER|auto|mp|pinv|schedule"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, (int, float)) or value == AUTO_DAMPING:
+        from gradindex.config import NAMED_DAMPINGS
+
+        if isinstance(value, (int, float)) or value in NAMED_DAMPINGS:
             return value
         text = str(value).strip().lower()
-        if text == AUTO_DAMPING:
-            return AUTO_DAMPING
+        if text in NAMED_DAMPINGS:
+            return text
         try:
             return float(text)
         except ValueError:
-            self.fail(f"expected a non-negative number or 'auto', got {value!r}", param, ctx)
+            self.fail(f"expected a non-negative number or one of {', '.join(NAMED_DAMPINGS)}, got {value!r}",
+                      param, ctx)
 
 
 DAMPING = DampingType()
-DAMPING_HELP = ("Gram damping, relative to each group's mean eigenvalue; 'auto' chooses it from the stored "
-                 "training features (cross-validated likelihood, no labels; recorded in the manifest per group, "
-                 "`info` shows it).")
+DAMPING_HELP = ("Gram damping, relative to each group's mean eigenvalue (0: pseudo-inverse); 'auto' chooses it "
+                 "from the stored training features (cross-validated likelihood, no labels; recorded in the "
+                 "manifest per group, `info` shows it); 'mp': each group's Marchenko-Pastur noise edge; 'pinv': "
+                 "0; 'schedule': 1/sum of the task's learning rates (Task.learning_rates).")
 
 preconditioner_options = [
     click.option("--preconditioner", type=click.Choice(["gram", "identity"]), default="gram", show_default=True,
                  help="Query-side preconditioner: per-group Gram inverse (TRAK-style) or none (grad-dot)."),
     click.option("--damping", type=DAMPING, default=DEFAULT_DAMPING, show_default=True, help=DAMPING_HELP),
 ]
+def tuned_default(ctx: click.Context, manifest: dict[str, Any], concept: str, preconditioner: str,
+                  damping: Any) -> tuple[str, Any, dict[str, Any] | None]:
+    """``(preconditioner, damping, tuned)``: the setting ``gradindex tune`` recorded for the store
+    (``manifest["tuned"]``, for concept ``all``) when neither ``--preconditioner`` nor ``--damping`` was
+    given on the command line, else the flags' values (``tuned`` ``None``)."""
+    from click.core import ParameterSource
+
+    tuned = manifest.get("tuned")
+    given = any(ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
+                for name in ("preconditioner", "damping"))
+    if given or concept != "all" or not isinstance(tuned, dict) or "preconditioner" not in tuned:
+        return preconditioner, damping, None
+    return tuned["preconditioner"], DEFAULT_DAMPING if tuned.get("damping") is None else tuned["damping"], tuned
+
+
 inputs_option = click.option("--inputs", type=click.Path(path_type=Path), default=None,
                              help="Query inputs file (the task's format; default: the task's own queries of --split).")
 split_option = click.option("--split", type=click.Choice(["fit", "eval", "all"]), default=None,
@@ -217,8 +236,12 @@ def search_config(nprobe, ef_search, rerank, no_prune):
 def setting_text(config: dict[str, Any]) -> str:
     """``gram (damping 0.1)`` or ``identity``: the damping only where it applies."""
     if config.get("preconditioner") == "gram":
-        auto = config.get("damping_requested") == "auto" or isinstance(config.get("damping"), dict)
-        return f"gram (damping {damping_text(config.get('damping')) if auto else config.get('damping')})"
+        requested = config.get("damping_requested")
+        auto = requested == "auto" or isinstance(config.get("damping"), dict)
+        text = damping_text(config.get("damping")) if auto else config.get("damping")
+        if auto and isinstance(requested, str) and requested != "auto":
+            text = str(text).replace("auto", requested, 1)  # mp / schedule: resolved per group like auto
+        return f"gram (damping {text})"
     return str(config.get("preconditioner"))
 
 

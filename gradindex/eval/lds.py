@@ -3,7 +3,8 @@
 In: a task with a training routine (:meth:`~gradindex.task.Task.train`), an
 :class:`~gradindex.config.LDSConfig`, query inputs, and attribution scores.
 Out: :class:`RetrainedModels` (subset masks ``[M, N]``, measurements
-``{concept: [M, Q]}``) and per-query Spearman correlations ``[Q]``.
+``{concept: [M, Q]}`` averaged over ``R`` training runs per subset, and the runs themselves
+``{concept: [R, M, Q]}``) and per-query Spearman correlations ``[Q]``.
 
 Model ``j`` trains on subset ``S_j``; for query ``q`` its measurement is
 ``y_j(q)`` and the attribution's prediction ``ŷ_j(q) = Σ_{i∈S_j} τ(q, x_i)``.
@@ -16,8 +17,13 @@ group or preconditioner is evaluated in milliseconds (:func:`group_predictions`)
 Cache layout (resumable: a rerun reuses every finished model and measurement)::
 
     CACHE/lds.json                               task spec, training-set size and ids hash, config
-    CACHE/models/model-00012/<checkpoint>        checkpoint trained on subset 12 (Task.train's format)
-    CACHE/measurements/<queries>/model-00012.npz {concept: [Q]} measurements of one query set
+    CACHE/models/model-00012/<checkpoint>        checkpoint trained on subset 12 (Task.train's format), run 0
+    CACHE/models/model-00012-run1/<checkpoint>   the same subset, training run 1 (another training seed)
+    CACHE/measurements/<queries>/model-00012.npz {concept: [Q]} measurements of one query set (run 0;
+                                                 model-00012-run1.npz for run 1, ...)
+
+Run 0 is what a single-run cache holds, so a cache written with ``R = 1`` stays valid and
+raising ``R`` (``runs_per_subset``) or ``M`` later trains only what is missing.
 
 A new query set re-measures the cached checkpoints without retraining. Models
 train in ``workers`` spawned processes (one torch thread each) with a progress bar.
@@ -68,6 +74,7 @@ from gradindex.task import (
     require_training_routine,
 )
 from gradindex.weights.group_weights import learned_weights
+from gradindex.eval.reliability import REPLICATES, bootstrap_lds, bootstrap_se, lds_ceiling, paired_se
 
 logger = logging.getLogger(__name__)
 
@@ -143,15 +150,21 @@ def weighted_predictions(predictions: Mapping[str, np.ndarray], weights: Mapping
 
 
 def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Sequence, concept: str = "all",
-               damping: float = DEFAULT_DAMPING, device: str = "cpu", show_progress: bool = False) -> list[dict[str, Any]]:
+               damping: float = DEFAULT_DAMPING, device: str = "cpu", show_progress: bool = False,
+               replicates: int = REPLICATES) -> list[dict[str, Any]]:
     """LDS of the standard attributions of ``store`` for ``queries`` (the ones ``retrained`` measured).
 
     Rows: uniform weights, each single group alone (the per-group diagnostic) and
     the concept's learned weights when the manifest has them (under the setting
-    they were learned for), for grad-dot and Gram preconditioning. Each row has
-    ``attribution``, ``preconditioner``, ``damping`` (``"auto"`` for a per-group one), ``lds`` (mean over queries)
-    and ``sem`` (its standard error). The learned row also has ``fit_overlap``: how many of ``queries`` the
-    weights were fitted on (logged as a warning when not 0: that row is then optimistic).
+    they were learned for; "learned (tuned)" for those ``gradindex tune`` chose, "uniform (tuned)" when it
+    chose uniform weights), for grad-dot and Gram preconditioning. Each row has
+    ``attribution``, ``preconditioner``, ``damping`` (``"auto"`` for a per-group one), ``lds`` (mean over
+    queries), ``se`` (its standard error: a bootstrap over retrained models and queries,
+    :mod:`gradindex.eval.reliability`), ``sem_queries`` (the standard error over queries alone, for comparison)
+    and ``ceiling`` (what the run-averaged ground truth allows; ``None`` with one run per subset). The learned
+    row also has ``minus_uniform`` ± ``minus_uniform_se`` (paired, against uniform weights of its setting)
+    and ``fit_overlap``: how many of ``queries`` the weights were fitted on (logged as a warning when not 0:
+    that row is then optimistic).
     """
     damping = parse_damping(damping, "damping")
     featurizer = QueryFeaturizer.open(store, concept, Preconditioner.IDENTITY, device=device)
@@ -163,15 +176,13 @@ def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Seque
     groups = store.groups
     learned_by_setting = learned_weights(store.manifest, concept, groups)
     settings = [(Preconditioner.IDENTITY, 0.0), (Preconditioner.GRAM, resolve_damping(store, damping))]
-    rows = []
+    rows, predictions_of, baselines = [], [], {}  # baselines: {learned row: uniform predictions of its setting}
 
     def add(name: str, predictions: np.ndarray, preconditioner: Preconditioner, setting_damping) -> None:
-        per_query = retrained.lds(predictions, concept)
         label = AUTO_DAMPING if isinstance(setting_damping, Mapping) else setting_damping
         rows.append({"attribution": name, "preconditioner": preconditioner.value,
-                     "damping": label if preconditioner is Preconditioner.GRAM else None,
-                     "lds": float(per_query.mean()), "sem": float(per_query.std(ddof=1) / np.sqrt(len(per_query)))
-                     if len(per_query) > 1 else 0.0})
+                     "damping": label if preconditioner is Preconditioner.GRAM else None})
+        predictions_of.append(predictions)
 
     for preconditioner, setting_damping in settings:
         predictions = group_predictions(precondition_features(store, raw, preconditioner, setting_damping), sums)
@@ -186,13 +197,43 @@ def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Seque
         if not isinstance(learned_damping, Mapping):
             learned_damping = float(learned_damping)
         predictions = group_predictions(precondition_features(store, raw, preconditioner, learned_damping), sums)
-        add("learned", weighted_predictions(predictions, learned.weights), preconditioner, learned_damping)
+        add("learned (tuned)" if learned.info.get("tuned") else "learned",
+            weighted_predictions(predictions, learned.weights), preconditioner, learned_damping)
+        baselines[len(rows) - 1] = weighted_predictions(predictions, {g: 1.0 for g in groups})
         overlap = learned.fit_overlap(digests)
         rows[-1]["fit_overlap"] = overlap
         if overlap:
             logger.warning("warning: %d of the %d evaluation queries were used to fit the learned weights of concept "
                            "%r; their LDS is optimistic (evaluate on other queries, e.g. the task's eval split)",
                            overlap, len(queries), concept)
+    tuned = store.manifest.get("tuned")
+    if concept == "all" and isinstance(tuned, Mapping) and tuned.get("method") == "uniform" \
+            and tuned.get("preconditioner") in (Preconditioner.IDENTITY.value, Preconditioner.GRAM.value):
+        preconditioner = Preconditioner(tuned["preconditioner"])  # the setting `gradindex tune` chose
+        tuned_damping = 0.0 if tuned.get("damping") is None else float(tuned["damping"])
+        predictions = group_predictions(precondition_features(store, raw, preconditioner, tuned_damping), sums)
+        add("uniform (tuned)", weighted_predictions(predictions, {g: 1.0 for g in groups}), preconditioner,
+            tuned_damping)
+    return _with_errors(rows, predictions_of, retrained, concept, baselines, replicates)
+
+
+def _with_errors(rows: list[dict[str, Any]], predictions: list[np.ndarray], retrained: "RetrainedModels",
+                 concept: str, baselines: Mapping[int, np.ndarray], replicates: int) -> list[dict[str, Any]]:
+    """Each row's LDS, bootstrap SE, SE over queries and the ceiling; learned rows' paired gain over
+    ``baselines[row]`` (uniform weights of the row's setting)."""
+    base_of = {row: len(predictions) + i for i, row in enumerate(baselines)}
+    everything = [*predictions, *baselines.values()]
+    boot = bootstrap_lds(everything, retrained.measurements[concept], replicates) if replicates > 1 else None
+    se = bootstrap_se(boot) if boot is not None else np.zeros(len(everything))
+    ceiling = retrained.ceiling(concept)
+    for e, row in enumerate(rows):
+        per_query = retrained.lds(predictions[e], concept)
+        row.update(lds=float(per_query.mean()), se=float(se[e]),
+                   sem_queries=float(per_query.std(ddof=1) / np.sqrt(len(per_query))) if len(per_query) > 1 else 0.0,
+                   ceiling=None if ceiling is None else ceiling[1])
+        if e in base_of:
+            row["minus_uniform"] = row["lds"] - float(retrained.lds(baselines[e], concept).mean())
+            row["minus_uniform_se"] = paired_se(boot, e, base_of[e]) if boot is not None else 0.0
     return rows
 
 
@@ -204,26 +245,47 @@ def subset_indices(num_train: int, fraction: float, seed: int, model: int) -> np
     return np.sort(rng.permutation(num_train)[:size])
 
 
-def training_seed(config: LDSConfig, model: int) -> int:
+def training_seed(config: LDSConfig, model: int, run: int = 0) -> int:
+    """The training seed of ``run`` of subset ``model`` (run 0: the seed a single-run evaluation uses)."""
     if config.training_seed is not None:
         return config.training_seed
-    return derive_seed(config.seed, "lds-train", str(model)) % (2**31)
+    if run == 0:
+        return derive_seed(config.seed, "lds-train", str(model)) % (2**31)
+    return derive_seed(config.seed, "lds-train", str(model), f"run{run}") % (2**31)
+
+
+def run_name(model: int, run: int = 0) -> str:
+    """The cache name of ``run`` of subset ``model``: ``model-00012`` (run 0), ``model-00012-run1``, ..."""
+    return f"model-{model:05d}" + (f"-run{run}" if run else "")
 
 
 @dataclass(frozen=True)
 class RetrainedModels:
     """What LDS needs from retraining: ``masks [M, N]`` (bool, the task's training order),
-    the training ``sample_ids [N]`` and ``measurements {concept: [M, Q]}``."""
+    the training ``sample_ids [N]``, ``measurements {concept: [M, Q]}`` (the mean over the runs)
+    and, when known, every run's ``runs {concept: [R, M, Q]}``."""
 
     masks: np.ndarray
     sample_ids: np.ndarray
     measurements: dict[str, np.ndarray]
+    runs: dict[str, np.ndarray] | None = None
+
+    @property
+    def runs_per_subset(self) -> int:
+        return 1 if self.runs is None else len(next(iter(self.runs.values())))
 
     def queries(self, positions: Sequence[int]) -> "RetrainedModels":
         """The same models with the measurements of the queries at ``positions`` only (``[M, len(positions)]``),
         e.g. the eval split of the task's default queries."""
         positions = np.asarray(positions, dtype=np.int64)
-        return RetrainedModels(self.masks, self.sample_ids, {c: m[:, positions] for c, m in self.measurements.items()})
+        runs = None if self.runs is None else {c: r[:, :, positions] for c, r in self.runs.items()}
+        return RetrainedModels(self.masks, self.sample_ids, {c: m[:, positions] for c, m in self.measurements.items()},
+                               runs)
+
+    def ceiling(self, concept: str = "all") -> tuple[float, float] | None:
+        """``(reliability, ceiling)`` of ``concept``'s run-averaged measurements
+        (:func:`gradindex.eval.reliability.lds_ceiling`); ``None`` with one run per subset."""
+        return lds_ceiling(None if self.runs is None else self.runs.get(concept))
 
     def lds(self, predictions: np.ndarray, concept: str = "all") -> np.ndarray:
         """Per-query LDS ``[Q]`` of predictions ``[M, Q]`` against ``concept``'s measurements."""
@@ -243,6 +305,7 @@ class _Job:
     task_options: dict[str, Any]
     cache: str
     model: int
+    run: int
     indices: np.ndarray
     seed: int
     queries_file: str | None
@@ -259,7 +322,8 @@ def retrain(
     show_progress: bool = True,
     queries: Sequence | None = None,
 ) -> RetrainedModels:
-    """Train (or reuse) ``config.num_models`` subset models and measure the queries on each.
+    """Train (or reuse) ``config.runs_per_subset`` models on each of ``config.num_models`` subsets and
+    measure the queries on each; the measurements are averaged over a subset's runs.
 
     Queries are the task's :meth:`~gradindex.task.Task.query_dataset`, or
     ``task.load_queries(queries_file)`` (``queries``: that dataset, already loaded).
@@ -268,34 +332,21 @@ def retrain(
     must be loadable by :func:`load_task`.
     """
     require_positive(workers, "workers", maximum=MAX_WORKERS)
-    require_training_routine(task, "LDS")
     cache = Path(cache)
-    dataset = task.train_dataset()
-    sample_ids = np.asarray(task.sample_ids(dataset), dtype=np.int64)
     if queries is None:
         queries = default_queries(task) if queries_file is None else task.load_queries(queries_file)
-    concepts = ("all", *task.concepts)
-    _open_cache(cache, task, config, sample_ids)
-    key = dataset_key(task, queries)
-    measured_dir = cache / MEASUREMENT_DIR / key
-    measured_dir.mkdir(parents=True, exist_ok=True)
-    spec = task.spec()
-    jobs = []
-    masks = np.zeros((config.num_models, len(sample_ids)), dtype=bool)
-    for j in range(config.num_models):
-        indices = subset_indices(len(sample_ids), config.fraction, config.seed, j)
-        masks[j, indices] = True
-        if not _measurement_path(cache, key, j).is_file():
-            jobs.append(_Job(spec["task"], spec.get("options", {}), str(cache), j, indices, training_seed(config, j),
-                             None if queries_file is None else str(queries_file), key, concepts))
+    plan = _Plan.of(task, cache, config, queries, queries_file)
+    sample_ids, masks, jobs, key, concepts = plan.sample_ids, plan.masks, plan.jobs, plan.key, plan.concepts
+    spec, runs = task.spec(), config.runs_per_subset
+    total = config.num_models * runs
     if jobs:
         parallel = 1 if workers == 1 or len(jobs) == 1 else min(workers, len(jobs))
-        logger.info("LDS: training %d of %d models (each on %d of %d training examples) and measuring %d queries "
-                    "on each, %d at a time; cached in %s, so a rerun reuses them. A model takes about as long as "
-                    "training the task once; the time estimate follows the first model.", len(jobs),
-                    config.num_models, round(config.fraction * len(sample_ids)), len(sample_ids), len(queries),
-                    parallel, cache)
-        bar = tqdm(total=config.num_models, initial=config.num_models - len(jobs), desc="retrain", unit="model",
+        logger.info("LDS: training %d of %d models (%d subsets x %d runs, each on %d of %d training examples) and "
+                    "measuring %d queries on each, %d at a time; cached in %s, so a rerun reuses them. A model takes "
+                    "about as long as training the task once; the time estimate follows the first model.",
+                    len(jobs), total, config.num_models, runs, round(config.fraction * len(sample_ids)),
+                    len(sample_ids), len(queries), parallel, cache)
+        bar = tqdm(total=total, initial=total - len(jobs), desc="retrain", unit="model",
                    disable=not show_progress)
         started = time.perf_counter()
 
@@ -308,17 +359,18 @@ def retrain(
 
         if parallel == 1:
             for done, job in enumerate(jobs, start=1):
-                _run_job(job, task)
+                _run_job(job, task, queries)
                 finished(done)
         else:
             _run_parallel(jobs, spec, workers, parallel, finished)
         bar.close()
-    measurements = {c: np.zeros((config.num_models, len(queries))) for c in concepts}
+    measured = {c: np.zeros((runs, config.num_models, len(queries))) for c in concepts}
     for j in range(config.num_models):
-        with np.load(_measurement_path(cache, key, j)) as data:
-            for c in concepts:
-                measurements[c][j] = data[c]
-    return RetrainedModels(masks, sample_ids, measurements)
+        for r in range(runs):
+            with np.load(_measurement_path(cache, key, j, r)) as data:
+                for c in concepts:
+                    measured[c][r, j] = data[c]
+    return RetrainedModels(masks, sample_ids, {c: m.mean(0) for c, m in measured.items()}, measured)
 
 
 def _run_parallel(jobs: list[_Job], spec: dict[str, Any], workers: int, parallel: int,
@@ -340,11 +392,56 @@ def _run_parallel(jobs: list[_Job], spec: dict[str, Any], workers: int, parallel
             finished(done)
 
 
-def _run_job(job: _Job, task: Task | None = None) -> int:
-    """Train model ``job.model`` unless its checkpoint exists, then measure the queries on it."""
+@dataclass(frozen=True)
+class _Plan:
+    """What :func:`retrain` has to do: the subsets' ``masks [M, N]`` and the trainings still missing."""
+
+    sample_ids: np.ndarray
+    masks: np.ndarray
+    jobs: list[_Job]
+    key: str
+    concepts: tuple[str, ...]
+
+    @classmethod
+    def of(cls, task: Task, cache: Path, config: LDSConfig, queries: Sequence,
+           queries_file: str | Path | None = None) -> "_Plan":
+        require_training_routine(task, "LDS")
+        sample_ids = np.asarray(task.sample_ids(task.train_dataset()), dtype=np.int64)
+        concepts = ("all", *task.concepts)
+        _open_cache(cache, task, config, sample_ids)
+        key = dataset_key(task, queries)
+        (cache / MEASUREMENT_DIR / key).mkdir(parents=True, exist_ok=True)
+        spec = task.spec()
+        jobs = []
+        masks = np.zeros((config.num_models, len(sample_ids)), dtype=bool)
+        for j in range(config.num_models):
+            indices = subset_indices(len(sample_ids), config.fraction, config.seed, j)
+            masks[j, indices] = True
+            for r in range(config.runs_per_subset):
+                if not _measurement_path(cache, key, j, r).is_file():
+                    jobs.append(_Job(spec["task"], spec.get("options", {}), str(cache), j, r, indices,
+                                     training_seed(config, j, r), None if queries_file is None else str(queries_file),
+                                     key, concepts))
+        return cls(sample_ids, masks, jobs, key, concepts)
+
+
+def time_one_training(task: Task, cache: str | Path, config: LDSConfig, queries: Sequence) -> tuple[int, float | None]:
+    """``(missing trainings, seconds one took)``: trains and measures the first missing model of
+    :func:`retrain`'s plan (part of the budget: ``retrain`` then skips it) to time it; ``(0, None)``
+    when everything is cached. The queries must be ``retrain``'s own (``queries_file`` unsupported)."""
+    jobs = _Plan.of(task, Path(cache), config, queries).jobs
+    if not jobs:
+        return 0, None
+    started = time.perf_counter()
+    _run_job(jobs[0], task, queries)
+    return len(jobs), time.perf_counter() - started
+
+
+def _run_job(job: _Job, task: Task | None = None, queries: Sequence | None = None) -> int:
+    """Train run ``job.run`` of subset ``job.model`` unless its checkpoint exists, then measure the queries on it."""
     task = task or load_task(job.task_spec, job.task_options)
     cache = Path(job.cache)
-    folder = cache / MODEL_DIR / f"model-{job.model:05d}"
+    folder = cache / MODEL_DIR / run_name(job.model, job.run)
     if not folder.is_dir():
         tmp = temporary_path(folder)
         tmp.mkdir(parents=True)
@@ -358,9 +455,10 @@ def _run_job(job: _Job, task: Task | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     checkpoint = _checkpoint_in(folder)
     model = task.load_model(checkpoint).eval()
-    queries = default_queries(task) if job.queries_file is None else task.load_queries(job.queries_file)
+    if queries is None:
+        queries = default_queries(task) if job.queries_file is None else task.load_queries(job.queries_file)
     values = {c: measure(task, model, queries, c) for c in job.concepts}
-    write_arrays(_measurement_path(cache, job.queries_key, job.model), values)
+    write_arrays(_measurement_path(cache, job.queries_key, job.model, job.run), values)
     return job.model
 
 
@@ -421,8 +519,8 @@ def _checkpoint_in(folder: Path) -> Path:
     return entries[0]
 
 
-def _measurement_path(cache: Path, key: str, model: int) -> Path:
-    return cache / MEASUREMENT_DIR / key / f"model-{model:05d}.npz"
+def _measurement_path(cache: Path, key: str, model: int, run: int = 0) -> Path:
+    return cache / MEASUREMENT_DIR / key / f"{run_name(model, run)}.npz"
 
 
 def _positions(sample_ids: np.ndarray) -> dict[int, int]:

@@ -72,9 +72,12 @@ def relative_lambda(gram: np.ndarray, damping: float) -> float:
 
 
 def inverse(gram: np.ndarray, damping: float) -> tuple[np.ndarray, float]:
-    """``((G + λI)⁻¹, λ)`` with ``λ`` from :func:`relative_lambda`; float64."""
+    """``((G + λI)⁻¹, λ)`` with ``λ`` from :func:`relative_lambda`; float64. ``damping`` 0: the
+    pseudo-inverse ``G⁺`` (eigenvalues below ``k · eps · max eigenvalue`` count as 0)."""
     k = gram.shape[0]
     lam = relative_lambda(gram, damping)
+    if lam == 0:
+        return np.linalg.pinv(gram, hermitian=True), 0.0
     regularized = gram + lam * np.eye(k)
     try:
         inv_factor = np.linalg.solve(np.linalg.cholesky(regularized), np.eye(k))

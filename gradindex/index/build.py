@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from gradindex.config import AUTO_DAMPING, Balance, IndexConfig, IndexKind, SearchConfig, check_index_dim, setting_key
+from gradindex.config import Balance, IndexConfig, IndexKind, SearchConfig, check_index_dim, setting_key
 from gradindex.weights.damping import resolve_damping
 from gradindex.errors import ConfigError, GradIndexError, StoreMismatchError
 from gradindex.index.kinds import (
@@ -461,7 +461,7 @@ def _commit_entry(store: FeatureStore, config: IndexConfig, weights: GroupWeight
             "search": (search or SearchConfig()).to_dict(),
             "parts": [p.to_dict() for p in parts],
             "ntotal": int(sum(p.ntotal for p in parts)),
-            **({"damping_requested": AUTO_DAMPING} if requested == AUTO_DAMPING else {}),
+            **({"damping_requested": requested} if isinstance(requested, str) else {}),
         }
         return {**manifest, "indexes": {**manifest.get("indexes", {}), config.concept: entry}}
 

@@ -211,6 +211,12 @@ class TabularTask(Task):
                           "split": SPLIT_SEED}, sort_keys=True)
         return gradindex_home() / "checkpoints" / f"tabular-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
+    def learning_rates(self) -> list[float]:
+        """Adam's nominal rate at each step of the default training run (``epochs · ⌈N / batch_size⌉`` steps)."""
+        config = self.train_config
+        steps = config.epochs * -(-len(self._train.tensors[1]) // config.batch_size)
+        return [config.lr] * steps
+
     def train(self, path: str | Path | None = None, indices: Sequence[int] | None = None,
               seed: int | None = None) -> Path:
         """Train on the training rows at ``indices`` (default: all) and save a checkpoint at ``path``."""

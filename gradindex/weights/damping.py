@@ -178,10 +178,76 @@ DEFAULT_CRITERION = DampingCriterion.CV_SHARED
 def resolve_damping(store: FeatureStore, damping: "float | str | Mapping[str, float]",
                     preconditioner: Preconditioner = Preconditioner.GRAM,
                     criterion: DampingCriterion = DEFAULT_CRITERION) -> "float | dict[str, float]":
-    """``damping`` as the preconditioner will use it: ``"auto"`` under the Gram preconditioner becomes
-    the store's label-free ``{group: relative damping}``; anything else is returned as it is."""
-    if damping != AUTO_DAMPING:
+    """``damping`` as the preconditioner will use it: a name of :data:`~gradindex.config.NAMED_DAMPINGS`
+    under the Gram preconditioner becomes the store's label-free ``{group: relative damping}`` (``pinv``: 0);
+    anything else is returned as it is."""
+    if not isinstance(damping, str) or preconditioner is not Preconditioner.GRAM:
         return damping
-    if preconditioner is not Preconditioner.GRAM:
-        return damping
-    return auto_damping(store, criterion)
+    if damping == AUTO_DAMPING:
+        return auto_damping(store, criterion)
+    if damping == "pinv":
+        return 0.0
+    grams = store.read_gram()
+    missing = [g for g in store.groups if g not in grams]
+    if missing:
+        raise ConfigError(f"--damping {damping}: the store has no Gram matrix for groups {missing} (wider than "
+                          "gram_max_dim at featurize time); give a number or use --preconditioner identity")
+    if damping == "mp":
+        return {g: mp_damping(np.linalg.eigvalsh(grams[g]), store.num_samples) for g in store.groups}
+    if damping == "schedule":
+        return {g: schedule_damping(grams[g], _learning_rate_sum(store)) for g in store.groups}
+    raise ConfigError(f"damping: unknown name {damping!r}")
+
+
+# -- the label-free dampings of issue 21 ------------------------------------------------------------------
+def mp_quantile(ratio: float, q: float = 0.5, points: int = 20001) -> float:
+    """The ``q``-quantile of the Marchenko–Pastur law of unit variance and aspect ratio ``ratio = k/n``
+    (eigenvalues of ``XᵀX/n``, ``X [n, k]`` i.i.d. unit entries), over its non-zero part when ``ratio > 1``."""
+    lo, hi = (1 - np.sqrt(ratio)) ** 2, (1 + np.sqrt(ratio)) ** 2
+    x = np.linspace(lo, hi, points)[1:-1]
+    density = np.sqrt((hi - x) * (x - lo)) / (2 * np.pi * ratio * x)
+    cumulative = np.cumsum(density)
+    return float(np.interp(q * cumulative[-1], cumulative, x))
+
+
+def mp_damping(eigenvalues: np.ndarray, rows: int) -> float:
+    """Relative damping at the Marchenko–Pastur noise edge of one group's Gram spectrum ``[k]`` over
+    ``rows`` training examples: the noise variance ``σ²`` is read off the median non-zero eigenvalue
+    (matched to the law's median, robust to a few signal spikes), the edge is ``σ²(1 + √(k/n))²``, and
+    relative to the mean eigenvalue that is ``edge / (trace/k)``: every direction whose eigenvalue is
+    inside the noise bulk is damped by at least as much as it holds."""
+    eigenvalues = np.clip(np.asarray(eigenvalues, dtype=np.float64), 0, None)
+    k = len(eigenvalues)
+    mean = eigenvalues.mean()
+    if mean <= 0:
+        return 1.0
+    ratio = k / max(rows, 1)
+    nonzero = np.sort(eigenvalues)[-min(k, rows):]  # the rank of ΦᵀΦ/n is at most n
+    sigma2 = np.median(nonzero) / mp_quantile(ratio)
+    # with ratio > 1 the non-zero eigenvalues are those of ΦΦᵀ/n: the law of ratio 1/ratio, scaled by ratio
+    if ratio > 1:
+        sigma2 = np.median(nonzero) / (ratio * mp_quantile(1 / ratio))
+    edge = sigma2 * (1 + np.sqrt(ratio)) ** 2
+    return float(np.clip(edge / mean, 0.0, 1e6))
+
+
+def schedule_damping(gram: np.ndarray, learning_rate_sum: float) -> float:
+    """SOURCE-style effective damping (Bae et al. 2024): ``T`` steps of rates ``η_t`` on a quadratic of
+    curvature ``H`` leave the response ``(I − Π(I − η_t H)) H⁻¹`` ≈ ``(H + λI)⁻¹`` with ``λ ≈ 1/Σ_t η_t``;
+    relative to the group's mean eigenvalue (``G ≈ H``, the empirical Fisher of the mean loss)."""
+    mean = float(np.trace(gram)) / gram.shape[0]
+    if learning_rate_sum <= 0 or mean <= 0:
+        raise ConfigError(f"--damping schedule: expected a positive sum of learning rates and a non-zero Gram, "
+                          f"got {learning_rate_sum} and mean eigenvalue {mean}")
+    return float(np.clip(1.0 / learning_rate_sum / mean, 0.0, 1e6))
+
+
+def _learning_rate_sum(store: FeatureStore) -> float:
+    from gradindex.features.query import load_store_task
+
+    task = load_store_task(store)
+    rates = task.learning_rates()
+    if rates is None:
+        raise ConfigError(f"--damping schedule: task {type(task).__name__} does not say its learning rates "
+                          "(Task.learning_rates); give a number, auto or mp")
+    return float(np.sum(np.asarray(rates, dtype=np.float64)))

@@ -88,7 +88,7 @@ import numpy as np
 import torch
 
 from gradindex.config import (
-    AUTO_DAMPING, ExampleNorm, GroupNorm, LearnConfig, LearnMethod, Preconditioner, QuerySplit, parse_enum,
+    ExampleNorm, GroupNorm, LearnConfig, LearnMethod, Preconditioner, QuerySplit, parse_enum,
 )
 from gradindex.weights.damping import resolve_damping
 from gradindex.errors import ConfigError
@@ -382,7 +382,7 @@ def learn_from_features(store: FeatureStore, raw_query_features: Mapping[str, np
         "method": resolved.value,
         "setting": diagnostics.pop("setting"),
         "config": setting,
-        **({"damping_requested": AUTO_DAMPING} if config.damping == AUTO_DAMPING else {}),
+        **({"damping_requested": config.damping} if isinstance(config.damping, str) else {}),
         "num_queries": len(next(iter(raw_query_features.values()))),
         "reference_size": len(next(iter(reference.values()))),
         "shares": dict(zip(groups, diagnostics.pop("shares"))),
