@@ -33,6 +33,9 @@ from gradindex.cli.options import (
 @click.option("--concept", default="all", show_default=True, help="Concept partition to search.")
 @click.option("-k", type=int, default=10, show_default=True, help="Training examples per query.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per query on stdout.")
+@click.option("--opponents", is_flag=True,
+              help="Also the k most negative scores (training examples that pushed the model away from the "
+                   "query), searched with the negated query on the same index; --json adds \"opponents\".")
 @checkpoint_option
 @device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Queries per backward pass.")
@@ -50,7 +53,7 @@ from gradindex.cli.options import (
               help="With --ray: at most this many actors holding the index parts (default: one per part, "
                    "at most one per GPU or CPU slot).")
 @apply_options(trust_options)
-def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_size, nprobe, ef_search, rerank,
+def query(store_path, inputs, concept, k, as_json, opponents, checkpoint, device, batch_size, nprobe, ef_search, rerank,
           no_prune, shared, all_scores, out, ray_address, ray_timeout, actors, trust_task, task_spec) -> None:
     """Top-k training examples of STORE for every query in --inputs.
 
@@ -82,8 +85,13 @@ def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_siz
         attributor = open_ray_attributor(store, concept=concept, checkpoint=checkpoint, device=device,
                                          address=ray_address, actors=actors, search=search, shared=shared)
     queries = attributor.task.load_queries(inputs)
-    top = attributor.attribute(queries, k=k, batch_size=batch_size)
-    records = result_records(top, metadata_lookup(attributor.store, top.sample_ids))
+    if opponents:
+        top, bottom = attributor.attribute_both(queries, k=k, batch_size=batch_size)
+        records = result_records(top, metadata_lookup(attributor.store, top.sample_ids), bottom,
+                                 metadata_lookup(attributor.store, bottom.sample_ids))
+    else:
+        top = attributor.attribute(queries, k=k, batch_size=batch_size)
+        records = result_records(top, metadata_lookup(attributor.store, top.sample_ids))
     for q, record in enumerate(records):
         if as_json:
             click.echo(json.dumps(record))
@@ -91,6 +99,9 @@ def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_siz
             caption = attributor.task.describe(queries[q])
             click.echo(f"query {q}: {caption}" if caption else f"query {q}")
             echo_table(record["results"])
+            if opponents:
+                click.echo("opponents (most negative first):")
+                echo_table(record["opponents"])
             click.echo("")
     attributor.close()
 
