@@ -400,7 +400,7 @@ def task_code_error(err: BaseException) -> str | None:
         owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames[:1] else None
         if isinstance(owner, Task) and not type(owner).__module__.startswith("gradindex."):
             hook = hook or f"{type(owner).__name__}.{frame.f_code.co_name}"
-            user_files.update(_defining_files(type(owner)))
+            user_files.update(defining_files(type(owner)))
         elif str(frame.f_globals.get("__name__", "")).startswith(_FILE_MODULE_PREFIX):
             hook = hook or f"{frame.f_code.co_name} (module {frame.f_code.co_filename})"
             user_files.add(frame.f_code.co_filename)
@@ -416,7 +416,7 @@ def task_code_error(err: BaseException) -> str | None:
     return f"task hook {hook} {what}{location}"
 
 
-def _defining_files(cls: type) -> set[str]:
+def defining_files(cls: type) -> set[str]:
     """Source files of ``cls`` and of its non-gradindex base classes."""
     files = set()
     for klass in cls.__mro__:
