@@ -161,6 +161,14 @@ class Task:
                                   f"got {type(inputs).__name__}")
             return self.load_queries(path)
 
+    def query_from_image(self, image: np.ndarray, fields: dict[str, Any]) -> Any:
+        """JSON ``inputs`` (as :meth:`queries_from_json` reads them) for one uploaded image ``[H, W]``
+        or ``[H, W, 3]`` (values 0..1) and the user's other ``fields`` (a label, a prompt); used by
+        ``gradindex serve``'s page. Default: this task takes no image uploads (its query files can be
+        uploaded instead)."""
+        raise ConfigError(f"task {type(self).__name__} takes no image uploads; upload a query file "
+                          "(the format its load_queries reads) or type the query as JSON")
+
     def render(self, item: Any) -> np.ndarray | None:
         """An image ``[H, W]`` or ``[H, W, 3]`` of one example, for reports; None if not visual."""
         return None

@@ -162,6 +162,25 @@ class DigitsTask(Task):
         return self._query_arrays(json_array(inputs["x"], "inputs.x"), None if y is None else json_array(y, "inputs.y"),
                                   "inputs")
 
+    def query_from_image(self, image: np.ndarray, fields: dict) -> dict:
+        """An uploaded image ``[H, W]`` or ``[H, W, 3]`` (0..1) → ``{"x": [[8 x 8 pixels 0..16]], "y": [label]}``:
+        grey, ink the darker side unless the background is dark, block-averaged to 8 x 8; ``fields``:
+        optional ``{"y": label}`` (default -1, the model's prediction)."""
+        if set(fields) - {"y"}:
+            raise ConfigError(f"fields: digits queries take only 'y' (a label 0..9), got {sorted(fields)}")
+        grey = np.asarray(image, dtype=np.float64)
+        grey = grey.mean(axis=2) if grey.ndim == 3 else grey
+        if grey.ndim != 2 or min(grey.shape) < 1:
+            raise ConfigError(f"image: expected [H, W] or [H, W, 3] pixels, got shape {tuple(np.shape(image))}")
+        ink = 1.0 - grey if grey.mean() > 0.5 else grey  # dark ink on a light page, or light on dark
+        rows = np.array_split(np.arange(grey.shape[0]), 8)
+        cols = np.array_split(np.arange(grey.shape[1]), 8)
+        if any(len(r) == 0 for r in rows) or any(len(c) == 0 for c in cols):
+            raise ConfigError(f"image: at least 8 x 8 pixels needed, got {grey.shape[0]} x {grey.shape[1]}")
+        small = np.array([[ink[np.ix_(r, c)].mean() for c in cols] for r in rows])
+        small = small / small.max() if small.max() > 0 else small
+        return {"x": [np.round(small * 16).tolist()], "y": [int(fields.get("y", -1))]}
+
     def _query_arrays(self, x: np.ndarray, y: np.ndarray | None, where: str) -> Sequence:
         """Queries from pixels ``x [n, 8, 8] or [n, 64]`` (0..16) and labels ``y [n]`` (-1: the model's prediction)."""
         if x.ndim == 3 and x.shape[1:] == (8, 8):
