@@ -63,6 +63,13 @@ class Explorer:
         self._gallery = [self.renderer.item(self.defaults[i])
                          for i in range(min(GALLERY_SIZE, len(self.defaults)))] if self.defaults is not None else []
 
+    def warm_up(self) -> None:
+        """Answer one default query per concept (first-use costs of the backward pass before the first visitor)."""
+        if self.defaults is None or not len(self.defaults):
+            return
+        items = torch.utils.data.Subset(self.defaults, [0])
+        self.engine.answer([AttributeRequest(items, 1, concept, True) for concept in self.engine.concepts])
+
     def settings(self, params: Any) -> dict[str, Any]:
         """``{"concept", "k", "opponents", "q" | "inputs"}`` from the query string; ConfigError names a bad one."""
         concepts = self.engine.concepts
@@ -222,6 +229,7 @@ def add_page_routes(app: FastAPI, engine: AttributionEngine) -> None:
     from gradindex.serve.app import error_response, json_response, read_body
 
     explorer = Explorer(engine)
+    explorer.warm_up()
     app.state.explorer = explorer
 
     @app.get("/", response_class=HTMLResponse)
