@@ -69,6 +69,6 @@ def test_scores_are_signed_and_weights_chart_labels_every_group():
     assert [format_score(s) for s in (28310.4, -0.012345, 0.0)] == ["+28310", "−0.01235", "+0"]
     svg = weights_svg({"fc1": 1.0, "fc2": 4.0, "fc3": 0.25}, "concept all")
     assert svg.count("<rect") == 3 and "fc2: weight 4" in svg and 'role="img"' in svg and "aria-label" in svg
-    heights = [float(h) for h in re.findall(r'<rect[^>]* height="([0-9.]+)"', svg)]
+    heights = [float(h) for h in re.findall(r'<rect[^>]* width="([0-9.]+)"', svg)]
     assert heights[1] > heights[0] > heights[2]  # bars grow with the weight
     assert base64.b64decode(b"iVBORw0KGgo=")[:4] == png_bytes(np.ones((2, 2)))[:4]

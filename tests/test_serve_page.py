@@ -120,3 +120,42 @@ def test_the_api_is_unchanged_beside_the_page(served):
     url = served[0]
     with urllib.request.urlopen(url + "/v1/health", timeout=60) as response:
         assert json.loads(response.read())["concepts"] == ["all", "uniform"]
+
+
+@pytest.fixture(scope="module")
+def lm_served(tmp_path_factory):
+    """The tiny lm task (text: no render) served with its page."""
+    from lm_reference import write_tiny_corpus
+    from gradindex.config import FeaturizeConfig, IndexConfig, ProjectionConfig
+    from gradindex.features.run import featurize
+    from gradindex.index import build_index
+    from gradindex.task import load_task
+
+    root = tmp_path_factory.mktemp("page-lm")
+    options = {"corpus": str(write_tiny_corpus(root / "corpus.json")), "width": 16, "layers": 2, "heads": 2,
+               "epochs": 20}
+    task = load_task("lm", options)
+    checkpoint = task.train(root / "model.pt")
+    store = featurize(task, root / "store", FeaturizeConfig(projection=ProjectionConfig(proj_dim=16), batch_size=16),
+                      checkpoint=checkpoint, show_progress=False)
+    build_index(store, IndexConfig(), show_progress=False)
+    engine = AttributionEngine.open(store, config=ServeConfig(max_wait_ms=0))
+    with ServerThread(create_app(engine)) as running:
+        yield running.url, store, task, root
+    engine.close()
+
+
+def test_a_language_task_shows_text_and_takes_typed_queries(lm_served):
+    url, store, task, root = lm_served
+    status, html = get(f"{url}/?q=1&k=3")
+    assert status == 200 and 'class="gallery text"' in html and "<img" not in html
+    assert '<blockquote class="text">' in html  # the query and the hits as text (describe)
+    record = task.query_records()[2]
+    status, html = get(f"{url}/?" + urllib.parse.urlencode({"inputs": json.dumps([record]), "k": 3}))
+    assert status == 200, html
+    (root / "q.jsonl").write_text(json.dumps(record) + "\n")
+    assert_cards_match(cards(html).answers[0], query_json(store.path, root / "q.jsonl", 3)[0])
+    status, answer = upload(url, "q.jsonl", (root / "q.jsonl").read_bytes())
+    assert status == 200 and answer["inputs"] == [record]
+    status, answer = upload(url, "x.png", b"\x89PNG")
+    assert status == 400  # a text task takes no images

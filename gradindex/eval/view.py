@@ -131,12 +131,14 @@ def hits_html(rows: Sequence[Mapping[str, Any]], renderer: ExampleRenderer, head
         example = renderer.training(int(row["sample_id"]))
         columns = {k: v for k, v in row.items() if k not in SCORE_KEYS}
         meta = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in columns.items())
+        columns = {k: v for k, v in columns.items() if str(v) != example.caption}  # text tasks: the caption
+        meta = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in columns.items())
         shown = example.caption and f"{example.caption}" not in {f"{k} {v}" for k, v in columns.items()}
         sign = "pos" if row["score"] > 0 else "neg" if row["score"] < 0 else "zero"
         alt = f"{kind} #{row['rank']}: training example {row['sample_id']}" + \
             (f", {example.caption}" if example.caption else "") + f", score {format_score(row['score'])}"
         cards.append(
-            f'<li class="card" data-sample-id="{int(row["sample_id"])}" data-score="{float(row["score"])!r}">'
+            f'<li class="card{"" if example.image else " textual"}" data-sample-id="{int(row["sample_id"])}" data-score="{float(row["score"])!r}">'
             f'{example_html(example, alt)}'
             f'<div class="rank">#{int(row["rank"])} <span class="sid">id {int(row["sample_id"])}</span></div>'
             f'<div class="score {sign}">{esc(format_score(float(row["score"])))}</div>'
@@ -162,36 +164,36 @@ def answer_html(answer: Answer, renderer: ExampleRenderer) -> str:
     return "".join(parts)
 
 
-def weights_svg(weights: Mapping[str, float], title: str, width: int = 320, height: int = 150) -> str:
-    """The group weights relative to their mean as a log-scale bar chart (1 = uniform, dashed)."""
+def weights_svg(weights: Mapping[str, float], title: str, width: int = 320) -> str:
+    """The group weights relative to their mean as horizontal log-scale bars, one row per group (1 = uniform,
+    dashed); each bar's tooltip and the chart's label give the values."""
     groups = list(weights)
     values = np.array([float(weights[g]) for g in groups], dtype=float)
     mean = values.mean() if len(values) and values.mean() > 0 else 1.0
     relative = np.maximum(values / mean, 1e-3)
-    span = max(1.0, float(np.abs(np.log10(relative)).max(initial=0))) * 1.1
-    left, bottom, top = 34, 44, 8
-    plot_h = height - bottom - top
-    step = (width - left - 8) / max(1, len(groups))
+    span = max(1.0, math.ceil(float(np.abs(np.log10(relative)).max(initial=0)) * 10) / 10)
+    left, right, row, top = 96, 8, 18, 4
+    height = top + row * len(groups) + 18
+    plot_w = width - left - right
 
-    def y_of(value: float) -> float:
-        return top + plot_h * (1 - (math.log10(value) + span) / (2 * span))
+    def x_of(value: float) -> float:
+        return left + plot_w * (math.log10(value) + span) / (2 * span)
 
     bars = []
     for i, (group, value, raw) in enumerate(zip(groups, relative, values)):
-        x = left + i * step + step * 0.15
-        y0, y1 = top + plot_h, y_of(value)  # bars from the floor: equal weights read as equal bars
-        bars.append(f'<rect x="{x:.1f}" y="{min(y0, y1):.1f}" width="{step * 0.7:.1f}" height="{abs(y1 - y0):.1f}" '
-                    f'class="bar"><title>{esc(group)}: weight {raw:.4g} ({value:.3g}× the mean)</title></rect>')
-        bars.append(f'<text x="{x + step * 0.35:.1f}" y="{height - bottom + 10}" class="tick" '
-                    f'transform="rotate(35 {x + step * 0.35:.1f} {height - bottom + 10})">{esc(group[:18])}</text>')
-    axis = "".join(f'<text x="{left - 4}" y="{y_of(10 ** e) + 3:.1f}" class="axis">{10 ** e:g}×</text>'
-                   for e in range(-int(span), int(span) + 1) if abs(e) <= span)
+        y = top + i * row
+        bars.append(f'<text x="{left - 4}" y="{y + row - 4}" class="label">{esc(group[-16:])}</text>'
+                    f'<rect x="{left}" y="{y + 2}" width="{x_of(value) - left:.1f}" height="{row - 4}" class="bar">'
+                    f'<title>{esc(group)}: weight {raw:.4g} ({value:.3g}× the mean)</title></rect>')
+    axis_y = top + row * len(groups) + 12
+    ticks = "".join(f'<text x="{x_of(10.0 ** e):.1f}" y="{axis_y}" class="tick">{10.0 ** e:g}×</text>'
+                    for e in range(-math.floor(span), math.floor(span) + 1))
     label = f"{title}: group weights relative to their mean, " + ", ".join(
         f"{g} {v:.3g}×" for g, v in zip(groups, relative))
     return (f'<svg class="weights" role="img" aria-label="{esc(label)}" viewBox="0 0 {width} {height}" '
             f'width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg"><title>{esc(label)}</title>'
-            f'<line x1="{left}" x2="{width - 4}" y1="{y_of(1.0):.1f}" y2="{y_of(1.0):.1f}" class="unit"/>'
-            f'{axis}{"".join(bars)}</svg>')
+            f'{"".join(bars)}<line x1="{x_of(1.0):.1f}" x2="{x_of(1.0):.1f}" y1="{top}" y2="{axis_y - 9}" '
+            f'class="unit"/>{ticks}</svg>')
 
 
 def summary_html(summary: Mapping[str, Any]) -> str:
@@ -234,6 +236,7 @@ img.thumb.small { width: 44px; height: 44px; }
 img.query-image { width: 96px; height: 96px; border: 2px solid var(--accent); }
 ol.cards { list-style: none; padding: 0; margin: 0; display: flex; flex-wrap: wrap; gap: 8px; }
 li.card { width: 118px; border: 1px solid var(--line); border-radius: 4px; padding: 6px; font-size: 12px; }
+li.card.textual { width: 220px; }
 .hits.opponents li.card { background: #fff8f8; }
 blockquote.text { margin: 0; font-family: ui-monospace, monospace; font-size: 12px; white-space: pre-wrap;
   max-height: 8em; overflow: auto; }
@@ -246,7 +249,8 @@ dt { color: var(--muted); } dd { margin: 0; overflow-wrap: anywhere; }
 .summary dl { font-size: 12px; }
 svg.weights { max-width: 100%; height: auto; }
 svg.weights .bar { fill: var(--accent); } svg.weights .unit { stroke: #8c959f; stroke-dasharray: 4 3; }
-svg.weights text { font-size: 9px; fill: var(--muted); } svg.weights .axis { text-anchor: end; }
+svg.weights text { font-size: 11px; fill: var(--muted); } svg.weights .label { text-anchor: end; }
+svg.weights .tick { text-anchor: middle; }
 form { display: flex; flex-wrap: wrap; gap: 10px; align-items: end; margin-bottom: 12px; }
 label { display: flex; flex-direction: column; font-size: 12px; color: var(--muted); }
 input, select, button, textarea { font: inherit; }
