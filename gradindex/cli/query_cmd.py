@@ -159,6 +159,8 @@ def serve(store_path, concepts, host, port, max_batch, max_wait_ms, max_body_mb,
                         lm: a list of JSONL query records)
     GET  /v1/health     {"status": "ok", ...}
     GET  /v1/info       what `gradindex info` shows, plus batching counters
+    GET  /             the explorer page: pick or upload a query, see its proponents
+                        and opponents, the concept's weights (docs/serve.md; not with --ray)
 
     Listens on 127.0.0.1 (loopback) unless --host says otherwise. Concurrent requests are
     batched (--max-batch, --max-wait-ms). Needs `pip install 'gradindex[serve]'`. With --ray
