@@ -172,7 +172,7 @@ def weights_svg(weights: Mapping[str, float], title: str, width: int = 320) -> s
     mean = values.mean() if len(values) and values.mean() > 0 else 1.0
     relative = np.maximum(values / mean, 1e-3)
     span = max(1.0, math.ceil(float(np.abs(np.log10(relative)).max(initial=0)) * 10) / 10)
-    left, right, row, top = 96, 8, 18, 4
+    left, right, row, top = 96, 18, 18, 4
     height = top + row * len(groups) + 18
     plot_w = width - left - right
 
