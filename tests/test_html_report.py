@@ -10,8 +10,8 @@ import re
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from explorer_helpers import assert_cards_match, cards, digits_store, query_json
 
-from explorer_helpers import assert_cards_match, cards, default_query_file, digits_store, query_json
 from gradindex.cli import main
 from gradindex.eval.view import format_score, png_bytes, weights_svg
 

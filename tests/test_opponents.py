@@ -8,6 +8,11 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from store_helpers import make_store
+from test_index_kinds import N
+from test_index_kinds import queries as kind_queries  # noqa: F401 (a fixture)
+from test_index_kinds import store as kind_store  # noqa: F401 (a fixture)
+from tiny_task import TinyTask
 
 from gradindex.cli import main
 from gradindex.config import IndexConfig, SearchConfig
@@ -15,9 +20,6 @@ from gradindex.index import build_index
 from gradindex.index.topk import TopK, recall_at_k
 from gradindex.query.attributor import Attributor
 from gradindex.query.opponents import search_opponents
-from store_helpers import make_store, queries
-from test_index_kinds import N, queries as kind_queries, store as kind_store  # noqa: F401 (fixtures)
-from tiny_task import TinyTask
 
 
 def brute_bottom_k(ids: np.ndarray, vectors: np.ndarray, q: np.ndarray, k: int) -> TopK:

@@ -32,13 +32,12 @@ if not (CHROMIUM and CHROMEDRIVER and selenium):
     pytest.skip("browser tests skipped: need chromium, chromedriver (apt-get install chromium chromium-driver) and "
                 "selenium (pip install selenium)", allow_module_level=True)
 
+from explorer_helpers import assert_cards_match, default_query_file, digits_store, query_json  # noqa: E402
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
-
-from explorer_helpers import assert_cards_match, default_query_file, digits_store, query_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CARDS_JS = """
@@ -157,7 +156,7 @@ def test_upload_an_image(serving, browser, tmp_path):
     picture = root / "my-digit.png"
     Image.fromarray(np.kron(255 - pixels * 255, np.ones((6, 6))).astype(np.uint8)).save(picture)
     browser.find_element(By.ID, "upload-file").send_keys(str(picture))
-    browser.find_element(By.ID, "upload-fields").send_keys('{"y": %d}' % int(task.split["y_test"][11]))
+    browser.find_element(By.ID, "upload-fields").send_keys(json.dumps({"y": int(task.split["y_test"][11])}))
     browser.find_element(By.ID, "upload-button").click()
     wait_for_url(browser, "inputs=")
     inputs = json.loads(urllib.parse.parse_qs(urllib.parse.urlparse(browser.current_url).query)["inputs"][0])

@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("fastapi")
 
 from explorer_helpers import assert_cards_match, cards, default_query_file, digits_store, query_json  # noqa: E402
+
 from gradindex.config import ServeConfig  # noqa: E402
 from gradindex.serve.app import create_app  # noqa: E402
 from gradindex.serve.engine import AttributionEngine  # noqa: E402
@@ -126,6 +127,7 @@ def test_the_api_is_unchanged_beside_the_page(served):
 def lm_served(tmp_path_factory):
     """The tiny lm task (text: no render) served with its page."""
     from lm_reference import write_tiny_corpus
+
     from gradindex.config import FeaturizeConfig, IndexConfig, ProjectionConfig
     from gradindex.features.run import featurize
     from gradindex.index import build_index

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from store_helpers import copy_store, make_store
+from tiny_task import TinyTask
 
 from gradindex.cli import main
 from gradindex.config import gradindex_home
@@ -19,8 +21,6 @@ from gradindex.features.query import load_store_task
 from gradindex.query.attributor import Attributor
 from gradindex.store.feature_store import FeatureStore
 from gradindex.store.trust import FOLDER, own_store_verdict, record_path, spec_file, store_identity
-from store_helpers import copy_store, make_store
-from tiny_task import TinyTask
 
 HERE = Path(__file__).parent
 

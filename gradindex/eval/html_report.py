@@ -14,8 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gradindex.eval.view import (
-    ExampleRenderer, answer_html, answers_from_records, document, esc, summary_html, view_summary,
-    weights_description, weights_panel,
+    ExampleRenderer,
+    answer_html,
+    answers_from_records,
+    document,
+    esc,
+    summary_html,
+    view_summary,
+    weights_description,
+    weights_panel,
 )
 from gradindex.features.run import training_table
 from gradindex.query.attributor import Attributor, metadata_lookup, result_records

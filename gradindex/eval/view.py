@@ -201,8 +201,8 @@ def summary_html(summary: Mapping[str, Any]) -> str:
     rows = [("task", summary["task"]), ("checkpoint", summary.get("checkpoint") or "(the task's default)"),
             ("training examples", summary["num_samples"]), ("groups", len(summary["groups"])),
             ("dimension", summary["dim"]),
-            ("projection", f"{summary['projection']['kind']}, proj_dim {summary['projection']['proj_dim']}, "
-                           f"seed {summary['projection']['seed']}"),
+            ("projection", (f"{summary['projection']['kind']}, proj_dim {summary['projection']['proj_dim']}, "
+                            f"seed {summary['projection']['seed']}")),
             ("model fingerprint", str(summary["model_fingerprint"])[:16] + "…")]
     for concept, index in summary.get("indexes", {}).items():
         text = f"{index['kind']}, {index['ntotal']} vectors, {index['preconditioner']}, weights {index['weights']}"

@@ -33,8 +33,15 @@ from starlette.concurrency import run_in_threadpool
 
 from gradindex.errors import ConfigError, GradIndexError, MissingDependencyError
 from gradindex.eval.view import (
-    ExampleRenderer, answer_html, answers_from_records, document, esc, summary_html, view_summary,
-    weights_description, weights_panel,
+    ExampleRenderer,
+    answer_html,
+    answers_from_records,
+    document,
+    esc,
+    summary_html,
+    view_summary,
+    weights_description,
+    weights_panel,
 )
 from gradindex.features.run import training_table
 from gradindex.inputs import read_npz
