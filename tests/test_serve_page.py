@@ -161,3 +161,23 @@ def test_a_language_task_shows_text_and_takes_typed_queries(lm_served):
     assert status == 200 and answer["inputs"] == [record]
     status, answer = upload(url, "x.png", b"\x89PNG")
     assert status == 400  # a text task takes no images
+
+
+def test_image_uploads_become_each_image_tasks_inputs():
+    """digits: grey 8 x 8 in 0..16, ink high; diffusion: the task's size, 0..255 RGB, prompt fields kept."""
+    from gradindex.inputs import resample_image
+    from gradindex.tasks.diffusion import DiffusionTask
+    from gradindex.tasks.digits import DigitsTask
+
+    picture = np.kron(np.eye(8), np.ones((3, 3)))  # 24 x 24, a light diagonal on black
+    np.testing.assert_allclose(resample_image(picture, 8, 8), np.eye(8))
+    np.testing.assert_allclose(resample_image(np.eye(2), 4, 4), np.kron(np.eye(2), np.ones((2, 2))))
+    inputs = DigitsTask.query_from_image(DigitsTask.__new__(DigitsTask), 1 - picture, {"y": 4})
+    assert inputs == {"x": [(np.eye(8) * 16).tolist()], "y": [4]}  # dark ink on light: ink → 16
+    task = DiffusionTask.__new__(DiffusionTask)
+    task.concept_config = type("Config", (), {"image_size": 4})()
+    made = task.query_from_image(np.ones((8, 8, 3)) * 0.5, {"subject": "circle", "style": "solid", "background": "plain"})
+    assert np.array(made["images"]).shape == (1, 4, 4, 3) and made["images"][0][0][0] == [128, 128, 128]
+    assert made["subject"] == ["circle"]
+    with pytest.raises(Exception, match="expected names"):
+        task.query_from_image(np.ones((8, 8)), {"subject": 3})

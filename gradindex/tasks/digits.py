@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradindex.errors import ConfigError
-from gradindex.inputs import read_npy, read_npz
+from gradindex.inputs import read_npy, read_npz, resample_image
 from gradindex.task import Task, json_array
 from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
 from gradindex.tasks.classification import margin
@@ -168,16 +168,9 @@ class DigitsTask(Task):
         optional ``{"y": label}`` (default -1, the model's prediction)."""
         if set(fields) - {"y"}:
             raise ConfigError(f"fields: digits queries take only 'y' (a label 0..9), got {sorted(fields)}")
-        grey = np.asarray(image, dtype=np.float64)
-        grey = grey.mean(axis=2) if grey.ndim == 3 else grey
-        if grey.ndim != 2 or min(grey.shape) < 1:
-            raise ConfigError(f"image: expected [H, W] or [H, W, 3] pixels, got shape {tuple(np.shape(image))}")
-        ink = 1.0 - grey if grey.mean() > 0.5 else grey  # dark ink on a light page, or light on dark
-        rows = np.array_split(np.arange(grey.shape[0]), 8)
-        cols = np.array_split(np.arange(grey.shape[1]), 8)
-        if any(len(r) == 0 for r in rows) or any(len(c) == 0 for c in cols):
-            raise ConfigError(f"image: at least 8 x 8 pixels needed, got {grey.shape[0]} x {grey.shape[1]}")
-        small = np.array([[ink[np.ix_(r, c)].mean() for c in cols] for r in rows])
+        small = resample_image(image, 8, 8)
+        small = small.mean(axis=2) if small.ndim == 3 else small
+        small = 1.0 - small if small.mean() > 0.5 else small  # dark ink on a light page, or light on dark
         small = small / small.max() if small.max() > 0 else small
         return {"x": [np.round(small * 16).tolist()], "y": [int(fields.get("y", -1))]}
 
