@@ -72,3 +72,23 @@ def test_scores_are_signed_and_weights_chart_labels_every_group():
     heights = [float(h) for h in re.findall(r'<rect[^>]* width="([0-9.]+)"', svg)]
     assert heights[1] > heights[0] > heights[2]  # bars grow with the weight
     assert base64.b64decode(b"iVBORw0KGgo=")[:4] == png_bytes(np.ones((2, 2)))[:4]
+
+
+def test_every_text_from_the_task_or_the_user_is_escaped():
+    from gradindex.eval.view import Answer, Example, ExampleRenderer, answer_html, summary_html
+
+    class Task:
+        def describe(self, item):
+            return f"<script>alert({item})</script>"
+
+        def render(self, item):
+            return None
+
+    renderer = ExampleRenderer(Task(), [1, 2], np.array([10, 20]))
+    rows = [{"rank": 1, "sample_id": 10, "score": 2.0, "note": "<img src=x onerror=alert(1)>"}]
+    html = answer_html(Answer('"><b>title', Example("<i>query</i>"), "<c>", rows, rows), renderer)
+    assert "<script" not in html and "<img" not in html and "<b>" not in html and "<i>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "&lt;img src=x" in html
+    summary = {"store": "<s>", "task": "<t>", "num_samples": 1, "groups": [], "dim": 1, "model_fingerprint": "f",
+               "projection": {"kind": "<k>", "proj_dim": 1, "seed": 0}}
+    assert "<s>" not in summary_html(summary) and "<t>" not in summary_html(summary)
