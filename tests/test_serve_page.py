@@ -23,12 +23,17 @@ from gradindex.serve.engine import AttributionEngine  # noqa: E402
 from gradindex.serve.server import ServerThread  # noqa: E402
 
 
+APPS = {}  # the served apps, for tests that reach into their explorer
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("page")
     store, task = digits_store(root)
     engine = AttributionEngine.open(store, ("all", "uniform"), ServeConfig(max_wait_ms=0))
-    with ServerThread(create_app(engine)) as running:
+    app = create_app(engine)
+    APPS["digits"] = app
+    with ServerThread(app) as running:
         yield running.url, store, task, root
     engine.close()
 
@@ -181,3 +186,16 @@ def test_image_uploads_become_each_image_tasks_inputs():
     assert made["subject"] == ["circle"]
     with pytest.raises(Exception, match="expected names"):
         task.query_from_image(np.ones((8, 8)), {"subject": 3})
+
+
+def test_a_task_without_default_queries_starts_with_the_upload(served):
+    url = served[0]
+    explorer = APPS["digits"].state.explorer  # the same server's, its default queries taken away for this test
+    saved, gallery = explorer.defaults, explorer._gallery
+    explorer.defaults, explorer._gallery = None, []
+    try:
+        status, html = get(url + "/")
+        assert status == 200 and "no default queries" in html and 'id="upload"' in html and 'role="alert"' not in html
+        assert cards(html).answers == []
+    finally:
+        explorer.defaults, explorer._gallery = saved, gallery

@@ -246,6 +246,8 @@ def add_page_routes(app: FastAPI, engine: AttributionEngine) -> None:
         error, body, status, timing = None, "", 200, ""
         try:
             settings = explorer.settings(request.query_params)
+            if "q" not in settings and "inputs" not in settings:  # no default queries: the upload is the start
+                return HTMLResponse(explorer.page(settings, "", None, ""))
             parsed, titles = await run_in_threadpool(explorer.request, settings)
             records = await app.state.batcher.submit(parsed, len(parsed.queries))
             looked_up = time.perf_counter()
