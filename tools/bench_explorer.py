@@ -67,9 +67,8 @@ def browser_timings(url: str, count: int) -> list[dict]:
             options.add_argument(flag)
         driver = webdriver.Chrome(service=Service(driver_path), options=options)
         try:
-            driver.get(url + "/?q=0")  # warm-up: the browser's own first navigation
             rows = []
-            for q in range(1, count + 1):
+            for q in range(count + 1):  # row 0: the fresh browser's first navigation
                 driver.get(f"{url}/?q={q % 24}&k=10")
                 time.sleep(0.2)  # let the paint entries land
                 rows.append(driver.execute_script(
@@ -122,9 +121,13 @@ def main() -> None:
                           "page/api_opponents": round(medians["page"] / medians["api_opponents"], 2)}))
         loads = browser_timings(server.url, args.browser_loads)
         if loads:
+            first, loads = loads[0], loads[1:]
+            print(json.dumps({"row": "browser: first navigation of a fresh browser (ms from start)",
+                              **{key: None if value is None else round(value, 1) for key, value in first.items()}}))
             summary = {key: round(statistics.median(r[key] for r in loads if r[key] is not None), 1)
                        for key in ("response", "paint", "loaded") if any(r[key] is not None for r in loads)}
-            print(json.dumps({"row": "browser navigation (ms from start, median)", **summary, "loads": len(loads)}))
+            print(json.dumps({"row": "browser: later navigations (ms from start, median)", **summary,
+                              "loads": len(loads)}))
         else:
             print(json.dumps({"row": "browser", "skipped": "no chromium/chromedriver/selenium"}))
     engine.close()
