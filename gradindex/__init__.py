@@ -4,7 +4,8 @@ Pipeline (one function per stage)::
 
     featurize(task, out)            -> FeatureStore   per-example projected gradients
     build_index(store, IndexConfig) -> GradIndex      √w-scaled vectors in FAISS
-    Attributor.open(store).attribute(queries, k) -> TopK
+    Attributor.open(store).attribute(queries, k) -> TopK   (.opponents(queries, k): the most negative)
+    write_html_report(store, inputs, "report.html")         the explorer's view as one HTML file
 
 The names below are imported on first use (PEP 562), so ``import gradindex`` and the
 commands that compute nothing (``--help``, ``info``) load neither torch nor FAISS.
@@ -30,6 +31,7 @@ _EXPORTS = {
     "build_index": "gradindex.index",
     "featurize": "gradindex.features.run",
     "load_task": "gradindex.task",
+    "write_html_report": "gradindex.eval.html_report",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -52,6 +54,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static checkers and IDEs see the eager imports
     from gradindex.config import FeaturizeConfig, IndexConfig, ProjectionConfig
+    from gradindex.eval.html_report import write_html_report
     from gradindex.errors import GradIndexError
     from gradindex.features.run import featurize
     from gradindex.index import GradIndex, TopK, build_index

@@ -12,11 +12,18 @@ import dataclasses
 import enum
 import math
 import numbers
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gradindex.errors import ConfigError
+
+
+def gradindex_home() -> Path:
+    """``$GRADINDEX_HOME`` (default ``~/.cache/gradindex``): this user's checkpoints, cache and trust records."""
+    return Path(os.environ.get("GRADINDEX_HOME", Path.home() / ".cache" / "gradindex"))
 
 
 #: Gram damping relative to each group's mean eigenvalue, λ_g = damping · trace(G_g) / k_g. 0.1 measured

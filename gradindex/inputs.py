@@ -59,3 +59,19 @@ def read_npy(path: str | Path, what: str = "an array") -> np.ndarray:
 def _reason(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
+
+
+def resample_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``image [H, W(, C)]`` at ``[height, width(, C)]``: each output pixel the mean of the input block it
+    covers (area averaging when shrinking; nearest pixel when the input is smaller)."""
+    image = np.asarray(image, dtype=np.float64)
+    if image.ndim not in (2, 3) or min(image.shape[:2]) < 1:
+        raise ConfigError(f"image: expected [H, W] or [H, W, 3] pixels, got shape {image.shape}")
+
+    def blocks(size: int, target: int) -> list[np.ndarray]:
+        if size >= target:
+            return np.array_split(np.arange(size), target)
+        return [np.array([i * size // target]) for i in range(target)]
+
+    rows, cols = blocks(image.shape[0], height), blocks(image.shape[1], width)
+    return np.array([[image[np.ix_(r, c)].mean(axis=(0, 1)) for c in cols] for r in rows])

@@ -166,6 +166,14 @@ class Task:
                                   f"got {type(inputs).__name__}")
             return self.load_queries(path)
 
+    def query_from_image(self, image: np.ndarray, fields: dict[str, Any]) -> Any:
+        """JSON ``inputs`` (as :meth:`queries_from_json` reads them) for one uploaded image ``[H, W]``
+        or ``[H, W, 3]`` (values 0..1) and the user's other ``fields`` (a label, a prompt); used by
+        ``gradindex serve``'s page. Default: this task takes no image uploads (its query files can be
+        uploaded instead)."""
+        raise ConfigError(f"task {type(self).__name__} takes no image uploads; upload a query file "
+                          "(the format its load_queries reads) or type the query as JSON")
+
     def render(self, item: Any) -> np.ndarray | None:
         """An image ``[H, W]`` or ``[H, W, 3]`` of one example, for reports; None if not visual."""
         return None
@@ -416,7 +424,7 @@ def task_code_error(err: BaseException) -> str | None:
         owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames[:1] else None
         if isinstance(owner, Task) and not type(owner).__module__.startswith("gradindex."):
             hook = hook or f"{type(owner).__name__}.{frame.f_code.co_name}"
-            user_files.update(_defining_files(type(owner)))
+            user_files.update(defining_files(type(owner)))
         elif str(frame.f_globals.get("__name__", "")).startswith(_FILE_MODULE_PREFIX):
             hook = hook or f"{frame.f_code.co_name} (module {frame.f_code.co_filename})"
             user_files.add(frame.f_code.co_filename)
@@ -432,7 +440,7 @@ def task_code_error(err: BaseException) -> str | None:
     return f"task hook {hook} {what}{location}"
 
 
-def _defining_files(cls: type) -> set[str]:
+def defining_files(cls: type) -> set[str]:
     """Source files of ``cls`` and of its non-gradindex base classes."""
     files = set()
     for klass in cls.__mro__:

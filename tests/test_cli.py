@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -96,9 +97,16 @@ def test_demo_writes_report(tmp_path):
     png = tmp_path / "demo" / "topk.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((tmp_path / "demo" / "store" / "indexes" / "all").glob("b-*/part-*.faiss"))
+    html = (tmp_path / "demo" / "report.html").read_text()  # the explorer's view beside the PNG
+    assert html.count('<article class="answer"') == 2 and "opponents" in html and "html report:" in result.output
+    lines = result.output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("query 0")) + 2  # past the table's header
+    printed = [int(line.split()[1]) for line in lines[start:start + 3]]
+    shown = [int(i) for i in re.findall(r'data-sample-id="(\d+)"', html.split('class="hits opponents"')[0])]
+    assert shown == printed
 
 
 def test_help_for_every_command():
-    for command in ["demo", "groups", "featurize", "build-index", "query", "info"]:
+    for command in ["demo", "groups", "featurize", "build-index", "query", "info", "report"]:
         result = run(command, "--help")
         assert result.exit_code == 0 and "Usage:" in result.output

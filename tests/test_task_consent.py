@@ -115,7 +115,7 @@ def test_builtin_tasks_need_no_consent(base, tmp_path):
 
 def test_the_store_featurize_returns_trusts_its_own_task(tmp_path):
     path = make_store(tmp_path)
-    store = FeatureStore.open(path)
+    store = FeatureStore.open(copy_store(path, tmp_path / "copy"))  # a copy elsewhere: foreign (test_store_trust.py)
     with pytest.raises(GradIndexError, match="--trust-task"):
         load_store_task(store)
     from gradindex.features.run import featurize

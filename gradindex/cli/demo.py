@@ -5,7 +5,8 @@ In: a task spec and an output folder. Out: ``OUT/checkpoint.pt``, ``OUT/store``
 measures, with weights learned from generated queries by the default objective,
 top-k agreement), ``OUT/topk.png``, for a task with concepts ``OUT/concepts.png`` (each query
 beside its top-k per concept, captions green where the hit shares the query's value of
-the concept), and a :class:`DemoResult` the CLI prints.
+the concept), ``OUT/report.html`` (the explorer's view of the same queries: proponents and
+opponents per concept, one self-contained file) and a :class:`DemoResult` the CLI prints.
 
 Queries come from ``task.sample_queries(model, n)``: held-out examples for a
 classifier, generated samples for a generator.
@@ -26,6 +27,7 @@ from gradindex.features.run import featurize, training_table
 from gradindex.index import TopK, build_index
 from gradindex.weights.learn import learn_weights
 from gradindex.query.attributor import Attributor
+from gradindex.eval.html_report import write_html_report
 from gradindex.eval.report import write_concept_grid, write_topk_grid
 from gradindex.task import Task, load_task
 
@@ -43,6 +45,7 @@ class DemoResult:
     concept_png: Path | None = None
     #: per concept: mean fraction of the top-k that share the query's value of the concept
     concept_precision: dict[str, float] = field(default_factory=dict)
+    html: Path | None = None
 
 
 def run_demo(task_spec: str = "digits", out: str | Path = "gradindex-demo", k: int = 5, num_queries: int = 6,
@@ -122,7 +125,9 @@ def run_demo(task_spec: str = "digits", out: str | Path = "gradindex-demo", k: i
                                          title=f"{task_spec}: each query's top-{k} per concept (green: shares "
                                                "the query's value)")
     precision = {concept: float(np.mean(values)) for concept, values in matches.items() if values}
-    return DemoResult(out, store.path, png, result_rows, seconds, concept_png, precision)
+    html = write_html_report(store, queries, out / "report.html", ("all", *task.concepts), k=k, device=device,
+                             title=f"{task_spec}: queries, their top-{k} proponents and opponents")
+    return DemoResult(out, store.path, png, result_rows, seconds, concept_png, precision, html)
 
 
 def _hits(task: Task, train: Sequence, position: dict[int, int], top: TopK, q: int) -> list[dict[str, Any]]:

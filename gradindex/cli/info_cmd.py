@@ -53,6 +53,8 @@ def demo(ctx, task_spec: str, out: Path, k: int, num_queries: int, task_options,
         click.echo(f"report:  {result.png}")
     if result.concept_png:
         click.echo(f"concept report: {result.concept_png}")
+    if result.html:
+        click.echo(f"html report: {result.html} (open it in a browser; `gradindex serve {result.store}` explores more)")
 
 
 @main.command()

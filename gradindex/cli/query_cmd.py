@@ -33,6 +33,9 @@ from gradindex.cli.options import (
 @click.option("--concept", default="all", show_default=True, help="Concept partition to search.")
 @click.option("-k", type=int, default=10, show_default=True, help="Training examples per query.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per query on stdout.")
+@click.option("--opponents", is_flag=True,
+              help="Also the k most negative scores (training examples that pushed the model away from the "
+                   "query), searched with the negated query on the same index; --json adds \"opponents\".")
 @checkpoint_option
 @device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Queries per backward pass.")
@@ -56,7 +59,7 @@ from gradindex.cli.options import (
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="With --tokens: also write a page with each document's tokens shaded by score.")
 @apply_options(trust_options)
-def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_size, nprobe, ef_search, rerank,
+def query(store_path, inputs, concept, k, as_json, opponents, checkpoint, device, batch_size, nprobe, ef_search, rerank,
           no_prune, shared, all_scores, out, with_tokens, html_path, ray_address, ray_timeout, actors, trust_task,
           task_spec) -> None:
     """Top-k training examples of STORE for every query in --inputs.
@@ -99,7 +102,12 @@ def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_siz
         top, tokens = attribute_tokens(attributor, queries, k=k, batch_size=batch_size)
     else:
         top = attributor.attribute(queries, k=k, batch_size=batch_size)
-    records = result_records(top, metadata_lookup(attributor.store, top.sample_ids))
+    if opponents:  # token scores are for the proponents only
+        bottom = attributor.opponents(queries, k=k, batch_size=batch_size)
+        records = result_records(top, metadata_lookup(attributor.store, top.sample_ids), bottom,
+                                 metadata_lookup(attributor.store, bottom.sample_ids))
+    else:
+        records = result_records(top, metadata_lookup(attributor.store, top.sample_ids))
     if with_tokens:
         add_tokens(records, tokens)
     captions = [attributor.task.describe(item) for item in queries]
@@ -109,6 +117,9 @@ def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_siz
         else:
             click.echo(f"query {q}: {captions[q]}" if captions[q] else f"query {q}")
             echo_table([_table_row(result) for result in record["results"]])
+            if opponents:
+                click.echo("opponents (most negative first):")
+                echo_table(record["opponents"])
             click.echo("")
     if html_path is not None:
         from gradindex.query.tokens import write_token_page
@@ -184,6 +195,8 @@ def serve(store_path, concepts, host, port, max_batch, max_wait_ms, max_body_mb,
                         lm: a list of JSONL query records)
     GET  /v1/health     {"status": "ok", ...}
     GET  /v1/info       what `gradindex info` shows, plus batching counters
+    GET  /             the explorer page: pick or upload a query, see its proponents
+                        and opponents, the concept's weights (docs/serve.md; not with --ray)
 
     Listens on 127.0.0.1 (loopback) unless --host says otherwise. Concurrent requests are
     batched (--max-batch, --max-wait-ms). Needs `pip install 'gradindex[serve]'`. With --ray

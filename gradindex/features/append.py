@@ -32,6 +32,7 @@ from gradindex.store.feature_store import (
     FeatureStore, modify_manifest, remove_temporaries, remove_unlisted_shards, remove_unused_grams,
     write_gram, write_shard, writer_lock,
 )
+from gradindex.store.trust import record_own_store
 from gradindex.task import Task
 
 
@@ -108,4 +109,6 @@ def _append(task: Task, store: FeatureStore, checkpoint: str | Path | None, devi
                 "appended": [*current.get("appended", []), appended]}
 
     remove_unused_grams(store.storage, modify_manifest(store.storage, change))
-    return FeatureStore.open(store.storage, task=task.spec()["task"]), int(len(new_rows))
+    appended_store = FeatureStore.open(store.storage, task=task.spec()["task"])
+    record_own_store(appended_store.path, appended_store.manifest, task)  # the task file may have changed
+    return appended_store, int(len(new_rows))

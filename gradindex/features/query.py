@@ -29,6 +29,7 @@ from gradindex.features.gradients import GradientProjector
 from gradindex.features.precondition import Damping, QueryPreconditioner
 from gradindex.features.projection import check_projection_format
 from gradindex.store.feature_store import FeatureStore, open_store
+from gradindex.store.trust import own_store_verdict
 from gradindex.task import Task, is_builtin_spec, load_task, model_fingerprint, resolve_spec
 
 
@@ -39,7 +40,9 @@ def load_store_task(store: FeatureStore, trust_task: bool = False, task: str | N
     that is not built in (a ``file.py:Class`` or ``module:Class`` spec) runs only with consent:
     ``trust_task`` (``--trust-task``), or ``task`` (``--task SPEC``) naming the same spec; either may
     also come with the store (``FeatureStore.open(path, trust_task=..., task=...)``; a store that
-    ``featurize`` returns carries its own task). Otherwise a one-line :class:`TaskConsentError`.
+    ``featurize`` returns carries its own task). A store this user featurized on this machine from a
+    task file that is unchanged since needs none (:func:`~gradindex.store.trust.own_store_verdict`).
+    Otherwise a one-line :class:`TaskConsentError` saying which (a foreign store, a changed file).
     """
     spec = store.manifest["task"]
     name = spec["task"]
@@ -48,10 +51,12 @@ def load_store_task(store: FeatureStore, trust_task: bool = False, task: str | N
         raise TaskConsentError(f"{store.path}: the store's task is {name!r}, not {given!r}; pass the store's own "
                                "spec with --task, or --trust-task to run the store's task")
     if given is None and not (trust_task or store.trust_task or is_builtin_spec(name)):
-        raise TaskConsentError(
-            f"{store.path}: the store names task code {name!r} that is not built in; run it only if you trust "
-            f"the store: pass --task '{name}' or --trust-task (Python: trust_task=True)"
-        )
+        own, why = own_store_verdict(store.path, store.manifest)
+        if not own:
+            raise TaskConsentError(
+                f"{store.path}: the store names task code {name!r} that is not built in and {why}; run it only "
+                f"if you trust it: pass --task '{name}' or --trust-task (Python: trust_task=True)"
+            )
     return load_task(name, spec.get("options", {}))
 
 

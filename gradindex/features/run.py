@@ -49,6 +49,7 @@ from gradindex.store.feature_store import (
     write_shard,
     writer_lock,
 )
+from gradindex.store.trust import record_own_store
 from gradindex.task import Task, make_batch, model_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -202,7 +203,9 @@ def commit_store(
     """Write the Gram matrices, then the manifest (last): the store is complete.
 
     Call with the store's writer lock held. The returned store carries the user's consent to
-    run ``task`` (it was given as an object, not read from a manifest).
+    run ``task`` (it was given as an object, not read from a manifest), and a record in
+    ``$GRADINDEX_HOME`` keeps it for later commands while the task file is unchanged
+    (:mod:`gradindex.store.trust`).
     """
     check_sidecars(path, shards, run.run_key)
     group_names = [g.name for g in run.groups]
@@ -224,7 +227,9 @@ def commit_store(
         **(extra or {}),
     }
     remove_unused_grams(path, commit_manifest(path, manifest))
-    return FeatureStore.open(path, task=task.spec()["task"])
+    store = FeatureStore.open(path, task=task.spec()["task"])
+    record_own_store(store.path, store.manifest, task)  # later commands here need no --trust-task
+    return store
 
 
 def featurize(

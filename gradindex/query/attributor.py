@@ -29,6 +29,7 @@ from gradindex.config import (
 )
 from gradindex.index import GradIndex, TopK
 from gradindex.features.query import QueryFeaturizer, load_store_task
+from gradindex.query.opponents import search_opponents
 from gradindex.store.feature_store import FeatureStore, open_store
 from gradindex.weights.group_weights import GroupWeights, learned_weights, scaled_vectors, stored_vector_blocks
 
@@ -84,6 +85,17 @@ class Attributor:
         require_positive(k, "k")
         return self.index.search(self.query_vectors(dataset, batch_size), k)
 
+    def opponents(self, dataset: Sequence, k: int = 10, batch_size: int = 64) -> TopK:
+        """The ``k`` most negative scores for every query item (ascending; :mod:`~gradindex.query.opponents`)."""
+        return self.attribute_both(dataset, k, batch_size)[1]
+
+    def attribute_both(self, dataset: Sequence, k: int = 10, batch_size: int = 64) -> tuple[TopK, TopK]:
+        """``(proponents, opponents)``: the top-``k`` and bottom-``k`` of every query item, from one
+        query featurization."""
+        require_positive(k, "k")
+        vectors = self.query_vectors(dataset, batch_size)
+        return self.index.search(vectors, k), search_opponents(self.index, vectors, k)
+
     def close(self) -> None:
         self.featurizer.close()
 
@@ -137,19 +149,27 @@ def metadata_lookup(store: FeatureStore, sample_ids: np.ndarray) -> dict[str, np
     return MetadataTable.read(store).lookup(sample_ids)
 
 
-def result_records(top: TopK, metadata: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+def result_records(top: TopK, metadata: Mapping[str, np.ndarray], opponents: TopK | None = None,
+                   opponent_metadata: Mapping[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
     """``query --json``'s objects (and ``serve``'s): per query row ``{"query": q, "results": [{"rank",
     "sample_id", "score", **metadata}]}``, ranks from 1, ``-1`` ids left out. ``metadata``: ``{name: [n, k]}``
-    (:meth:`MetadataTable.lookup`)."""
+    (:meth:`MetadataTable.lookup`). With ``opponents`` (the bottom-k, ascending) each object also has
+    ``"opponents"``: the same rows for them (rank 1 = the most negative score)."""
     records = []
     for q in range(len(top)):
-        results = [
-            {"rank": rank + 1, "sample_id": int(sid), "score": float(score),
-             **{name: _plain(values[q, rank]) for name, values in metadata.items()}}
-            for rank, (sid, score) in enumerate(zip(top.sample_ids[q], top.scores[q])) if sid >= 0
-        ]
-        records.append({"query": q, "results": results})
+        record = {"query": q, "results": _rows(top, metadata, q)}
+        if opponents is not None:
+            record["opponents"] = _rows(opponents, opponent_metadata or {}, q)
+        records.append(record)
     return records
+
+
+def _rows(top: TopK, metadata: Mapping[str, np.ndarray], q: int) -> list[dict[str, Any]]:
+    return [
+        {"rank": rank + 1, "sample_id": int(sid), "score": float(score),
+         **{name: _plain(values[q, rank]) for name, values in metadata.items()}}
+        for rank, (sid, score) in enumerate(zip(top.sample_ids[q], top.scores[q])) if sid >= 0
+    ]
 
 
 def _plain(value: Any) -> Any:

@@ -7,6 +7,7 @@ Routes:
   ``{"results": [{"query": i, "results": [{"rank", "sample_id", "score", ...metadata}]}]}``,
   the objects ``gradindex query --json`` prints, in the same order.
 * ``GET /v1/health`` — ``{"status": "ok", "concepts": [...]}``.
+* ``GET /`` and ``POST /upload`` — the explorer page (:mod:`gradindex.serve.page`).
 * ``GET /v1/info`` — ``gradindex info``'s summary of the store, the served concepts, the
   limits and the batching counters (:meth:`MicroBatcher.stats`).
 
@@ -51,8 +52,9 @@ def error_response(status: int, message: str) -> Response:
     return json_response({"error": " ".join(str(message).split())}, status)
 
 
-def create_app(engine: AttributionEngine) -> FastAPI:
-    """The API over ``engine``; the batcher starts and stops with the app (ASGI lifespan)."""
+def create_app(engine: AttributionEngine, page: bool = True) -> FastAPI:
+    """The API over ``engine``; the batcher starts and stops with the app (ASGI lifespan).
+    ``page``: also the explorer page at ``/`` (:mod:`gradindex.serve.page`)."""
     config = engine.config
     batcher: MicroBatcher = MicroBatcher(engine.answer, config.max_batch, config.max_wait_ms / 1000)
 
@@ -104,6 +106,10 @@ def create_app(engine: AttributionEngine) -> FastAPI:
     async def info() -> Response:
         return json_response({**engine.info(), "batching": batcher.stats()})
 
+    if page:
+        from gradindex.serve.page import add_page_routes
+
+        add_page_routes(app, engine)  # GET / (the explorer page) and POST /upload
     return app
 
 

@@ -2,10 +2,11 @@
 
 In: a store and one :class:`~gradindex.query.attributor.Attributor` per served concept (model,
 projections, preconditioner and index loaded once; the index may live on Ray,
-:mod:`gradindex.serve.ray_serve`). A request body ``{"inputs": ..., "k": 10, "concept": "all"}``
+:mod:`gradindex.serve.ray_serve`). A request body ``{"inputs": ..., "k": 10, "concept": "all", "opponents": false}``
 is checked and turned into query items by the task's ``queries_from_json`` (:meth:`parse`).
 Out: for a batch of parsed requests, each request's list of
-``{"query": i, "results": [{"rank", "sample_id", "score", ...metadata}]}`` — built by
+``{"query": i, "results": [{"rank", "sample_id", "score", ...metadata}]}`` (with ``"opponents": true``
+also ``"opponents"``: the bottom-k, most negative first) — built by
 :func:`~gradindex.query.attributor.result_records`, the function behind ``query --json``.
 
 A batch runs one query featurization per concept (all its requests' queries together)
@@ -26,11 +27,12 @@ import torch
 from gradindex.config import SearchConfig, ServeConfig
 from gradindex.errors import ConfigError
 from gradindex.query.attributor import Attributor, MetadataTable, result_records
+from gradindex.query.opponents import search_opponents
 from gradindex.store.feature_store import FeatureStore, open_store
 from gradindex.eval.summary import store_summary
 from gradindex.index.topk import TopK
 
-REQUEST_KEYS = ("inputs", "k", "concept")
+REQUEST_KEYS = ("inputs", "k", "concept", "opponents")
 DEFAULT_K = 10
 QUERY_BATCH_SIZE = 64  # queries per backward pass, as `gradindex query --batch-size`'s default
 
@@ -42,6 +44,7 @@ class AttributeRequest:
     queries: Sequence
     k: int
     concept: str
+    opponents: bool = False
 
 
 class AttributionEngine:
@@ -101,10 +104,13 @@ class AttributionEngine:
         concept = body.get("concept", "all" if "all" in self.attributors else self.concepts[0])
         if concept not in self.attributors:
             raise ConfigError(f"request: concept {concept!r} is not served here; served: {', '.join(self.concepts)}")
+        opponents = body.get("opponents", False)
+        if not isinstance(opponents, bool):
+            raise ConfigError(f"request: opponents must be true or false, got {opponents!r}")
         queries = self.attributors[concept].task.queries_from_json(body["inputs"])
         if not 1 <= len(queries) <= self.config.max_queries:
             raise ConfigError(f"request: expected 1..{self.config.max_queries} queries, got {len(queries)}")
-        return AttributeRequest(queries, k, concept)
+        return AttributeRequest(queries, k, concept, opponents)
 
     def answer(self, requests: Sequence[AttributeRequest]) -> list[list[dict[str, Any]]]:
         """Each request's ``query --json`` objects (queries numbered from 0 within the request)."""
@@ -120,13 +126,23 @@ class AttributionEngine:
                 chosen = [j for j, i in enumerate(members) if requests[i].k == k]
                 rows = np.concatenate([np.arange(bounds[j], bounds[j + 1]) for j in chosen])
                 top = attributor.index.search(vectors[rows], k)
+                wanted = any(requests[members[j]].opponents for j in chosen)
+                bottom = search_opponents(attributor.index, vectors[rows], k) if wanted else None
                 start = 0
                 for j in chosen:
                     stop = start + int(bounds[j + 1] - bounds[j])
-                    part = TopK(top.scores[start:stop], top.sample_ids[start:stop])
-                    answers[members[j]] = result_records(part, self.metadata.lookup(part.sample_ids))
+                    answers[members[j]] = self._records(top, bottom if requests[members[j]].opponents else None,
+                                                        start, stop)
                     start = stop
         return answers
+
+    def _records(self, top: TopK, bottom: TopK | None, start: int, stop: int) -> list[dict[str, Any]]:
+        """``query --json``'s objects of rows ``start:stop`` of a batch's answers."""
+        part = TopK(top.scores[start:stop], top.sample_ids[start:stop])
+        if bottom is None:
+            return result_records(part, self.metadata.lookup(part.sample_ids))
+        low = TopK(bottom.scores[start:stop], bottom.sample_ids[start:stop])
+        return result_records(part, self.metadata.lookup(part.sample_ids), low, self.metadata.lookup(low.sample_ids))
 
     def info(self) -> dict[str, Any]:
         """``gradindex info``'s summary of the store, plus what this server answers."""

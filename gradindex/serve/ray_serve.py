@@ -96,7 +96,7 @@ def api_builder(store_path: str, concepts: Sequence[str], config: dict[str, Any]
                                               checkpoint, device)
             warn_if_weights_changed(store, concept, index)
             attributors[concept] = Attributor(featurizer, index)
-        return create_app(AttributionEngine(store, attributors, ServeConfig.from_dict(config)))
+        return create_app(AttributionEngine(store, attributors, ServeConfig.from_dict(config)), page=False)
 
     return build
 

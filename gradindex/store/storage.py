@@ -41,6 +41,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
+from gradindex.config import gradindex_home
 from gradindex.errors import ArtifactNotFoundError, ConfigError, GradIndexError, ObjectStoreError, StoreMismatchError
 from gradindex.store.settings import s3_settings
 
@@ -115,7 +116,7 @@ def cache_root() -> Path:
     """``$GRADINDEX_CACHE``, else ``$GRADINDEX_HOME/cache`` (``~/.cache/gradindex/cache``)."""
     if os.environ.get("GRADINDEX_CACHE"):
         return Path(os.environ["GRADINDEX_CACHE"])
-    return Path(os.environ.get("GRADINDEX_HOME", Path.home() / ".cache" / "gradindex")) / "cache"
+    return gradindex_home() / "cache"
 
 
 # -- opening a location ------------------------------------------------------------------------

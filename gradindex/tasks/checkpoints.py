@@ -16,13 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradindex.config import gradindex_home  # noqa: F401 (re-exported: the built-in tasks' cache)
 from gradindex.errors import ArtifactNotFoundError, StoreMismatchError
 
 logger = logging.getLogger(__name__)
-
-
-def gradindex_home() -> Path:
-    return Path(os.environ.get("GRADINDEX_HOME", Path.home() / ".cache" / "gradindex"))
 
 
 def save_checkpoint(model: nn.Module, arch: Any, path: str | Path) -> Path:

@@ -42,7 +42,7 @@ from torch import nn
 
 from gradindex.config import require_positive
 from gradindex.errors import ArtifactNotFoundError, ConfigError
-from gradindex.inputs import read_npz
+from gradindex.inputs import read_npz, resample_image
 from gradindex.task import Task, json_array
 from gradindex.tasks.checkpoints import gradindex_home, load_or_train, save_checkpoint
 from gradindex.tasks.concepts import FACTORS, ConceptConfig, ConceptImages, generate
@@ -214,6 +214,17 @@ class DiffusionTask(Task):
         the arrays of a query ``.npz``."""
         images, prompts, _ = self._json_fields(inputs)
         return self._query_arrays(images, prompts, "inputs")
+
+    def query_from_image(self, image: np.ndarray, fields: dict[str, Any]) -> dict[str, Any]:
+        """An uploaded image (0..1) resampled to the task's size as 0..255 RGB, with the prompt's fields
+        (``{"subject": ..., "style": ..., "background": ...}``; names of their values) as one query."""
+        size = self.concept_config.image_size
+        pixels = resample_image(image, size, size)
+        pixels = np.repeat(pixels[..., None], 3, axis=2) if pixels.ndim == 2 else pixels
+        rgb = np.clip(np.round(pixels * 255), 0, 255).astype(int)
+        if not all(isinstance(value, str) for value in fields.values()):
+            raise ConfigError(f"fields: expected names (strings) for {', '.join(FACTORS)}, got {fields}")
+        return {"images": [rgb.tolist()], **{name: [value] for name, value in fields.items()}}
 
     def _json_fields(self, inputs: Any, extra: tuple[str, ...] = ()) -> tuple[np.ndarray, list, dict[str, np.ndarray]]:
         """``(images [n, H, W, 3] uint8, prompts [(subject, style, background)], {extra field: array})``

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradindex.errors import ConfigError
-from gradindex.inputs import read_npy, read_npz
+from gradindex.inputs import read_npy, read_npz, resample_image
 from gradindex.task import Task, json_array
 from gradindex.tasks.checkpoints import gradindex_home, load_or_train, save_checkpoint
 from gradindex.tasks.classification import margin
@@ -149,6 +149,18 @@ class DigitsTask(Task):
         y = inputs.get("y")
         return self._query_arrays(json_array(inputs["x"], "inputs.x"), None if y is None else json_array(y, "inputs.y"),
                                   "inputs")
+
+    def query_from_image(self, image: np.ndarray, fields: dict) -> dict:
+        """An uploaded image ``[H, W]`` or ``[H, W, 3]`` (0..1) → ``{"x": [[8 x 8 pixels 0..16]], "y": [label]}``:
+        grey, ink the darker side unless the background is dark, block-averaged to 8 x 8; ``fields``:
+        optional ``{"y": label}`` (default -1, the model's prediction)."""
+        if set(fields) - {"y"}:
+            raise ConfigError(f"fields: digits queries take only 'y' (a label 0..9), got {sorted(fields)}")
+        small = resample_image(image, 8, 8)
+        small = small.mean(axis=2) if small.ndim == 3 else small
+        small = 1.0 - small if small.mean() > 0.5 else small  # dark ink on a light page, or light on dark
+        small = small / small.max() if small.max() > 0 else small
+        return {"x": [np.round(small * 16).tolist()], "y": [int(fields.get("y", -1))]}
 
     def _query_arrays(self, x: np.ndarray, y: np.ndarray | None, where: str) -> Sequence:
         """Queries from pixels ``x [n, 8, 8] or [n, 64]`` (0..16) and labels ``y [n]`` (-1: the model's prediction)."""
