@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -32,24 +31,9 @@ from starlette.exceptions import HTTPException
 from gradindex.errors import GradIndexError
 from gradindex.serve.batcher import MicroBatcher
 from gradindex.serve.engine import AttributionEngine
+from gradindex.serve.http import RequestError, error_response, json_response, read_body
 
 logger = logging.getLogger(__name__)
-
-
-class RequestError(Exception):
-    """A request the server refuses: HTTP ``status`` and a one-line message."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-def json_response(body: Any, status: int = 200) -> Response:
-    return Response(json.dumps(body), status_code=status, media_type="application/json")
-
-
-def error_response(status: int, message: str) -> Response:
-    return json_response({"error": " ".join(str(message).split())}, status)
 
 
 def create_app(engine: AttributionEngine, page: bool = True) -> FastAPI:
@@ -111,20 +95,6 @@ def create_app(engine: AttributionEngine, page: bool = True) -> FastAPI:
 
         add_page_routes(app, engine)  # GET / (the explorer page) and POST /upload
     return app
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes (declared or streamed)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise RequestError(413, f"request body over the limit of {limit} bytes (--max-body-mb)")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"request body over the limit of {limit} bytes (--max-body-mb)")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _refuse_constant(name: str) -> None:

@@ -46,6 +46,7 @@ from gradindex.eval.view import (
 from gradindex.features.run import training_table
 from gradindex.inputs import read_npz
 from gradindex.serve.engine import AttributeRequest, AttributionEngine
+from gradindex.serve.http import error_response, json_response, read_body
 from gradindex.task import default_queries
 
 GALLERY_SIZE = 24
@@ -233,8 +234,6 @@ def unit_range(array: np.ndarray) -> np.ndarray:
 
 def add_page_routes(app: FastAPI, engine: AttributionEngine) -> None:
     """``GET /`` and ``POST /upload`` on ``app`` (the API's, so lookups share its batcher)."""
-    from gradindex.serve.app import error_response, json_response, read_body
-
     explorer = Explorer(engine)
     explorer.warm_up()
     app.state.explorer = explorer
