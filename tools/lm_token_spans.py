@@ -10,7 +10,7 @@ object as the scored span (``"lovu lives in" -> "sirel ."``). The store is featu
 * on hits, the share whose top span (maximum-sum token run) contains the fact's object token, and the
   share whose top span overlaps the stating sentence;
 * the largest relative gap between a document's token-score sum and its sequence score;
-* the time of a plain lookup and of a lookup with token heatmaps (same process, same queries).
+* the time of a plain lookup and of a lookup with token heatmaps (same process, same queries, best of two).
 
     python tools/lm_token_spans.py --out /tmp/lm-spans [--proj-dim 256] [--preconditioner gram]
 """
@@ -73,12 +73,15 @@ def main() -> None:
     facts = [f for f in task.corpus.facts if len(f.sequences) == 1][: args.limit]
     queries = task.queries_from_json([task.corpus.query(f) for f in facts])
     attributor = Attributor.open(store, trust_task=True)
-    started = time.perf_counter()
-    plain = attributor.attribute(queries, k=1)
-    plain_s = time.perf_counter() - started
-    started = time.perf_counter()
-    top, tokens = attribute_tokens(attributor, queries, k=1)
-    tokens_s = time.perf_counter() - started
+    plain_times, token_times = [], []
+    for _ in range(2):  # best of two, alternating (a shared machine)
+        started = time.perf_counter()
+        plain = attributor.attribute(queries, k=1)
+        plain_times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        top, tokens = attribute_tokens(attributor, queries, k=1)
+        token_times.append(time.perf_counter() - started)
+    plain_s, tokens_s = min(plain_times), min(token_times)
     assert np.array_equal(top.sample_ids, plain.sample_ids)
     hits = covered = overlapping = 0
     gap = 0.0
