@@ -15,9 +15,15 @@ HF conv1d, conv2d, embedding) are projected side by side, ``Σ_t (P_l u_t)(P_r v
 (``t`` runs over tokens, pixels, noise draws), and never form the ``[left, right]``
 per-example gradient; a conv's input side is
 projected by convolving with ``P_r`` reshaped as kernels (no unfold). Generic
-blocks (norms, odd parameters) get exact per-example gradients from a
-module-local vector-Jacobian product (``torch.func.vmap`` over the captured
-inputs and ``δ``) and a dense projection.
+blocks (norms, attention, recurrent layers, odd parameters) get exact per-example
+gradients from a module-local vector-Jacobian product (``torch.func.vmap`` over the
+captured inputs and ``δ``; a per-row loop where vmap cannot trace the module) and a
+dense projection. A generic module may take and return nested tuples (attention's
+``(output, weights)``, an LSTM's ``(output, (h, c))``): every output tensor that
+reaches the loss has its ``δ`` recorded, and where the examples sit in each input and
+output comes from :mod:`gradindex.features.layouts` (``batch_first=False`` layouts,
+attention masks, recurrent states). :meth:`GradientProjector.record` leaves the
+recorded calls for :mod:`gradindex.features.positions` (token heatmaps).
 
 A module's leading dimension may be ``R·B`` (``R`` contiguous copies per example,
 e.g. noise draws); rows are summed per example. The blocks of a tied tensor (same
