@@ -67,10 +67,10 @@ def _model(kind, root):
     return model
 
 
-def _train(model, root, callback, epochs=2):
+def _train(model, root, callback, epochs=2, save_steps=0):
     args = transformers.TrainingArguments(
         output_dir=str(root / "out"), per_device_train_batch_size=4, num_train_epochs=epochs, learning_rate=5e-3,
-        save_strategy="no", logging_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, logging_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
         dataloader_num_workers=0)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_dataset(), data_collator=_collate,
                                    callbacks=[callback])
@@ -129,6 +129,9 @@ def test_every_n_steps_and_resumed_blocks_are_kept(tmp_path):
     _train(_model("gpt2", tmp_path), tmp_path, again, epochs=1)
     assert [b["step"] for b in again.blocks] == [2, 1, 3]  # step 2 kept from the first run
     assert len(again.stores()) == 3
+    saves = GradindexCallback(store=tmp_path / "saves", every="save", proj_dim=8)
+    _train(_model("gpt2", tmp_path), tmp_path, saves, epochs=1, save_steps=2)
+    assert [b["step"] for b in saves.blocks] == [2, 3]  # the Trainer saves at step 2 and at the end
 
 
 def test_refuses_distributed_training_and_bad_options(tmp_path):
