@@ -113,7 +113,7 @@ class GradindexCallback(transformers.TrainerCallback):
             return  # written before (a resumed run)
         block = self.root / name
         model_dir = block / "model"
-        model.save_pretrained(model_dir)
+        _save_quietly(model, model_dir)
         task = HFCausalLMTask(model=str(model_dir), train_file=str(self.root / "train.jsonl"), bos_id=-1)
         task.load_model = lambda checkpoint: model  # featurize the live model (same weights as model_dir)
         device = str(next(model.parameters()).device)
@@ -179,6 +179,18 @@ def sequences(dataset: Any) -> list[list[int]]:
             ids = [v for v, keep in zip(ids, _as_list(mask)) if keep]
         out.append(ids)
     return out
+
+
+def _save_quietly(model: Any, directory: Path) -> None:
+    """``save_pretrained`` without transformers' progress bar (one per event would clutter the training log)."""
+    hf_logging = transformers.utils.logging
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(directory)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def _as_list(value: Any) -> list:
