@@ -67,10 +67,10 @@ def _model(kind, root):
     return model
 
 
-def _train(model, root, callback, epochs=2):
+def _train(model, root, callback, epochs=2, save_steps=0):
     args = transformers.TrainingArguments(
         output_dir=str(root / "out"), per_device_train_batch_size=4, num_train_epochs=epochs, learning_rate=5e-3,
-        save_strategy="no", logging_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, logging_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
         dataloader_num_workers=0)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_dataset(), data_collator=_collate,
                                    callbacks=[callback])
@@ -108,6 +108,26 @@ def test_blocks_equal_a_post_hoc_featurize(kind, tmp_path):
         if previous is not None:
             assert not np.allclose(previous, got[store.groups[0]])  # the model moved between checkpoints
         previous = got[store.groups[0]]
+    if kind == "gpt2":  # TracIn over the checkpoints: Σ_b lr_b · (gradient dot products at block b)
+        from gradindex.config import IndexConfig, Preconditioner
+        from gradindex.features.query import load_store_task, query_group_features
+        from gradindex.index.build import build_index
+        from gradindex.integrations.hf_callback import checkpoint_scores
+
+        queries = tmp_path / "q2.jsonl"
+        queries.write_text(json.dumps({"prompt_ids": [1, 30, 31], "completion_ids": [32, 33]}) + "\n")
+        expected = 0
+        for block in listing:
+            store = FeatureStore.open(tmp_path / "gi" / block["store"] / "store", trust_task=True)
+            build_index(store, IndexConfig(kind="flat", preconditioner=Preconditioner.IDENTITY), show_progress=False)
+            store_task = load_store_task(store)
+            items = store_task.load_queries(queries)
+            psi = query_group_features(store, items, preconditioner=Preconditioner.IDENTITY)  # −P∇m(q)
+            _, phi = store.read()
+            expected = expected + block["learning_rate"] * sum(psi[g] @ phi[g].T for g in store.groups)
+        ids, tracin = checkpoint_scores(tmp_path / "gi", queries)
+        assert list(ids) == list(range(12)) and tracin.shape == (1, 12)
+        np.testing.assert_allclose(tracin, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
     last = tmp_path / "gi" / listing[-1]["store"] / "store"
     runner = CliRunner()
     assert runner.invoke(main, ["-q", "build-index", str(last)]).exit_code == 0
@@ -129,6 +149,9 @@ def test_every_n_steps_and_resumed_blocks_are_kept(tmp_path):
     _train(_model("gpt2", tmp_path), tmp_path, again, epochs=1)
     assert [b["step"] for b in again.blocks] == [2, 1, 3]  # step 2 kept from the first run
     assert len(again.stores()) == 3
+    saves = GradindexCallback(store=tmp_path / "saves", every="save", proj_dim=8)
+    _train(_model("gpt2", tmp_path), tmp_path, saves, epochs=1, save_steps=2)
+    assert [b["step"] for b in saves.blocks] == [2, 3]  # the Trainer saves at step 2 and at the end
 
 
 def test_refuses_distributed_training_and_bad_options(tmp_path):

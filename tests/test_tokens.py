@@ -96,3 +96,20 @@ def test_top_span_is_the_maximum_sum_run():
     scores = torch.randn(30, generator=torch.Generator().manual_seed(3)).tolist()
     best = max((sum(scores[a:b]), (a, b)) for a in range(30) for b in range(a + 1, 31))
     assert top_span(scores) == best[1]
+
+
+def test_tasks_without_a_token_axis_are_one_clear_error(toy_store, tmp_path):
+    import shutil
+
+    from gradindex.errors import ConfigError
+    from gradindex.index.build import build_index
+    from gradindex.query.attributor import Attributor
+    from gradindex.query.tokens import attribute_tokens
+    from gradindex.store.feature_store import FeatureStore
+
+    shutil.copytree(str(toy_store.path), tmp_path / "store")  # the session fixture stays without an index
+    store = FeatureStore.open(tmp_path / "store", trust_task=True)
+    build_index(store, show_progress=False)
+    attributor = Attributor.open(store, trust_task=True)
+    with pytest.raises(ConfigError, match="ToyTask has no token axis"):
+        attribute_tokens(attributor, attributor.task.query_dataset()[:2], k=2)

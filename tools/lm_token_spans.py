@@ -7,10 +7,11 @@ object as the scored span (``"lovu lives in" -> "sirel ."``). The store is featu
 (:func:`gradindex.query.tokens.attribute_tokens`) scores the tokens of each top-1 sequence. Prints:
 
 * top-1 hit rate: the top-1 sequence states the fact;
-* on hits, the share whose top span (maximum-sum token run) contains the fact's object token, and the
-  share whose top span overlaps the stating sentence;
+* on hits, the share whose top span (maximum-sum token run) contains the fact's object token, the token
+  before it (a causal LM predicts the object from that position's output), and the share whose top
+  span overlaps the stating sentence;
 * the largest relative gap between a document's token-score sum and its sequence score;
-* the time of a plain lookup and of a lookup with token heatmaps (same process, same queries).
+* the time of a plain lookup and of a lookup with token heatmaps (same process, same queries, best of two).
 
     python tools/lm_token_spans.py --out /tmp/lm-spans [--proj-dim 256] [--preconditioner gram]
 """
@@ -73,14 +74,17 @@ def main() -> None:
     facts = [f for f in task.corpus.facts if len(f.sequences) == 1][: args.limit]
     queries = task.queries_from_json([task.corpus.query(f) for f in facts])
     attributor = Attributor.open(store, trust_task=True)
-    started = time.perf_counter()
-    plain = attributor.attribute(queries, k=1)
-    plain_s = time.perf_counter() - started
-    started = time.perf_counter()
-    top, tokens = attribute_tokens(attributor, queries, k=1)
-    tokens_s = time.perf_counter() - started
+    plain_times, token_times = [], []
+    for _ in range(2):  # best of two, alternating (a shared machine)
+        started = time.perf_counter()
+        plain = attributor.attribute(queries, k=1)
+        plain_times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        top, tokens = attribute_tokens(attributor, queries, k=1)
+        token_times.append(time.perf_counter() - started)
+    plain_s, tokens_s = min(plain_times), min(token_times)
     assert np.array_equal(top.sample_ids, plain.sample_ids)
-    hits = covered = overlapping = 0
+    hits = covered = overlapping = predicting = 0
     gap = 0.0
     scale = np.abs(top.scores).max()
     for q, fact in enumerate(facts):
@@ -94,11 +98,13 @@ def main() -> None:
         start, stop = top_span([t["score"] for t in scored])
         if where is not None:
             covered += start <= where[2] < stop
+            predicting += start <= where[2] - 1 < stop  # the position whose output predicts the object
             overlapping += start < where[1] and where[0] < stop
     print(f"{len(facts)} facts stated once; preconditioner {args.preconditioner}, proj_dim {args.proj_dim}")
     print(f"top-1 is the stating sequence: {hits}/{len(facts)} = {hits / len(facts):.3f}")
     if hits:
         print(f"on those, the top span contains the object token: {covered}/{hits} = {covered / hits:.3f}; "
+              f"contains the token before it (whose output predicts it): {predicting}/{hits} = {predicting / hits:.3f}; "
               f"overlaps the stating sentence: {overlapping}/{hits} = {overlapping / hits:.3f}")
     print(f"max |token sum - sequence score| / max score: {gap:.2e}")
     print(f"lookup {plain_s:.2f} s, with token heatmaps {tokens_s:.2f} s (ratio {tokens_s / plain_s:.1f}), "

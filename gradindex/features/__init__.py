@@ -9,7 +9,10 @@ Modules, in the order the data flows:
 
 * :mod:`~gradindex.features.groups` — parameter groups of a model (default: one per module; rules).
 * :mod:`~gradindex.features.projection` — seeded per-group projections (dense, Kronecker-factored).
+* :mod:`~gradindex.features.layouts` — where the examples sit in a module's inputs and outputs (``batch_first``,
+  attention masks, recurrent states).
 * :mod:`~gradindex.features.gradients` — per-example gradients projected without forming them.
+* :mod:`~gradindex.features.positions` — a score split over the positions (tokens) of each example.
 * :mod:`~gradindex.features.precondition` — per-group Gram accumulation and the damped inverse ``H_g⁻¹``.
 * :mod:`~gradindex.features.run` — :func:`~gradindex.features.run.featurize`: the run, resumable, into a store.
 * :mod:`~gradindex.features.append` — :func:`~gradindex.features.append.featurize_append`: new training data.

@@ -15,9 +15,15 @@ HF conv1d, conv2d, embedding) are projected side by side, ``Σ_t (P_l u_t)(P_r v
 (``t`` runs over tokens, pixels, noise draws), and never form the ``[left, right]``
 per-example gradient; a conv's input side is
 projected by convolving with ``P_r`` reshaped as kernels (no unfold). Generic
-blocks (norms, odd parameters) get exact per-example gradients from a
-module-local vector-Jacobian product (``torch.func.vmap`` over the captured
-inputs and ``δ``) and a dense projection.
+blocks (norms, attention, recurrent layers, odd parameters) get exact per-example
+gradients from a module-local vector-Jacobian product (``torch.func.vmap`` over the
+captured inputs and ``δ``; a per-row loop where vmap cannot trace the module) and a
+dense projection. A generic module may take and return nested tuples (attention's
+``(output, weights)``, an LSTM's ``(output, (h, c))``): every output tensor that
+reaches the loss has its ``δ`` recorded, and where the examples sit in each input and
+output comes from :mod:`gradindex.features.layouts` (``batch_first=False`` layouts,
+attention masks, recurrent states). :meth:`GradientProjector.record` leaves the
+recorded calls for :mod:`gradindex.features.positions` (token heatmaps).
 
 A module's leading dimension may be ``R·B`` (``R`` contiguous copies per example,
 e.g. noise draws); rows are summed per example. The blocks of a tied tensor (same
@@ -42,7 +48,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from gradindex.config import ProjectionConfig
 from gradindex.errors import TaskError
 from gradindex.features.groups import TRANSPOSED_KINDS, ParameterGroup, part_owners
-from gradindex.features.layouts import call_layouts, module_batch_dims, output_rows
+from gradindex.features.layouts import call_layouts, module_batch_dims, output_rows, tensor_leaves
 from gradindex.features.projection import BlockProjector, make_block_projector
 
 logger = logging.getLogger(__name__)
@@ -112,6 +118,18 @@ class GradientProjector:
             name: sum(blocks[i].out_dim for i in part_owners([bp.block for bp in blocks]))
             for name, blocks in self.projectors.items()
         }
+
+    def recorded_calls(self, position: int) -> list[_Call]:
+        """What :meth:`record` left for block ``position`` (blocks in group order): one entry per module call."""
+        return self._calls.get(position, [])
+
+    def host_module(self, bp: BlockProjector) -> nn.Module:
+        """The module whose forward ``bp``'s gradients are taken through."""
+        return self._modules[bp.block.module]
+
+    def clear(self) -> None:
+        """Drop what :meth:`record` left."""
+        self._calls = {}
 
     def __call__(self, compute: Callable[[], torch.Tensor], verify: bool = False) -> dict[str, torch.Tensor]:
         """Run ``compute()`` (per-example scalars ``[B]``) and return ``{group: [B, k_g]}``.
@@ -223,13 +241,13 @@ class GradientProjector:
             call = _Call(batch_dim=self._batch_dims.get(block.module, 0))
             replaced = None
             if block.kind == "generic":
-                leaves = _tensor_leaves(output)
+                leaves = tensor_leaves(output)
                 if sum(leaf.requires_grad for leaf in leaves) > 1:
                     # one output may be computed from another inside the module (an LSTM cell's h from c):
                     # the gradient edge of the inner one would also carry what reaches it through the other.
                     # Copies receive only what the rest of the model sends back to each output.
                     replaced = tree_map(_copy_if_grad, output)
-                    leaves = _tensor_leaves(replaced)
+                    leaves = tensor_leaves(replaced)
                 rows = output_rows(module, call.batch_dim, output)
                 call.layouts = call_layouts(module, call.batch_dim, args, kwargs, output, rows)
             elif isinstance(output, torch.Tensor):
@@ -289,12 +307,12 @@ class GradientProjector:
                 if not call.deltas:
                     continue
                 grads = self._generic_gradients(bp, call)
-                phi = bp.dense(_per_example(grads, batch, bp.block.module).sum(1))
+                phi = bp.dense(per_example(grads, batch, bp.block.module).sum(1))
             else:
                 if call.left is None or call.right is None:
                     continue  # the output did not reach the loss: zero gradient
-                left = _per_example(call.left, batch, bp.block.module)
-                right = _per_example(call.right, batch, bp.block.module)
+                left = per_example(call.left, batch, bp.block.module)
+                right = per_example(call.right, batch, bp.block.module)
                 phi = bp.combine(left, right)
             out = phi if out is None else out + phi
         return torch.zeros(batch, bp.out_dim, device=self.device) if out is None else out
@@ -333,7 +351,7 @@ class GradientProjector:
             args, kwargs = tree_unflatten(full, spec)
 
             def local(q: dict) -> tuple:
-                outputs = _tensor_leaves(torch.func.functional_call(module, q, args, kwargs))
+                outputs = tensor_leaves(torch.func.functional_call(module, q, args, kwargs))
                 return tuple(outputs[leaf] for leaf in chosen)
 
             _, vjp = torch.func.vjp(local, p)
@@ -343,7 +361,7 @@ class GradientProjector:
         with warnings.catch_warnings():
             # torch's notice that vmap falls back to a loop for an op (attention, RNN kernels): a speed
             # note for torch's developers, not the user's concern
-            warnings.filterwarnings("ignore", message=_VMAP_FALLBACK_NOTICE, category=UserWarning)
+            warnings.filterwarnings("ignore", message=VMAP_FALLBACK_NOTICE, category=UserWarning)
             try:
                 return torch.func.vmap(row_gradient, in_dims=(None, dims, out_dims))(params, leaves, deltas)
             except Exception as err:  # vmap cannot trace every forward (GRU); the row loop is exact too
@@ -407,7 +425,8 @@ def _gradient_target(output: torch.Tensor) -> torch.Tensor:
     return output
 
 
-_VMAP_FALLBACK_NOTICE = r"There is a performance drop because we have not yet implemented the batching rule"
+#: torch's notice that vmap loops over an op without a batching rule (a note for torch's developers)
+VMAP_FALLBACK_NOTICE = r"There is a performance drop because we have not yet implemented the batching rule"
 
 
 def _host_rule(bp: BlockProjector, group: str) -> str:
@@ -415,10 +434,6 @@ def _host_rule(bp: BlockProjector, group: str) -> str:
     prefix = f"{bp.block.module}." if bp.block.module else ""
     pattern = f"{prefix}*" if len(bp.block.params) > 1 else prefix + bp.block.params[0]
     return f"'{pattern}={group or bp.block.module or bp.block.params[0]}@'"
-
-
-def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
-    return [leaf for leaf in tree_flatten(tree)[0] if isinstance(leaf, torch.Tensor)]
 
 
 def _copy_if_grad(value: Any) -> Any:
@@ -467,7 +482,7 @@ def _project_conv_input(x: torch.Tensor, module: nn.Conv2d, bp: BlockProjector) 
     return matrix[:, 0].expand(rows, out_hw[0] * out_hw[1], -1)
 
 
-def _per_example(rows: torch.Tensor, batch: int, module: str) -> torch.Tensor:
+def per_example(rows: torch.Tensor, batch: int, module: str) -> torch.Tensor:
     """``[B', ..., k] -> [B, R·..., k]`` where ``B' = R·B`` holds R contiguous copies per example."""
     if rows.shape[0] % batch:
         raise TaskError(

@@ -88,13 +88,13 @@ def call_layouts(module: nn.Module, batch_dim: int, args: tuple, kwargs: dict, o
         return _attention_layouts(module, args, kwargs, output)
     if isinstance(module, nn.RNNBase):
         return _rnn_layouts(module, args, kwargs, output)
-    return ([_plain(leaf, batch_dim, rows) for leaf in _tensor_leaves((args, kwargs))],
-            [_plain(leaf, batch_dim, rows) for leaf in _tensor_leaves(output)])
+    return ([_plain(leaf, batch_dim, rows) for leaf in tensor_leaves((args, kwargs))],
+            [_plain(leaf, batch_dim, rows) for leaf in tensor_leaves(output)])
 
 
 def output_rows(module: nn.Module, batch_dim: int, output: Any) -> int:
     """How many examples (or copies) a call saw: the size of its first output along the examples' dimension."""
-    leaves = _tensor_leaves(output)
+    leaves = tensor_leaves(output)
     if not leaves:
         raise TaskError(f"module {type(module).__name__} returned no tensor; it cannot be attributed")
     first = leaves[0]
@@ -106,7 +106,8 @@ def _plain(leaf: torch.Tensor, dim: int, rows: int) -> LeafLayout:
     return LeafLayout(dim) if leaf.ndim > dim and leaf.shape[dim] == rows else SHARED
 
 
-def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
+def tensor_leaves(tree: Any) -> list[torch.Tensor]:
+    """The tensors of a nested output or argument structure, in pytree order."""
     return [leaf for leaf in tree_flatten(tree)[0] if isinstance(leaf, torch.Tensor)]
 
 
@@ -133,7 +134,7 @@ def _attention_layouts(module: nn.MultiheadAttention, args: tuple, kwargs: dict,
 
     inputs = _by_position(module, args, kwargs, layout)
     outputs = [LeafLayout(seq) if batched else SHARED]
-    if len(_tensor_leaves(output)) > 1:  # attention weights [B, (heads,) T, S]
+    if len(tensor_leaves(output)) > 1:  # attention weights [B, (heads,) T, S]
         outputs.append(LeafLayout(0) if batched else SHARED)
     return inputs, outputs
 
@@ -153,7 +154,7 @@ def _rnn_layouts(module: nn.RNNBase, args: tuple, kwargs: dict,
         return LeafLayout(seq if name == "input" else hidden)
 
     inputs = _by_position(module, args, kwargs, layout)
-    count = len(_tensor_leaves(output))
+    count = len(tensor_leaves(output))
     return inputs, [LeafLayout(seq)] + [LeafLayout(hidden)] * (count - 1)
 
 
@@ -163,7 +164,7 @@ def _by_position(module: nn.Module, args: tuple, kwargs: dict, layout) -> list[L
     names = list(signature.parameters)
     out = []
     for position, value in enumerate(args):
-        out.extend(layout(names[position], leaf) for leaf in _tensor_leaves(value))
+        out.extend(layout(names[position], leaf) for leaf in tensor_leaves(value))
     for name, value in kwargs.items():
-        out.extend(layout(name, leaf) for leaf in _tensor_leaves(value))
+        out.extend(layout(name, leaf) for leaf in tensor_leaves(value))
     return out

@@ -31,9 +31,8 @@ from typing import Any
 
 import torch
 
-from gradindex.features.gradients import (
-    _VMAP_FALLBACK_NOTICE, GradientProjector, _Call, _per_example, _tensor_leaves,
-)
+from gradindex.features.gradients import VMAP_FALLBACK_NOTICE, GradientProjector, _Call, per_example
+from gradindex.features.layouts import tensor_leaves
 from gradindex.features.groups import part_owners
 from gradindex.features.projection import BlockProjector
 
@@ -51,13 +50,13 @@ def position_scores(projector: GradientProjector, compute: Callable[[], torch.Te
             direction = directions[group.name].to(projector.device, torch.float32)
             for offset, bp in enumerate(blocks):
                 part = direction[:, slices[bp.block.tie or offset]]  # [Q, out_dim]
-                for call in projector._calls[position]:
+                for call in projector.recorded_calls(position):
                     share = _call_positions(projector, bp, call, part, batch, length)
                     if share is not None:
                         out = share if out is None else out + share
                 position += 1
     finally:
-        projector._calls = {}
+        projector.clear()
     if out is None:
         return torch.zeros(batch, length, len(next(iter(directions.values()))), device=projector.device)
     return out
@@ -88,18 +87,18 @@ def _call_positions(projector: GradientProjector, bp: BlockProjector, call: _Cal
         rows_, positions = left.shape[0], left.shape[1]
         phi = bp.combine(left.reshape(rows_ * positions, 1, -1), right.reshape(rows_ * positions, 1, -1))
         rows = (phi @ part.T).reshape(rows_, positions, -1)  # [B', T, Q]
-    per_example = _per_example(rows.flatten(1), batch, bp.block.module)  # [B, R·T·Q]
-    per_example = per_example.reshape(batch, -1, rows.shape[1], rows.shape[2]).sum(1)  # copies summed
+    examples = per_example(rows.flatten(1), batch, bp.block.module)  # [B, R·T·Q]
+    examples = examples.reshape(batch, -1, rows.shape[1], rows.shape[2]).sum(1)  # copies summed
     if rows.shape[1] == length:
-        return per_example
-    return per_example.sum(1, keepdim=True).expand(batch, length, -1) / length  # spread evenly
+        return examples
+    return examples.sum(1, keepdim=True).expand(batch, length, -1) / length  # spread evenly
 
 
 def _generic_positions(projector: GradientProjector, bp: BlockProjector, call: _Call, part: torch.Tensor,
                        length: int) -> torch.Tensor:
     """``[B', length, Q]``: one VJP of the call per (row, position), vmapped, each with the output gradient
     kept at that row and position only (outputs without a position axis: the row's, spread evenly)."""
-    module = projector._modules[bp.block.module]
+    module = projector.host_module(bp)
     names = bp.block.params
     params = {name: module.get_parameter(name).detach() for name in names}
     dense = bp.dense
@@ -112,7 +111,7 @@ def _generic_positions(projector: GradientProjector, bp: BlockProjector, call: _
     position_axes = [_position_axis(delta, dim, length) for delta, dim in zip(deltas, batch_dims)]
 
     def local(p: dict) -> tuple:
-        outputs = _tensor_leaves(torch.func.functional_call(module, p, call.args, call.kwargs))
+        outputs = tensor_leaves(torch.func.functional_call(module, p, call.args, call.kwargs))
         return tuple(outputs[leaf] for leaf in chosen)
 
     try:  # forward mode: one JVP per direction, ⟨(J v)_t, δ_t⟩ at every position at once
@@ -135,7 +134,7 @@ def _generic_positions(projector: GradientProjector, bp: BlockProjector, call: _
     per_vjp = sum(p.numel() for p in params.values()) + sum(d.numel() for d in deltas)
     chunk = max(1, (1 << 24) // per_vjp)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_VMAP_FALLBACK_NOTICE, category=UserWarning)
+        warnings.filterwarnings("ignore", message=VMAP_FALLBACK_NOTICE, category=UserWarning)
         out = torch.func.vmap(share, chunk_size=chunk)(row_hot, position_hot)  # [B'·L, Q]
     return out.reshape(rows, length, -1)
 

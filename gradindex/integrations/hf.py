@@ -80,6 +80,7 @@ def _load_adapter(model: nn.Module, directory: Path) -> nn.Module:
 
 def __getattr__(name: str) -> Any:
     if name == "GradindexCallback":  # imports transformers: only when asked for
+        import_transformers()  # the install hint rather than an ImportError
         from gradindex.integrations.hf_callback import GradindexCallback
 
         return GradindexCallback

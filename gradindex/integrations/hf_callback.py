@@ -14,7 +14,8 @@ whose trainable parameters are the adapters) on a dataset with an ``input_ids`` 
   named in its manifest, so ``build-index``, ``query`` and ``query --tokens`` work on
   it with no extra featurize pass;
 * ``checkpoints.json`` — ``[{"step", "epoch", "learning_rate", "store", "model"}]``,
-  the learning rates a TracIn-over-checkpoints sum weights the blocks by.
+  the learning rates a TracIn-over-checkpoints sum weights the blocks by
+  (:func:`checkpoint_scores`).
 
 It equals a post-hoc ``gradindex featurize gradindex.integrations.hf:HFCausalLMTask``
 of the same model directory and ``train.jsonl`` (``bos_id=-1``: the sequences are
@@ -33,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import transformers
 
 from gradindex.config import FeaturizeConfig, GroupRule, ProjectionConfig
@@ -111,7 +113,7 @@ class GradindexCallback(transformers.TrainerCallback):
             return  # written before (a resumed run)
         block = self.root / name
         model_dir = block / "model"
-        model.save_pretrained(model_dir)
+        _save_quietly(model, model_dir)
         task = HFCausalLMTask(model=str(model_dir), train_file=str(self.root / "train.jsonl"), bos_id=-1)
         task.load_model = lambda checkpoint: model  # featurize the live model (same weights as model_dir)
         device = str(next(model.parameters()).device)
@@ -132,6 +134,36 @@ class GradindexCallback(transformers.TrainerCallback):
         return [FeatureStore.open(self.root / block["store"] / "store", trust_task=True) for block in self.blocks]
 
 
+def checkpoint_scores(store: str | Path, inputs: str | Path, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """TracIn over the callback's checkpoints: ``Σ_b lr_b · score_b(q, x)`` for the queries in ``inputs``.
+
+    Returns ``(sample_ids [N], scores [n, N])``. Each block is scored exactly from its store under its
+    own setting (:func:`gradindex.query.attributor.score_setting`: its index's preconditioner and weights
+    when built, else Gram) — build each block's index with ``--preconditioner identity`` for TracIn's
+    plain gradient dot products. A block without a recorded learning rate counts with weight 1.
+    """
+    from gradindex.query.attributor import all_scores
+
+    root = Path(store)
+    listing = root / "checkpoints.json"
+    if not listing.is_file():
+        raise ConfigError(f"{root}: no checkpoints.json; is it a GradindexCallback store directory?")
+    total, ids = None, None
+    for block in json.loads(listing.read_text()):
+        opened = FeatureStore.open(root / block["store"] / "store", trust_task=True)
+        _, parts = all_scores(opened, inputs, batch_size=batch_size)
+        block_ids, scores = zip(*parts)
+        block_ids, scores = np.concatenate(block_ids), np.concatenate(scores, axis=1)
+        rate = block["learning_rate"] if block["learning_rate"] is not None else 1.0
+        if ids is not None and not np.array_equal(ids, block_ids):
+            raise ConfigError(f"{root}: block {block['store']} holds other training examples than the first block")
+        ids = block_ids
+        total = rate * scores if total is None else total + rate * scores
+    if total is None:
+        raise ConfigError(f"{root}: checkpoints.json lists no block yet")
+    return ids, total
+
+
 def sequences(dataset: Any) -> list[list[int]]:
     """Token ids of every training example, in dataset order: its ``input_ids`` (without padding where an
     ``attention_mask`` marks it)."""
@@ -147,6 +179,18 @@ def sequences(dataset: Any) -> list[list[int]]:
             ids = [v for v, keep in zip(ids, _as_list(mask)) if keep]
         out.append(ids)
     return out
+
+
+def _save_quietly(model: Any, directory: Path) -> None:
+    """``save_pretrained`` without transformers' progress bar (one per event would clutter the training log)."""
+    hf_logging = transformers.utils.logging
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(directory)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def _as_list(value: Any) -> list:
