@@ -310,12 +310,29 @@ def make_batch(task: Task, dataset: Sequence, indices: Sequence[int] | np.ndarra
     """``task.collate`` of the given dataset positions.
 
     A ``TensorDataset`` under the default collate is indexed once per tensor (the same list
-    of stacked tensors ``default_collate`` builds item by item, a few times faster).
+    of stacked tensors ``default_collate`` builds item by item, a few times faster). Every tensor
+    of the batch is made contiguous (:func:`contiguous_batch`), a user's collate's too.
     """
     if isinstance(dataset, torch.utils.data.TensorDataset) and type(task).collate is Task.collate:
         index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        return [tensor[index] for tensor in dataset.tensors]
-    return task.collate([dataset[int(i)] for i in indices])
+        return [tensor[index].contiguous() for tensor in dataset.tensors]
+    return contiguous_batch(task.collate([dataset[int(i)] for i in indices]))
+
+
+def contiguous_batch(batch: Any) -> Any:
+    """``batch`` (a tensor, or dicts/lists/tuples of them) with every tensor in row-major layout.
+
+    torch 2.13's oneDNN convolution backward corrupts the heap on AVX2-only CPUs when its input has
+    channels-last strides (an ``[n, H, W, C]`` array ``permute``d to ``[n, C, H, W]``); see
+    docs/cpu-portability.md and tools/repro_onednn_channels_last.py. A no-op for contiguous tensors.
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch.contiguous()
+    if isinstance(batch, dict):
+        return {key: contiguous_batch(value) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return type(batch)(contiguous_batch(value) for value in batch)
+    return batch
 
 
 def is_builtin_spec(spec: str) -> bool:
