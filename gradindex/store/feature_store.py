@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
+from gradindex.store.owned import OWNED, clear_owned, store_files
 from gradindex.store.schema import FORMAT_VERSION, manifest_paths, validate_manifest
 from gradindex.store.storage import (  # noqa: F401  (the file helpers are imported from here by other modules)
     LocalStorage, Storage, atomic_write_bytes, file_lock, inside_root, open_storage, sha256_file, temporary_path,
@@ -252,17 +253,29 @@ def prepare_store(path: str | Path | Storage, overwrite: bool = False, resume: b
     """
     storage = open_storage(path)
     storage.make_root()
+    refuse_foreign_folder(storage, overwrite)
     if storage.exists(MANIFEST):
         if not overwrite:
             raise ConfigError(f"{storage} already holds a feature store; pass --overwrite to replace it")
         with storage.lock(LOCK_FILE):
             storage.delete(MANIFEST)
     if not resume:
-        for target in [SHARD_DIR, "indexes", *gram_files(storage)]:
-            storage.delete_tree(target)
+        clear_owned(storage)  # only what a store wrote: a user's file in DIR/indexes/ stays
     storage.remove_temporaries(["", SHARD_DIR])
     storage.make_root(SHARD_DIR)
     return storage.root if storage.local else storage
+
+
+def refuse_foreign_folder(storage: Storage, overwrite: bool) -> None:
+    """A one-line error when ``storage`` holds files no store writes and no manifest, unless ``overwrite``
+    (which writes the store beside them: :func:`~gradindex.store.owned.clear_owned` never deletes them)."""
+    _, foreign = store_files(storage)
+    if foreign and not overwrite and not storage.exists(MANIFEST):
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise ConfigError(
+            f"{storage} is not empty and holds no feature store ({foreign[0]!r}{more}); featurize into a new or "
+            "empty folder, or pass --overwrite to write the store beside those files (they are kept)"
+        )
 
 
 def write_arrays(path: str | Path, arrays: Mapping[str, np.ndarray]) -> str:
@@ -286,9 +299,10 @@ def write_gram(path: str | Path | Storage, grams: Mapping[str, np.ndarray]) -> d
 
 
 def gram_files(path: str | Path | Storage) -> list[str]:
-    """The Gram files in the store's root (names relative to it)."""
+    """The Gram files a store wrote in its root (names relative to it; a user's ``gram-x.npz`` is not one)."""
     storage = open_storage(path)
-    return sorted([*storage.names("", "gram-*.npz"), *storage.names("", GRAM_FILE)])
+    return sorted(name for name in [*storage.names("", "gram-*.npz"), *storage.names("", GRAM_FILE)]
+                  if OWNED.fullmatch(name))
 
 
 def remove_unused_grams(path: str | Path | Storage, manifest: Mapping[str, Any] | None) -> None:
