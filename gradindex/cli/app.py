@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from gradindex import faults
 from gradindex.errors import GradIndexError
 
 
@@ -87,6 +88,8 @@ def main(quiet: bool, verbose: bool) -> None:
     Per-example projected gradients → Parquet feature store → FAISS index →
     top-k attribution lookups. Start with `gradindex demo`.
     """
+    faults.enable()  # a native crash names the command and stage (gradindex.faults)
+    faults.set_stage(click.get_current_context().invoked_subcommand or "gradindex")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     package_logger = logging.getLogger("gradindex")
