@@ -49,6 +49,7 @@ from gradindex.store.feature_store import (
     write_shard,
     writer_lock,
 )
+from gradindex import faults
 from gradindex.task import Task, make_batch, model_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ class FeaturizeRun:
 def prepare_run(task: Task, config: FeaturizeConfig, checkpoint: str | Path | None, device: torch.device,
                 limit: int | None = None) -> FeaturizeRun:
     """Load the model on ``device``, resolve its groups, read the training table and derive the run key."""
-    model = task.load_model(checkpoint).to(device).eval()
+    with faults.stage(f"load model ({type(task).__name__}.load_model)"):
+        model = task.load_model(checkpoint).to(device).eval()
     groups = resolve_groups(task, model, config)
     dataset, ids, metadata = training_table(task)
     if limit is not None:
@@ -126,8 +128,9 @@ def featurize_shard(
     its features ``{group: [stop - start, k_g]}`` in the storage dtype.
     """
     shard_index, start, stop = shard
-    feats = featurize_rows(task, run.model, run.dataset, range(start, stop), projector, config.batch_size,
-                           device, storage_dtype(config), verify_first=(start == 0), bar=bar)
+    with faults.stage(f"featurize shard {shard_index} (rows {start}-{stop})"):
+        feats = featurize_rows(task, run.model, run.dataset, range(start, stop), projector, config.batch_size,
+                               device, storage_dtype(config), verify_first=(start == 0), bar=bar)
     info = write_shard(store, shard_index, run.ids[start:stop], feats,
                        {name: values[start:stop] for name, values in run.metadata.items()}, run.run_key)
     if info.rows != stop - start:
