@@ -159,6 +159,9 @@ INT32_MAX = 2**31 - 1
 MAX_NLIST = 1 << 16  # direction cells per norm band
 MAX_BANDS = 32  # the top band would hold 2^-31 of the norms
 MAX_HNSW_M = 512
+MIN_HNSW_M = 2
+MAX_LR = 100.0  # Adam steps on softplus weight logits: far beyond it every step overshoots (and 1e39 is not a float32)
+MAX_REGULARIZATION = 1e6  # the pull towards uniform already dominates any objective (SNR is O(1)) far below it
 MAX_EF = 1 << 16  # HNSW beam widths (efConstruction, efSearch)
 MAX_STEPS = 100_000  # weight-learning Adam steps
 MAX_MODELS = 100_000  # LDS retrained models
@@ -386,6 +389,8 @@ class IndexConfig(_Config):
                 raise ConfigError(f"IndexConfig.{name}: expected a non-negative integer (0 = auto), got {value!r}")
             require_at_most(value, limits.get(name), f"IndexConfig.{name}")
         require_positive(self.hnsw_m, "IndexConfig.hnsw_m", maximum=MAX_HNSW_M)
+        if self.hnsw_m < MIN_HNSW_M:  # FAISS's HNSW with M = 1 has no level multiplier (1/ln 1): it segfaults
+            raise ConfigError(f"IndexConfig.hnsw_m: expected at least {MIN_HNSW_M} graph neighbours, got {self.hnsw_m}")
         require_positive(self.ef_construction, "IndexConfig.ef_construction", maximum=MAX_EF)
         if self.keep_vectors not in (None, True, False):
             raise ConfigError(f"IndexConfig.keep_vectors: expected true, false or null, got {self.keep_vectors!r}")
@@ -507,8 +512,8 @@ class LearnConfig(_Config):
             require_positive(getattr(self, name), f"LearnConfig.{name}", maximum=MAX_STEPS if name == "steps" else None)
         object.__setattr__(self, "damping", parse_damping(self.damping, "LearnConfig.damping"))
         object.__setattr__(self, "regularization", require_number(self.regularization, "LearnConfig.regularization",
-                                                                  minimum=0))
-        object.__setattr__(self, "lr", require_number(self.lr, "LearnConfig.lr", above=0))
+                                                                  minimum=0, maximum=MAX_REGULARIZATION))
+        object.__setattr__(self, "lr", require_number(self.lr, "LearnConfig.lr", above=0, maximum=MAX_LR))
         _require_seed(self.seed, "LearnConfig.seed")
         if self.top_k >= self.reference_size:
             raise ConfigError(f"LearnConfig.top_k: expected fewer than reference_size ({self.reference_size}) "

@@ -31,12 +31,16 @@ which of its queries were fitted on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import inspect
+import math
 import sys
-from collections.abc import Mapping, Sequence
+import types
+import typing
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +49,7 @@ import torch
 from torch import nn
 
 from gradindex.config import GroupRule, QuerySplit, parse_enum
-from gradindex.errors import ArtifactNotFoundError, ConfigError, TaskError
+from gradindex.errors import ArtifactNotFoundError, ConfigError, TaskConsentError, TaskError
 
 
 class Task:
@@ -375,7 +379,11 @@ def load_task(spec: str, options: dict[str, Any] | None = None) -> Task:
         if unknown:
             raise ConfigError(f"task {spec!r}: unknown option(s) {', '.join(unknown)}; it accepts "
                               f"{', '.join(accepted) or 'no options'}")
-        task = cls(**{**defaults, **options})
+        check_option_types(spec, cls, options)
+        try:
+            task = cls(**{**defaults, **options})
+        except (TypeError, ValueError, OverflowError) as err:
+            raise ConfigError(f"task {spec!r}: options {short_repr(options)} rejected ({err})") from None
     else:
         cls = _import_task_class(spec)
         try:
@@ -386,6 +394,65 @@ def load_task(spec: str, options: dict[str, Any] | None = None) -> Task:
         raise TaskError(f"task {spec!r}: {type(task).__name__} is not a subclass of gradindex.Task")
     task._spec = resolve_spec(spec)
     return task
+
+
+@contextlib.contextmanager
+def training_refused(task: Task, why: str | None) -> Iterator[None]:
+    """Within the block, ``task.train`` raises ``TaskConsentError(why)`` (``why`` None: no change): a
+    built-in task's ``load_model`` trains its default checkpoint when none is cached, and a store's
+    options (``epochs``, ``seed``) must not make a query train."""
+    if why is None:
+        yield
+        return
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise TaskConsentError(why)
+
+    task.train = refuse
+    try:
+        yield
+    finally:
+        del task.train
+
+
+def short_repr(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a one-line error never echoes a megabyte)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def check_option_types(spec: str, cls: type, options: dict[str, Any]) -> None:
+    """A one-line ``ConfigError`` unless every option value fits the type the built-in task's
+    ``__init__`` annotates (``int``: an integer, not a bool, within int64; ``float``: a finite number;
+    ``str``; ``bool``; ``None`` where the annotation allows it). Options come from ``--task-option``
+    (JSON values) and from a store's manifest, so ``null``, objects, lists and ``1e400`` reach here."""
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation that does not evaluate: nothing to check against
+        return
+    for name, value in options.items():
+        hint = hints.get(name)
+        if hint is None:
+            continue
+        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        if not any(_fits(value, kind) for kind in allowed):
+            names = " or ".join("null" if kind is type(None) else getattr(kind, "__name__", str(kind))
+                                for kind in allowed)
+            raise ConfigError(f"task {spec!r}: option {name} expects {names}, got {short_repr(value)}")
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is str:
+        return isinstance(value, str)
+    return True  # another annotation (Any, a container): the task checks it
 
 
 def task_options(cls: type) -> list[str] | None:

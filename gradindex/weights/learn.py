@@ -376,7 +376,8 @@ def learn_from_features(store: FeatureStore, raw_query_features: Mapping[str, np
     resolved, _, _ = resolve_setting(config, values is not None)
     weights, diagnostics = fit_weights(scores, config, values if resolved is LearnMethod.AGREEMENT else None)
     if not np.all(np.isfinite(weights)):
-        raise ConfigError(f"weight learning diverged (non-finite weights) with lr {config.lr:g}; lower --lr")
+        raise ConfigError(f"weight learning diverged (non-finite weights) with lr {config.lr:g} and regularization "
+                          f"{config.regularization:g}; lower --lr or --regularization")
     setting = {**config.to_dict(), "damping": damping}  # the resolved damping: what the index must use
     info = {
         "method": resolved.value,
