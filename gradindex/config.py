@@ -520,6 +520,12 @@ class LearnConfig(_Config):
                               f"training examples, got {self.top_k} (the top-k would be the whole sample: SNR 0)")
 
 
+#: ``serve`` limits: a batch waits at most a minute for company (1e308 ms never answered), and a request
+#: body is at most 4 GiB (1e308 MiB overflowed the byte count: every request failed)
+MAX_WAIT_MS = 60_000.0
+MAX_BODY_MB = 4096.0
+
+
 @dataclass(frozen=True)
 class ServeConfig(_Config):
     """``gradindex serve``: where to listen, how to batch, what a request may hold."""
@@ -539,10 +545,12 @@ class ServeConfig(_Config):
             raise ConfigError(f"ServeConfig.port: expected a TCP port 0..65535, got {self.port!r}")
         for name in ("max_batch", "max_queries", "max_k"):
             require_positive(getattr(self, name), f"ServeConfig.{name}")
-        for name, value, least in (("max_wait_ms", self.max_wait_ms, 0.0), ("max_body_mb", self.max_body_mb, 1e-6)):
+        for name, value, least, most in (("max_wait_ms", self.max_wait_ms, 0.0, MAX_WAIT_MS),
+                                          ("max_body_mb", self.max_body_mb, 1e-6, MAX_BODY_MB)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-                    or value < least:
-                raise ConfigError(f"ServeConfig.{name}: expected a finite number >= {least:g}, got {value!r}")
+                    or not least <= value <= most:
+                raise ConfigError(f"ServeConfig.{name}: expected a finite number in [{least:g}, {most:g}], "
+                                  f"got {value!r}")
 
     @property
     def max_body_bytes(self) -> int:

@@ -37,12 +37,16 @@ def read_npz(path: str | Path, what: str = "arrays") -> dict[str, np.ndarray]:
     """Every array of the ``.npz`` at ``path``; ``what`` names the expected content in errors."""
     path = _existing(path)
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                for member in archive.infolist():
-                    if member.filename.endswith(".npy"):
-                        with archive.open(member) as handle:
-                            _check_header(handle, member.file_size, f"{path}[{member.filename}]")
+        if not zipfile.is_zipfile(path):
+            with open(path, "rb") as handle:
+                single = handle.read(6) == b"\x93NUMPY"
+            raise ConfigError(f"{path}: expected a .npz archive of {what}, found a single array" if single else
+                              f"{path}: not a readable .npz of {what} (not a zip archive)")
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                if member.filename.endswith(".npy"):
+                    with archive.open(member) as handle:
+                        _check_header(handle, member.file_size, f"{path}[{member.filename}]")
         with np.load(path, allow_pickle=False) as data:
             if not isinstance(data, np.lib.npyio.NpzFile):
                 raise ConfigError(f"{path}: expected a .npz archive of {what}, found a single array")

@@ -115,7 +115,7 @@ def cache_root() -> Path:
     """``$GRADINDEX_CACHE``, else ``$GRADINDEX_HOME/cache`` (``~/.cache/gradindex/cache``)."""
     if os.environ.get("GRADINDEX_CACHE"):
         return Path(os.environ["GRADINDEX_CACHE"])
-    return Path(os.environ.get("GRADINDEX_HOME", Path.home() / ".cache" / "gradindex")) / "cache"
+    return Path(os.environ.get("GRADINDEX_HOME") or Path.home() / ".cache" / "gradindex") / "cache"
 
 
 # -- opening a location ------------------------------------------------------------------------

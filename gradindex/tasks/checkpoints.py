@@ -18,7 +18,7 @@ from gradindex.errors import ArtifactNotFoundError, StoreMismatchError
 
 
 def gradindex_home() -> Path:
-    return Path(os.environ.get("GRADINDEX_HOME", Path.home() / ".cache" / "gradindex"))
+    return Path(os.environ.get("GRADINDEX_HOME") or Path.home() / ".cache" / "gradindex")  # '' is unset, not "."
 
 
 def save_checkpoint(model: nn.Module, arch: Any, path: str | Path) -> Path:
