@@ -111,3 +111,65 @@ def test_store_options_naming_paths_need_consent(store, digits, option):
         {"task": "resnet", "options": {"config": "/etc/passwd"}}
     write_manifest(store, data)
     one_line_error(cli("query", store, "--inputs", digits.parent / "queries.npz"), "names a path")
+
+
+# -- the smaller cases -------------------------------------------------------------------------------------
+NOISY_TASK = '''
+import warnings
+import torch
+from gradindex.task import Task
+
+
+class Noisy(Task):
+    def __init__(self, mode="warn"):
+        self.options = {"mode": mode}
+        if mode == "interrupt":
+            raise KeyboardInterrupt
+        if mode == "word":
+            raise ValueError("unknown word " + "w" * 200_000)
+        warnings.warn("a library warning")
+
+    def load_model(self, checkpoint=None):
+        return torch.nn.Linear(3, 2)
+'''
+
+
+@pytest.fixture
+def noisy(tmp_path) -> str:
+    (tmp_path / "noisy.py").write_text(NOISY_TASK)
+    return f"{tmp_path / 'noisy.py'}:Noisy"
+
+
+def test_quiet_silences_library_warnings(noisy):
+    import subprocess
+    import sys
+
+    def run(*flags):  # a child process: pytest records warnings instead of printing them
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+        return subprocess.run([sys.executable, "-m", "gradindex", *flags, "groups", noisy], env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    assert "a library warning" in run().stderr  # shown without -q
+    quiet = run("-q")
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+
+
+def test_a_keyboard_interrupt_raised_by_a_task_module_is_one_line(noisy):
+    one_line_error(cli("groups", noisy, "--task-option", "mode=interrupt"), "raised KeyboardInterrupt")
+
+
+def test_a_200_kb_word_is_not_echoed_whole(tmp_path):
+    result = cli("featurize", "digits", "--out", tmp_path / "s", "--task-option", "w" * 200_000 + "=1")
+    one_line_error(result, "unknown option(s) www")
+    assert len(result.stderr) < 2000 and "characters)" in result.stderr
+
+
+def test_an_empty_gradindex_home_is_unset_not_the_current_folder(monkeypatch, tmp_path):
+    from gradindex.store.storage import cache_root
+    from gradindex.tasks.checkpoints import gradindex_home
+
+    monkeypatch.setenv("GRADINDEX_HOME", "")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("GRADINDEX_CACHE", raising=False)
+    assert gradindex_home() == tmp_path / ".cache" / "gradindex"
+    assert cache_root() == tmp_path / ".cache" / "gradindex" / "cache"
