@@ -165,6 +165,7 @@ MAX_REGULARIZATION = 1e6  # the pull towards uniform already dominates any objec
 MAX_EF = 1 << 16  # HNSW beam widths (efConstruction, efSearch)
 MAX_STEPS = 100_000  # weight-learning Adam steps
 MAX_MODELS = 100_000  # LDS retrained models
+MIN_MODELS = 3
 MAX_WORKERS = 1024  # local training processes
 
 
@@ -440,6 +441,9 @@ class LDSConfig(_Config):
 
     def __post_init__(self) -> None:
         require_positive(self.num_models, "LDSConfig.num_models", maximum=MAX_MODELS)
+        if self.num_models < MIN_MODELS:  # 1 model: every LDS read 0 ± 0; 2: each query's LDS is ±1
+            raise ConfigError(f"LDSConfig.num_models: the LDS rank-correlates across retrained models; expected at "
+                              f"least {MIN_MODELS} (64 for a real estimate), got {self.num_models}")
         object.__setattr__(self, "fraction", require_number(self.fraction, "LDSConfig.fraction", above=0, below=1))
         _require_seed(self.seed, "LDSConfig.seed")
         if self.training_seed is not None:

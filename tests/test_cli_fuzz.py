@@ -381,7 +381,7 @@ def test_eval_lds_and_demo(world, cwd, data):
                    "--inputs": st.sampled_from([str(world / "queries.npz"), str(cwd / "none.npz")])}
         words = _flags(data.draw, options)
         if "--models" not in words:
-            words += ["--models", "2"]  # the default (64 models) is for real runs
+            words += ["--models", "3"]  # the default (64 models) is for real runs
         if "--workers" not in words:
             words += ["--workers", "1"]  # the default (2 spawned processes) takes seconds to start
         check(["eval", "lds", str(world / "store-lds"), *words])

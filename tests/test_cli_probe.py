@@ -173,3 +173,90 @@ def test_an_empty_gradindex_home_is_unset_not_the_current_folder(monkeypatch, tm
     monkeypatch.delenv("GRADINDEX_CACHE", raising=False)
     assert gradindex_home() == tmp_path / ".cache" / "gradindex"
     assert cache_root() == tmp_path / ".cache" / "gradindex" / "cache"
+
+
+# -- exit 0 with a wrong result ----------------------------------------------------------------------------
+def test_lds_refuses_too_few_models_and_too_small_subsets(store, digits, tmp_path):
+    for models in (1, 2):
+        one_line_error(cli("eval", "lds", store, "--models", models), "at least 3")
+    one_line_error(cli("eval", "lds", store, "--models", 3, "--fraction", 0.0001, "--cache", tmp_path / "c"),
+                   "LDSConfig.fraction")
+
+
+def test_lds_of_measurements_that_never_vary_is_undefined_not_zero():
+    from gradindex.errors import ConfigError
+    from gradindex.eval.lds import lds_per_query
+
+    with pytest.raises(ConfigError, match="LDS is undefined"):
+        lds_per_query(np.random.default_rng(0).normal(size=(4, 3)), np.ones((4, 3)))
+
+
+def test_weights_plot_writes_the_format_its_name_says(store, tmp_path):
+    assert cli("weights", "plot", store, "--out", tmp_path / "w.svg").exit_code == 0
+    head = (tmp_path / "w.svg").read_bytes()[:200]
+    assert b"<svg" in head or b"<?xml" in head, head[:20]
+    assert cli("weights", "plot", store, "--out", tmp_path / "w.png").exit_code == 0
+    assert (tmp_path / "w.png").read_bytes()[:4] == b"\x89PNG"
+    one_line_error(cli("weights", "plot", store, "--out", tmp_path / "w.bmp"), "expected a file name ending in .png")
+
+
+def _nan_gram(store: Path) -> None:
+    """Every Gram matrix NaN, the manifest's checksum updated to match (a crafted or corrupted store)."""
+    import hashlib
+
+    data = manifest(store)
+    path = store / data["gram"]["file"]
+    with np.load(path) as arrays:
+        grams = {name: np.full_like(arrays[name], np.nan) for name in arrays.files}
+    buffer = io.BytesIO()
+    np.savez(buffer, **grams)
+    path.write_bytes(buffer.getvalue())
+    data["gram"]["sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
+    write_manifest(store, data)
+
+
+def test_nan_in_the_gram_is_an_error_not_nan_scores(store, digits):
+    _nan_gram(store)
+    one_line_error(cli("query", store, "--inputs", digits.parent / "queries.npz", "--json"), "not finite")
+    one_line_error(cli("learn-weights", store), "NaN")
+    assert "weights" not in manifest(store) or not manifest(store)["weights"]
+
+
+USER_TASKS = '''
+import numpy as np
+import torch
+from tiny_task import TinyTask
+
+
+class NegativeIds(TinyTask):
+    def sample_ids(self, dataset):
+        return np.arange(len(dataset), dtype=np.int64) - 5
+
+
+class Empty(TinyTask):
+    def train_dataset(self):
+        return torch.utils.data.TensorDataset(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
+'''
+
+
+@pytest.mark.parametrize("name, match", [("NegativeIds", "sample_ids: expected integers in 0..2^63-1"),
+                                         ("Empty", "is empty")])
+def test_negative_ids_and_an_empty_training_set_are_refused(tmp_path, monkeypatch, name, match):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    (tmp_path / "user_tasks.py").write_text(USER_TASKS)
+    one_line_error(cli("featurize", f"{tmp_path / 'user_tasks.py'}:{name}", "--out", tmp_path / "s"), match)
+    assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+def test_negative_ids_in_an_index_part_are_refused(store, digits):
+    import hashlib
+
+    data = manifest(store)
+    part = data["indexes"]["all"]["parts"][0]
+    ids_path = store / part["ids_file"]
+    ids = np.load(ids_path)
+    ids[0] = -5
+    np.save(ids_path, ids)
+    part["ids_sha256"] = hashlib.sha256(ids_path.read_bytes()).hexdigest()
+    write_manifest(store, data)
+    one_line_error(cli("query", store, "--inputs", digits.parent / "queries.npz"), "negative sample ids")

@@ -68,6 +68,10 @@ def training_table(task: Task) -> tuple[Sequence, np.ndarray, dict[str, np.ndarr
         raise TaskError(f"sample_ids: expected {len(dataset)} integers, got shape {ids.shape} of {ids.dtype}")
     if len(np.unique(ids)) != len(ids):
         raise TaskError("sample_ids: ids must be unique")
+    if not len(ids):
+        raise TaskError(f"{type(task).__name__}.train_dataset() is empty: nothing to featurize")
+    if ids.min() < 0 or ids.max() > np.iinfo(np.int64).max:  # -1 marks an empty result slot
+        raise TaskError(f"sample_ids: expected integers in 0..2^63-1, got {int(ids.min())}..{int(ids.max())}")
     metadata = {name: np.asarray(values) for name, values in task.metadata(dataset).items()}
     for name, values in metadata.items():
         if len(values) != len(dataset):

@@ -27,6 +27,7 @@ import numpy as np
 from gradindex.config import (
     DEFAULT_DAMPING, UNIFORM_CONCEPT, IndexConfig, Preconditioner, SearchConfig, require_positive, setting_key,
 )
+from gradindex.errors import StoreMismatchError
 from gradindex.index import GradIndex, TopK
 from gradindex.features.query import QueryFeaturizer, load_store_task
 from gradindex.store.feature_store import FeatureStore
@@ -82,7 +83,7 @@ class Attributor:
     def attribute(self, dataset: Sequence, k: int = 10, batch_size: int = 64) -> TopK:
         """Top-``k`` training examples for every query item."""
         require_positive(k, "k")
-        return self.index.search(self.query_vectors(dataset, batch_size), k)
+        return require_finite_scores(self.index.search(self.query_vectors(dataset, batch_size), k))
 
     def close(self) -> None:
         self.featurizer.close()
@@ -141,6 +142,7 @@ def result_records(top: TopK, metadata: Mapping[str, np.ndarray]) -> list[dict[s
     """``query --json``'s objects (and ``serve``'s): per query row ``{"query": q, "results": [{"rank",
     "sample_id", "score", **metadata}]}``, ranks from 1, ``-1`` ids left out. ``metadata``: ``{name: [n, k]}``
     (:meth:`MetadataTable.lookup`)."""
+    require_finite_scores(top)
     records = []
     for q in range(len(top)):
         results = [
@@ -150,6 +152,16 @@ def result_records(top: TopK, metadata: Mapping[str, np.ndarray]) -> list[dict[s
         ]
         records.append({"query": q, "results": results})
     return records
+
+
+def require_finite_scores(top: TopK) -> TopK:
+    """``top`` unchanged, or a one-line error when a returned score is NaN or infinite (NaN in the stored
+    features, the Gram matrices or the weights; checksums cannot tell: they were written that way)."""
+    valid = top.sample_ids >= 0
+    if not np.isfinite(top.scores[valid]).all():
+        raise StoreMismatchError("scores are not finite (NaN or inf): the store's features, Gram matrices or weights "
+                                 "hold NaN or inf; featurize (and learn-weights, build-index) again")
+    return top
 
 
 def _plain(value: Any) -> Any:
