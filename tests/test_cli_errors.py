@@ -524,7 +524,7 @@ def test_eval_lds_says_what_it_will_do_before_the_progress_bars(built, tmp_path)
                  quiet=False)
     assert result.exit_code == 0, result.output
     line = next(line for line in result.stderr.splitlines() if line.startswith("LDS: training"))
-    assert "2 of 2 models" in line and str(tmp_path / "cache") in line and "20 of 40 training examples" in line
+    assert "3 of 3 models" in line and str(tmp_path / "cache") in line and "20 of 40 training examples" in line
     assert result.stderr.index("LDS: training") < result.stderr.index("retrain")
 
 
