@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
-from gradindex.store.owned import OWNED, clear_owned, store_files
+from gradindex.store.owned import OWNED, clear_owned, refuse_foreign_folder
 from gradindex.store.schema import FORMAT_VERSION, manifest_paths, validate_manifest
 from gradindex.store.storage import (  # noqa: F401  (the file helpers are imported from here by other modules)
     LocalStorage, Storage, atomic_write_bytes, file_lock, inside_root, open_storage, sha256_file, temporary_path,
@@ -253,7 +253,8 @@ def prepare_store(path: str | Path | Storage, overwrite: bool = False, resume: b
     """
     storage = open_storage(path)
     storage.make_root()
-    refuse_foreign_folder(storage, overwrite)
+    if not overwrite and not storage.exists(MANIFEST):
+        refuse_foreign_folder(storage)
     if storage.exists(MANIFEST):
         if not overwrite:
             raise ConfigError(f"{storage} already holds a feature store; pass --overwrite to replace it")
@@ -264,18 +265,6 @@ def prepare_store(path: str | Path | Storage, overwrite: bool = False, resume: b
     storage.remove_temporaries(["", SHARD_DIR])
     storage.make_root(SHARD_DIR)
     return storage.root if storage.local else storage
-
-
-def refuse_foreign_folder(storage: Storage, overwrite: bool) -> None:
-    """A one-line error when ``storage`` holds files no store writes and no manifest, unless ``overwrite``
-    (which writes the store beside them: :func:`~gradindex.store.owned.clear_owned` never deletes them)."""
-    _, foreign = store_files(storage)
-    if foreign and not overwrite and not storage.exists(MANIFEST):
-        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise ConfigError(
-            f"{storage} is not empty and holds no feature store ({foreign[0]!r}{more}); featurize into a new or "
-            "empty folder, or pass --overwrite to write the store beside those files (they are kept)"
-        )
 
 
 def write_arrays(path: str | Path, arrays: Mapping[str, np.ndarray]) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 from gradindex.config import NAME_PATTERN
+from gradindex.errors import ConfigError
 from gradindex.store.storage import Storage
 
 _NAME = NAME_PATTERN.pattern
@@ -60,6 +61,19 @@ def store_files(storage: Storage) -> tuple[list[str], list[str]]:
         for path in _walk(storage, name):
             (owned if OWNED.fullmatch(path) else foreign).append(path)
     return sorted(owned), sorted(foreign)
+
+
+def refuse_foreign_folder(storage: Storage) -> None:
+    """A one-line error when ``storage`` holds anything a store does not write (call it for a folder with no
+    manifest, unless ``--overwrite``: that writes the store beside those files, and :func:`clear_owned`
+    never deletes them)."""
+    _, foreign = store_files(storage)
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise ConfigError(
+            f"{storage} is not empty and holds no feature store ({foreign[0]!r}{more}); featurize into a new or "
+            "empty folder, or pass --overwrite to write the store beside those files (they are kept)"
+        )
 
 
 def clear_owned(storage: Storage) -> None:
