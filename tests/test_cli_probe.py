@@ -4,7 +4,6 @@ with a wrong result; each is now one line on stderr and exit status 2 (or a corr
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import zipfile
