@@ -247,15 +247,16 @@ def test_negative_ids_and_an_empty_training_set_are_refused(tmp_path, monkeypatc
     assert not (tmp_path / "s" / "manifest.json").exists()
 
 
-def test_negative_ids_in_an_index_part_are_refused(store, digits):
+@pytest.mark.parametrize("made_up, match", [(-5, "negative sample ids"), (10**12, "which the store does not hold")])
+def test_made_up_ids_in_an_index_part_are_refused(store, digits, made_up, match):
     import hashlib
 
     data = manifest(store)
     part = data["indexes"]["all"]["parts"][0]
     ids_path = store / part["ids_file"]
     ids = np.load(ids_path)
-    ids[0] = -5
+    ids[:] = made_up - np.arange(len(ids)) if made_up > 0 else made_up  # every hit made up
     np.save(ids_path, ids)
     part["ids_sha256"] = hashlib.sha256(ids_path.read_bytes()).hexdigest()
     write_manifest(store, data)
-    one_line_error(cli("query", store, "--inputs", digits.parent / "queries.npz"), "negative sample ids")
+    one_line_error(cli("query", store, "--inputs", digits.parent / "queries.npz", "--json"), match)

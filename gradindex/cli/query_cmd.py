@@ -59,7 +59,7 @@ def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_siz
     With --ray the parts of the concept's index (IndexConfig.shards_per_part) are held by Ray actors,
     each query fans out to them and their top-k are merged: the same results as without.
     """
-    from gradindex.query.attributor import Attributor, metadata_lookup, result_records
+    from gradindex.query.attributor import Attributor, MetadataTable, result_records
     from gradindex.store.feature_store import FeatureStore
 
     if all_scores or out is not None:
@@ -83,7 +83,9 @@ def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_siz
                                          address=ray_address, actors=actors, search=search, shared=shared)
     queries = attributor.task.load_queries(inputs)
     top = attributor.attribute(queries, k=k, batch_size=batch_size)
-    records = result_records(top, metadata_lookup(attributor.store, top.sample_ids))
+    table = MetadataTable.read(attributor.store)
+    table.require_known(top.sample_ids)
+    records = result_records(top, table.lookup(top.sample_ids))
     for q, record in enumerate(records):
         if as_json:
             click.echo(json.dumps(record))

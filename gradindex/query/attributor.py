@@ -115,9 +115,21 @@ class MetadataTable:
 
     @classmethod
     def read(cls, store: FeatureStore) -> "MetadataTable":
-        if not store.metadata_columns:
-            return cls(np.zeros(0, np.int64), {})
+        if not store.metadata_columns:  # the ids alone: :meth:`require_known` checks answers against them
+            return cls(store.read(groups=[])[0], {})
         return cls(*store.read_metadata())
+
+    def require_known(self, sample_ids: np.ndarray) -> None:
+        """A one-line error when an index returned a sample id (``>= 0``) the store does not hold: a damaged
+        or crafted index file (its checksum rewritten to match) must not make ids up."""
+        ids = np.asarray(sample_ids)[np.asarray(sample_ids) >= 0]
+        if not len(ids):
+            return
+        found = np.clip(np.searchsorted(self.sample_ids, ids), 0, max(len(self.sample_ids) - 1, 0))
+        known = (self.sample_ids[found] == ids) if len(self.sample_ids) else np.zeros(len(ids), bool)
+        if not known.all():
+            raise StoreMismatchError(f"the index returned sample id {int(ids[~known][0])}, which the store does not "
+                                     "hold (a damaged or crafted index); run build-index again")
 
     def lookup(self, sample_ids: np.ndarray) -> dict[str, np.ndarray]:
         """Every column at ``sample_ids [n, k]``: ``{name: [n, k] object}`` (``None`` where the id is -1 or unknown)."""

@@ -135,6 +135,7 @@ class AttributionEngine:
                 for j in chosen:
                     stop = start + int(bounds[j + 1] - bounds[j])
                     part = TopK(top.scores[start:stop], top.sample_ids[start:stop])
+                    self.metadata.require_known(part.sample_ids)
                     answers[members[j]] = result_records(part, self.metadata.lookup(part.sample_ids))
                     start = stop
         return answers
