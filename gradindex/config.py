@@ -23,7 +23,7 @@ from gradindex.errors import ConfigError
 
 def gradindex_home() -> Path:
     """``$GRADINDEX_HOME`` (default ``~/.cache/gradindex``): this user's checkpoints, cache and trust records."""
-    return Path(os.environ.get("GRADINDEX_HOME", Path.home() / ".cache" / "gradindex"))
+    return Path(os.environ.get("GRADINDEX_HOME") or Path.home() / ".cache" / "gradindex")  # '' is unset, not "."
 
 
 #: Gram damping relative to each group's mean eigenvalue, λ_g = damping · trace(G_g) / k_g. 0.1 measured
@@ -171,9 +171,13 @@ INT32_MAX = 2**31 - 1
 MAX_NLIST = 1 << 16  # direction cells per norm band
 MAX_BANDS = 32  # the top band would hold 2^-31 of the norms
 MAX_HNSW_M = 512
+MIN_HNSW_M = 2
+MAX_LR = 100.0  # Adam steps on softplus weight logits: far beyond it every step overshoots (and 1e39 is not a float32)
+MAX_REGULARIZATION = 1e6  # the pull towards uniform already dominates any objective (SNR is O(1)) far below it
 MAX_EF = 1 << 16  # HNSW beam widths (efConstruction, efSearch)
 MAX_STEPS = 100_000  # weight-learning Adam steps
 MAX_MODELS = 100_000  # LDS retrained models
+MIN_MODELS = 3
 MAX_WORKERS = 1024  # local training processes
 
 
@@ -398,6 +402,8 @@ class IndexConfig(_Config):
                 raise ConfigError(f"IndexConfig.{name}: expected a non-negative integer (0 = auto), got {value!r}")
             require_at_most(value, limits.get(name), f"IndexConfig.{name}")
         require_positive(self.hnsw_m, "IndexConfig.hnsw_m", maximum=MAX_HNSW_M)
+        if self.hnsw_m < MIN_HNSW_M:  # FAISS's HNSW with M = 1 has no level multiplier (1/ln 1): it segfaults
+            raise ConfigError(f"IndexConfig.hnsw_m: expected at least {MIN_HNSW_M} graph neighbours, got {self.hnsw_m}")
         require_positive(self.ef_construction, "IndexConfig.ef_construction", maximum=MAX_EF)
         if self.keep_vectors not in (None, True, False):
             raise ConfigError(f"IndexConfig.keep_vectors: expected true, false or null, got {self.keep_vectors!r}")
@@ -457,6 +463,9 @@ class LDSConfig(_Config):
         if self.runs_per_subset > 1 and self.training_seed is not None:
             raise ConfigError("LDSConfig.runs_per_subset: several runs per subset need a training seed per run; "
                               "drop training_seed (--training-seed)")
+        if self.num_models < MIN_MODELS:  # 1 model: every LDS read 0 ± 0; 2: each query's LDS is ±1
+            raise ConfigError(f"LDSConfig.num_models: the LDS rank-correlates across retrained models; expected at "
+                              f"least {MIN_MODELS} (64 for a real estimate), got {self.num_models}")
         object.__setattr__(self, "fraction", require_number(self.fraction, "LDSConfig.fraction", above=0, below=1))
         _require_seed(self.seed, "LDSConfig.seed")
         if self.training_seed is not None:
@@ -569,12 +578,18 @@ class LearnConfig(_Config):
             require_positive(getattr(self, name), f"LearnConfig.{name}", maximum=MAX_STEPS if name == "steps" else None)
         object.__setattr__(self, "damping", parse_damping(self.damping, "LearnConfig.damping"))
         object.__setattr__(self, "regularization", require_number(self.regularization, "LearnConfig.regularization",
-                                                                  minimum=0))
-        object.__setattr__(self, "lr", require_number(self.lr, "LearnConfig.lr", above=0))
+                                                                  minimum=0, maximum=MAX_REGULARIZATION))
+        object.__setattr__(self, "lr", require_number(self.lr, "LearnConfig.lr", above=0, maximum=MAX_LR))
         _require_seed(self.seed, "LearnConfig.seed")
         if self.top_k >= self.reference_size:
             raise ConfigError(f"LearnConfig.top_k: expected fewer than reference_size ({self.reference_size}) "
                               f"training examples, got {self.top_k} (the top-k would be the whole sample: SNR 0)")
+
+
+#: ``serve`` limits: a batch waits at most a minute for company (1e308 ms never answered), and a request
+#: body is at most 4 GiB (1e308 MiB overflowed the byte count: every request failed)
+MAX_WAIT_MS = 60_000.0
+MAX_BODY_MB = 4096.0
 
 
 @dataclass(frozen=True)
@@ -596,10 +611,12 @@ class ServeConfig(_Config):
             raise ConfigError(f"ServeConfig.port: expected a TCP port 0..65535, got {self.port!r}")
         for name in ("max_batch", "max_queries", "max_k"):
             require_positive(getattr(self, name), f"ServeConfig.{name}")
-        for name, value, least in (("max_wait_ms", self.max_wait_ms, 0.0), ("max_body_mb", self.max_body_mb, 1e-6)):
+        for name, value, least, most in (("max_wait_ms", self.max_wait_ms, 0.0, MAX_WAIT_MS),
+                                          ("max_body_mb", self.max_body_mb, 1e-6, MAX_BODY_MB)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-                    or value < least:
-                raise ConfigError(f"ServeConfig.{name}: expected a finite number >= {least:g}, got {value!r}")
+                    or not least <= value <= most:
+                raise ConfigError(f"ServeConfig.{name}: expected a finite number in [{least:g}, {most:g}], "
+                                  f"got {value!r}")
 
     @property
     def max_body_bytes(self) -> int:

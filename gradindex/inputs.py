@@ -9,9 +9,11 @@ naming the file, never a traceback.
 
 from __future__ import annotations
 
+import math
 import zipfile
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -19,7 +21,7 @@ from gradindex.errors import ArtifactNotFoundError, ConfigError
 
 #: What numpy raises on a file that is not a valid .npz/.npy (empty, truncated, not a zip, pickled data).
 READ_ERRORS = (ValueError, OSError, EOFError, KeyError, IndexError, zipfile.BadZipFile, zlib.error,
-               NotImplementedError)
+               NotImplementedError, MemoryError)
 
 
 def _existing(path: str | Path) -> Path:
@@ -35,10 +37,22 @@ def read_npz(path: str | Path, what: str = "arrays") -> dict[str, np.ndarray]:
     """Every array of the ``.npz`` at ``path``; ``what`` names the expected content in errors."""
     path = _existing(path)
     try:
+        if not zipfile.is_zipfile(path):
+            with open(path, "rb") as handle:
+                single = handle.read(6) == b"\x93NUMPY"
+            raise ConfigError(f"{path}: expected a .npz archive of {what}, found a single array" if single else
+                              f"{path}: not a readable .npz of {what} (not a zip archive)")
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                if member.filename.endswith(".npy"):
+                    with archive.open(member) as handle:
+                        _check_header(handle, member.file_size, f"{path}[{member.filename}]")
         with np.load(path, allow_pickle=False) as data:
             if not isinstance(data, np.lib.npyio.NpzFile):
                 raise ConfigError(f"{path}: expected a .npz archive of {what}, found a single array")
             return {name: np.asarray(data[name]) for name in data.files}
+    except ConfigError:
+        raise
     except READ_ERRORS as err:
         raise ConfigError(f"{path}: not a readable .npz of {what} ({_reason(err)})") from None
 
@@ -47,13 +61,33 @@ def read_npy(path: str | Path, what: str = "an array") -> np.ndarray:
     """The one array of the ``.npy`` at ``path``."""
     path = _existing(path)
     try:
+        if not zipfile.is_zipfile(path):
+            with open(path, "rb") as handle:
+                _check_header(handle, path.stat().st_size, str(path))
         data = np.load(path, allow_pickle=False)
+    except ConfigError:
+        raise
     except READ_ERRORS as err:
         raise ConfigError(f"{path}: not a readable .npy of {what} ({_reason(err)})") from None
     if not isinstance(data, np.ndarray):
         data.close()
         raise ConfigError(f"{path}: expected a .npy array of {what}, found a .npz archive")
     return data
+
+
+def _check_header(handle: BinaryIO, size: int, name: str) -> None:
+    """A one-line error when the ``.npy`` header at the start of ``handle`` declares more data than the
+    ``size`` bytes the file holds (a 400-byte file declaring shape (2^40, 64) would make numpy allocate
+    it first: a MemoryError)."""
+    version = np.lib.format.read_magic(handle)
+    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = reader(handle, max_header_size=10_000)
+    if dtype.hasobject:
+        return  # np.load refuses it (allow_pickle=False) with its own error
+    declared = math.prod(shape) * dtype.itemsize
+    if declared > size - handle.tell():
+        raise ConfigError(f"{name}: the .npy header declares shape {shape} of {dtype} ({declared:,} bytes) but "
+                          f"the file holds {max(size - handle.tell(), 0):,} bytes of data; it is damaged or crafted")
 
 
 def _reason(err: BaseException) -> str:

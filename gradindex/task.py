@@ -31,12 +31,16 @@ which of its queries were fitted on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import inspect
+import math
 import sys
-from collections.abc import Mapping, Sequence
+import types
+import typing
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +49,7 @@ import torch
 from torch import nn
 
 from gradindex.config import GroupRule, QuerySplit, parse_enum
-from gradindex.errors import ArtifactNotFoundError, ConfigError, TaskError
+from gradindex.errors import ArtifactNotFoundError, ConfigError, TaskConsentError, TaskError
 
 
 class Task:
@@ -328,12 +332,29 @@ def make_batch(task: Task, dataset: Sequence, indices: Sequence[int] | np.ndarra
     """``task.collate`` of the given dataset positions.
 
     A ``TensorDataset`` under the default collate is indexed once per tensor (the same list
-    of stacked tensors ``default_collate`` builds item by item, a few times faster).
+    of stacked tensors ``default_collate`` builds item by item, a few times faster). Every tensor
+    of the batch is made contiguous (:func:`contiguous_batch`), a user's collate's too.
     """
     if isinstance(dataset, torch.utils.data.TensorDataset) and type(task).collate is Task.collate:
         index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        return [tensor[index] for tensor in dataset.tensors]
-    return task.collate([dataset[int(i)] for i in indices])
+        return [tensor[index].contiguous() for tensor in dataset.tensors]
+    return contiguous_batch(task.collate([dataset[int(i)] for i in indices]))
+
+
+def contiguous_batch(batch: Any) -> Any:
+    """``batch`` (a tensor, or dicts/lists/tuples of them) with every tensor in row-major layout.
+
+    torch 2.13's oneDNN convolution backward corrupts the heap on AVX2-only CPUs when its input has
+    channels-last strides (an ``[n, H, W, C]`` array ``permute``d to ``[n, C, H, W]``); see
+    docs/cpu-portability.md and tools/repro_onednn_channels_last.py. A no-op for contiguous tensors.
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch.contiguous()
+    if isinstance(batch, dict):
+        return {key: contiguous_batch(value) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return type(batch)(contiguous_batch(value) for value in batch)
+    return batch
 
 
 #: modules that moved; a store written before the move names the old one (0.1.0: ``gradindex.tasks.hf``)
@@ -382,7 +403,11 @@ def load_task(spec: str, options: dict[str, Any] | None = None) -> Task:
         if unknown:
             raise ConfigError(f"task {spec!r}: unknown option(s) {', '.join(unknown)}; it accepts "
                               f"{', '.join(accepted) or 'no options'}")
-        task = cls(**{**defaults, **options})
+        check_option_types(spec, cls, options)
+        try:
+            task = cls(**{**defaults, **options})
+        except (TypeError, ValueError, OverflowError) as err:
+            raise ConfigError(f"task {spec!r}: options {short_repr(options)} rejected ({err})") from None
     else:
         cls = _import_task_class(resolve_spec(spec))
         try:
@@ -393,6 +418,65 @@ def load_task(spec: str, options: dict[str, Any] | None = None) -> Task:
         raise TaskError(f"task {spec!r}: {type(task).__name__} is not a subclass of gradindex.Task")
     task._spec = resolve_spec(spec)
     return task
+
+
+@contextlib.contextmanager
+def training_refused(task: Task, why: str | None) -> Iterator[None]:
+    """Within the block, ``task.train`` raises ``TaskConsentError(why)`` (``why`` None: no change): a
+    built-in task's ``load_model`` trains its default checkpoint when none is cached, and a store's
+    options (``epochs``, ``seed``) must not make a query train."""
+    if why is None:
+        yield
+        return
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise TaskConsentError(why)
+
+    task.train = refuse
+    try:
+        yield
+    finally:
+        del task.train
+
+
+def short_repr(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a one-line error never echoes a megabyte)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def check_option_types(spec: str, cls: type, options: dict[str, Any]) -> None:
+    """A one-line ``ConfigError`` unless every option value fits the type the built-in task's
+    ``__init__`` annotates (``int``: an integer, not a bool, within int64; ``float``: a finite number;
+    ``str``; ``bool``; ``None`` where the annotation allows it). Options come from ``--task-option``
+    (JSON values) and from a store's manifest, so ``null``, objects, lists and ``1e400`` reach here."""
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation that does not evaluate: nothing to check against
+        return
+    for name, value in options.items():
+        hint = hints.get(name)
+        if hint is None:
+            continue
+        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        if not any(_fits(value, kind) for kind in allowed):
+            names = " or ".join("null" if kind is type(None) else getattr(kind, "__name__", str(kind))
+                                for kind in allowed)
+            raise ConfigError(f"task {spec!r}: option {name} expects {names}, got {short_repr(value)}")
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is str:
+        return isinstance(value, str)
+    return True  # another annotation (Any, a container): the task checks it
 
 
 def task_options(cls: type) -> list[str] | None:

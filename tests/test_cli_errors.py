@@ -101,7 +101,7 @@ def test_bad_or_absent_device_is_one_line(built):
         one_line_error(run("query", root / "store", "--inputs", root / "queries.npz", "--device", "cuda"),
                        "no CUDA device")
         one_line_error(run("featurize", TASK, "--out", root / "x", "--device", "cuda:0"), "no CUDA device")
-        one_line_error(run("eval", "lds", root / "store", "--device", "cuda", "--models", 2), "no CUDA device")
+        one_line_error(run("eval", "lds", root / "store", "--device", "cuda", "--models", 3), "no CUDA device")
     assert not (root / "x" / "manifest.json").exists()
 
 
@@ -370,7 +370,7 @@ def test_ray_session_probes_the_address_too():
 # -- item 14: LDS needs train(); FAISS's width limit ----------------------------------------------------------
 def test_eval_lds_without_a_training_routine_refuses_up_front(bare_store, built):
     root, _ = built
-    one_line_error(run("eval", "lds", bare_store, "--inputs", root / "queries.npz", "--models", 2),
+    one_line_error(run("eval", "lds", bare_store, "--inputs", root / "queries.npz", "--models", 3),
                    "defines no train", "retrain")
     assert not (bare_store / "lds").exists()
 
@@ -388,7 +388,7 @@ def test_task_code_failing_in_an_lds_worker_process_is_one_line(built, tmp_path)
                 raise ValueError("no training today")
         """)
     assert run("featurize", spec, "--out", tmp_path / "s", "--checkpoint", checkpoint, "--proj-dim", 4).exit_code == 0
-    line = one_line_error(run("eval", "lds", tmp_path / "s", "--inputs", root / "queries.npz", "--models", 2,
+    line = one_line_error(run("eval", "lds", tmp_path / "s", "--inputs", root / "queries.npz", "--models", 3,
                               "--workers", 2), "LDS worker: task code (train) raised ValueError: no training today")
     assert line.endswith(f"({tmp_path / 'user_task.py'}:9)"), line
 
@@ -519,11 +519,11 @@ def test_query_table_has_no_blank_caption(built, tmp_path):
 
 def test_eval_lds_says_what_it_will_do_before_the_progress_bars(built, tmp_path):
     root, _ = built
-    result = run("eval", "lds", root / "store", "--models", 2, "--workers", 1, "--cache", tmp_path / "cache",
+    result = run("eval", "lds", root / "store", "--models", 3, "--workers", 1, "--cache", tmp_path / "cache",
                  quiet=False)
     assert result.exit_code == 0, result.output
     line = next(line for line in result.stderr.splitlines() if line.startswith("LDS: training"))
-    assert "2 of 2 models" in line and str(tmp_path / "cache") in line and "20 of 40 training examples" in line
+    assert "3 of 3 models" in line and str(tmp_path / "cache") in line and "20 of 40 training examples" in line
     assert result.stderr.index("LDS: training") < result.stderr.index("retrain")
 
 

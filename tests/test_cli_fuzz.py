@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import traceback
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -60,10 +61,14 @@ SMALL_INTS = mostly(st.integers(1, 3).map(str), BAD_INTS)
 FLOATS = mostly(
     st.sampled_from(["0", "-0.0", "1e-300", "0.01", "0.1", "0.5", "1", "3", "1e6"]),
     st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=64).map(repr),
-              st.sampled_from(["1e7", "1e308", "1e309", "-1", "nan", "inf", "-inf", "NaN", *BAD_NUMBERS])),
+              st.sampled_from(["1e7", "1e39", "3.5e38", "1e300", "1e308", "1e309", "-1", "nan", "inf", "-inf", "NaN",
+                               *BAD_NUMBERS])),  # 1e39, 3.5e38: beyond float32 (issue 19)
 )
 DEVICES = mostly(st.sampled_from(["cpu", "auto"]),
                  st.sampled_from(["cuda", "cuda:0", "cuda:99", "mps", "nosuch", "", "CPU", "cuda:-1", "cpu:0", "meta"]))
+#: JSON values of every type for an integer task option (issue 19: null, objects, lists and 1e400 gave tracebacks)
+JSON_OPTIONS = ["seed=null", 'seed={"a":1}', "seed=[1,2]", "seed=1e400", "seed=-1e400", "seed=true", "seed=1.5",
+                'seed="7"', "seed=1e39", f"seed={2**70}", "seed=NaN", "seed=" + "9" * 5000]
 RAY = st.sampled_from(["127.0.0.1:1", "nohost", "host:abc", ":80", "ray://127.0.0.1:1", "127.0.0.1:99999"])
 
 
@@ -81,6 +86,21 @@ def _flags(draw, options: dict) -> list[str]:
 def _npz(arrays: dict) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def lying_npy(shape: tuple[int, ...], dtype: str = "<f4") -> bytes:
+    """A .npy whose header declares ``shape`` but that holds 256 bytes of data."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buffer.getvalue() + bytes(256)
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
     return buffer.getvalue()
 
 
@@ -112,9 +132,12 @@ def arrays(draw, width: int):
 @st.composite
 def npz_files(draw, width: int) -> bytes:
     """Bytes of a query file for a task reading ``x [n, width]`` (+ ``y``) from a .npz."""
-    kind = draw(st.sampled_from(["arrays", "arrays", "arrays", "empty", "random", "truncated", "npy", "no-x"]))
+    kind = draw(st.sampled_from(["arrays", "arrays", "arrays", "empty", "random", "truncated", "npy", "no-x",
+                                 "lying-npy", "lying-npz"]))
     if kind == "empty":
         return b""
+    if kind.startswith("lying"):  # a ~400-byte file whose header declares shape (2^40, 64) (issue 19: MemoryError)
+        return lying_npy((2**40, width)) if kind == "lying-npy" else _zip({"x.npy": lying_npy((2**40, width))})
     if kind == "random":
         return draw(st.binary(min_size=1, max_size=200))
     if kind == "npy":
@@ -252,7 +275,7 @@ def test_featurize_and_groups(world, cwd, data):
                "--proj-kind": st.sampled_from(["identity", "rademacher", "nope"]), "--device": DEVICES,
                "--group-dim": st.sampled_from(["hidden=4", "out=0", "nogroup=3", "hidden=x", "=2", "hidden=-1"]),
                "--group-rule": st.sampled_from(["*=a", "oops", "hidden.*=-", "*=-", "out.bias={param}"]),
-               "--task-option": st.sampled_from(["seed=1", "seed=-4", "bogus=1", "seed=x", "noequals"]),
+               "--task-option": st.sampled_from(["seed=1", "seed=-4", "bogus=1", "seed=x", "noequals", *JSON_OPTIONS]),
                "--checkpoint": st.sampled_from([str(world / "tiny.pt"), str(world / "garbage.pt"),
                                                 str(cwd / "none.pt"), str(world / "emptydir")]),
                "--ray": RAY, "--ray-timeout": FLOATS, "--resume": st.none(), "--overwrite": st.none(),
@@ -285,7 +308,7 @@ def test_featurize_and_groups(world, cwd, data):
 def test_build_index(world, cwd, data):
     options = {"--kind": st.sampled_from(["flat", "ivf", "ivfpq", "hnsw", "auto", "lsh"]),
                "--preconditioner": st.sampled_from(["gram", "identity", "x"]), "--damping": FLOATS,
-               "--nlist": INTS, "--bands": INTS, "--pq-bytes": INTS, "--hnsw-m": INTS, "--ef-construction": INTS,
+               "--nlist": INTS, "--bands": INTS, "--pq-bytes": INTS, "--hnsw-m": st.one_of(INTS, st.just("1")), "--ef-construction": INTS,
                "--train-size": INTS, "--index-seed": INTS, "--shards-per-part": INTS,
                "--shards": st.sampled_from(["0", "0-1", "5", "x", "1-0", "-1", "0,0", ""]),
                "--nprobe": INTS, "--ef-search": INTS, "--rerank": INTS, "--no-prune": st.none(),
@@ -358,7 +381,7 @@ def test_eval_lds_and_demo(world, cwd, data):
                    "--inputs": st.sampled_from([str(world / "queries.npz"), str(cwd / "none.npz")])}
         words = _flags(data.draw, options)
         if "--models" not in words:
-            words += ["--models", "2"]  # the default (64 models) is for real runs
+            words += ["--models", "3"]  # the default (64 models) is for real runs
         if "--workers" not in words:
             words += ["--workers", "1"]  # the default (2 spawned processes) takes seconds to start
         check(["eval", "lds", str(world / "store-lds"), *words])

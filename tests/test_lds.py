@@ -105,12 +105,12 @@ def test_retraining_is_cached_and_resumable(tmp_path):
     assert [os.stat(f).st_mtime_ns for f in _model_files(cache)[:3]] == stamps
     np.testing.assert_allclose(subset.measurements["all"], more.measurements["all"][:, :5], rtol=1e-5)  # other batch shape, other BLAS sums
     with pytest.raises(StoreMismatchError, match="fraction"):
-        retrain(task, cache, LDSConfig(num_models=2, fraction=0.3), workers=1, show_progress=False)
+        retrain(task, cache, LDSConfig(num_models=3, fraction=0.3), workers=1, show_progress=False)
 
 
 def test_parallel_workers_train_the_same_models(tmp_path):
     task = load_task(toy_spec("TwoConceptTask"))
-    config = LDSConfig(num_models=2, seed=5)
+    config = LDSConfig(num_models=3, seed=5)
     serial = retrain(task, tmp_path / "serial", config, workers=1, show_progress=False)
     parallel = retrain(task, tmp_path / "parallel", config, workers=2, show_progress=False)
     assert sorted(parallel.measurements) == ["all", "first", "second"]
@@ -128,7 +128,7 @@ def test_retrain_rejects_bad_input(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "stray.txt").write_text("x")
     with pytest.raises(ConfigError, match="not empty"):
-        retrain(task, tmp_path / "b", LDSConfig(num_models=1), workers=1)
+        retrain(task, tmp_path / "b", LDSConfig(num_models=3), workers=1)
 
 
 def test_eval_lds_cli_reports_every_attribution(toy_store, tmp_path):

@@ -290,3 +290,53 @@ def test_info_on_a_per_group_damping_without_every_group(base, tmp_path):
     write_manifest(store, data)
     result = CliRunner().invoke(main, ["info", str(store)])
     assert result.exit_code in (0, 2) and not isinstance(result.exception, KeyError), result.output
+
+
+# -- a built-in task's options in the manifest are data (issue 19): wrong JSON types, paths, training ------
+OPTION_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from(["/etc/passwd", "~/.ssh/id_rsa", "../../x", "./local.json", "mlp", "cnn", "", "x" * 5000]),
+    st.lists(st.integers(0, 3), max_size=3), st.dictionaries(st.sampled_from(["a", "b"]), st.integers(0, 3), max_size=2),
+)
+
+
+@pytest.fixture(scope="module")
+def digits_store(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("manifest-digits")
+    run = CliRunner().invoke(main, ["-q", "featurize", "digits", "--out", str(root / "store"), "--limit", "30"],
+                             catch_exceptions=False)
+    assert run.exit_code == 0, run.output
+    from gradindex.task import load_task
+
+    task = load_task("digits")
+    np.savez(root / "queries.npz", x=task.split["x_test"][:2].reshape(2, 8, 8) * 16, y=task.split["y_test"][:2])
+    return root / "store", root / "queries.npz"
+
+
+@settings(max_examples=40, derandomize=True, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_builtin_task_options_from_a_manifest_never_train_read_paths_or_trace(digits_store, data):
+    store, queries_file = digits_store
+    options = data.draw(st.dictionaries(st.sampled_from(["seed", "arch", "corpus", "epochs", "config"]),
+                                        OPTION_VALUES, max_size=2))
+    work = Path(tempfile.mkdtemp()) / "store"
+    try:
+        copy_store(store, work)
+        crafted = manifest(work)
+        crafted["task"]["options"] = options
+        write_manifest(work, crafted)
+        home = Path(os.environ["GRADINDEX_HOME"])
+        before = census(home)
+        result = CliRunner().invoke(main, ["-q", "query", str(work), "--inputs", str(queries_file), "--json"])
+        assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+        assert result.exit_code in (0, 2), result.output
+        if result.exit_code == 2:
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error:") and len(lines[0]) < 1200, result.stderr
+        assert census(home) == before, "the store's options made the command train"
+        if any(isinstance(v, str) and ("/" in v or v.startswith(("~", "."))) for v in options.values()):
+            assert result.exit_code == 2
+        event(f"exit {result.exit_code}")
+    finally:
+        shutil.rmtree(work.parent, ignore_errors=True)

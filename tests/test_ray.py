@@ -27,6 +27,7 @@ from gradindex.query.attributor import Attributor  # noqa: E402
 from gradindex.store.feature_store import MANIFEST, FeatureStore, completed_shard, shard_name  # noqa: E402
 from gradindex.task import load_task  # noqa: E402
 from gradindex.weights.group_weights import GroupWeights, save_weights, scaled_vectors  # noqa: E402
+from same_answer import assert_same_ranking  # noqa: E402
 
 CONFIG = FeaturizeConfig(batch_size=4, shard_size=8)  # 40 examples -> 5 shards
 TINY = f"{Path(__file__).parent / 'tiny_task.py'}:TinyTask"  # a file spec: Ray workers import it by path
@@ -151,8 +152,7 @@ def test_sharded_query_equals_single_index(cluster, indexed, actors):
         for k in (1, 5, 100):  # 100 > ntotal: clipped to 40
             top = index.search(queries, k)
             expected = single.search(queries, k)
-            np.testing.assert_array_equal(top.sample_ids, expected.sample_ids)
-            np.testing.assert_array_equal(top.scores, expected.scores)
+            assert_same_ranking(top.sample_ids, top.scores, expected.sample_ids, expected.scores)
             # independent reference: brute force over every stored vector
             brute = queries.astype(np.float64) @ vectors.T.astype(np.float64)
             order = np.argsort(-brute, axis=1, kind="stable")[:, : min(k, len(ids))]

@@ -18,6 +18,7 @@ from gradindex.index.ray_search import RayIndex  # noqa: E402
 from gradindex.features.run import featurize  # noqa: E402
 from gradindex.index import GradIndex, build_index  # noqa: E402
 from gradindex.task import load_task  # noqa: E402
+from same_answer import assert_same_ranking  # noqa: E402
 
 CONFIG = FeaturizeConfig(batch_size=4, shard_size=8)
 TINY = f"{Path(__file__).parent / 'tiny_task.py'}:TinyTask"
@@ -69,5 +70,4 @@ def test_featurize_and_query_across_two_nodes(two_nodes, tmp_path):
         placed = index.describe()
         assert len({actor["node"] for actor in placed}) == 2  # one actor per node
         top = index.search(queries, 7)
-    np.testing.assert_array_equal(top.sample_ids, expected.sample_ids)
-    np.testing.assert_array_equal(top.scores, expected.scores)
+    assert_same_ranking(top.sample_ids, top.scores, expected.sample_ids, expected.scores)

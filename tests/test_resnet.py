@@ -142,3 +142,43 @@ def test_featurize_stores_every_group_and_the_factors(tiny, tmp_path):
     assert sorted(meta) == sorted(["label", *FACTORS])
     _, feats = store.read()
     assert all(np.isfinite(block).all() and np.abs(block).sum() > 0 for block in feats.values())
+
+
+def test_training_images_reach_the_convolutions_contiguous(monkeypatch):
+    """Channels-last training images crash oneDNN's conv backward on AVX2-only CPUs (issue 19): the task's
+    images are row-major, and train_resnet makes any input so before its first convolution."""
+    from gradindex.tasks import resnet
+
+    task = load_task("resnet", {"num_train": 16, "num_queries": 4, "width": 2, "epochs": 1})
+    images = task.train_dataset().tensors[0]
+    assert images.is_contiguous()
+    seen = []
+    forward = ResNet.forward
+    monkeypatch.setattr(ResNet, "forward", lambda self, x: (seen.append(x.is_contiguous()), forward(self, x))[1])
+    channels_last = images.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    resnet.train_resnet(task.model_config, channels_last, task.train_dataset().tensors[1], seed=0,
+                        train=resnet.TrainConfig(epochs=1))
+    assert seen and all(seen)
+
+
+def test_training_on_channels_last_images_survives_an_avx2_only_cpu(tmp_path):
+    """The crash itself (issue 19): oneDNN limited to AVX2 (what an AVX-512 machine runs as an AMD EPYC
+    without AVX-512) corrupts the heap in the conv backward of channels-last inputs. Run in a child
+    process, so the old code's native crash fails this test instead of killing pytest."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from gradindex.task import load_task\n"
+        "from gradindex.tasks import resnet\n"
+        "task = load_task('resnet', {'num_train': 32, 'num_queries': 4, 'width': 2, 'epochs': 1})\n"
+        "images, labels = task.train_dataset().tensors\n"
+        "images = images.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)\n"
+        "resnet.train_resnet(task.model_config, images, labels, seed=0, train=resnet.TrainConfig(epochs=6, batch_size=8))\n"
+        "print('trained')\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "trained" in done.stdout, done.stderr[-2000:]

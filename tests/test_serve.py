@@ -28,6 +28,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from lm_reference import tiny_lm  # noqa: E402
+from same_answer import assert_same_answers  # noqa: E402
 from tiny_task import TinyTask  # noqa: E402
 
 from gradindex.cli import main  # noqa: E402
@@ -69,19 +70,6 @@ def query_json(store_path: Path, inputs: Path, k: int, concept: str = "all") -> 
                                        "--concept", concept, "--json", "--trust-task"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return [json.loads(line) for line in result.output.splitlines()]
-
-
-def assert_same_answers(got: list[dict], expected: list[dict], exact: bool = True) -> None:
-    """Equal objects; ``exact=False``: scores to float32 round-off (another batch composition)."""
-    if exact:
-        assert got == expected
-        return
-    assert [q["query"] for q in got] == [q["query"] for q in expected]
-    for mine, ref in zip(got, expected):
-        assert [{k: v for k, v in r.items() if k != "score"} for r in mine["results"]] == \
-            [{k: v for k, v in r.items() if k != "score"} for r in ref["results"]]
-        np.testing.assert_allclose([r["score"] for r in mine["results"]], [r["score"] for r in ref["results"]],
-                                   rtol=1e-5)
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
@@ -171,7 +159,7 @@ def test_concurrent_requests_are_batched_and_answered(server, digits):
     for row, k, status, body in answers:
         assert status == 200, body
         expected = {**references[k][row], "query": 0}
-        assert_same_answers(body["results"], [expected], exact=False)
+        assert_same_answers(body["results"], [expected])
     after = get(server, "/v1/info")["batching"]
     assert after["items"] - before["items"] == 16
     assert after["queries"] - before["queries"] == 16

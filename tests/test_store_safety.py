@@ -519,3 +519,49 @@ def test_a_version_1_store_is_read_and_upgraded(tmp_path):
     assert sorted(p.name for p in (path / "indexes" / "all").iterdir() if p.name != ".lock") == \
         [Path(manifest(path)["indexes"]["all"]["folder"]).name]
     assert [p.name for p in path.glob("gram*.npz")] == [manifest(path)["gram"]["file"]]
+
+
+# -- featurize --out into a folder that is not a store (issue 19: it deleted DIR/indexes/ recursively) -----
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_featurize_into_a_users_folder_deletes_nothing(tmp_path, monkeypatch):
+    """The issue's reproduction: ``mkdir -p d/indexes; echo x > d/indexes/thesis.tex;
+    gradindex featurize digits --out d --limit 5`` — the file used to be gone, exit 0."""
+    monkeypatch.chdir(tmp_path)
+    Path("d/indexes").mkdir(parents=True)
+    Path("d/indexes/thesis.tex").write_text("x\n")
+    one_line_error(cli("featurize", "digits", "--out", "d", "--limit", 5), "not empty and holds no feature store")
+    assert Path("d/indexes/thesis.tex").read_text() == "x\n" and not Path("d/manifest.json").exists()
+    result = cli("featurize", "digits", "--out", "d", "--limit", 5, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert Path("d/indexes/thesis.tex").read_text() == "x\n" and FeatureStore.open("d").num_samples == 5
+
+
+@pytest.mark.parametrize("user_file", ["notes.txt", "shards/keep.parquet", "indexes/all/mine.faiss",
+                                       "indexes/all/b-1234/README", "gram-mine.npz", "data/x.csv"])
+def test_overwrite_replaces_only_what_a_store_wrote(base, store, user_file):
+    builds = [p for p in (store / "indexes" / "all").iterdir() if p.name.startswith("b-")]
+    assert builds
+    (store / user_file).parent.mkdir(parents=True, exist_ok=True)
+    (store / user_file).write_bytes(b"mine")
+    featurize(TinyTask(), store, CONFIG, checkpoint=base.parent / "tiny.pt", overwrite=True, show_progress=False)
+    assert (store / user_file).read_bytes() == b"mine"
+    assert not any(p.exists() for p in builds)  # the old index builds went; the user's file stayed
+    assert FeatureStore.open(store).manifest.get("indexes", {}) == {}
+
+
+def test_a_non_store_folder_is_refused_by_the_api_too_and_an_empty_one_is_fine(tmp_path):
+    checkpoint = TinyTask().train(tmp_path / "tiny.pt")
+    folder = tmp_path / "photos"
+    (folder / "2024").mkdir(parents=True)
+    (folder / "2024" / "a.jpg").write_bytes(b"jpg")
+    before = _tree(folder)
+    with pytest.raises(ConfigError, match=r"not empty and holds no feature store \('2024/'\)"):
+        featurize(TinyTask(), folder, CONFIG, checkpoint=checkpoint, show_progress=False)
+    with pytest.raises(ConfigError, match="not empty and holds no feature store"):
+        featurize(TinyTask(), folder, CONFIG, checkpoint=checkpoint, resume=True, show_progress=False)
+    assert {k: v for k, v in _tree(folder).items() if not k.startswith(".")} == before
+    (tmp_path / "empty").mkdir()
+    assert featurize(TinyTask(), tmp_path / "empty", CONFIG, checkpoint=checkpoint, show_progress=False).num_samples

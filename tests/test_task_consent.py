@@ -69,7 +69,7 @@ def test_a_store_naming_foreign_code_does_not_run_it_without_consent(base, tmp_p
     queries = base.parent / "q.npz"
     for args in (["query", store, "--inputs", queries], ["learn-weights", store, "--steps", 2],
                  ["eval", "recall", store], ["eval", "precision", store, "--concept", "all"],
-                 ["eval", "lds", store, "--models", 2]):
+                 ["eval", "lds", store, "--models", 3]):
         result = cli(*args)
         assert result.exit_code == 2, (args, result.output)
         lines = result.stderr.strip().splitlines()

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import sys
+import warnings
 from typing import Any
 
 import click
 
+from gradindex import faults
 from gradindex.errors import GradIndexError
 
 
@@ -43,6 +46,12 @@ class _Group(click.Group):
             _fail(_usage_line(err))
         except (click.exceptions.Exit, click.Abort):
             raise
+        except KeyboardInterrupt as err:  # raised by a task module, not by Ctrl-C: one line, exit 2
+            task_module = sys.modules.get("gradindex.task")
+            message = task_module.task_code_error(err) if task_module is not None else None
+            if message is None:
+                raise
+            _fail(message)
         except (Exception, SystemExit) as err:
             task_module = sys.modules.get("gradindex.task")  # not imported: no task code ran (and no torch)
             message = task_module.task_code_error(err) if task_module is not None else None
@@ -58,8 +67,14 @@ class _Group(click.Group):
 
 
 def _fail(message: str) -> None:
-    click.echo("error: " + " ".join(message.split()), err=True)
+    text = " ".join(message.split())
+    if len(text) > MAX_ERROR_CHARS:  # a 200 KB word from an input file is not echoed whole
+        text = f"{text[:MAX_ERROR_CHARS]}... ({len(text):,} characters)"
+    click.echo("error: " + text, err=True)
     sys.exit(2)
+
+
+MAX_ERROR_CHARS = 1000
 
 
 _HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # a bare group prints its help (click >= 8.2)
@@ -87,6 +102,13 @@ def main(quiet: bool, verbose: bool) -> None:
     Per-example projected gradients → Parquet feature store → FAISS index →
     top-k attribution lookups. Start with `gradindex demo`.
     """
+    faults.enable()  # a native crash names the command and stage (gradindex.faults)
+    faults.set_stage(click.get_current_context().invoked_subcommand or "gradindex")
+    if quiet:  # -q: no library warnings either (torch's, transformers')
+        warnings.simplefilter("ignore")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        for name in ("transformers", "torch", "datasets"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     package_logger = logging.getLogger("gradindex")

@@ -69,7 +69,7 @@ def query(store_path, inputs, concept, k, as_json, opponents, checkpoint, device
     With --ray the parts of the concept's index (IndexConfig.shards_per_part) are held by Ray actors,
     each query fans out to them and their top-k are merged: the same results as without.
     """
-    from gradindex.query.attributor import Attributor, metadata_lookup, result_records
+    from gradindex.query.attributor import Attributor, MetadataTable, result_records
     from gradindex.store.feature_store import FeatureStore
 
     if all_scores or out is not None:
@@ -102,12 +102,14 @@ def query(store_path, inputs, concept, k, as_json, opponents, checkpoint, device
         top, tokens = attribute_tokens(attributor, queries, k=k, batch_size=batch_size)
     else:
         top = attributor.attribute(queries, k=k, batch_size=batch_size)
+    table = MetadataTable.read(attributor.store)
+    table.require_known(top.sample_ids)
     if opponents:  # token scores are for the proponents only
         bottom = attributor.opponents(queries, k=k, batch_size=batch_size)
-        records = result_records(top, metadata_lookup(attributor.store, top.sample_ids), bottom,
-                                 metadata_lookup(attributor.store, bottom.sample_ids))
+        table.require_known(bottom.sample_ids)
+        records = result_records(top, table.lookup(top.sample_ids), bottom, table.lookup(bottom.sample_ids))
     else:
-        records = result_records(top, metadata_lookup(attributor.store, top.sample_ids))
+        records = result_records(top, table.lookup(top.sample_ids))
     if with_tokens:
         add_tokens(records, tokens)
     captions = [attributor.task.describe(item) for item in queries]

@@ -105,7 +105,14 @@ def spearman_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def lds_per_query(predictions: np.ndarray, measurements: np.ndarray) -> np.ndarray:
-    """Per-query LDS ``[Q]`` from predictions ``ŷ [M, Q]`` and measurements ``y [M, Q]``."""
+    """Per-query LDS ``[Q]`` from predictions ``ŷ [M, Q]`` and measurements ``y [M, Q]``; a one-line error
+    when no query's measurement varies across the models (the LDS is undefined, not 0)."""
+    measured = np.asarray(measurements, dtype=np.float64)
+    if measured.ndim == 2 and measured.size and not (np.ptp(measured, axis=0) > 0).any():
+        raise ConfigError(
+            f"LDS is undefined: no query's measurement varies across the {measured.shape[0]} retrained models (too "
+            "few models, or subsets too small to change the model); use more --models or a larger --fraction"
+        )
     return spearman_columns(predictions, measurements)
 
 
@@ -407,6 +414,10 @@ class _Plan:
            queries_file: str | Path | None = None) -> "_Plan":
         require_training_routine(task, "LDS")
         sample_ids = np.asarray(task.sample_ids(task.train_dataset()), dtype=np.int64)
+        size = round(config.fraction * len(sample_ids))
+        if not 2 <= size < len(sample_ids):
+            raise ConfigError(f"LDSConfig.fraction: {config.fraction:g} of {len(sample_ids)} training examples is "
+                              f"{size} per model; expected 2..{len(sample_ids) - 1} (a subset that trains a model)")
         concepts = ("all", *task.concepts)
         _open_cache(cache, task, config, sample_ids)
         key = dataset_key(task, queries)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from gradindex.errors import ConfigError
 from gradindex.store.feature_store import temporary_path
 
 Row = tuple[np.ndarray, str, Sequence[tuple[np.ndarray, str]]]
@@ -119,6 +120,18 @@ def _wrap(caption: str, width: int = 18) -> str:
     return "\n".join(lines)
 
 
+#: image formats a figure is written in, by the file's suffix (no suffix: PNG)
+FIGURE_FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf", "": "png"}
+
+
+def figure_format(path: Path) -> str:
+    """The image format ``path``'s suffix names (``w.svg`` is an SVG, never PNG bytes), or a one-line error."""
+    suffix = path.suffix.lower()
+    if suffix not in FIGURE_FORMATS:
+        raise ConfigError(f"--out {path}: expected a file name ending in .png, .svg or .pdf, got {suffix!r}")
+    return FIGURE_FORMATS[suffix]
+
+
 def _save(fig: Any, path: str | Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
@@ -128,10 +141,11 @@ def _save(fig: Any, path: str | Path, title: str) -> Path:
         top = 1 - 0.3 / fig.get_figheight()  # keep 0.3 in free for the title
     fig.tight_layout(rect=(0, 0, 1, top))
     path = Path(path)
+    image_format = figure_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
     try:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=110, format=image_format)
         os.replace(tmp, path)
     finally:
         plt.close(fig)

@@ -14,6 +14,7 @@ parameters or parameter groups differ from the ones the store was built from.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gradindex import faults
 from gradindex.config import DEFAULT_DAMPING, UNIFORM_CONCEPT, FeaturizeConfig, Preconditioner
 from gradindex.devices import resolve_device
 from gradindex.errors import ConfigError, StoreMismatchError, TaskConsentError
@@ -30,7 +32,9 @@ from gradindex.features.precondition import Damping, QueryPreconditioner
 from gradindex.features.projection import check_projection_format
 from gradindex.store.feature_store import FeatureStore, open_store
 from gradindex.store.trust import own_store_verdict
-from gradindex.task import Task, is_builtin_spec, load_task, model_fingerprint, resolve_spec
+from gradindex.task import (
+    Task, is_builtin_spec, load_task, model_fingerprint, resolve_spec, short_repr, training_refused,
+)
 
 
 def load_store_task(store: FeatureStore, trust_task: bool = False, task: str | None = None) -> Task:
@@ -57,7 +61,32 @@ def load_store_task(store: FeatureStore, trust_task: bool = False, task: str | N
                 f"{store.path}: the store names task code {name!r} that is not built in and {why}; run it only "
                 f"if you trust it: pass --task '{name}' or --trust-task (Python: trust_task=True)"
             )
-    return load_task(name, spec.get("options", {}))
+    options = spec.get("options", {})
+    if not store_task_consented(store, trust_task, task):
+        for key, value in options.items():
+            if names_a_path(value):
+                raise TaskConsentError(
+                    f"{store.path}: the store's task {name!r} option {key}={short_repr(value, 80)} names a path "
+                    "outside the store; read it only if you trust the store: pass --trust-task"
+                )
+    return load_task(name, options)
+
+
+def store_task_consented(store: FeatureStore, trust_task: bool = False, task: str | None = None) -> bool:
+    """Whether the user consented to what the store's task does beyond reading the store: task code,
+    options naming paths, training a model (``--trust-task``, ``--task SPEC``, a store that
+    ``featurize`` returned, or a store this user featurized on this machine from an unchanged task
+    file, :func:`~gradindex.store.trust.own_store_verdict`)."""
+    if trust_task or store.trust_task or task is not None or store.task is not None:
+        return True
+    return own_store_verdict(store.path, store.manifest)[0]
+
+
+def names_a_path(value: object) -> bool:
+    """Whether a task option value names a file or folder (a store's options must not read one unasked)."""
+    if not isinstance(value, str) or not value:
+        return False
+    return "/" in value or "\\" in value or value.startswith(("~", ".")) or os.path.exists(value)
 
 
 def check_concept(task: Task, concept: str) -> None:
@@ -119,7 +148,12 @@ class QueryFeaturizer:
         task = load_store_task(store, trust_task)
         check_concept(task, concept)
         torch_device = resolve_device(device)
-        model = task.load_model(checkpoint or store.manifest.get("checkpoint")).to(torch_device).eval()
+        refuse = None if checkpoint is not None or store_task_consented(store, trust_task) else (
+            f"{store.path}: the store's task {store.manifest['task']['task']!r} has no checkpoint on this machine and "
+            "would train a model to answer; a store never makes a command train: pass --checkpoint, featurize the "
+            "task yourself first (that trains and caches its model), or pass --trust-task to let it train")
+        with faults.stage(f"load model ({type(task).__name__}.load_model)"), training_refused(task, refuse):
+            model = task.load_model(checkpoint or store.manifest.get("checkpoint")).to(torch_device).eval()
         fingerprint = model_fingerprint(model)
         if fingerprint != store.manifest["model_fingerprint"]:
             raise StoreMismatchError(
@@ -134,7 +168,8 @@ class QueryFeaturizer:
         """``{group: −ψ_g(q) [n, k_g]}`` (float32) for every item of ``dataset``."""
         if len(dataset) == 0:
             raise ConfigError("no queries: the query inputs hold no items")
-        with tqdm(total=len(dataset), desc="query features", unit="q", disable=not show_progress) as bar:
+        with tqdm(total=len(dataset), desc="query features", unit="q", disable=not show_progress) as bar, \
+                faults.stage(f"featurize {len(dataset)} queries"):
             feats = featurize_rows(self.task, self.model, dataset, range(len(dataset)), self.projector, batch_size,
                                    self.device, measurement=self.measurement, bar=bar)
         psi = self.preconditioner({g: torch.from_numpy(feats[g]) for g in self.groups})

@@ -49,6 +49,7 @@ from gradindex.store.feature_store import (
     write_shard,
     writer_lock,
 )
+from gradindex import faults
 from gradindex.store.trust import record_own_store
 from gradindex.task import Task, make_batch, model_fingerprint
 
@@ -68,6 +69,10 @@ def training_table(task: Task) -> tuple[Sequence, np.ndarray, dict[str, np.ndarr
         raise TaskError(f"sample_ids: expected {len(dataset)} integers, got shape {ids.shape} of {ids.dtype}")
     if len(np.unique(ids)) != len(ids):
         raise TaskError("sample_ids: ids must be unique")
+    if not len(ids):
+        raise TaskError(f"{type(task).__name__}.train_dataset() is empty: nothing to featurize")
+    if ids.min() < 0 or ids.max() > np.iinfo(np.int64).max:  # -1 marks an empty result slot
+        raise TaskError(f"sample_ids: expected integers in 0..2^63-1, got {int(ids.min())}..{int(ids.max())}")
     metadata = {name: np.asarray(values) for name, values in task.metadata(dataset).items()}
     for name, values in metadata.items():
         if len(values) != len(dataset):
@@ -109,7 +114,8 @@ class RunOptions:
 def prepare_run(task: Task, config: FeaturizeConfig, checkpoint: str | Path | None, device: torch.device,
                 limit: int | None = None) -> FeaturizeRun:
     """Load the model on ``device``, resolve its groups, read the training table and derive the run key."""
-    model = task.load_model(checkpoint).to(device).eval()
+    with faults.stage(f"load model ({type(task).__name__}.load_model)"):
+        model = task.load_model(checkpoint).to(device).eval()
     groups = resolve_groups(task, model, config)
     dataset, ids, metadata = training_table(task)
     if limit is not None:
@@ -140,8 +146,9 @@ def featurize_shard(
     its features ``{group: [stop - start, k_g]}`` in the storage dtype.
     """
     shard_index, start, stop = shard
-    feats = featurize_rows(task, run.model, run.dataset, range(start, stop), projector, config.batch_size,
-                           device, storage_dtype(config), verify_first=(start == 0), bar=bar)
+    with faults.stage(f"featurize shard {shard_index} (rows {start}-{stop})"):
+        feats = featurize_rows(task, run.model, run.dataset, range(start, stop), projector, config.batch_size,
+                               device, storage_dtype(config), verify_first=(start == 0), bar=bar)
     info = write_shard(store, shard_index, run.ids[start:stop], feats,
                        {name: values[start:stop] for name, values in run.metadata.items()}, run.run_key)
     if info.rows != stop - start:

@@ -183,6 +183,8 @@ def open_part(
     if sample_ids.shape != (part.ntotal,) or not np.issubdtype(sample_ids.dtype, np.integer):
         raise StoreMismatchError(f"{ids_path}: expected {part.ntotal} integer sample ids, got {sample_ids.shape} "
                                  f"of {sample_ids.dtype}; run build-index again")
+    if part.ntotal and int(sample_ids.min()) < 0:  # -1 marks an empty result slot: a hit would vanish
+        raise StoreMismatchError(f"{ids_path}: holds negative sample ids; run build-index again")
     layout = entry.get("layout") or {}
     directions = None
     if layout:

@@ -27,6 +27,7 @@ import numpy as np
 from gradindex.config import (
     DEFAULT_DAMPING, UNIFORM_CONCEPT, IndexConfig, Preconditioner, SearchConfig, require_positive, setting_key,
 )
+from gradindex.errors import StoreMismatchError
 from gradindex.index import GradIndex, TopK
 from gradindex.features.query import QueryFeaturizer, load_store_task
 from gradindex.query.opponents import search_opponents
@@ -83,7 +84,7 @@ class Attributor:
     def attribute(self, dataset: Sequence, k: int = 10, batch_size: int = 64) -> TopK:
         """Top-``k`` training examples for every query item."""
         require_positive(k, "k")
-        return self.index.search(self.query_vectors(dataset, batch_size), k)
+        return require_finite_scores(self.index.search(self.query_vectors(dataset, batch_size), k))
 
     def opponents(self, dataset: Sequence, k: int = 10, batch_size: int = 64) -> TopK:
         """The ``k`` most negative scores for every query item (ascending; :mod:`~gradindex.query.opponents`)."""
@@ -126,9 +127,21 @@ class MetadataTable:
 
     @classmethod
     def read(cls, store: FeatureStore) -> "MetadataTable":
-        if not store.metadata_columns:
-            return cls(np.zeros(0, np.int64), {})
+        if not store.metadata_columns:  # the ids alone: :meth:`require_known` checks answers against them
+            return cls(store.read(groups=[])[0], {})
         return cls(*store.read_metadata())
+
+    def require_known(self, sample_ids: np.ndarray) -> None:
+        """A one-line error when an index returned a sample id (``>= 0``) the store does not hold: a damaged
+        or crafted index file (its checksum rewritten to match) must not make ids up."""
+        ids = np.asarray(sample_ids)[np.asarray(sample_ids) >= 0]
+        if not len(ids):
+            return
+        found = np.clip(np.searchsorted(self.sample_ids, ids), 0, max(len(self.sample_ids) - 1, 0))
+        known = (self.sample_ids[found] == ids) if len(self.sample_ids) else np.zeros(len(ids), bool)
+        if not known.all():
+            raise StoreMismatchError(f"the index returned sample id {int(ids[~known][0])}, which the store does not "
+                                     "hold (a damaged or crafted index); run build-index again")
 
     def lookup(self, sample_ids: np.ndarray) -> dict[str, np.ndarray]:
         """Every column at ``sample_ids [n, k]``: ``{name: [n, k] object}`` (``None`` where the id is -1 or unknown)."""
@@ -155,6 +168,9 @@ def result_records(top: TopK, metadata: Mapping[str, np.ndarray], opponents: Top
     "sample_id", "score", **metadata}]}``, ranks from 1, ``-1`` ids left out. ``metadata``: ``{name: [n, k]}``
     (:meth:`MetadataTable.lookup`). With ``opponents`` (the bottom-k, ascending) each object also has
     ``"opponents"``: the same rows for them (rank 1 = the most negative score)."""
+    require_finite_scores(top)
+    if opponents is not None:
+        require_finite_scores(opponents)
     records = []
     for q in range(len(top)):
         record = {"query": q, "results": _rows(top, metadata, q)}
@@ -170,6 +186,16 @@ def _rows(top: TopK, metadata: Mapping[str, np.ndarray], q: int) -> list[dict[st
          **{name: _plain(values[q, rank]) for name, values in metadata.items()}}
         for rank, (sid, score) in enumerate(zip(top.sample_ids[q], top.scores[q])) if sid >= 0
     ]
+
+
+def require_finite_scores(top: TopK) -> TopK:
+    """``top`` unchanged, or a one-line error when a returned score is NaN or infinite (NaN in the stored
+    features, the Gram matrices or the weights; checksums cannot tell: they were written that way)."""
+    valid = top.sample_ids >= 0
+    if not np.isfinite(top.scores[valid]).all():
+        raise StoreMismatchError("scores are not finite (NaN or inf): the store's features, Gram matrices or weights "
+                                 "hold NaN or inf; featurize (and learn-weights, build-index) again")
+    return top
 
 
 def _plain(value: Any) -> Any:

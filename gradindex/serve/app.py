@@ -13,8 +13,10 @@ Routes:
 
 Requests are micro-batched (:class:`~gradindex.serve.batcher.MicroBatcher`). Every error is
 a one-line JSON object ``{"error": "..."}``: 400 bad input, 404/405 unknown route or method,
-413 body over the limit, 503 shutting down, 500 anything else (the traceback goes to the
-server's log, never to the client).
+413 body over the limit, 415 a body not sent as ``application/json``, 403 a ``Host`` that is not
+loopback on a loopback-bound server, 503 shutting down, 500 anything else (the traceback goes to the
+server's log, never to the client). Every answer says ``"stale": true`` (and why) once the store was
+rebuilt after the server started (:meth:`AttributionEngine.staleness`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -34,6 +37,9 @@ from gradindex.serve.engine import AttributionEngine
 from gradindex.serve.http import RequestError, error_response, json_response, read_body
 
 logger = logging.getLogger(__name__)
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
 def create_app(engine: AttributionEngine, page: bool = True) -> FastAPI:
@@ -54,6 +60,15 @@ def create_app(engine: AttributionEngine, page: bool = True) -> FastAPI:
     app.state.engine = engine
     app.state.batcher = batcher
 
+    @app.middleware("http")
+    async def loopback_host(request: Request, call_next: Any) -> Response:
+        """A server bound to loopback answers only requests addressed to loopback (DNS rebinding: a web page's
+        script reaching 127.0.0.1 under its own host name sends ``Host: evil.example``)."""
+        if config.host in LOOPBACK_HOSTS and not _loopback_host(request.headers.get("host", "")):
+            return error_response(403, "Host header must name this machine (localhost, 127.0.0.1 or [::1]) for a "
+                                  "server bound to loopback; bind another --host to serve other names")
+        return await call_next(request)
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException) -> Response:
         return error_response(err.status_code, f"{err.detail}: {request.method} {request.url.path}")
@@ -65,22 +80,31 @@ def create_app(engine: AttributionEngine, page: bool = True) -> FastAPI:
     @app.post("/v1/attribute")
     async def attribute(request: Request) -> Response:
         body = await read_body(request, config.max_body_bytes)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":  # a cross-site form or text/plain POST never runs a query
+            raise RequestError(415, f"Content-Type must be application/json, got {content_type[:100]!r}")
         try:
             payload = json.loads(body, parse_constant=_refuse_constant)
+        except RecursionError:
+            raise RequestError(400, "request body is nested too deeply") from None
         except (ValueError, UnicodeDecodeError) as err:
             raise RequestError(400, f"request body is not valid JSON ({err})") from None
         try:
             parsed = await run_in_threadpool(engine.parse, payload)
             results = await batcher.submit(parsed, len(parsed.queries))
+            reason = await run_in_threadpool(engine.staleness)
         except GradIndexError as err:
             raise RequestError(400, str(err)) from None
+        except RecursionError:
+            raise RequestError(400, "request inputs are nested too deeply") from None
         except RuntimeError as err:
             if "shutting down" in str(err):
                 raise RequestError(503, str(err)) from None
             raise _internal(err) from None
         except Exception as err:  # noqa: BLE001 - one line to the client, the traceback to the log
             raise _internal(err) from None
-        return json_response({"results": results})
+        return json_response({"results": results, "stale": reason is not None,
+                              **({"stale_reason": reason} if reason is not None else {})})
 
     @app.get("/v1/health")
     async def health() -> Response:
@@ -95,6 +119,16 @@ def create_app(engine: AttributionEngine, page: bool = True) -> FastAPI:
 
         add_page_routes(app, engine)  # GET / (the explorer page) and POST /upload
     return app
+
+
+def _loopback_host(header: str) -> bool:
+    """Whether a ``Host`` header names this machine (``localhost``, ``127.0.0.1``, ``[::1]``, any port)."""
+    host = header.strip().lower()
+    if host.startswith("["):
+        host = host[1:].split("]", 1)[0]
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host in LOOPBACK_HOSTS
 
 
 def _refuse_constant(name: str) -> None:

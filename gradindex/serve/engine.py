@@ -16,6 +16,8 @@ and one index search per distinct ``k`` (an approximate index's candidates depen
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +27,17 @@ import numpy as np
 import torch
 
 from gradindex.config import SearchConfig, ServeConfig
-from gradindex.errors import ConfigError
+from gradindex.errors import ConfigError, GradIndexError
 from gradindex.query.attributor import Attributor, MetadataTable, result_records
 from gradindex.query.opponents import search_opponents
-from gradindex.store.feature_store import FeatureStore, open_store
+from gradindex.store.feature_store import FeatureStore, open_store, read_manifest
+from gradindex.task import short_repr
 from gradindex.eval.summary import store_summary
 from gradindex.index.topk import TopK
 
 REQUEST_KEYS = ("inputs", "k", "concept", "opponents")
+MAX_RESULTS = 100_000  # results in one answer (queries x k x 2 with opponents): about 8 MB of JSON per 100,000
+STALE_CHECK_S = 1.0  # how often a request rereads the store's manifest to see whether it was rebuilt
 DEFAULT_K = 10
 QUERY_BATCH_SIZE = 64  # queries per backward pass, as `gradindex query --batch-size`'s default
 
@@ -58,6 +63,8 @@ class AttributionEngine:
         self.attributors = dict(attributors)
         self.config = config
         self.metadata = metadata if metadata is not None else MetadataTable.read(store)
+        self._served = self._builds(store.manifest)
+        self._stale: tuple[float, str | None] = (time.monotonic(), None)
 
     @classmethod
     def open(cls, store: str | Path | FeatureStore, concepts: Sequence[str] = ("all",),
@@ -95,21 +102,26 @@ class AttributionEngine:
                               f"got {type(body).__name__}")
         unknown = sorted(set(body) - set(REQUEST_KEYS))
         if unknown:
-            raise ConfigError(f"request: unknown keys {unknown}; expected {list(REQUEST_KEYS)}")
+            raise ConfigError(f"request: unknown keys {short_repr(unknown, 200)}; expected {list(REQUEST_KEYS)}")
         if "inputs" not in body:
             raise ConfigError('request: no "inputs" (the task\'s query fields as JSON)')
         k = body.get("k", DEFAULT_K)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.config.max_k:
-            raise ConfigError(f"request: k must be an integer in 1..{self.config.max_k}, got {k!r}")
+            raise ConfigError(f"request: k must be an integer in 1..{self.config.max_k}, got {short_repr(k, 100)}")
         concept = body.get("concept", "all" if "all" in self.attributors else self.concepts[0])
-        if concept not in self.attributors:
-            raise ConfigError(f"request: concept {concept!r} is not served here; served: {', '.join(self.concepts)}")
+        if not isinstance(concept, str) or concept not in self.attributors:
+            raise ConfigError(f"request: concept {short_repr(concept, 100)} is not served here; served: "
+                              f"{', '.join(self.concepts)}")
         opponents = body.get("opponents", False)
         if not isinstance(opponents, bool):
-            raise ConfigError(f"request: opponents must be true or false, got {opponents!r}")
+            raise ConfigError(f"request: opponents must be true or false, got {short_repr(opponents, 100)}")
         queries = self.attributors[concept].task.queries_from_json(body["inputs"])
         if not 1 <= len(queries) <= self.config.max_queries:
             raise ConfigError(f"request: expected 1..{self.config.max_queries} queries, got {len(queries)}")
+        results = len(queries) * k * (2 if opponents else 1)
+        if results > MAX_RESULTS:
+            raise ConfigError(f"request: {len(queries)} queries x k {k} = {results:,} results, more than "
+                              f"the {MAX_RESULTS:,} one answer may hold; ask fewer queries or a smaller k")
         return AttributeRequest(queries, k, concept, opponents)
 
     def answer(self, requests: Sequence[AttributeRequest]) -> list[list[dict[str, Any]]]:
@@ -139,15 +151,42 @@ class AttributionEngine:
     def _records(self, top: TopK, bottom: TopK | None, start: int, stop: int) -> list[dict[str, Any]]:
         """``query --json``'s objects of rows ``start:stop`` of a batch's answers."""
         part = TopK(top.scores[start:stop], top.sample_ids[start:stop])
+        self.metadata.require_known(part.sample_ids)
         if bottom is None:
             return result_records(part, self.metadata.lookup(part.sample_ids))
         low = TopK(bottom.scores[start:stop], bottom.sample_ids[start:stop])
+        self.metadata.require_known(low.sample_ids)
         return result_records(part, self.metadata.lookup(part.sample_ids), low, self.metadata.lookup(low.sample_ids))
+
+    def _builds(self, manifest: Mapping[str, Any]) -> str:
+        """What the served answers depend on in a manifest: each served concept's index entry and weights."""
+        return json.dumps({concept: [manifest.get("indexes", {}).get(concept), manifest.get("weights", {}).get(concept)]
+                           for concept in self.attributors}, sort_keys=True, default=str)
+
+    def staleness(self, every_s: float = STALE_CHECK_S) -> str | None:
+        """Why the served indexes or weights are older than the store's current build (``build-index`` or
+        ``learn-weights`` ran since this server started), or None; the manifest is reread at most every
+        ``every_s`` seconds. Restart ``gradindex serve`` to answer from the new build."""
+        checked, reason = self._stale
+        if reason is not None or time.monotonic() - checked < every_s:
+            return reason
+        try:
+            current = self._builds(read_manifest(self.store.storage))
+        except GradIndexError as err:  # a manifest being rewritten or gone: say so rather than guess
+            current, why = None, f"the store's manifest cannot be read now ({err})"
+        else:
+            why = None
+        if current != self._served:
+            reason = why or ("the store was rebuilt (build-index or learn-weights ran) after this server started; "
+                             "these answers come from the previous build: restart gradindex serve")
+        self._stale = (time.monotonic(), reason if current is not None else None)
+        return reason
 
     def info(self) -> dict[str, Any]:
         """``gradindex info``'s summary of the store, plus what this server answers."""
         served = {concept: {"kind": a.index.kind, "vectors": a.index.ntotal} for concept, a in self.attributors.items()}
-        return {**store_summary(self.store), "served": served,
+        reason = self.staleness()
+        return {**store_summary(self.store), "served": served, "stale": reason is not None, "stale_reason": reason,
                 "limits": {"max_batch": self.config.max_batch, "max_wait_ms": self.config.max_wait_ms,
                            "max_body_mb": self.config.max_body_mb, "max_queries": self.config.max_queries,
                            "max_k": self.config.max_k}}

@@ -26,8 +26,14 @@ def json_response(body: Any, status: int = 200) -> Response:
     return Response(json.dumps(body), status_code=status, media_type="application/json")
 
 
+MAX_ERROR_CHARS = 1000
+
+
 def error_response(status: int, message: str) -> Response:
-    return json_response({"error": " ".join(str(message).split())}, status)
+    text = " ".join(str(message).split())
+    if len(text) > MAX_ERROR_CHARS:  # never echo a megabyte of the request back
+        text = f"{text[:MAX_ERROR_CHARS]}... ({len(text):,} characters)"
+    return json_response({"error": text}, status)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from gradindex.errors import ArtifactNotFoundError, ConfigError, StoreMismatchError
+from gradindex.store.owned import OWNED, clear_owned, refuse_foreign_folder
 from gradindex.store.schema import FORMAT_VERSION, manifest_paths, validate_manifest
 from gradindex.store.shards import (  # noqa: F401  (the shard helpers are imported from here by other modules)
     FEATURE_PREFIX, META_PREFIX, ROW_GROUP_ROWS, SHARD_DIR, ShardInfo, completed_shard, json_bytes, read_shard,
@@ -141,14 +142,15 @@ def prepare_store(path: str | Path | Storage, overwrite: bool = False, resume: b
     """
     storage = open_storage(path)
     storage.make_root()
+    if not overwrite and not storage.exists(MANIFEST):
+        refuse_foreign_folder(storage)
     if storage.exists(MANIFEST):
         if not overwrite:
             raise ConfigError(f"{storage} already holds a feature store; pass --overwrite to replace it")
         with storage.lock(LOCK_FILE):
             storage.delete(MANIFEST)
     if not resume:
-        for target in [SHARD_DIR, "indexes", *gram_files(storage)]:
-            storage.delete_tree(target)
+        clear_owned(storage)  # only what a store wrote: a user's file in DIR/indexes/ stays
     storage.remove_temporaries(["", SHARD_DIR])
     storage.make_root(SHARD_DIR)
     return storage.root if storage.local else storage
@@ -175,9 +177,10 @@ def write_gram(path: str | Path | Storage, grams: Mapping[str, np.ndarray]) -> d
 
 
 def gram_files(path: str | Path | Storage) -> list[str]:
-    """The Gram files in the store's root (names relative to it)."""
+    """The Gram files a store wrote in its root (names relative to it; a user's ``gram-x.npz`` is not one)."""
     storage = open_storage(path)
-    return sorted([*storage.names("", "gram-*.npz"), *storage.names("", GRAM_FILE)])
+    return sorted(name for name in [*storage.names("", "gram-*.npz"), *storage.names("", GRAM_FILE)]
+                  if OWNED.fullmatch(name))
 
 
 def remove_unused_grams(path: str | Path | Storage, manifest: Mapping[str, Any] | None) -> None:

@@ -78,7 +78,7 @@ class ConceptDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        image = torch.from_numpy(self.images[i]).permute(2, 0, 1).float() / 127.5 - 1
+        image = torch.from_numpy(self.images[i]).permute(2, 0, 1).float().contiguous() / 127.5 - 1
         return image, torch.from_numpy(self.labels[i]), torch.tensor(self.keys[i])
 
 
@@ -268,7 +268,7 @@ class DiffusionTask(Task):
         rows = np.arange(len(self.data)) if indices is None else np.asarray(indices, dtype=np.int64)
         if rows.ndim != 1 or not len(rows) or rows.min() < 0 or rows.max() >= len(self.data):
             raise ConfigError(f"diffusion train: indices must be positions in 0..{len(self.data) - 1}")
-        images = torch.from_numpy(self.data.images[rows]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        images = torch.from_numpy(self.data.images[rows]).permute(0, 3, 1, 2).float().contiguous() / 127.5 - 1
         model = train_model(self.model_config, images, torch.from_numpy(self.data.labels[rows]), self.train_config,
                             seed=self.seed if seed is None else int(seed))
         return save_checkpoint(model, self.arch(), path or self.default_checkpoint())

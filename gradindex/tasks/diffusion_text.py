@@ -256,7 +256,7 @@ class DiffusionTextTask(DiffusionTask):
 
     def _fit(self, model: nn.Module, rows: np.ndarray, train: TrainConfig, seed: int, desc: str) -> nn.Module:
         """Train ``model``'s trainable parameters on the generated images at ``rows`` (their captions)."""
-        images = torch.from_numpy(self.data.images[rows]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        images = torch.from_numpy(self.data.images[rows]).permute(0, 3, 1, 2).float().contiguous() / 127.5 - 1
         table = torch.from_numpy(self.prompter.dropout_table(self.data.labels[rows], self.captions[rows]))
         bits = torch.tensor([1, 2, 4])
 

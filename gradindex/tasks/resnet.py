@@ -128,6 +128,7 @@ def train_resnet(config: ModelConfig, images: torch.Tensor, labels: torch.Tensor
     """A fresh :class:`ResNet` trained on ``images [n, 3, H, W]``, ``labels [n]`` (seeded, one thread)."""
     if len(images) == 0:
         raise ConfigError("resnet training: no training examples selected")
+    images = images.contiguous()  # channels-last strides crash oneDNN's conv backward on AVX2-only CPUs
     with one_thread():
         model = seeded_model(lambda: ResNet(config), seed)
         optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
@@ -142,7 +143,7 @@ class ConceptImageDataset(torch.utils.data.TensorDataset):
     indices, ``-1`` where unknown) ride along for metadata."""
 
     def __init__(self, pixels: np.ndarray, labels: np.ndarray, factors: np.ndarray):
-        images = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        images = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float().contiguous() / 127.5 - 1
         super().__init__(images, torch.from_numpy(np.asarray(labels, dtype=np.int64)))
         self.factors = np.asarray(factors, dtype=np.int64).reshape(len(labels), len(FACTORS))
 

@@ -91,7 +91,7 @@ from gradindex.config import (
     ExampleNorm, GroupNorm, LearnConfig, LearnMethod, Preconditioner, QuerySplit, parse_enum,
 )
 from gradindex.weights.damping import resolve_damping
-from gradindex.errors import ConfigError
+from gradindex.errors import ConfigError, StoreMismatchError
 from gradindex.features.projection import derive_seed
 from gradindex.features.query import QueryFeaturizer, precondition_features
 from gradindex.store.feature_store import FeatureStore
@@ -373,10 +373,15 @@ def learn_from_features(store: FeatureStore, raw_query_features: Mapping[str, np
     _, reference = reference_sample(store, config.reference_size, config.seed)
     groups = store.groups
     scores = score_matrices(query_features, reference, groups)
+    for group, matrix in zip(groups, scores):  # NaN in, NaN shares out: refuse before fitting
+        if not np.isfinite(np.asarray(matrix)).all():
+            raise StoreMismatchError(f"group {group}: the query-by-training score matrix holds NaN or inf (NaN in the "
+                                     "store's features or Gram matrices, checksums intact); featurize again")
     resolved, _, _ = resolve_setting(config, values is not None)
     weights, diagnostics = fit_weights(scores, config, values if resolved is LearnMethod.AGREEMENT else None)
     if not np.all(np.isfinite(weights)):
-        raise ConfigError(f"weight learning diverged (non-finite weights) with lr {config.lr:g}; lower --lr")
+        raise ConfigError(f"weight learning diverged (non-finite weights) with lr {config.lr:g} and regularization "
+                          f"{config.regularization:g}; lower --lr or --regularization")
     setting = {**config.to_dict(), "damping": damping}  # the resolved damping: what the index must use
     info = {
         "method": resolved.value,
