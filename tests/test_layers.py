@@ -1,6 +1,6 @@
 """The package is laid out as the pipeline (docs/design.md §2): a stage imports only the stages before it.
 
-Stages, in order: the base modules (``config``, ``errors``, ``devices``, ``inputs``, ``task``), ``store``,
+Stages, in order: the base modules (``config``, ``errors``, ``devices``, ``faults``, ``inputs``, ``task``), ``store``,
 ``features``, ``weights``, ``index``, ``query``, ``eval``, ``serve``, ``tasks`` (built-in tasks use the library
 as a user's task would), ``integrations``, ``cli``. Imports inside functions count; imports under
 ``if TYPE_CHECKING:`` do not. The one allowed upward import is the string registry of built-in tasks
@@ -14,7 +14,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gradindex"
 ORDER = ["base", "store", "features", "weights", "index", "query", "eval", "serve", "tasks", "integrations", "cli"]
-BASE = {"config", "errors", "devices", "inputs", "task"}
+BASE = {"config", "errors", "devices", "faults", "inputs", "task"}
 ALLOWED_UPWARD = {("gradindex.task", "gradindex.tasks")}
 
 
@@ -50,7 +50,9 @@ def imports(path: Path, lazy_exports: bool = True) -> set[str]:
     for node in ast.walk(tree):
         if id(node) in typing_only:
             continue
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("gradindex"):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "gradindex":
+            found.update(f"gradindex.{a.name}" for a in node.names)  # from gradindex import faults
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("gradindex"):
             found.add(node.module)
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("gradindex"))

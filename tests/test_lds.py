@@ -155,14 +155,15 @@ def test_eval_lds_cli_reports_every_attribution(toy_store, tmp_path):
 def test_runs_per_subset_average_seeds_and_keep_single_run_caches(tmp_path):
     task = load_task(toy_spec("ToyTask"))
     cache = tmp_path / "lds"
-    single = retrain(task, cache, LDSConfig(num_models=2), workers=1, show_progress=False)
+    single = retrain(task, cache, LDSConfig(num_models=3), workers=1, show_progress=False)
     stamps = [os.stat(f).st_mtime_ns for f in _model_files(cache)]
-    double = retrain(task, cache, LDSConfig(num_models=2, runs_per_subset=2), workers=1, show_progress=False)
+    double = retrain(task, cache, LDSConfig(num_models=3, runs_per_subset=2), workers=1, show_progress=False)
     files = _model_files(cache)
-    assert [f.parent.name for f in files] == ["model-00000", "model-00000-run1", "model-00001", "model-00001-run1"]
-    assert [os.stat(f).st_mtime_ns for f in (files[0], files[2])] == stamps  # run 0 is the R = 1 model
+    assert [f.parent.name for f in files] == ["model-00000", "model-00000-run1", "model-00001", "model-00001-run1",
+                                            "model-00002", "model-00002-run1"]
+    assert [os.stat(f).st_mtime_ns for f in (files[0], files[2], files[4])] == stamps  # run 0 is the R = 1 model
     runs = double.runs["all"]
-    assert runs.shape == (2, 2, 48) and double.runs_per_subset == 2
+    assert runs.shape == (2, 3, 48) and double.runs_per_subset == 2
     np.testing.assert_array_equal(runs[0], single.measurements["all"])
     assert not np.allclose(runs[0], runs[1])  # another training seed
     np.testing.assert_allclose(double.measurements["all"], runs.mean(0))

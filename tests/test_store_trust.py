@@ -129,13 +129,17 @@ def test_module_specs_are_recorded_and_located_without_running_code(tmp_path):
         load_store_task(foreign)
 
 
-def test_builtin_tasks_write_no_record(tmp_path, monkeypatch):
+def test_builtin_tasks_record_the_store_without_files(tmp_path, monkeypatch):
+    """A built-in task's code needs no consent, but what a store's options do does (read a path, train):
+    your own built-in store is recorded (no files to hash), a copy elsewhere is not yours."""
     from gradindex.store.trust import record_own_store
 
     manifest = {"task": {"task": "digits"}, "run_key": "r", "shards": [{"sha256": "a"}]}
-    assert record_own_store(tmp_path / "s", manifest, TinyTask()) is None
+    path = record_own_store(tmp_path / "s", manifest, TinyTask())
+    assert path is not None and json.loads(path.read_text())["files"] == {}
+    assert own_store_verdict(tmp_path / "s", manifest) == (True, "")
+    assert not own_store_verdict(tmp_path / "copy", manifest)[0]
     monkeypatch.setenv("GRADINDEX_HOME", str(tmp_path / "ro"))
     (tmp_path / "ro").write_text("not a folder")  # an unwritable home: a warning, no failure
     manifest["task"]["task"] = "tiny_task:TinyTask"
     assert record_own_store(tmp_path / "s", manifest, TinyTask()) is None
-

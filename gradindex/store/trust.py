@@ -58,14 +58,15 @@ def record_path(identity: str) -> Path:
 
 def record_own_store(location: str | Path, manifest: Mapping[str, Any], task: Task) -> Path | None:
     """Record that this user wrote the store at ``location`` from ``task``'s code (the file
-    path). Built-in tasks need no record (None). A home that cannot be written: a warning, None."""
+    path). A built-in task's record lists no files: its code needs no consent, but the record is the
+    consent for what its options do (read a path they name, train a checkpoint). A home that cannot be
+    written: a warning, None."""
     from gradindex.task import is_builtin_spec
 
     spec = manifest["task"]["task"]
-    if is_builtin_spec(spec):
-        return None
     identity = store_identity(location, manifest)
-    files = {str(Path(f).resolve()): file_sha256(f) for f in sorted(defining_files(type(task)))}
+    files = ({} if is_builtin_spec(spec) else
+             {str(Path(f).resolve()): file_sha256(f) for f in sorted(defining_files(type(task)))})
     record = {"store": str(location), "identity": identity, "task": spec, "files": files}
     path = record_path(identity)
     try:
@@ -90,6 +91,10 @@ def own_store_verdict(location: str | Path, manifest: Mapping[str, Any]) -> tupl
     record = _read_own_record(path)
     if record is None or record.get("task") != spec:
         return False, "it was not featurized by you on this machine (no record in $GRADINDEX_HOME)"
+    from gradindex.task import is_builtin_spec
+
+    if is_builtin_spec(spec):
+        return True, ""
     files = record.get("files") or {}
     loaded = spec_file(spec)
     if loaded is None or str(loaded) not in files:
