@@ -51,7 +51,7 @@ from gradindex.cli.options import (
                    "at most one per GPU or CPU slot).")
 @apply_options(trust_options)
 def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_size, nprobe, ef_search, rerank,
-          no_prune, shared, all_scores, out, ray_address, ray_timeout, actors, trust_task, task_spec) -> None:
+          no_prune, max_probe, no_adaptive, exact_certified, shared, all_scores, out, ray_address, ray_timeout, actors, trust_task, task_spec) -> None:
     """Top-k training examples of STORE for every query in --inputs.
 
     With --all, every score instead (--out scores.npy|scores.parquet), under the concept's
@@ -68,7 +68,7 @@ def query(store_path, inputs, concept, k, as_json, checkpoint, device, batch_siz
         return
     if k < 1:
         raise ConfigError(f"-k: expected a positive integer, got {k}")
-    search = search_config(nprobe, ef_search, rerank, no_prune)
+    search = search_config(nprobe, ef_search, rerank, no_prune, max_probe, no_adaptive, exact_certified)
     search = search if search.to_dict() != type(search)().to_dict() else None
     if ray_address is not None:
         connect_ray(ray_address, ray_timeout)  # the install hint and an unreachable address before any work
@@ -138,7 +138,8 @@ def _query_all(store_path, inputs, concept, checkpoint, device, batch_size, out,
               help="With --ray: replicas of the API (query featurization) and of each parts deployment.")
 @apply_options(trust_options)
 def serve(store_path, concepts, host, port, max_batch, max_wait_ms, max_body_mb, checkpoint, device, nprobe,
-          ef_search, rerank, no_prune, ray_address, actors, replicas, trust_task, task_spec) -> None:
+          ef_search, rerank, no_prune, max_probe, no_adaptive, exact_certified, ray_address, actors, replicas,
+          trust_task, task_spec) -> None:
     """Answer attribution lookups over HTTP, with the model, projections and index kept warm.
 
     \b
@@ -160,7 +161,7 @@ def serve(store_path, concepts, host, port, max_batch, max_wait_ms, max_body_mb,
 
     import_serving()  # the install hint before any work
     config = ServeConfig(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_body_mb=max_body_mb)
-    search = search_config(nprobe, ef_search, rerank, no_prune)
+    search = search_config(nprobe, ef_search, rerank, no_prune, max_probe, no_adaptive, exact_certified)
     search = search if search.to_dict() != type(search)().to_dict() else None
     concepts = concepts or ("all",)
     if ray_address is not None:

@@ -139,7 +139,8 @@ def metadata_lookup(store: FeatureStore, sample_ids: np.ndarray) -> dict[str, np
 
 def result_records(top: TopK, metadata: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
     """``query --json``'s objects (and ``serve``'s): per query row ``{"query": q, "results": [{"rank",
-    "sample_id", "score", **metadata}]}``, ranks from 1, ``-1`` ids left out. ``metadata``: ``{name: [n, k]}``
+    "sample_id", "score", **metadata}]}``, ranks from 1, ``-1`` ids left out, plus ``certified``,
+    ``cells_scanned`` and ``rows_reranked`` when the search reported them. ``metadata``: ``{name: [n, k]}``
     (:meth:`MetadataTable.lookup`)."""
     records = []
     for q in range(len(top)):
@@ -148,7 +149,11 @@ def result_records(top: TopK, metadata: Mapping[str, np.ndarray]) -> list[dict[s
              **{name: _plain(values[q, rank]) for name, values in metadata.items()}}
             for rank, (sid, score) in enumerate(zip(top.sample_ids[q], top.scores[q])) if sid >= 0
         ]
-        records.append({"query": q, "results": results})
+        record = {"query": q, "results": results}
+        if top.certified is not None:  # the search's own evidence (gradindex.index.topk.TopK)
+            record.update(certified=bool(top.certified[q]), cells_scanned=int(top.cells_scanned[q]),
+                          rows_reranked=int(top.rows_reranked[q]))
+        records.append(record)
     return records
 
 

@@ -28,7 +28,6 @@ from gradindex.errors import ConfigError
 from gradindex.query.attributor import Attributor, MetadataTable, result_records
 from gradindex.store.feature_store import FeatureStore
 from gradindex.eval.summary import store_summary
-from gradindex.index.topk import TopK
 
 REQUEST_KEYS = ("inputs", "k", "concept")
 DEFAULT_K = 10
@@ -123,7 +122,7 @@ class AttributionEngine:
                 start = 0
                 for j in chosen:
                     stop = start + int(bounds[j + 1] - bounds[j])
-                    part = TopK(top.scores[start:stop], top.sample_ids[start:stop])
+                    part = top.select(slice(start, stop))
                     answers[members[j]] = result_records(part, self.metadata.lookup(part.sample_ids))
                     start = stop
         return answers
