@@ -223,26 +223,31 @@ def certify_batch(q: np.ndarray, k: int, scores: np.ndarray, rows: np.ndarray, e
     k-th score is below some cell's bound scans those cells (:func:`certify`) within ``budget`` rows.
     ``pq``: scanned cells may hold members scored only by PQ (bound ``floor + ‖q‖·e_l``).
     Out: ``(scores [n, k], rows [n, k], Report)``."""
+    from gradindex.index.probe import pad_lists
+
     scores, rows = scores.copy(), rows.copy()
-    upper = bounds.upper(q, directions)
-    qnorm = np.linalg.norm(np.asarray(q, np.float64), axis=1)
+    upper = bounds.upper(q, directions)  # [n, cells]
     n = len(q)
+    scanned = pad_lists(evidence["scanned"])  # [n, w], -1 = none
+    lists = np.where(scanned >= 0, scanned, 0)
+    left = np.full(scanned.shape, -np.inf)  # what a scanned cell may still hold
+    if pq:  # members scored only by PQ: at most floor + ‖q‖·e_l
+        qnorm = np.linalg.norm(np.asarray(q, np.float64), axis=1)[:, None]
+        floor = np.asarray(evidence["floor"], np.float64)[:, None]
+        left = np.minimum(np.take_along_axis(upper, lists, 1), floor + qnorm * bounds.pq_error[lists]
+                          + CERTIFY_SLACK * qnorm * bounds.max_norm[lists])
+    current = np.take_along_axis(upper, lists, 1)
+    np.put_along_axis(upper, lists, np.where(scanned >= 0, left, current), 1)
+    kth = np.where((rows >= 0).sum(1) >= k, scores[:, k - 1].astype(np.float64), -np.inf) if scores.shape[1] >= k \
+        else np.full(n, -np.inf)
     cells = np.array([len(s) for s in evidence["scanned"]], np.int64)
     reranked = np.asarray(evidence["reranked"], np.int64).copy()
-    certified = np.zeros(n, bool)
-    for i in range(n):
-        bound = upper[i]
-        scanned = evidence["scanned"][i]
-        if pq and np.isfinite(evidence["floor"][i]):
-            slack = CERTIFY_SLACK * qnorm[i] * bounds.max_norm[scanned]
-            bound[scanned] = np.minimum(bound[scanned], evidence["floor"][i] + qnorm[i] * bounds.pq_error[scanned]
-                                        + slack)
-        else:
-            bound[scanned] = -np.inf
+    certified = ~(upper > kth[:, None]).any(1)
+    for i in np.flatnonzero(~certified):
         valid = rows[i] >= 0
         state = Evidence(scores[i][valid], rows[i][valid], int(cells[i]), int(reranked[i]))
-        pending = np.flatnonzero(bound > state.kth(k))
-        state = certify(q[i], k, state, pending, bound[pending], members, budget)
+        pending = np.flatnonzero(upper[i] > state.kth(k))
+        state = certify(q[i], k, state, pending, upper[i][pending], members, budget)
         width = len(state.scores)
         scores[i, :width], rows[i, :width] = state.scores, state.rows
         scores[i, width:], rows[i, width:] = -np.inf, -1
