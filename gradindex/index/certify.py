@@ -35,7 +35,7 @@ import numpy as np
 
 CERTIFY_SLACK = 2e-5  # allowance for float32 rounding of exact scores, relative to ‖q‖·R_l
 ANGLE_SLACK = 1e-6  # radians: rounding of the angles (computed in float64 from float32 inputs)
-CHUNK_ROWS = 1024  # rows scored together by the certifying scan (several small cells per product)
+CHUNK_ROWS = 4096  # rows scored together by the certifying scan (several small cells per product)
 
 
 @dataclass(frozen=True)
@@ -100,9 +100,13 @@ def record_cells(lists: np.ndarray, x: np.ndarray, directions: np.ndarray, rho: 
 
 
 class CellMembers:
-    """Member rows of each inverted list and their float32 vectors (read on demand).
+    """Member rows of each inverted list, scored exactly for a query (read on demand).
 
-    ``ivf``: the vectors FAISS stores in the list; ``ivfpq``: the float16 copies ``vectors [N, D]``."""
+    ``ivf``: every member, from the vectors FAISS stores in the list. ``ivfpq``: members are first
+    scored by PQ (``q·c_l`` plus the code's table lookups); only those whose PQ score plus
+    ``‖q‖·‖x − decode(x)‖`` (the row's own reconstruction error, computed per list on first use)
+    can beat the current k-th score are re-scored exactly from the float16 copies ``vectors [N, D]``.
+    """
 
     def __init__(self, index: Any, vectors: np.ndarray | None, to_float: Callable[[np.ndarray], Any]):
         from gradindex.index.kinds import import_faiss
@@ -115,26 +119,61 @@ class CellMembers:
         self.flat = isinstance(index, faiss.IndexIVFFlat)
         self.vectors = vectors
         self.to_float = to_float
+        if not self.flat:
+            self.pq = faiss.downcast_index(index).pq
+            self.codebooks = faiss.vector_to_array(self.pq.centroids).reshape(self.pq.M, self.pq.ksub, self.pq.dsub)
+            self.centroids = self.ivf.quantizer.reconstruct_n(0, self.ivf.nlist)
+            self.errors: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # list -> rows, codes, errors
+            self._table = None
 
     def rows(self, lst: int) -> np.ndarray:
+        """The part rows of list ``lst`` (a view into the index: valid while it lives)."""
         size = self.invlists.list_size(int(lst))
         if size == 0:
             return np.zeros(0, np.int64)
-        return self.faiss.rev_swig_ptr(self.invlists.get_ids(int(lst)), size).copy()
+        return self.faiss.rev_swig_ptr(self.invlists.get_ids(int(lst)), size)
 
-    def scores(self, q: np.ndarray, lists: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Exact ``(scores [m] float32, rows [m])`` of every member of ``lists`` for ``q [D]``."""
-        rows = [self.rows(lst) for lst in lists]
-        ids = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-        if len(ids) == 0:
-            return np.zeros(0, np.float32), ids
+    def _codes(self, lst: int, size: int) -> np.ndarray:
+        raw = self.faiss.rev_swig_ptr(self.invlists.get_codes(int(lst)), size * self.invlists.code_size)
+        return np.frombuffer(raw, np.uint8).reshape(size, self.invlists.code_size)
+
+    def _list(self, lst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ivfpq: ``(rows, codes [m, M], reconstruction errors [m])`` of list ``lst`` (cached)."""
+        if lst not in self.errors:
+            rows = self.rows(lst)
+            codes = self._codes(lst, len(rows))
+            decoded = self.pq.decode(np.ascontiguousarray(codes)) + self.centroids[lst]
+            exact = self.to_float(np.take(self.vectors, rows, axis=0)).numpy().astype(np.float64)
+            self.errors[lst] = (rows, codes, np.linalg.norm(exact - decoded, axis=1))
+        return self.errors[lst]
+
+    def scores(self, q: np.ndarray, lists: list[int], kth: float) -> tuple[np.ndarray, np.ndarray]:
+        """Exact ``(scores [m] float32, rows [m])`` of the members of ``lists`` for ``q [D]`` that may
+        score above ``kth`` (``ivf``: every member)."""
         if self.flat:
-            blocks = []
-            for lst, r in zip(lists, rows):
-                if len(r):
-                    codes = self.faiss.rev_swig_ptr(self.invlists.get_codes(int(lst)), len(r) * self.dim * 4)
-                    blocks.append(np.frombuffer(codes, np.float32).reshape(len(r), self.dim))
-            return (np.concatenate(blocks) @ q).astype(np.float32), ids
+            rows = [self.rows(lst) for lst in lists]
+            blocks = [np.frombuffer(self.faiss.rev_swig_ptr(self.invlists.get_codes(int(lst)), len(r) * self.dim * 4),
+                                    np.float32).reshape(len(r), self.dim) for lst, r in zip(lists, rows) if len(r)]
+            if not blocks:
+                return np.zeros(0, np.float32), np.zeros(0, np.int64)
+            return (np.concatenate(blocks) @ q).astype(np.float32), np.concatenate(rows).astype(np.int64)
+        parts = [self._list(int(lst)) for lst in lists]
+        parts = [p for p in parts if len(p[0])]
+        if not parts:
+            return np.zeros(0, np.float32), np.zeros(0, np.int64)
+        rows = np.concatenate([p[0] for p in parts])
+        codes = np.concatenate([p[1] for p in parts])
+        errors = np.concatenate([p[2] for p in parts])
+        q64 = np.asarray(q, np.float64)
+        qnorm = float(np.linalg.norm(q64))
+        if self._table is None or self._table[0] is not q:  # [M, ksub] lookups of q (once per query)
+            self._table = (q, np.einsum("mkd,md->mk", self.codebooks, q64.reshape(self.pq.M, self.pq.dsub)))
+        table = self._table[1]
+        coarse = np.repeat(self.centroids[[int(lst) for lst in lists if lst in self.errors and len(self.errors[lst][0])]]
+                           @ q64, [len(p[0]) for p in parts])
+        pq = coarse + table[np.arange(self.pq.M), codes].sum(1)
+        upper = pq + qnorm * errors * (1 + CERTIFY_SLACK) + CERTIFY_SLACK * qnorm * (np.abs(pq).max() + 1e-30)
+        ids = rows[upper > kth].astype(np.int64)
         gathered = self.to_float(np.take(self.vectors, ids, axis=0)).numpy()
         return (gathered @ q).astype(np.float32), ids
 
@@ -168,13 +207,13 @@ class Evidence:
 
 
 def certify(q: np.ndarray, k: int, state: Evidence, pending: np.ndarray, bounds: np.ndarray,
-            members: CellMembers, budget: float) -> Evidence:
+            members: CellMembers, counts: np.ndarray, budget: float) -> Evidence:
     """Scan ``pending`` cells (list numbers) of one query ``q [D]`` in decreasing order of their
-    ``bounds`` (same length), scoring every member exactly, until the k-th best exact score is at
+    ``bounds`` (same length; ``counts``: every list's size), scoring members exactly, until the k-th best exact score is at
     least the best bound left (``certified``) or ``budget`` more rows would be exceeded."""
     order = np.argsort(-bounds, kind="stable")
     cells, values = pending[order], bounds[order]
-    counts = members.invlists
+    sizes = counts[cells]
     pos, spent = 0, 0
     while True:
         kth = state.kth(k)
@@ -183,7 +222,7 @@ def certify(q: np.ndarray, k: int, state: Evidence, pending: np.ndarray, bounds:
             return state
         chunk, size = [], 0
         while pos < len(cells) and values[pos] > kth and size < CHUNK_ROWS:
-            rows = counts.list_size(int(cells[pos]))
+            rows = int(sizes[pos])
             if spent + size + rows > budget:
                 break
             chunk.append(int(cells[pos]))
@@ -192,10 +231,10 @@ def certify(q: np.ndarray, k: int, state: Evidence, pending: np.ndarray, bounds:
         if not chunk:
             state.certified = False
             return state
-        more_scores, more_rows = members.scores(q, chunk)
+        more_scores, more_rows = members.scores(q, chunk, kth)
         state.scores, state.rows = merge_exact(state.scores, state.rows, more_scores, more_rows, k)
         state.cells += len(chunk)
-        state.reranked += size
+        state.reranked += len(more_rows)
         spent += size
 
 
@@ -247,7 +286,7 @@ def certify_batch(q: np.ndarray, k: int, scores: np.ndarray, rows: np.ndarray, e
         valid = rows[i] >= 0
         state = Evidence(scores[i][valid], rows[i][valid], int(cells[i]), int(reranked[i]))
         pending = np.flatnonzero(upper[i] > state.kth(k))
-        state = certify(q[i], k, state, pending, upper[i][pending], members, budget)
+        state = certify(q[i], k, state, pending, upper[i][pending], members, bounds.count, budget)
         width = len(state.scores)
         scores[i, :width], rows[i, :width] = state.scores, state.rows
         scores[i, width:], rows[i, width:] = -np.inf, -1
