@@ -121,8 +121,8 @@ def eval_recall(store_path, concept, k, inputs, num_queries, target_recall, as_j
     from gradindex.index.calibrate import knob_text
 
     echo_table([{"concept": result.concept, "kind": result.kind, "vectors": result.ntotal,
-                  "queries": result.queries, "knobs": knob_text(result.search, result.kind), f"recall@{k}": result.recall,
-                  "p5": result.p5, "worst": result.worst, "certified": f"{100 * result.certified:.0f}%",
+                  "queries": result.queries, "knobs": knob_text(result.search, result.kind),
+                  f"recall@{k}": result.recall, "p5": result.p5, "worst": result.worst, "certified": f"{100 * result.certified:.0f}%",
                   "rows reranked": round(result.rows_reranked)}])
     if result.knobs is not None:
         verdict = "reach" if result.reached else "do NOT reach (the largest setting tried)"
