@@ -108,7 +108,8 @@ class CellMembers:
     can beat the current k-th score are re-scored exactly from the float16 copies ``vectors [N, D]``.
     """
 
-    def __init__(self, index: Any, vectors: np.ndarray | None, to_float: Callable[[np.ndarray], Any]):
+    def __init__(self, index: Any, vectors: np.ndarray | None, to_float: Callable[[np.ndarray], Any],
+                 max_norm: np.ndarray):
         from gradindex.index.kinds import import_faiss
 
         faiss = import_faiss()
@@ -119,6 +120,7 @@ class CellMembers:
         self.flat = isinstance(index, faiss.IndexIVFFlat)
         self.vectors = vectors
         self.to_float = to_float
+        self.max_norm = np.asarray(max_norm, np.float64)  # [lists]: largest row norm (rounding allowances)
         if not self.flat:
             self.pq = faiss.downcast_index(index).pq
             self.codebooks = faiss.vector_to_array(self.pq.centroids).reshape(self.pq.M, self.pq.ksub, self.pq.dsub)
@@ -157,8 +159,8 @@ class CellMembers:
             if not blocks:
                 return np.zeros(0, np.float32), np.zeros(0, np.int64)
             return (np.concatenate(blocks) @ q).astype(np.float32), np.concatenate(rows).astype(np.int64)
-        parts = [self._list(int(lst)) for lst in lists]
-        parts = [p for p in parts if len(p[0])]
+        nonempty = [int(lst) for lst in lists if len(self._list(int(lst))[0])]
+        parts = [self._list(lst) for lst in nonempty]
         if not parts:
             return np.zeros(0, np.float32), np.zeros(0, np.int64)
         rows = np.concatenate([p[0] for p in parts])
@@ -169,10 +171,9 @@ class CellMembers:
         if self._table is None or self._table[0] is not q:  # [M, ksub] lookups of q (once per query)
             self._table = (q, np.einsum("mkd,md->mk", self.codebooks, q64.reshape(self.pq.M, self.pq.dsub)))
         table = self._table[1]
-        coarse = np.repeat(self.centroids[[int(lst) for lst in lists if lst in self.errors and len(self.errors[lst][0])]]
-                           @ q64, [len(p[0]) for p in parts])
+        coarse = np.repeat(self.centroids[nonempty] @ q64, [len(p[0]) for p in parts])
         pq = coarse + table[np.arange(self.pq.M), codes].sum(1)
-        upper = pq + qnorm * errors * (1 + CERTIFY_SLACK) + CERTIFY_SLACK * qnorm * (np.abs(pq).max() + 1e-30)
+        upper = pq + qnorm * errors * (1 + CERTIFY_SLACK) + CERTIFY_SLACK * qnorm * self.max_norm[lists].max()
         ids = rows[upper > kth].astype(np.int64)
         gathered = self.to_float(np.take(self.vectors, ids, axis=0)).numpy()
         return (gathered @ q).astype(np.float32), ids
@@ -209,8 +210,9 @@ class Evidence:
 def certify(q: np.ndarray, k: int, state: Evidence, pending: np.ndarray, bounds: np.ndarray,
             members: CellMembers, counts: np.ndarray, budget: float) -> Evidence:
     """Scan ``pending`` cells (list numbers) of one query ``q [D]`` in decreasing order of their
-    ``bounds`` (same length; ``counts``: every list's size), scoring members exactly, until the k-th best exact score is at
-    least the best bound left (``certified``) or ``budget`` more rows would be exceeded."""
+    ``bounds`` (same length; ``counts``: every list's size), scoring members exactly, until the k-th
+    best exact score is at least the best bound left (``certified``) or ``budget`` more rows would be
+    exceeded."""
     order = np.argsort(-bounds, kind="stable")
     cells, values = pending[order], bounds[order]
     sizes = counts[cells]
@@ -257,8 +259,7 @@ def certify_batch(q: np.ndarray, k: int, scores: np.ndarray, rows: np.ndarray, e
                   ) -> tuple[np.ndarray, np.ndarray, Report]:
     """Check, and where needed continue, a banded search of ``q [n, D]``: ``scores, rows [n, k]``
     its exact top-k (part rows, canonical order), ``directions [nlist, D]`` the part's unit directions,
-    ``evidence`` from
-    :func:`~gradindex.index.probe.search_banded` (``reranked``: rows it scored exactly). A query whose
+    ``evidence`` from :func:`~gradindex.index.probe.search_banded` (``reranked``: rows it scored exactly). A query whose
     k-th score is below some cell's bound scans those cells (:func:`certify`) within ``budget`` rows.
     ``pq``: scanned cells may hold members scored only by PQ (bound ``floor + ‖q‖·e_l``).
     Out: ``(scores [n, k], rows [n, k], Report)``."""

@@ -497,7 +497,7 @@ class PartIndex:
             return top.scores, top.sample_ids, Report(np.zeros(len(q), bool), np.array(
                 [len(c) for c in evidence["scanned"]], np.int64), np.asarray(evidence["reranked"], np.int64))
         if self._members is None:
-            self._members = CellMembers(self.cpu_index, self.vectors, half_to_float)
+            self._members = CellMembers(self.cpu_index, self.vectors, half_to_float, self.bounds.max_norm)
         nlist = int(self.layout["nlist"])
         extra = max(0, (config.max_probe or DEFAULT_MAX_PROBE_FACTOR * nprobe) - nprobe)
         budget = np.inf if config.certified else extra * float(self.cell_count.sum()) / nlist if config.adaptive else 0
