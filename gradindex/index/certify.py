@@ -36,6 +36,8 @@ import numpy as np
 CERTIFY_SLACK = 2e-5  # allowance for float32 rounding of exact scores, relative to ‖q‖·R_l
 ANGLE_SLACK = 1e-6  # radians: rounding of the angles (computed in float64 from float32 inputs)
 CHUNK_ROWS = 4096  # rows scored together by the certifying scan (several small cells per product)
+ADAPTIVE_CHUNK_ROWS = 1024  # the adaptive default's step: it stops after PATIENCE steps that change nothing
+PATIENCE = 1
 
 
 @dataclass(frozen=True)
@@ -208,11 +210,15 @@ class Evidence:
 
 
 def certify(q: np.ndarray, k: int, state: Evidence, pending: np.ndarray, bounds: np.ndarray,
-            members: CellMembers, counts: np.ndarray, budget: float) -> Evidence:
+            members: CellMembers, counts: np.ndarray, budget: float, patience: int = 0) -> Evidence:
     """Scan ``pending`` cells (list numbers) of one query ``q [D]`` in decreasing order of their
     ``bounds`` (same length; ``counts``: every list's size), scoring members exactly, until the k-th
     best exact score is at least the best bound left (``certified``) or ``budget`` more rows would be
-    exceeded."""
+    exceeded. ``patience > 0`` (the adaptive default): also stop, uncertified, once that many steps
+    in a row left the top-k unchanged (steps of :data:`ADAPTIVE_CHUNK_ROWS`): a query whose bounds
+    are too loose to certify does not spend the whole budget finding nothing."""
+    chunk_rows = ADAPTIVE_CHUNK_ROWS if patience else CHUNK_ROWS
+    quiet = 0
     order = np.argsort(-bounds, kind="stable")
     cells, values = pending[order], bounds[order]
     sizes = counts[cells]
@@ -223,7 +229,7 @@ def certify(q: np.ndarray, k: int, state: Evidence, pending: np.ndarray, bounds:
             state.certified = True
             return state
         chunk, size = [], 0
-        while pos < len(cells) and values[pos] > kth and size < CHUNK_ROWS:
+        while pos < len(cells) and values[pos] > kth and size < chunk_rows:
             rows = int(sizes[pos])
             if spent + size + rows > budget:
                 break
@@ -234,7 +240,14 @@ def certify(q: np.ndarray, k: int, state: Evidence, pending: np.ndarray, bounds:
             state.certified = False
             return state
         more_scores, more_rows = members.scores(q, chunk, kth)
+        before = state.rows
         state.scores, state.rows = merge_exact(state.scores, state.rows, more_scores, more_rows, k)
+        quiet = quiet + 1 if np.array_equal(np.sort(before), np.sort(state.rows)) else 0
+        if patience and quiet >= patience and not (pos == len(cells) or values[pos] <= state.kth(k)):
+            state.cells += len(chunk)
+            state.reranked += len(more_rows)
+            state.certified = False
+            return state
         state.cells += len(chunk)
         state.reranked += len(more_rows)
         spent += size
@@ -256,11 +269,12 @@ class Report:
 
 def certify_batch(q: np.ndarray, k: int, scores: np.ndarray, rows: np.ndarray, evidence: Mapping[str, Any],
                   bounds: CellBounds, directions: np.ndarray, members: CellMembers, pq: bool, budget: float,
-                  ) -> tuple[np.ndarray, np.ndarray, Report]:
+                  patience: int = 0) -> tuple[np.ndarray, np.ndarray, Report]:
     """Check, and where needed continue, a banded search of ``q [n, D]``: ``scores, rows [n, k]``
     its exact top-k (part rows, canonical order), ``directions [nlist, D]`` the part's unit directions,
     ``evidence`` from :func:`~gradindex.index.probe.search_banded` (``reranked``: rows it scored exactly). A query whose
-    k-th score is below some cell's bound scans those cells (:func:`certify`) within ``budget`` rows.
+    k-th score is below some cell's bound scans those cells (:func:`certify`) within ``budget`` rows
+    (and ``patience``).
     ``pq``: scanned cells may hold members scored only by PQ (bound ``floor + ‖q‖·e_l``).
     Out: ``(scores [n, k], rows [n, k], Report)``."""
     from gradindex.index.probe import pad_lists
@@ -287,7 +301,7 @@ def certify_batch(q: np.ndarray, k: int, scores: np.ndarray, rows: np.ndarray, e
         valid = rows[i] >= 0
         state = Evidence(scores[i][valid], rows[i][valid], int(cells[i]), int(reranked[i]))
         pending = np.flatnonzero(upper[i] > state.kth(k))
-        state = certify(q[i], k, state, pending, upper[i][pending], members, bounds.count, budget)
+        state = certify(q[i], k, state, pending, upper[i][pending], members, bounds.count, budget, patience)
         width = len(state.scores)
         scores[i, :width], rows[i, :width] = state.scores, state.rows
         scores[i, width:], rows[i, width:] = -np.inf, -1

@@ -48,7 +48,7 @@ import numpy as np
 
 from gradindex.config import AUTO_FLAT_LIMIT, IndexConfig, IndexKind, SearchConfig, require_positive
 from gradindex.errors import ConfigError, MissingDependencyError, StoreMismatchError
-from gradindex.index.certify import CellBounds, CellMembers, Report, certify_batch, record_cells
+from gradindex.index.certify import PATIENCE, CellBounds, CellMembers, Report, certify_batch, record_cells
 from gradindex.index.probe import CellStats, search_banded
 from gradindex.index.topk import TopK, canonical_order
 
@@ -403,8 +403,9 @@ class PartIndex:
             if self.kind is IndexKind.FLAT:
                 scores, rows = flat_search(self.index, q, min(k, self.ntotal))
                 report = Report.of(len(q), True, 0, self.ntotal)
-            elif self.kind is IndexKind.HNSW and self.search_config.certified:
-                scores, rows = flat_search(import_faiss().downcast_index(self.cpu_index.storage), q, min(k, self.ntotal))  # exact: no graph bound
+            elif self.kind is IndexKind.HNSW and self.search_config.certified:  # no graph bound: a flat scan
+                storage = import_faiss().downcast_index(self.cpu_index.storage)
+                scores, rows = flat_search(storage, q, min(k, self.ntotal))
                 report = Report.of(len(q), True, 0, self.ntotal)
             elif self.kind is IndexKind.HNSW:
                 scores, rows = self._search_hnsw(q, k)
@@ -502,7 +503,7 @@ class PartIndex:
         extra = max(0, (config.max_probe or DEFAULT_MAX_PROBE_FACTOR * nprobe) - nprobe)
         budget = np.inf if config.certified else extra * float(self.cell_count.sum()) / nlist if config.adaptive else 0
         return certify_batch(q, k, top.scores, top.sample_ids, evidence, self.bounds, self.directions,
-                             self._members, rerank, budget)
+                             self._members, rerank, budget, 0 if config.certified else PATIENCE)
 
 
 FLAT_GEMM_MIN_QUERIES = 2  # from this many queries on, a CPU flat part is searched by matrix products
