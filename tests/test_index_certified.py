@@ -140,6 +140,19 @@ def test_adaptive_reports_certified_only_when_exact(tmp_path, kind):
     assert (on.rows_reranked >= off.rows_reranked).all()
 
 
+def test_adaptive_stops_when_scanning_changes_nothing(tmp_path, monkeypatch):
+    """Patience: the adaptive default gives up (uncertified) after a step that leaves its top-k as it
+    was, so it scans less than certified search on a store whose bounds barely prune."""
+    monkeypatch.setattr("gradindex.index.certify.ADAPTIVE_CHUNK_ROWS", 64)
+    x = f16(equal_norms())
+    index = build(tmp_path, x, "ivfpq")
+    queries = probe_queries(x, 2)
+    sure = index.with_search(SearchConfig(nprobe=2, rerank=100, certified=True)).search(queries, 10)
+    quick = index.with_search(SearchConfig(nprobe=2, rerank=100, max_probe=8)).search(queries, 10)
+    assert quick.rows_reranked.sum() < sure.rows_reranked.sum()
+    assert_exact_up_to_ties(x, queries[quick.certified], quick.select(quick.certified), 10)
+
+
 def test_budget_stops_uncertified(tmp_path):
     x = f16(equal_norms())  # no norm skew and 8 directions: bounds barely prune
     index = build(tmp_path, x, "ivfpq")

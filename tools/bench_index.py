@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gradindex.config import IndexConfig, SearchConfig  # noqa: E402
 from gradindex.index.topk import concat_topk, recall_at_k, recall_distribution  # noqa: E402
-from gradindex.index import build_index, list_parts  # noqa: E402
+from gradindex.index import ShardedIndex, build_index, list_parts  # noqa: E402
 from gradindex.index.calibrate import knob_text  # noqa: E402
 from gradindex.index.shared import SHARED, query_weights  # noqa: E402
 from gradindex.features.query import QueryFeaturizer, load_store_task  # noqa: E402
@@ -170,6 +170,10 @@ def main() -> None:
     parser.add_argument("--ef-construction", type=int, default=80)
     parser.add_argument("--shared", action="store_true", help="Also compare a shared index with per-concept ones.")
     parser.add_argument("--json", default=None, help="Also write the rows here.")
+    parser.add_argument("--reuse", action="store_true",
+                        help="Measure the store's existing partition 'all' when it is of the kind asked (no rebuild).")
+    parser.add_argument("--no-sweeps", action="store_true", help="Only the calibrated rows (and certified).")
+    parser.add_argument("--no-certified", action="store_true", help="Skip the certified-search row.")
     args = parser.parse_args()
 
     store = FeatureStore.open(args.store, trust_task=True)  # the benchmark's own store: its task is our tool
@@ -242,17 +246,22 @@ def main() -> None:
     for kind in filter(None, args.kinds.split(",")):  # --kinds "": only the --shared comparison
         config = IndexConfig(concept="all", kind=kind, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
         t, cpu = time.perf_counter(), cpu_seconds()
-        index = build_index(store, config, show_progress=False, target_recall=args.target_recall)
-        total, cpu = time.perf_counter() - t, cpu_seconds() - cpu
+        if args.reuse and store.manifest.get("indexes", {}).get("all", {}).get("kind") == kind:
+            index = ShardedIndex.open(store, "all")  # build time not measured again
+            total = cpu = 0.0
+        else:
+            index = build_index(store, config, show_progress=False, target_recall=args.target_recall)
+            total, cpu = time.perf_counter() - t, cpu_seconds() - cpu
         measure(index, None, f"{kind} (calibrated, adaptive default)" if kind != "flat" else kind, total,
                 index.entry, "all", cpu_s=cpu)
         if kind in ("ivf", "ivfpq"):
             recorded = SearchConfig.from_dict(index.entry.get("search", {}))
             measure(index, replace(recorded, adaptive=False), f"{kind} (calibrated, adaptive off)", total,
                     index.entry, "all", cpu_s=cpu)
-            measure(index, replace(recorded, certified=True), f"{kind} (certified)", total, index.entry, "all",
-                    cpu_s=cpu)
-        for search in SWEEPS[kind]:
+            if not args.no_certified:
+                measure(index, replace(recorded, certified=True), f"{kind} (certified)", total, index.entry, "all",
+                        cpu_s=cpu)
+        for search in [] if args.no_sweeps else SWEEPS[kind]:
             measure(index, search, kind, total, index.entry, "all", cpu_s=cpu)
         del index
         gc.collect()
