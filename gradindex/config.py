@@ -417,16 +417,20 @@ class SearchConfig(_Config):
     ef_search: int = 0  # HNSW beam width; default 256
     rerank: int = 0  # candidates per query re-scored exactly (ivfpq; hnsw with kept vectors); default 20·k
     prune: bool = True  # skip norm bands whose bound ‖q‖·max‖x‖ cannot beat the current k-th score
+    adaptive: bool = True  # ivf, ivfpq: a query not certified after nprobe keeps scanning, up to max_probe
+    max_probe: int = 0  # adaptive budget in directions' worth of vectors, nprobe included; default 4·nprobe
+    certified: bool = False  # exact top-k (up to ties) at whatever cost: ivf/ivfpq scan to certification, hnsw flat
 
     def __post_init__(self) -> None:
-        limits = {"nprobe": MAX_NLIST, "ef_search": MAX_EF, "rerank": INT32_MAX}
-        for name in ("nprobe", "ef_search", "rerank"):
+        limits = {"nprobe": MAX_NLIST, "ef_search": MAX_EF, "rerank": INT32_MAX, "max_probe": INT32_MAX}
+        for name in ("nprobe", "ef_search", "rerank", "max_probe"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"SearchConfig.{name}: expected a non-negative integer (0 = default), got {value!r}")
             require_at_most(value, limits[name], f"SearchConfig.{name}")
-        if not isinstance(self.prune, bool):
-            raise ConfigError(f"SearchConfig.prune: expected true or false, got {self.prune!r}")
+        for name in ("prune", "adaptive", "certified"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"SearchConfig.{name}: expected true or false, got {getattr(self, name)!r}")
 
 
 def _require_seed(value: Any, field_name: str) -> None:

@@ -53,6 +53,7 @@ def test_featurize_info_build_query(built):
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.output.strip().splitlines()]
     assert [line["query"] for line in lines] == [0, 1, 2, 3]
+    assert all(line["certified"] and line["rows_reranked"] == 40 for line in lines)  # flat: exact, every row
     for line in lines:
         assert [r["rank"] for r in line["results"]] == [1, 2, 3]
         scores = [r["score"] for r in line["results"]]

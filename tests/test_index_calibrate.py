@@ -158,6 +158,15 @@ def test_cli_build_calibrates_with_the_tasks_queries_and_info_prints_the_knobs(c
     result = runner.invoke(main, ["-q", "eval", "recall", str(path), "--json", "--trust-task"], catch_exceptions=False)
     row = json.loads(result.output)
     assert row["knobs"]["nprobe"] >= 1 and row["knobs_recall"] >= 0.95 and row["reached"]
+    assert row["worst"] <= row["p5"] <= row["recall"] and 0 <= row["certified"] <= 1
+    assert "adaptive default: recall mean" in info and "certified" in info  # the held-out distribution
+    result = runner.invoke(main, ["-q", "eval", "recall", str(path), "--json", "--trust-task", "--exact-certified",
+                                  "--nprobe", "1"], catch_exceptions=False)
+    row = json.loads(result.output)
+    assert row["recall"] == row["worst"] == 1.0 and row["certified"] == 1.0 and row["rows_reranked"] > 0
+    table = runner.invoke(main, ["-q", "eval", "recall", str(path), "--trust-task", "--nprobe", "1", "--no-adaptive"],
+                          catch_exceptions=False).output
+    assert "p5" in table and "worst" in table and "certified" in table
     result = runner.invoke(main, ["-q", "build-index", str(path), "--kind", "ivf", "--nlist", "4",
                                   "--target-recall", "0"], catch_exceptions=False)
     assert "calibrated" not in result.output

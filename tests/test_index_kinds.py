@@ -86,10 +86,17 @@ def test_ivf_recall_at_nprobe_nlist_is_one_with_and_without_pruning(store, queri
         full = index.with_search(SearchConfig(nprobe=16, prune=prune)).search(queries, 10)
         assert recall_at_k(full, want) == 1.0
         np.testing.assert_allclose(full.scores, want.scores, rtol=1e-4, atol=1e-5)
-    assert recall_at_k(index.with_search(SearchConfig(nprobe=1)).search(queries, 10), want) < 1.0
+    one = SearchConfig(nprobe=1, adaptive=False)
+    assert recall_at_k(index.with_search(one).search(queries, 10), want) < 1.0
     result = index_recall(store, "ivf", query_vectors=queries, k=10, search=SearchConfig(nprobe=16))
     assert result.recall == 1.0 and result.kind == "ivf" and result.queries == 40
-    assert index_recall(store, "ivf", query_vectors=queries, k=10, search=SearchConfig(nprobe=1)).recall < 1.0
+    assert result.worst == 1.0 and result.p5 == 1.0 and result.certified == 1.0
+    low = index_recall(store, "ivf", query_vectors=queries, k=10, search=one)
+    assert low.recall < 1.0 and low.worst <= low.p5 <= low.recall and low.certified < 1.0
+    adaptive = index.with_search(SearchConfig(nprobe=1, max_probe=16)).search(queries, 10)
+    assert recall_at_k(adaptive, want) >= low.recall and (adaptive.rows_reranked >= 0).all()
+    certified = index.with_search(SearchConfig(nprobe=1, certified=True)).search(queries, 10)
+    assert certified.certified.all() and recall_at_k(certified, want) == 1.0
 
 
 def test_ivfpq_full_rerank_recovers_exact_top_k_and_balance_keeps_inner_products(store, queries):

@@ -11,9 +11,12 @@ in another way, so its query gradients ∇m(q) point where few stored gradients 
 * ``blend``     the mean of two held-out digits of different classes, labelled as the first;
 * ``noise``     uniform random pixels, measured at the model's own prediction (label −1);
 * ``wrong``     held-out digits measured at a wrong label (the margin of another class);
-* ``occluded``  held-out digits with a random 4×4 quarter or a half blanked out.
+* ``occluded``  held-out digits with a random 4×4 quarter or a half blanked out;
+* ``noisy``     held-out digits plus Gaussian pixel noise σ 0.25 (the store's is σ 0.05), no jitter:
+                real digits pushed off the stored distribution by noise alone (the set issue 22
+                measured on; not part of ``mixed``, and unlike every calibration family).
 
-``mixed`` takes an equal share of every set. Writes ``OUT/<set>.npz`` (``x`` ``[n, 8, 8]``
+``mixed`` takes an equal share of every set but ``noisy``. Writes ``OUT/<set>.npz`` (``x`` ``[n, 8, 8]``
 in 0..16 as sklearn's load_digits, ``y`` labels, −1 = the model's prediction) for
 ``gradindex query/eval recall --inputs``::
 
@@ -30,6 +33,8 @@ import numpy as np
 from gradindex.tasks.digits import load_split
 
 SETS = ("clean", "warped", "inverted", "blend", "noise", "wrong", "occluded")
+EXTRA = ("noisy",)
+NOISY_SIGMA = 0.25
 
 
 def _affine(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -53,7 +58,8 @@ def make_set(name: str, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``(x [count, 64] in [0, 1], y [count])`` of one set (see the module docstring)."""
     split = load_split()
     xs, ys = split["x_test"], split["y_test"]
-    rng = np.random.default_rng([seed, SETS.index(name) if name in SETS else len(SETS)])
+    position = (SETS + EXTRA).index(name) if name in SETS + EXTRA else len(SETS)
+    rng = np.random.default_rng([seed, position if name not in EXTRA else position + 1])
     pick = rng.integers(0, len(xs), count)
     x, y = xs[pick].copy(), ys[pick].copy()
     if name == "warped":
@@ -81,11 +87,13 @@ def make_set(name: str, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
             else:
                 images[i, :, c:c + 4] = 0  # the left or right half
         x = images.reshape(count, 64)
+    elif name == "noisy":
+        x = x + rng.normal(0.0, NOISY_SIGMA, x.shape).astype(np.float32)
     elif name == "mixed":
         parts = [make_set(s, count // len(SETS) + (i < count % len(SETS)), seed) for i, s in enumerate(SETS)]
         x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     elif name != "clean":
-        raise ValueError(f"unknown query set {name!r}: expected one of {SETS + ('mixed',)}")
+        raise ValueError(f"unknown query set {name!r}: expected one of {SETS + EXTRA + ('mixed',)}")
     return np.clip(x, 0.0, 1.0).astype(np.float32), y.astype(np.int64)
 
 
@@ -94,7 +102,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--count", type=int, default=300)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--sets", default=",".join(SETS + ("mixed",)))
+    parser.add_argument("--sets", default=",".join(SETS + EXTRA + ("mixed",)))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.sets.split(","):

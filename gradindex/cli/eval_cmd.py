@@ -122,15 +122,17 @@ def _table_row(row: dict) -> dict:
 @device_option
 @apply_options(trust_options)
 def eval_recall(store_path, concept, k, inputs, num_queries, target_recall, as_json, nprobe, ef_search, rerank,
-                no_prune, shared, device, trust_task, task_spec) -> None:
-    """recall@k of an index partition against exact search over the same store."""
+                no_prune, max_probe, no_adaptive, exact_certified, shared, device, trust_task, task_spec) -> None:
+    """recall@k of an index partition against exact search over the same store: the mean, the
+    5th-percentile and worst query, the share of queries the search certified exact, and the mean
+    rows scored exactly per query (--json: also cells scanned and the share of queries under 0.8)."""
     from gradindex.eval.evaluate import index_recall
     from gradindex.features.query import load_store_task
     from gradindex.store.feature_store import FeatureStore
 
     store = FeatureStore.open(store_path, trust_task=trust_task, task=task_spec)
     queries = load_store_task(store).load_queries(inputs) if inputs is not None else None
-    search = search_config(nprobe, ef_search, rerank, no_prune)
+    search = search_config(nprobe, ef_search, rerank, no_prune, max_probe, no_adaptive, exact_certified)
     result = index_recall(store, concept, queries=queries, k=k, device=device, num_queries=num_queries,
                           search=search if search.to_dict() != type(search)().to_dict() else None, shared=shared,
                           target=target_recall or None)
@@ -140,7 +142,9 @@ def eval_recall(store_path, concept, k, inputs, num_queries, target_recall, as_j
     from gradindex.index.calibrate import knob_text
 
     echo_table([{"concept": result.concept, "kind": result.kind, "vectors": result.ntotal,
-                  "queries": result.queries, "knobs": knob_text(result.search, result.kind), f"recall@{k}": result.recall}])
+                  "queries": result.queries, "knobs": knob_text(result.search, result.kind),
+                  f"recall@{k}": result.recall, "p5": result.p5, "worst": result.worst, "certified": f"{100 * result.certified:.0f}%",
+                  "rows reranked": round(result.rows_reranked)}])
     if result.knobs is not None:
         verdict = "reach" if result.reached else "do NOT reach (the largest setting tried)"
         click.echo(f"knobs that {verdict} recall@{k} {result.target} on these queries: "

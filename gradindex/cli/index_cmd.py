@@ -62,6 +62,7 @@ from gradindex.cli.options import (
 def build_index_command(ctx, store_path, concept, kind, preconditioner, damping, device, balance, nlist, bands,
                         pq_bytes, hnsw_m, ef_construction, train_size, index_seed, shards_per_part, keep_vectors,
                         shards, update, train_only, shared, target_recall, nprobe, ef_search, rerank, no_prune,
+                        max_probe, no_adaptive, exact_certified,
                         trust_task, task_spec) -> None:
     """Build the FAISS partition of a concept from STORE's features and weights.
 
@@ -96,7 +97,8 @@ def build_index_command(ctx, store_path, concept, kind, preconditioner, damping,
             weights = GroupWeights.uniform(concept, store.groups)
     index = build_index(store, config, weights=weights,
                         show_progress=progress_enabled(ctx), shards=parse_shards(shards), update=update,
-                        train_only=train_only, search=search_config(nprobe, ef_search, rerank, no_prune),
+                        train_only=train_only, search=search_config(nprobe, ef_search, rerank, no_prune, max_probe,
+                                                                    no_adaptive, exact_certified),
                         target_recall=target_recall or None)
     click.echo(f"{store.path}: index {concept!r} ({index.kind}, {preconditioner}) with {index.ntotal} vectors "
                f"of dimension {store.dim} in {len(index.parts)} part(s)")

@@ -224,13 +224,23 @@ search_options = [
                       "calibrated, else 20·k)."),
     click.option("--no-prune", "no_prune", is_flag=True,
                  help="ivf/ivfpq: scan the whole budget (no ‖q‖·max‖x‖ bound per cell)."),
+    click.option("--max-probe", type=int, default=0, show_default=True,
+                 help="ivf/ivfpq adaptive search: a query whose own evidence does not certify its top-k after "
+                      "--nprobe keeps scanning cells in bound order, up to this many directions' worth of vectors "
+                      "in all (0 = 4 × nprobe)."),
+    click.option("--no-adaptive", "no_adaptive", is_flag=True,
+                 help="ivf/ivfpq: stop after --nprobe / --rerank, certified or not."),
+    click.option("--exact-certified", "exact_certified", is_flag=True,
+                 help="The exact top-k (up to ties) at whatever cost: ivf/ivfpq scan cells in bound order until "
+                      "the k-th exact score beats every bound left; hnsw scans its vectors flat."),
 ]
 
 
-def search_config(nprobe, ef_search, rerank, no_prune):
+def search_config(nprobe, ef_search, rerank, no_prune, max_probe=0, no_adaptive=False, exact_certified=False):
     from gradindex.config import SearchConfig
 
-    return SearchConfig(nprobe=nprobe, ef_search=ef_search, rerank=rerank, prune=not no_prune)
+    return SearchConfig(nprobe=nprobe, ef_search=ef_search, rerank=rerank, prune=not no_prune, max_probe=max_probe,
+                        adaptive=not no_adaptive, certified=exact_certified)
 
 
 def setting_text(config: dict[str, Any]) -> str:

@@ -60,8 +60,8 @@ from gradindex.cli.options import (
               help="With --tokens: also write a page with each document's tokens shaded by score.")
 @apply_options(trust_options)
 def query(store_path, inputs, concept, k, as_json, opponents, checkpoint, device, batch_size, nprobe, ef_search, rerank,
-          no_prune, shared, all_scores, out, with_tokens, html_path, ray_address, ray_timeout, actors, trust_task,
-          task_spec) -> None:
+          no_prune, max_probe, no_adaptive, exact_certified, shared, all_scores, out, with_tokens, html_path,
+          ray_address, ray_timeout, actors, trust_task, task_spec) -> None:
     """Top-k training examples of STORE for every query in --inputs.
 
     With --all, every score instead (--out scores.npy|scores.parquet), under the concept's
@@ -82,7 +82,7 @@ def query(store_path, inputs, concept, k, as_json, opponents, checkpoint, device
         raise ConfigError("--html writes the token page: add --tokens")
     if with_tokens and ray_address is not None:
         raise ConfigError("--tokens recomputes the retrieved documents here; drop --ray")
-    search = search_config(nprobe, ef_search, rerank, no_prune)
+    search = search_config(nprobe, ef_search, rerank, no_prune, max_probe, no_adaptive, exact_certified)
     search = search if search.to_dict() != type(search)().to_dict() else None
     if ray_address is not None:
         connect_ray(ray_address, ray_timeout)  # the install hint and an unreachable address before any work
@@ -187,7 +187,8 @@ def _query_all(store_path, inputs, concept, checkpoint, device, batch_size, out,
               help="With --ray: replicas of the API (query featurization) and of each parts deployment.")
 @apply_options(trust_options)
 def serve(store_path, concepts, host, port, max_batch, max_wait_ms, max_body_mb, checkpoint, device, nprobe,
-          ef_search, rerank, no_prune, ray_address, actors, replicas, trust_task, task_spec) -> None:
+          ef_search, rerank, no_prune, max_probe, no_adaptive, exact_certified, ray_address, actors, replicas,
+          trust_task, task_spec) -> None:
     """Answer attribution lookups over HTTP, with the model, projections and index kept warm.
 
     \b
@@ -211,7 +212,7 @@ def serve(store_path, concepts, host, port, max_batch, max_wait_ms, max_body_mb,
 
     import_serving()  # the install hint before any work
     config = ServeConfig(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_body_mb=max_body_mb)
-    search = search_config(nprobe, ef_search, rerank, no_prune)
+    search = search_config(nprobe, ef_search, rerank, no_prune, max_probe, no_adaptive, exact_certified)
     search = search if search.to_dict() != type(search)().to_dict() else None
     concepts = concepts or ("all",)
     if ray_address is not None:

@@ -21,7 +21,7 @@ from gradindex.config import require_positive
 from gradindex.errors import ConfigError
 from gradindex.index import TopK
 from gradindex.query.attributor import Attributor
-from gradindex.index.topk import exact_topk, per_query_recall
+from gradindex.index.topk import exact_topk, recall_distribution
 from gradindex.weights.group_weights import stored_vector_blocks
 from gradindex.features.query import load_store_task
 from gradindex.store.feature_store import FeatureStore
@@ -44,6 +44,12 @@ class RecallResult:
     knobs: dict | None = None  # SearchConfig fields of the cheapest setting reaching ``target``
     knobs_recall: float | None = None  # the recall measured there
     reached: bool | None = None
+    p5: float = 0.0  # 5th-percentile query's recall@k
+    worst: float = 0.0  # worst query's recall@k
+    below_0_8: float = 0.0  # share of queries with recall@k under 0.8
+    certified: float = 0.0  # share of queries whose top-k the search certified exact
+    cells_scanned: float = 0.0  # mean per query (ivf / ivfpq)
+    rows_reranked: float = 0.0  # mean per query: rows scored exactly
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -79,7 +85,9 @@ def index_recall(store: FeatureStore, concept: str = "all", query_vectors: np.nd
             attributor.close()
     exact = exact_topk(query_vectors, stored_vector_blocks(store, index.weights), k)
     approx = index.search(query_vectors, k)
-    recall = float(per_query_recall(approx, exact).mean()) if len(query_vectors) else 0.0
+    spread = recall_distribution(approx, exact)
+    costs = {name: float(np.mean(getattr(approx, name))) if getattr(approx, name) is not None and len(approx) else 0.0
+             for name in ("cells_scanned", "rows_reranked")}
     knobs = knobs_recall = reached = None
     if target and index.kind != "flat":
         from gradindex.index.calibrate import CalibrationQueries
@@ -88,9 +96,9 @@ def index_recall(store: FeatureStore, concept: str = "all", query_vectors: np.nd
                                     ("inputs",))
         setting, per_query, reached = cheapest_reaching(index, single, exact, target, k, search)
         knobs, knobs_recall = setting.to_dict(), float(per_query.mean())
-    return RecallResult(concept, index.kind, k, len(query_vectors), recall, index.ntotal,
+    return RecallResult(concept, index.kind, k, len(query_vectors), spread["mean"], index.ntotal,
                         index.parts[0].search_config.to_dict() if index.parts else {}, target, knobs, knobs_recall,
-                        reached)
+                        reached, spread["p5"], spread["worst"], spread["below_0_8"], spread["certified"], **costs)
 
 
 def concept_precision(

@@ -49,6 +49,7 @@ import numpy as np
 from gradindex.config import AUTO_FLAT_LIMIT, IndexConfig, IndexKind, SearchConfig, require_positive
 from gradindex.errors import ConfigError, MissingDependencyError, StoreMismatchError
 from gradindex.features.precondition import relative_lambda
+from gradindex.index.certify import PATIENCE, CellBounds, CellMembers, Report, certify_batch, record_cells
 from gradindex.index.probe import CellStats, search_banded
 from gradindex.index.topk import TopK, canonical_order
 
@@ -57,6 +58,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_NPROBE = 16  # uncalibrated default: 16 directions' worth of vectors (3% of the part at nlist 512)
 DEFAULT_EF_SEARCH = 256
 DEFAULT_RERANK_PER_K = 20
+DEFAULT_MAX_PROBE_FACTOR = 4  # adaptive search: a query may scan up to 4× the calibrated nprobe to certify itself
 RESCORE_FLOATS = 1 << 23  # float32 candidates gathered at once by an exact re-rank (32 MB)
 SINGLE_THREAD_QUERIES = 8  # batches up to this size search on one thread (see PartIndex._threads)
 PQ_TRAIN_ROWS = 16_384  # 64 rows per PQ centroid
@@ -294,6 +296,12 @@ class PartBuilder:
         cells = self.layout.get("bands", 0) * self.layout.get("nlist", 0)
         self.cell_max = np.zeros(cells, np.float32)  # largest norm of each list (band·nlist + c)
         self.cell_count = np.zeros(cells, np.int64)
+        self.facts = {"cell_min": np.full(cells, np.inf), "cell_cos": np.ones(cells), "cell_radius": np.zeros(cells),
+                      "cell_pq_error": np.zeros(cells)}  # certify.CellBounds, over the rows as scored
+        if self.layout:
+            ivf = faiss.extract_index_ivf(self.index)
+            self.centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+            self.query_directions = banded_directions(self.index, self.layout)
 
     def add(self, x: np.ndarray) -> None:
         x = np.ascontiguousarray(x, np.float32)
@@ -304,8 +312,16 @@ class PartBuilder:
         else:
             faiss = import_faiss()
             lists = assign_lists(x, self.directions, self.layout["edges"])
-            np.maximum.at(self.cell_max, lists, np.linalg.norm(x, axis=1))
+            scored, decoded = x, None  # ivfpq scores exactly against float16 copies of x
+            if self.kind is IndexKind.IVFPQ:
+                scored = x.astype(np.float16).astype(np.float32)
+                pq = faiss.downcast_index(self.index).pq
+                decoded = pq.decode(pq.compute_codes(np.ascontiguousarray(x - self.centroids[lists]))) \
+                    + self.centroids[lists]
+            np.maximum.at(self.cell_max, lists, np.linalg.norm(scored, axis=1))
             self.cell_count += np.bincount(lists, minlength=len(self.cell_count))
+            record_cells(lists, scored, self.query_directions, np.asarray(self.layout["rho"]), self.centroids,
+                         decoded, self.facts)
             self.index.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(rows), faiss.swig_ptr(lists))
 
     def info(self) -> dict[str, Any]:
@@ -314,8 +330,18 @@ class PartBuilder:
             bands = self.layout["bands"]
             return {"band_max": [float(v) for v in self.cell_max.reshape(bands, -1).max(1)],
                     "band_count": self.cell_count.reshape(bands, -1).sum(1).tolist(),
-                    "cell_max": [float(v) for v in self.cell_max], "cell_count": self.cell_count.tolist()}
+                    "cell_max": [float(v) for v in self.cell_max], "cell_count": self.cell_count.tolist(),
+                    **cell_facts(self.facts, self.cell_count, self.kind is IndexKind.IVFPQ)}
         return {}
+
+
+def cell_facts(facts: Mapping[str, np.ndarray], count: np.ndarray, pq: bool) -> dict[str, list[float]]:
+    """The certifying bounds' per-list facts as JSON lists (empty lists: neutral values)."""
+    out = {"cell_min": np.where(count > 0, facts["cell_min"], 0.0), "cell_cos": facts["cell_cos"],
+           "cell_radius": facts["cell_radius"]}
+    if pq:
+        out["cell_pq_error"] = facts["cell_pq_error"]
+    return {name: [float(v) for v in values] for name, values in out.items()}
 
 
 # -- searching ---------------------------------------------------------------------------------
@@ -343,6 +369,8 @@ class PartIndex:
                                          "run build-index again")
             self.cell_max = np.asarray(self.info["cell_max"], np.float32)
             self.cell_count = np.asarray(self.info["cell_count"], np.int64)
+        self.bounds = CellBounds.from_info(self.info, self.layout) if self.layout else None
+        self._members = None  # CellMembers, on the first search that continues a scan
         self.cpu_index = index
         self.device = device
         self._thread_control = None
@@ -375,16 +403,22 @@ class PartIndex:
             q = self.transform.query(u) if self.transform is not None else u
             if self.kind is IndexKind.FLAT:
                 scores, rows = flat_search(self.index, q, min(k, self.ntotal))
+                report = Report.of(len(q), True, 0, self.ntotal)
+            elif self.kind is IndexKind.HNSW and self.search_config.certified:  # no graph bound: a flat scan
+                storage = import_faiss().downcast_index(self.cpu_index.storage)
+                scores, rows = flat_search(storage, q, min(k, self.ntotal))
+                report = Report.of(len(q), True, 0, self.ntotal)
             elif self.kind is IndexKind.HNSW:
                 scores, rows = self._search_hnsw(q, k)
+                report = Report.of(len(q), False, 0, scores.shape[1] if self.vectors is not None else 0)
             else:
-                scores, rows = self._search_banded(q, k)
+                scores, rows, report = self._search_banded(q, k)
         top = canonical_order(scores, self._ids(rows), min(k, scores.shape[1]))
         if top.k < k:
             pad = k - top.k
             top = TopK(np.concatenate([top.scores, np.full((len(u), pad), -np.inf, np.float32)], 1),
                        np.concatenate([top.sample_ids, np.full((len(u), pad), -1, np.int64)], 1))
-        return top
+        return top.with_evidence(report.certified, report.cells, report.reranked)
 
     def _threads(self, queries: int):
         """One BLAS / OpenMP thread for small batches: their products are too small to share, and
@@ -441,16 +475,36 @@ class PartIndex:
         )
         return scores, self._ids(rows)
 
-    def _search_banded(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        nprobe = self.search_config.nprobe or DEFAULT_NPROBE
+    def _search_banded(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, Report]:
+        """The calibrated scan (:func:`search_banded`), then each query's own evidence checked and,
+        unless ``adaptive`` is off, the scan continued in bound order where it is not certified, up to
+        ``max_probe`` directions' worth of rows (no limit with ``certified``)."""
+        config = self.search_config
+        nprobe = config.nprobe or DEFAULT_NPROBE
         rerank = self.kind is IndexKind.IVFPQ and self.vectors is not None
         depth = self._rerank_depth(k) if rerank else k
+        if config.certified and (self.bounds is None or (self.kind is IndexKind.IVFPQ and not rerank)):
+            why = "built by an older gradindex" if self.bounds is None else "built without kept vectors"
+            raise ConfigError(f"index part {self.name}: certified search needs per-cell bounds and exact rows "
+                              f"({why}); run build-index again (ivfpq: keep its float16 vectors)")
+        evidence: dict[str, Any] = {}
         scores, rows = search_banded(
             self.index, q, k, depth, self.layout, self.directions, self.cells, self.cell_max, self.cell_count,
-            nprobe, self.search_config.prune, self._rescore if rerank else None,
+            nprobe, config.prune, self._rescore if rerank else None, evidence,
         )
         top = canonical_order(scores, rows, min(k, scores.shape[1]))
-        return top.scores, top.sample_ids
+        evidence["reranked"] = ((rows >= 0).sum(1) if rerank else
+                                [int(self.cell_count[cells].sum()) for cells in evidence["scanned"]])
+        if self.bounds is None or (self.kind is IndexKind.IVFPQ and not rerank):
+            return top.scores, top.sample_ids, Report(np.zeros(len(q), bool), np.array(
+                [len(c) for c in evidence["scanned"]], np.int64), np.asarray(evidence["reranked"], np.int64))
+        if self._members is None:
+            self._members = CellMembers(self.cpu_index, self.vectors, half_to_float, self.bounds.max_norm)
+        nlist = int(self.layout["nlist"])
+        extra = max(0, (config.max_probe or DEFAULT_MAX_PROBE_FACTOR * nprobe) - nprobe)
+        budget = np.inf if config.certified else extra * float(self.cell_count.sum()) / nlist if config.adaptive else 0
+        return certify_batch(q, k, top.scores, top.sample_ids, evidence, self.bounds, self.directions,
+                             self._members, rerank, budget, 0 if config.certified else PATIENCE)
 
 
 FLAT_GEMM_MIN_QUERIES = 2  # from this many queries on, a CPU flat part is searched by matrix products

@@ -136,6 +136,7 @@ def search_banded(
     nprobe: int,
     prune: bool,
     rescore: Callable[[np.ndarray, np.ndarray], np.ndarray] | None,
+    evidence: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(scores [n, ≤depth], rows [n, ≤depth])`` of ``q [n, D]`` in a banded IVF part.
 
@@ -143,7 +144,9 @@ def search_banded(
     ``ρ_b·d_c``, ``d_c`` = ``directions [nlist, D]``); ``depth``: candidates kept (``k`` for ivf,
     the re-rank depth for ivfpq); ``rescore(q, rows) -> exact scores`` (ivfpq with kept vectors;
     ``None`` when FAISS's scores are exact or no exact copy exists). The returned scores are
-    exact unless the index is an IVF-PQ without ``rescore``.
+    exact unless the index is an IVF-PQ without ``rescore``. ``evidence`` (a dict, filled when given):
+    ``scanned`` (each query's scanned lists) and ``floor [n]`` (the smallest FAISS score kept when
+    ``depth`` candidates were kept, else ``-inf``: a scanned member left out scores at most that).
     """
     from gradindex.index.topk import canonical_order
 
@@ -169,6 +172,10 @@ def search_banded(
         top = canonical_order(np.concatenate([scores, more_scores], 1), np.concatenate([rows, more_rows], 1),
                               min(depth, scores.shape[1] + more_scores.shape[1]))
         scores, rows = top.scores, top.sample_ids
+    if evidence is not None:
+        evidence["scanned"] = [np.concatenate([a, b]) for a, b in zip(first, rest)]
+        full = (rows >= 0).sum(1) >= depth
+        evidence["floor"] = np.where(full, scores.min(1, initial=np.inf).astype(np.float64), -np.inf)
     if rescore is not None:
         scores = rescore(q, rows)
     return scores, rows

@@ -212,12 +212,13 @@ def open_part(
 
 def effective_search(entry: dict[str, Any], search: SearchConfig | None = None) -> SearchConfig:
     """The partition's default knobs (``entry["search"]``: given at build time or calibrated)
-    with the non-zero knobs of ``search`` (and its ``prune``) in their place."""
+    with the non-zero knobs of ``search`` (and its switches ``prune``, ``adaptive``, ``certified``) in their place."""
     base = SearchConfig.from_dict(entry.get("search", {}))
     if search is None:
         return base
-    given = {name: value for name, value in search.to_dict().items() if value and name != "prune"}
-    return SearchConfig.from_dict({**base.to_dict(), **given, "prune": search.prune})
+    switches = ("prune", "adaptive", "certified")
+    given = {name: value for name, value in search.to_dict().items() if value and name not in switches}
+    return SearchConfig.from_dict({**base.to_dict(), **given, **{name: getattr(search, name) for name in switches}})
 
 
 class ShardedIndex:

@@ -14,7 +14,7 @@ maximum-inner-product top-k over ``(sample_ids [m], vectors [m, D])`` blocks (to
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -24,10 +24,18 @@ from gradindex.errors import ConfigError
 
 @dataclass(frozen=True)
 class TopK:
-    """Top-k results: ``scores [n, k]`` (descending) and ``sample_ids [n, k]`` (-1 = no result)."""
+    """Top-k results: ``scores [n, k]`` (descending) and ``sample_ids [n, k]`` (-1 = no result).
+
+    Optional per-query evidence (``None`` where the searcher does not report it): ``certified [n]``
+    bool — the answer is provably the exact top-k of the rows searched (up to ties); ``cells_scanned
+    [n]`` and ``rows_reranked [n]`` — what the query cost (IVF cells scanned, rows scored exactly).
+    """
 
     scores: np.ndarray
     sample_ids: np.ndarray
+    certified: np.ndarray | None = None
+    cells_scanned: np.ndarray | None = None
+    rows_reranked: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.scores.shape[0]
@@ -35,6 +43,17 @@ class TopK:
     @property
     def k(self) -> int:
         return self.scores.shape[1]
+
+    def with_evidence(self, certified: np.ndarray, cells_scanned: np.ndarray, rows_reranked: np.ndarray) -> "TopK":
+        """The same results carrying per-query evidence (``[n]`` each)."""
+        return replace(self, certified=np.asarray(certified, bool), cells_scanned=np.asarray(cells_scanned, np.int64),
+                       rows_reranked=np.asarray(rows_reranked, np.int64))
+
+    def select(self, rows: slice | np.ndarray) -> "TopK":
+        """The queries ``rows`` (a slice or indices), evidence included."""
+        pick = lambda a: None if a is None else a[rows]  # noqa: E731
+        return TopK(self.scores[rows], self.sample_ids[rows], pick(self.certified), pick(self.cells_scanned),
+                    pick(self.rows_reranked))
 
 
 def canonical_order(scores: np.ndarray, sample_ids: np.ndarray, k: int) -> TopK:
@@ -72,7 +91,20 @@ def merge_topk(parts: Sequence[TopK], k: int) -> TopK:
         pad = k - scores.shape[1]
         scores = np.concatenate([scores, np.full((n, pad), -np.inf, np.float32)], axis=1)
         ids = np.concatenate([ids, np.full((n, pad), -1, np.int64)], axis=1)
-    return canonical_order(scores, ids, int(k))
+    merged = canonical_order(scores, ids, int(k))
+    if all(p.certified is not None for p in parts):  # a union of exact part top-ks is exact
+        merged = merged.with_evidence(np.logical_and.reduce([np.asarray(p.certified) for p in parts]),
+                                      sum(np.asarray(p.cells_scanned) for p in parts),
+                                      sum(np.asarray(p.rows_reranked) for p in parts))
+    return merged
+
+
+def concat_topk(parts: Sequence[TopK]) -> TopK:
+    """Queries of several :class:`TopK` (same ``k``) one after another, evidence kept where all carry it."""
+    parts = list(parts)
+    join = lambda name: (np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+                         if all(getattr(p, name) is not None for p in parts) else None)
+    return TopK(join("scores"), join("sample_ids"), join("certified"), join("cells_scanned"), join("rows_reranked"))
 
 
 def exact_topk(queries: np.ndarray, blocks: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> TopK:
@@ -103,3 +135,14 @@ def recall_at_k(approx: TopK, exact: TopK) -> float:
     """Mean over queries of ``|approx ∩ exact| / k`` (ids; -1 never counts)."""
     hits = per_query_recall(approx, exact)
     return float(hits.mean()) if len(hits) else 0.0
+
+
+def recall_distribution(approx: TopK, exact: TopK) -> dict[str, float]:
+    """Per-query recall@k summarised: ``mean``, ``p5`` (5th percentile), ``worst``, ``below_0_8`` (share of
+    queries under 0.8) and ``certified`` (share of queries the search certified; 0 when it does not say)."""
+    hits = per_query_recall(approx, exact)
+    if not len(hits):
+        return {"mean": 0.0, "p5": 0.0, "worst": 0.0, "below_0_8": 0.0, "certified": 0.0}
+    certified = float(np.mean(approx.certified)) if approx.certified is not None else 0.0
+    return {"mean": float(hits.mean()), "p5": float(np.percentile(hits, 5)), "worst": float(hits.min()),
+            "below_0_8": float(np.mean(hits < 0.8)), "certified": certified}

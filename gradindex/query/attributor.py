@@ -165,7 +165,8 @@ def metadata_lookup(store: FeatureStore, sample_ids: np.ndarray) -> dict[str, np
 def result_records(top: TopK, metadata: Mapping[str, np.ndarray], opponents: TopK | None = None,
                    opponent_metadata: Mapping[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
     """``query --json``'s objects (and ``serve``'s): per query row ``{"query": q, "results": [{"rank",
-    "sample_id", "score", **metadata}]}``, ranks from 1, ``-1`` ids left out. ``metadata``: ``{name: [n, k]}``
+    "sample_id", "score", **metadata}]}``, ranks from 1, ``-1`` ids left out, plus ``certified``,
+    ``cells_scanned`` and ``rows_reranked`` when the search reported them. ``metadata``: ``{name: [n, k]}``
     (:meth:`MetadataTable.lookup`). With ``opponents`` (the bottom-k, ascending) each object also has
     ``"opponents"``: the same rows for them (rank 1 = the most negative score)."""
     require_finite_scores(top)
@@ -174,6 +175,9 @@ def result_records(top: TopK, metadata: Mapping[str, np.ndarray], opponents: Top
     records = []
     for q in range(len(top)):
         record = {"query": q, "results": _rows(top, metadata, q)}
+        if top.certified is not None:  # the search's own evidence (gradindex.index.topk.TopK)
+            record.update(certified=bool(top.certified[q]), cells_scanned=int(top.cells_scanned[q]),
+                          rows_reranked=int(top.rows_reranked[q]))
         if opponents is not None:
             record["opponents"] = _rows(opponents, opponent_metadata or {}, q)
         records.append(record)

@@ -150,11 +150,11 @@ class AttributionEngine:
 
     def _records(self, top: TopK, bottom: TopK | None, start: int, stop: int) -> list[dict[str, Any]]:
         """``query --json``'s objects of rows ``start:stop`` of a batch's answers."""
-        part = TopK(top.scores[start:stop], top.sample_ids[start:stop])
+        part = top.select(slice(start, stop))
         self.metadata.require_known(part.sample_ids)
         if bottom is None:
             return result_records(part, self.metadata.lookup(part.sample_ids))
-        low = TopK(bottom.scores[start:stop], bottom.sample_ids[start:stop])
+        low = bottom.select(slice(start, stop))
         self.metadata.require_known(low.sample_ids)
         return result_records(part, self.metadata.lookup(part.sample_ids), low, self.metadata.lookup(low.sample_ids))
 
