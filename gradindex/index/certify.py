@@ -112,7 +112,7 @@ class CellMembers:
 
     def __init__(self, index: Any, vectors: np.ndarray | None, to_float: Callable[[np.ndarray], Any],
                  max_norm: np.ndarray):
-        from gradindex.index.kinds import import_faiss
+        from gradindex.index.faiss_lib import import_faiss
 
         faiss = import_faiss()
         self.faiss = faiss

@@ -47,8 +47,9 @@ from typing import Any
 import numpy as np
 
 from gradindex.config import AUTO_FLAT_LIMIT, IndexConfig, IndexKind, SearchConfig, require_positive
-from gradindex.errors import ConfigError, MissingDependencyError, StoreMismatchError
+from gradindex.errors import ConfigError, StoreMismatchError
 from gradindex.features.precondition import relative_lambda
+from gradindex.index.faiss_lib import gpu_available, import_faiss, resolve_device  # noqa: F401 (re-exported)
 from gradindex.index.certify import PATIENCE, CellBounds, CellMembers, Report, certify_batch, record_cells
 from gradindex.index.probe import CellStats, search_banded
 from gradindex.index.topk import TopK, canonical_order
@@ -64,34 +65,6 @@ SINGLE_THREAD_QUERIES = 8  # batches up to this size search on one thread (see P
 PQ_TRAIN_ROWS = 16_384  # 64 rows per PQ centroid
 PQ_CENTROIDS = 256  # 8-bit sub-quantizers
 MIN_POINTS_PER_CENTROID = 39  # FAISS's ClusteringParameters default, below which it warns
-
-
-def import_faiss():
-    """``faiss``, or a clear error saying how to install it."""
-    try:
-        import faiss
-    except ImportError:
-        raise MissingDependencyError(
-            "FAISS is not installed: pip install 'gradindex[cpu]' (faiss-cpu), or on a CUDA machine "
-            "pip install 'gradindex[gpu]' (faiss-gpu-cu12)"
-        ) from None
-    return faiss
-
-
-def gpu_available() -> bool:
-    faiss = import_faiss()
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-def resolve_device(device: str) -> str:
-    """``cpu`` or ``cuda`` for FAISS; ``cuda`` without GPU FAISS falls back to ``cpu`` with a warning."""
-    if device == "cpu":
-        return "cpu"
-    if gpu_available():
-        return "cuda"
-    if device == "cuda":
-        logger.warning("--device cuda: this FAISS build has no usable GPU; using the CPU instead")
-    return "cpu"
 
 
 def read_index(path: str | Path) -> Any:
