@@ -39,6 +39,8 @@ class Preconditioner(enum.Enum):
 
     IDENTITY = "identity"  # gradient dot product (TracIn at one checkpoint)
     GRAM = "gram"  # TRAK-style (ΦᵀΦ/N + λI)⁻¹ per group
+    KFAC = "kfac"  # K-FAC per module, applied to the full query gradient before projection
+    EKFAC = "ekfac"  # EK-FAC: K-FAC's eigenbases with corrected eigenvalues
 
 
 class DampingCriterion(enum.Enum):

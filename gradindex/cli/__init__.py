@@ -11,6 +11,6 @@
 """
 
 from gradindex.cli.app import main
-from gradindex.cli import eval_cmd, featurize_cmd, index_cmd, info_cmd, query_cmd, weights_cmd  # noqa: F401  (register)
+from gradindex.cli import eval_cmd, factors_cmd, featurize_cmd, index_cmd, info_cmd, query_cmd, weights_cmd  # noqa: F401  (register)
 
 __all__ = ["main"]

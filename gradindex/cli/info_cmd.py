@@ -86,6 +86,11 @@ def info(store_path, as_json) -> None:
             row[f"damping[{concept}]"] = damping
         rows.append(row)
     echo_table(rows)
+    factors = store.manifest.get("factors")
+    if factors:
+        click.echo(f"factors:     K-FAC/EK-FAC, {factors['fisher']} Fisher, {factors['count']} examples; Kronecker "
+                   f"blocks {len(factors.get('kronecker_blocks', []))}, diagonal E[g²] for "
+                   f"{', '.join(factors.get('diagonal_blocks', [])) or 'none'} ({factors['file']})")
     for concept, settings in summary["learned_weights"].items():
         for key, learned in settings.items():
             objective = learned.get("objective")

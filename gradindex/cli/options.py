@@ -117,8 +117,10 @@ DAMPING_HELP = ("Gram damping, relative to each group's mean eigenvalue; 'auto' 
                  "`info` shows it).")
 
 preconditioner_options = [
-    click.option("--preconditioner", type=click.Choice(["gram", "identity"]), default="gram", show_default=True,
-                 help="Query-side preconditioner: per-group Gram inverse (TRAK-style) or none (grad-dot)."),
+    click.option("--preconditioner", type=click.Choice(["gram", "identity", "kfac", "ekfac"]), default="gram",
+                 show_default=True,
+                 help="Query-side preconditioner: per-group Gram inverse (TRAK-style), none (grad-dot), or K-FAC / "
+                      "EK-FAC on the full query gradient (factors fitted on first use; see fit-factors)."),
     click.option("--damping", type=DAMPING, default=DEFAULT_DAMPING, show_default=True, help=DAMPING_HELP),
 ]
 inputs_option = click.option("--inputs", type=click.Path(path_type=Path), default=None,
@@ -216,6 +218,8 @@ def search_config(nprobe, ef_search, rerank, no_prune):
 
 def setting_text(config: dict[str, Any]) -> str:
     """``gram (damping 0.1)`` or ``identity``: the damping only where it applies."""
+    if config.get("preconditioner") in ("kfac", "ekfac"):
+        return f"{config['preconditioner']} (damping {damping_text(config.get('damping'))})"
     if config.get("preconditioner") == "gram":
         auto = config.get("damping_requested") == "auto" or isinstance(config.get("damping"), dict)
         return f"gram (damping {damping_text(config.get('damping')) if auto else config.get('damping')})"

@@ -52,10 +52,12 @@ from gradindex.config import (
     Preconditioner,
     parse_damping,
     require_positive,
+    setting_key,
 )
 from gradindex.weights.damping import resolve_damping
 from gradindex.errors import ConfigError, GradIndexError, StoreMismatchError, TaskError
 from gradindex.features.projection import derive_seed
+from gradindex.features.kfac import is_factor_preconditioner
 from gradindex.features.query import QueryFeaturizer, measurement_function, precondition_features
 from gradindex.store.feature_store import FeatureStore, atomic_write_json, temporary_path, write_arrays
 from gradindex.task import (
@@ -143,14 +145,16 @@ def weighted_predictions(predictions: Mapping[str, np.ndarray], weights: Mapping
 
 
 def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Sequence, concept: str = "all",
-               damping: float = DEFAULT_DAMPING, device: str = "cpu", show_progress: bool = False) -> list[dict[str, Any]]:
+               damping: float = DEFAULT_DAMPING, device: str = "cpu", show_progress: bool = False,
+               factor_settings: Sequence[Preconditioner] = ()) -> list[dict[str, Any]]:
     """LDS of the standard attributions of ``store`` for ``queries`` (the ones ``retrained`` measured).
 
     Rows: uniform weights, each single group alone (the per-group diagnostic) and
     the concept's learned weights when the manifest has them (under the setting
     they were learned for), for grad-dot and Gram preconditioning. Each row has
     ``attribution``, ``preconditioner``, ``damping`` (``"auto"`` for a per-group one), ``lds`` (mean over queries)
-    and ``sem`` (its standard error). The learned row also has ``fit_overlap``: how many of ``queries`` the
+    and ``sem`` (its standard error). ``factor_settings`` (``kfac``, ``ekfac``) add their rows at ``damping``
+    (factors fitted on first use). The learned row also has ``fit_overlap``: how many of ``queries`` the
     weights were fitted on (logged as a warning when not 0: that row is then optimistic).
     """
     damping = parse_damping(damping, "damping")
@@ -162,19 +166,34 @@ def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Seque
     sums = subset_sums(store, retrained.masks, retrained.sample_ids)
     groups = store.groups
     learned_by_setting = learned_weights(store.manifest, concept, groups)
-    settings = [(Preconditioner.IDENTITY, 0.0), (Preconditioner.GRAM, resolve_damping(store, damping))]
+    settings = [(Preconditioner.IDENTITY, 0.0), (Preconditioner.GRAM, resolve_damping(store, damping)),
+                *((Preconditioner(p), damping) for p in factor_settings)]
     rows = []
+    factor_features: dict[str, dict[str, np.ndarray]] = {}
+
+    def features(preconditioner: Preconditioner, setting_damping) -> dict[str, np.ndarray]:
+        """``−ψ_g(q)`` of one setting: from ``raw`` (identity, Gram) or a factor featurizer (K-FAC, EK-FAC)."""
+        if not is_factor_preconditioner(preconditioner):
+            return precondition_features(store, raw, preconditioner, setting_damping)
+        key = setting_key(preconditioner, setting_damping)
+        if key not in factor_features:
+            factor = QueryFeaturizer.open(store, concept, preconditioner, setting_damping, device=device)
+            try:
+                factor_features[key] = factor.group_features(queries, show_progress=show_progress)
+            finally:
+                factor.close()
+        return factor_features[key]
 
     def add(name: str, predictions: np.ndarray, preconditioner: Preconditioner, setting_damping) -> None:
         per_query = retrained.lds(predictions, concept)
         label = AUTO_DAMPING if isinstance(setting_damping, Mapping) else setting_damping
         rows.append({"attribution": name, "preconditioner": preconditioner.value,
-                     "damping": label if preconditioner is Preconditioner.GRAM else None,
+                     "damping": label if preconditioner is not Preconditioner.IDENTITY else None,
                      "lds": float(per_query.mean()), "sem": float(per_query.std(ddof=1) / np.sqrt(len(per_query)))
                      if len(per_query) > 1 else 0.0})
 
     for preconditioner, setting_damping in settings:
-        predictions = group_predictions(precondition_features(store, raw, preconditioner, setting_damping), sums)
+        predictions = group_predictions(features(preconditioner, setting_damping), sums)
         add("uniform", weighted_predictions(predictions, {g: 1.0 for g in groups}), preconditioner, setting_damping)
         for g in groups:
             add(f"group {g}", predictions[g], preconditioner, setting_damping)
@@ -185,7 +204,7 @@ def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Seque
         learned_damping = resolve_damping(store, learned_setting.get("damping", damping), preconditioner)
         if not isinstance(learned_damping, Mapping):
             learned_damping = float(learned_damping)
-        predictions = group_predictions(precondition_features(store, raw, preconditioner, learned_damping), sums)
+        predictions = group_predictions(features(preconditioner, learned_damping), sums)
         add("learned", weighted_predictions(predictions, learned.weights), preconditioner, learned_damping)
         overlap = learned.fit_overlap(digests)
         rows[-1]["fit_overlap"] = overlap

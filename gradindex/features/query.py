@@ -25,7 +25,9 @@ from gradindex.config import DEFAULT_DAMPING, UNIFORM_CONCEPT, FeaturizeConfig, 
 from gradindex.devices import resolve_device
 from gradindex.errors import ConfigError, StoreMismatchError, TaskConsentError
 from gradindex.features.run import featurize_rows, planned_group_entries, resolve_groups
+from gradindex.features.factor_fit import ensure_factors
 from gradindex.features.gradients import GradientProjector
+from gradindex.features.kfac import FactorInverse, FactorQueryProjector, is_factor_preconditioner
 from gradindex.features.precondition import Damping, QueryPreconditioner
 from gradindex.features.projection import check_projection_format
 from gradindex.store.feature_store import FeatureStore
@@ -92,6 +94,12 @@ class QueryFeaturizer:
                 "featurize again"
             )
         self.groups = [g.name for g in groups]
+        if is_factor_preconditioner(preconditioner):  # H⁻¹ acts on the full gradient, before the projection
+            self.store, factors = ensure_factors(store, task, model)
+            inverse = FactorInverse(factors, groups, preconditioner.value, damping, device)
+            self.projector = FactorQueryProjector(model, groups, config.projection, inverse, device)
+            self.preconditioner = QueryPreconditioner(Preconditioner.IDENTITY)
+            return
         self.projector = GradientProjector(model, groups, config.projection, device)
         self.preconditioner = QueryPreconditioner(
             preconditioner, store.read_gram() if preconditioner is Preconditioner.GRAM else None, damping, self.groups
@@ -152,7 +160,11 @@ def query_group_features(store: FeatureStore, dataset: Sequence, concept: str = 
 
 def precondition_features(store: FeatureStore, raw: Mapping[str, np.ndarray], preconditioner: Preconditioner,
                           damping: Damping) -> dict[str, np.ndarray]:
-    """Apply a preconditioner to unpreconditioned query features ``{group: [Q, k_g]}`` (float32 numpy)."""
+    """Apply a preconditioner to unpreconditioned query features ``{group: [Q, k_g]}`` (float32 numpy).
+    K-FAC / EK-FAC act before the projection: their query features come from a :class:`QueryFeaturizer`."""
+    if is_factor_preconditioner(preconditioner):
+        raise ConfigError(f"preconditioner {preconditioner.value} acts on full query gradients, not on projected "
+                          "features: open a QueryFeaturizer with it")
     if preconditioner is Preconditioner.IDENTITY:
         return dict(raw)
     groups = list(raw)

@@ -30,7 +30,7 @@ from gradindex.errors import ConfigError
 from gradindex.inputs import read_npy, read_npz
 from gradindex.task import Task, json_array
 from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
-from gradindex.tasks.classification import margin
+from gradindex.tasks.classification import margin, sampled_cross_entropy
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +182,9 @@ class DigitsTask(Task):
     def compute_train_loss(self, batch, model: nn.Module) -> torch.Tensor:
         x, y = batch
         return F.cross_entropy(model(x), y, reduction="none")
+
+    def compute_sampled_loss(self, batch, model: nn.Module) -> torch.Tensor:
+        return sampled_cross_entropy(model(batch[0]))
 
     def compute_measurement(self, batch, model: nn.Module) -> torch.Tensor:
         x, y = batch

@@ -49,7 +49,7 @@ from gradindex.errors import ArtifactNotFoundError, ConfigError
 from gradindex.inputs import read_npz
 from gradindex.task import Task
 from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
-from gradindex.tasks.classification import check_labels, margin
+from gradindex.tasks.classification import check_labels, margin, sampled_cross_entropy
 from gradindex.tasks.concepts import FACTORS, ConceptConfig, ConceptImages, generate
 
 logger = logging.getLogger(__name__)
@@ -267,6 +267,9 @@ class ResNetTask(Task):
     def compute_train_loss(self, batch: Any, model: nn.Module) -> torch.Tensor:
         images, labels = batch
         return F.cross_entropy(model(images), labels, reduction="none")
+
+    def compute_sampled_loss(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        return sampled_cross_entropy(model(batch[0]))
 
     def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
         images, labels = batch

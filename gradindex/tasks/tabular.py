@@ -56,7 +56,7 @@ from gradindex.errors import ConfigError
 from gradindex.inputs import read_npz
 from gradindex.task import Task
 from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
-from gradindex.tasks.classification import check_labels, margin
+from gradindex.tasks.classification import check_labels, margin, sampled_cross_entropy
 
 logger = logging.getLogger(__name__)
 
@@ -261,6 +261,16 @@ class TabularTask(Task):
     def compute_train_loss(self, batch: Any, model: nn.Module) -> torch.Tensor:
         x, y = batch
         return self._losses(model(x), y)
+
+    def compute_sampled_loss(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        """Classification: classes drawn from the softmax; regression: ``y ~ N(output, 1/2)``, whose
+        squared-error loss is the Gaussian negative log-likelihood up to a constant."""
+        outputs = model(batch[0])
+        if not self.regression:
+            return sampled_cross_entropy(outputs)
+        with torch.no_grad():
+            drawn = outputs[:, 0] + torch.randn_like(outputs[:, 0]) * 0.5 ** 0.5
+        return (outputs[:, 0] - drawn) ** 2
 
     def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
         x, y = batch
