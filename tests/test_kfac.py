@@ -252,3 +252,26 @@ def test_group_parts_follow_the_projector_layout(mixed_net):
     groups = parameter_groups(mixed_net, [])
     parts = dict(group_parts(groups))
     assert [key for key, _ in parts["shared"]] == ["shared/shared"]
+
+
+def test_cli_fit_factors_build_index_and_info(tmp_path):
+    from click.testing import CliRunner
+
+    from gradindex.cli import main
+
+    spec = f"{HERE / 'tiny_task.py'}:TinyTask"
+
+    def run(*args):
+        result = CliRunner().invoke(main, ["-q", *map(str, args)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    store = tmp_path / "store"
+    run("featurize", spec, "--out", store, "--proj-dim", 8)
+    out = run("fit-factors", store, "--trust-task", "--fisher", "empirical", "--max-examples", 30)
+    assert "empirical Fisher, 30 examples, 2 Kronecker blocks" in out
+    run("build-index", store, "--preconditioner", "ekfac", "--trust-task")
+    info = run("info", store)
+    assert "factors:     K-FAC/EK-FAC, empirical Fisher, 30 examples" in info and "ekfac (damping 0.1)" in info
+    bad = CliRunner().invoke(main, ["fit-factors", str(store), "--trust-task", "--max-examples", "0"])
+    assert bad.exit_code == 2 and bad.output.startswith("error:") and len(bad.output.strip().splitlines()) == 1
