@@ -25,6 +25,7 @@ from gradindex.config import DEFAULT_DAMPING, UNIFORM_CONCEPT, FeaturizeConfig, 
 from gradindex.devices import resolve_device
 from gradindex.errors import ConfigError, StoreMismatchError, TaskConsentError
 from gradindex.features.run import featurize_rows, planned_group_entries, resolve_groups
+from gradindex.features.checkpoints import ensemble_spec_code
 from gradindex.features.factor_fit import ensure_factors
 from gradindex.features.gradients import GradientProjector
 from gradindex.features.kfac import FactorInverse, FactorQueryProjector, is_factor_preconditioner
@@ -45,11 +46,12 @@ def load_store_task(store: FeatureStore, trust_task: bool = False, task: str | N
     """
     spec = store.manifest["task"]
     name = spec["task"]
+    code = ensemble_spec_code(spec)  # a multi-checkpoint store runs its base task's code
     given = task if task is not None else store.task
-    if given is not None and resolve_spec(given) != resolve_spec(name):
+    if given is not None and resolve_spec(given) not in (resolve_spec(name), resolve_spec(code)):
         raise TaskConsentError(f"{store.path}: the store's task is {name!r}, not {given!r}; pass the store's own "
                                "spec with --task, or --trust-task to run the store's task")
-    if given is None and not (trust_task or store.trust_task or is_builtin_spec(name)):
+    if given is None and not (trust_task or store.trust_task or is_builtin_spec(code)):
         raise TaskConsentError(
             f"{store.path}: the store names task code {name!r} that is not built in; run it only if you trust "
             f"the store: pass --task '{name}' or --trust-task (Python: trust_task=True)"
