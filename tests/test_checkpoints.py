@@ -79,3 +79,24 @@ def test_bad_checkpoint_options_are_one_line_errors(runs, tmp_path):
         featurize_target(SPEC, {}, [], [1.0])
     with pytest.raises(Exception, match="checkpoints.json"):
         run_checkpoints(tmp_path)
+
+
+def test_digits_keeps_intermediate_checkpoints_with_lr_and_adam_state(tmp_path):
+    import torch
+
+    from gradindex.features.normalize import second_moments
+
+    task = load_task("digits")
+    final = task.train(tmp_path / "m.pt", indices=range(128), keep_checkpoints=4)
+    files, lrs = run_checkpoints(tmp_path / "m.pt.run")
+    assert [f.rsplit("/", 1)[-1] for f in files] == ["epoch-0010.pt", "epoch-0020.pt", "epoch-0030.pt",
+                                                      "epoch-0040.pt"]
+    assert lrs == [3e-3] * 4
+    # the last kept checkpoint is the final model; every one loads and carries its Adam state
+    final_state = torch.load(final, weights_only=True)["state_dict"]
+    last = torch.load(files[-1], weights_only=True)["state_dict"]
+    assert all(torch.equal(final_state[k], last[k]) for k in final_state)
+    moments, eps = second_moments(files[0], task.load_model(files[0]))
+    assert set(moments) == {n for n, _ in task.load_model(files[0]).named_parameters()} and eps == 1e-8
+    ensemble, _ = featurize_target("digits", {}, run_dir=tmp_path / "m.pt.run")
+    assert ensemble.weights == lrs and len(ensemble.load_model(None)) == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -79,6 +80,9 @@ def groups(task_spec, task_options, checkpoint, group_rules, proj_dim, group_dim
 @click.option("--checkpoints-from", "run_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="RUN_DIR whose checkpoints.json lists checkpoints and learning rates (train(..., "
                    "keep_checkpoints=K) of the built-in tasks writes it).")
+@click.option("--normalize", type=click.Choice(["none", "adam"]), default="none", show_default=True,
+              help="adam: divide each gradient coordinate by √v̂ + ε of the checkpoint's Adam state before "
+                   "projecting (LESS / TrackStar), on the stored and the query side.")
 @group_rule_option
 @apply_options(proj_options)
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
@@ -101,7 +105,7 @@ def groups(task_spec, task_options, checkpoint, group_rules, proj_dim, group_dim
 @click.option("--max-retries", type=click.IntRange(min=0), default=2, show_default=True,
               help="With --ray: times a shard is redone on a fresh worker after its worker died.")
 @click.pass_context
-def featurize(ctx, task_spec, out, task_options, checkpoints, checkpoint_weights, run_dir, group_rules, proj_dim, group_dims, proj_kind, seed,
+def featurize(ctx, task_spec, out, task_options, checkpoints, checkpoint_weights, run_dir, normalize, group_rules, proj_dim, group_dims, proj_kind, seed,
               factor_dim, dtype, batch_size, shard_size, device, limit, overwrite, resume, append, ray_address,
               ray_timeout, workers, cpus_per_worker, max_retries) -> None:
     """Compute per-example projected gradients of TASK's training set into a store.
@@ -126,6 +130,7 @@ def featurize(ctx, task_spec, out, task_options, checkpoints, checkpoint_weights
 
     config = featurize_config(proj_dim, group_dims, proj_kind, seed, factor_dim, group_rules, dtype=dtype,
                                batch_size=batch_size, shard_size=shard_size)
+    config = dataclasses.replace(config, normalize=normalize)
     if ray_address is None:
         from gradindex.features.run import featurize as run_featurize
 

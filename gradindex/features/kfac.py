@@ -47,7 +47,6 @@ from gradindex.errors import ConfigError, TaskError
 from gradindex.features.gradients import GradientProjector, _as_rows, _gradient_target, _with_bias_column
 from gradindex.features.groups import Block, ParameterGroup, part_owners
 from gradindex.features.precondition import Damping, group_damping
-from gradindex.features.projection import make_block_projector
 
 logger = logging.getLogger(__name__)
 
@@ -339,27 +338,10 @@ def _floor(lam: float) -> float:
     return max(lam, 1e-30)
 
 
-class FactorQueryProjector:
+def FactorQueryProjector(model: nn.Module, groups: Sequence[ParameterGroup], projection: ProjectionConfig,
+                         inverse: FactorInverse, device: torch.device):
     """Callable like :class:`GradientProjector`: ``compute -> {group: [B, k_g]}`` with
     ``φ_g = P_g H⁻¹ ∇f`` (full gradient, factor inverse, then the store's seeded projection)."""
+    from gradindex.features.transformed import TransformedProjector
 
-    def __init__(self, model: nn.Module, groups: Sequence[ParameterGroup], projection: ProjectionConfig,
-                 inverse: FactorInverse, device: torch.device):
-        self.full = full_gradient_projector(model, groups, device)
-        self.inverse = inverse
-        self.parts = group_parts(groups)
-        self.projectors = {key: make_block_projector(group, block, projection, device)
-                           for group, keyed in self.parts for key, block in keyed}
-
-    def __call__(self, compute: Callable[[], torch.Tensor], verify: bool = False) -> dict[str, torch.Tensor]:
-        full = self.full(compute, verify=verify)
-        pieces = split_parts(full, self.parts)
-        out = {}
-        for group, keyed in self.parts:
-            blocks = [self.projectors[key].project_gradient(self.inverse(key, block, pieces[key]))
-                      for key, block in keyed]
-            out[group] = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
-        return out
-
-    def close(self) -> None:
-        self.full.close()
+    return TransformedProjector(model, groups, projection, [inverse], device)

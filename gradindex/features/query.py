@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradindex.config import DEFAULT_DAMPING, UNIFORM_CONCEPT, FeaturizeConfig, Preconditioner
+from gradindex.config import DEFAULT_DAMPING, UNIFORM_CONCEPT, FeaturizeConfig, Normalize, Preconditioner
 from gradindex.devices import resolve_device
 from gradindex.errors import ConfigError, StoreMismatchError, TaskConsentError
 from gradindex.features.run import featurize_rows, planned_group_entries, resolve_groups
 from gradindex.features.checkpoints import ensemble_spec_code
 from gradindex.features.factor_fit import ensure_factors
-from gradindex.features.gradients import GradientProjector
+from gradindex.features.normalize import make_projector
 from gradindex.features.kfac import FactorInverse, FactorQueryProjector, is_factor_preconditioner
 from gradindex.features.precondition import Damping, QueryPreconditioner
 from gradindex.features.projection import check_projection_format
@@ -97,12 +97,15 @@ class QueryFeaturizer:
             )
         self.groups = [g.name for g in groups]
         if is_factor_preconditioner(preconditioner):  # H⁻¹ acts on the full gradient, before the projection
+            if config.normalize is not Normalize.NONE:
+                raise ConfigError(f"{store.path}: preconditioner {preconditioner.value} on Adam-normalised features "
+                                  "is not supported (the factors describe raw gradients); use identity or gram")
             self.store, factors = ensure_factors(store, task, model)
             inverse = FactorInverse(factors, groups, preconditioner.value, damping, device)
             self.projector = FactorQueryProjector(model, groups, config.projection, inverse, device)
             self.preconditioner = QueryPreconditioner(Preconditioner.IDENTITY)
             return
-        self.projector = GradientProjector(model, groups, config.projection, device)
+        self.projector = make_projector(task, model, groups, config, store.manifest.get("checkpoint"), device)
         self.preconditioner = QueryPreconditioner(
             preconditioner, store.read_gram() if preconditioner is Preconditioner.GRAM else None, damping, self.groups
         )

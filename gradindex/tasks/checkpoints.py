@@ -21,13 +21,14 @@ def gradindex_home() -> Path:
     return Path(os.environ.get("GRADINDEX_HOME", Path.home() / ".cache" / "gradindex"))
 
 
-def save_checkpoint(model: nn.Module, arch: Any, path: str | Path) -> Path:
+def save_checkpoint(model: nn.Module, arch: Any, path: str | Path, extra: dict | None = None) -> Path:
+    """``extra``: more entries of the saved dict (``"optimizer"``: :func:`adam_state`)."""
     from gradindex.store.feature_store import temporary_path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
-    torch.save({"arch": arch, "state_dict": model.state_dict()}, tmp)
+    torch.save({"arch": arch, "state_dict": model.state_dict(), **(extra or {})}, tmp)
     os.replace(tmp, path)
     return path
 
@@ -50,3 +51,42 @@ def load_checkpoint(model: nn.Module, path: str | Path, arch: Any, task: str, ho
         first = str(err).strip().splitlines()[-1].strip()
         raise StoreMismatchError(f"{path} does not fit the {task} model ({first}); train it again") from None
     return model.eval()
+
+
+def adam_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
+    """An Adam/AdamW optimizer's second moments keyed by parameter name, with step, betas and eps
+    (the form :mod:`gradindex.features.normalize` reads)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    group = optimizer.param_groups[0]
+    moments, step = {}, 0
+    for p, state in optimizer.state.items():
+        if "exp_avg_sq" in state and id(p) in names:
+            moments[names[id(p)]] = state["exp_avg_sq"].detach().clone()
+            step = int(state["step"])
+    return {"exp_avg_sq": moments, "step": step, "betas": [float(b) for b in group["betas"]],
+            "eps": float(group["eps"])}
+
+
+class CheckpointKeeper:
+    """``on_epoch(epoch, model, optimizer)`` callback keeping ``keep`` evenly spaced checkpoints (the last
+    epoch included) in ``<path>.run/``, with their learning rate and Adam state, listed in its checkpoints.json."""
+
+    def __init__(self, path: str | Path, arch: Any, keep: int, epochs: int, lr: float):
+        if keep < 0 or keep > epochs:
+            from gradindex.errors import ConfigError
+
+            raise ConfigError(f"keep_checkpoints: expected 0..{epochs}, got {keep}")
+        self.run_dir = Path(path).with_name(Path(path).name + ".run")
+        self.arch, self.lr = arch, float(lr)
+        self.epochs = {round(epochs * (i + 1) / keep) for i in range(keep)} if keep else set()
+        self.entries: list[dict[str, Any]] = []
+
+    def __call__(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if epoch not in self.epochs:
+            return
+        from gradindex.features.checkpoints import write_run_index
+
+        name = f"epoch-{epoch:04d}.pt"
+        save_checkpoint(model, self.arch, self.run_dir / name, extra={"optimizer": adam_state(optimizer, model)})
+        self.entries.append({"file": name, "lr": optimizer.param_groups[0]["lr"], "step": epoch})
+        write_run_index(self.run_dir, self.entries)

@@ -29,7 +29,7 @@ from torch import nn
 from gradindex.errors import ConfigError
 from gradindex.inputs import read_npy, read_npz
 from gradindex.task import Task, json_array
-from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
+from gradindex.tasks.checkpoints import CheckpointKeeper, adam_state, gradindex_home, load_checkpoint, save_checkpoint
 from gradindex.tasks.classification import margin, sampled_cross_entropy
 
 logger = logging.getLogger(__name__)
@@ -68,29 +68,36 @@ def build_model(arch: str) -> nn.Module:
     raise ConfigError(f"digits task: arch must be one of {', '.join(ARCHS)}, got {arch!r}")
 
 
+EPOCHS, LR = 40, 3e-3  # train_model's defaults
+
+
 def train_model(arch: str, x: np.ndarray, y: np.ndarray, seed: int = 0, epochs: int = 40,
-                batch_size: int = 64, lr: float = 3e-3) -> nn.Module:
+                batch_size: int = 64, lr: float = 3e-3, on_epoch=None) -> nn.Module:
     """Train a fresh model deterministically on ``(x, y)`` (seconds on a CPU)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = build_model(arch)
-    return fit(model, x, y, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr)
+    return fit(model, x, y, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, on_epoch=on_epoch)
 
 
 def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, seed: int = 0, epochs: int = 40,
-        batch_size: int = 64, lr: float = 3e-3) -> nn.Module:
-    """Train ``model`` in place with seeded Adam on ``(x, y)``; returns it in eval mode."""
+        batch_size: int = 64, lr: float = 3e-3, on_epoch=None) -> nn.Module:
+    """Train ``model`` in place with seeded Adam on ``(x, y)``; returns it in eval mode.
+    ``on_epoch(epoch, model, optimizer)`` runs after each epoch (1-based)."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
     xs, ys = torch.from_numpy(x), torch.from_numpy(y)
     model.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = torch.randperm(len(xs), generator=generator)
         for start in range(0, len(xs), batch_size):
             rows = order[start : start + batch_size]
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(xs[rows]), ys[rows]).backward()
             optimizer.step()
+        if on_epoch is not None:
+            on_epoch(epoch + 1, model, optimizer)
+    model.optimizer_state = adam_state(optimizer, model)  # saved with the checkpoint (--normalize adam)
     return model.eval()
 
 
@@ -116,12 +123,16 @@ class DigitsTask(Task):
         return gradindex_home() / "checkpoints" / f"digits-{self.arch}-seed{self.seed}.pt"
 
     def train(self, path: str | Path | None = None, indices: Sequence[int] | None = None,
-              seed: int | None = None) -> Path:
-        """Train on the training examples at ``indices`` (default: all) and save a checkpoint."""
+              seed: int | None = None, keep_checkpoints: int = 0) -> Path:
+        """Train on the training examples at ``indices`` (default: all) and save a checkpoint (with the
+        Adam state). ``keep_checkpoints=K`` also keeps K evenly spaced intermediate ones in
+        ``<path>.run/`` with their learning rates (``featurize --checkpoints-from``)."""
         rows = np.arange(len(self.split["x_train"])) if indices is None else np.asarray(indices)
+        path = Path(path or self.default_checkpoint())
+        keeper = CheckpointKeeper(path, self.arch, keep_checkpoints, EPOCHS, LR)
         model = train_model(self.arch, self.split["x_train"][rows], self.split["y_train"][rows],
-                            seed=self.seed if seed is None else seed)
-        return save_checkpoint(model, self.arch, path or self.default_checkpoint())
+                            seed=self.seed if seed is None else seed, on_epoch=keeper if keep_checkpoints else None)
+        return save_checkpoint(model, self.arch, path, extra={"optimizer": model.optimizer_state})
 
     def load_model(self, checkpoint: str | Path | None) -> nn.Module:
         if checkpoint is None:
