@@ -275,3 +275,10 @@ def test_cli_fit_factors_build_index_and_info(tmp_path):
     assert "factors:     K-FAC/EK-FAC, empirical Fisher, 30 examples" in info and "ekfac (damping 0.1)" in info
     bad = CliRunner().invoke(main, ["fit-factors", str(store), "--trust-task", "--max-examples", "0"])
     assert bad.exit_code == 2 and bad.output.startswith("error:") and len(bad.output.strip().splitlines()) == 1
+
+
+def test_auto_damping_is_refused_for_the_factors():
+    model, data = mlp(), mlp_data()
+    factors, groups = fitted(model, data, ce)
+    with pytest.raises(ConfigError, match="give ekfac a number"):
+        FactorInverse(factors, groups, "ekfac", "auto", torch.device("cpu"))

@@ -25,7 +25,7 @@ Inverse (:class:`FactorInverse`), per block, damping ``λ = ρ · mean(eigenvalu
     H⁻¹G = Q_S [(Q_Sᵀ G Q_A) ⊘ (Λ + λ)] Q_Aᵀ     (K-FAC: Λ = e_S e_Aᵀ)
     H⁻¹g = g ⊘ (D + λ)                          (diagonal blocks)
 
-:class:`FactorQueryProjector` computes a query's full per-block gradient, applies
+:func:`factor_query_projector` computes a query's full per-block gradient, applies
 ``H⁻¹`` and then the *same* seeded projection as the stored rows: ``{group: [B, k_g]}``.
 """
 
@@ -298,6 +298,9 @@ class FactorInverse:
                  device: torch.device):
         if kind not in FACTOR_PRECONDITIONERS:
             raise ConfigError(f"factor preconditioner: expected kfac or ekfac, got {kind!r}")
+        if isinstance(damping, str):
+            raise ConfigError(f"{kind}: --damping {damping} chooses a Gram damping from the stored features; give "
+                              f"{kind} a number (relative to each module's mean eigenvalue; default 0.1)")
         self.parts = group_parts(groups)
         self.device = device
         self.kron: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -338,7 +341,7 @@ def _floor(lam: float) -> float:
     return max(lam, 1e-30)
 
 
-def FactorQueryProjector(model: nn.Module, groups: Sequence[ParameterGroup], projection: ProjectionConfig,
+def factor_query_projector(model: nn.Module, groups: Sequence[ParameterGroup], projection: ProjectionConfig,
                          inverse: FactorInverse, device: torch.device):
     """Callable like :class:`GradientProjector`: ``compute -> {group: [B, k_g]}`` with
     ``φ_g = P_g H⁻¹ ∇f`` (full gradient, factor inverse, then the store's seeded projection)."""

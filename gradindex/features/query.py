@@ -28,7 +28,7 @@ from gradindex.features.run import featurize_rows, planned_group_entries, resolv
 from gradindex.features.checkpoints import ensemble_spec_code
 from gradindex.features.factor_fit import ensure_factors
 from gradindex.features.normalize import make_projector
-from gradindex.features.kfac import FactorInverse, FactorQueryProjector, is_factor_preconditioner
+from gradindex.features.kfac import FactorInverse, factor_query_projector, is_factor_preconditioner
 from gradindex.features.precondition import Damping, QueryPreconditioner
 from gradindex.features.projection import check_projection_format
 from gradindex.store.feature_store import FeatureStore
@@ -102,7 +102,7 @@ class QueryFeaturizer:
                                   "is not supported (the factors describe raw gradients); use identity or gram")
             self.store, factors = ensure_factors(store, task, model)
             inverse = FactorInverse(factors, groups, preconditioner.value, damping, device)
-            self.projector = FactorQueryProjector(model, groups, config.projection, inverse, device)
+            self.projector = factor_query_projector(model, groups, config.projection, inverse, device)
             self.preconditioner = QueryPreconditioner(Preconditioner.IDENTITY)
             return
         self.projector = make_projector(task, model, groups, config, store.manifest.get("checkpoint"), device)
