@@ -141,14 +141,14 @@ def test_ekfac_is_the_exact_damped_fisher_inverse_on_one_linear_layer_with_one_e
     fisher = vecs.T @ vecs / classes
     rho = 0.1
     lam = rho * np.trace(fisher) / fisher.shape[0]
-    inverse = FactorInverse(factors, groups, "ekfac", rho, torch.device("cpu"))
+    inverse = FactorInverse(factors, groups, "ekfac", rho, torch.device("cpu"), torch.float64)
     query = torch.randn(2, classes * dim, dtype=torch.float64)
     block = groups[0].blocks[0]
     got = inverse("layer/layer", block, query).double().numpy()
     expected = np.linalg.solve(fisher + lam * np.eye(len(fisher)), query.numpy().T).T
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     # K-FAC is not exact here (S ⊗ A has cross terms the Fisher lacks): the test can tell them apart
-    kfac = FactorInverse(factors, groups, "kfac", rho, torch.device("cpu"))("layer/layer", block, query)
+    kfac = FactorInverse(factors, groups, "kfac", rho, torch.device("cpu"), torch.float64)("layer/layer", block, query)
     assert not np.allclose(kfac.double().numpy(), expected, rtol=1e-3)
 
 

@@ -9,7 +9,7 @@ checkpoints, Adam normalisation — one task, one run, ratios from the same run 
    random halves and measure the eval queries (LDS ground truth, cached in OUT/lds);
 2. featurize it (timed: the reference pass), fit the K-FAC/EK-FAC factors (timed), and time the
    query features of every setting on the eval queries (the second of two runs: warm);
-3. LDS (uniform and SNR-learned weights) of grad-dot, Gram 0.1, K-FAC 0.1, EK-FAC 0.1;
+3. LDS (uniform and SNR-learned weights) of grad-dot and Gram, K-FAC, EK-FAC at relative damping 0.1, 0.01, 0.001;
    TracIn over the kept checkpoints (lr-weighted, uniform and learned); Adam-normalised grad-dot and Gram.
 Prints markdown tables and writes OUT/results.json.
 """
@@ -37,8 +37,10 @@ from gradindex.store.feature_store import FeatureStore  # noqa: E402
 from gradindex.task import load_task, task_queries  # noqa: E402
 from gradindex.weights.learn import learn_weights  # noqa: E402
 
-SETTINGS = {"grad-dot": Preconditioner.IDENTITY, "gram 0.1": Preconditioner.GRAM,
-            "kfac 0.1": Preconditioner.KFAC, "ekfac 0.1": Preconditioner.EKFAC}
+#: name -> (preconditioner, relative damping): each at kronfluence's 0.1 and two smaller dampings
+SETTINGS = {"grad-dot": (Preconditioner.IDENTITY, 0.1),
+            **{f"{p.value} {d:g}": (p, d) for p in (Preconditioner.GRAM, Preconditioner.KFAC, Preconditioner.EKFAC)
+               for d in (0.1, 0.01, 0.001)}}
 
 
 def store_bytes(store: FeatureStore) -> dict[str, int]:
@@ -49,8 +51,8 @@ def store_bytes(store: FeatureStore) -> dict[str, int]:
     return {"shards": shards, "gram": gram, "factors": factors}
 
 
-def query_features(store, preconditioner, queries, timed: bool = False) -> tuple[dict, float]:
-    featurizer = QueryFeaturizer.open(store, preconditioner=preconditioner, damping=0.1, trust_task=True)
+def query_features(store, preconditioner, queries, timed: bool = False, damping: float = 0.1) -> tuple[dict, float]:
+    featurizer = QueryFeaturizer.open(store, preconditioner=preconditioner, damping=damping, trust_task=True)
     try:
         features = featurizer.group_features(queries)
         seconds = 0.0
@@ -70,8 +72,8 @@ def lds_cells(store, retrained, features, weights=None) -> dict[str, float]:
     return {"lds": float(per_query.mean()), "sem": float(per_query.std(ddof=1) / np.sqrt(len(per_query)))}
 
 
-def learned(store, preconditioner) -> dict[str, float]:
-    config = LearnConfig(preconditioner=preconditioner, damping=0.1, method="snr")
+def learned(store, preconditioner, damping: float = 0.1) -> dict[str, float]:
+    config = LearnConfig(preconditioner=preconditioner, damping=damping, method="snr")
     return learn_weights(store, config, save=False, show_progress=False).weights
 
 
@@ -102,11 +104,11 @@ def main() -> None:
     results["fit_factors_s"] = time.perf_counter() - start
     results["bytes"] = store_bytes(store)
     rows = []
-    for name, preconditioner in SETTINGS.items():
-        features, seconds = query_features(store, preconditioner, queries, timed=True)
+    for name, (preconditioner, damping) in SETTINGS.items():
+        features, seconds = query_features(store, preconditioner, queries, timed=True, damping=damping)
         row = {"setting": name, "query_ms": 1000 * seconds / len(queries),
                "uniform": lds_cells(store, retrained, features)}
-        row["learned"] = lds_cells(store, retrained, features, learned(store, preconditioner))
+        row["learned"] = lds_cells(store, retrained, features, learned(store, preconditioner, damping))
         rows.append(row)
 
     run_dir = Path(f"{checkpoint}.run")
@@ -121,11 +123,12 @@ def main() -> None:
                      "learned": lds_cells(multi, retrained, features, learned(multi, Preconditioner.IDENTITY))})
     adam = featurize(task, args.out / "adam", FeaturizeConfig(normalize=Normalize.ADAM), checkpoint=checkpoint,
                      overwrite=True, show_progress=False)
-    for name, preconditioner in list(SETTINGS.items())[:2]:
-        features, seconds = query_features(adam, preconditioner, queries, timed=True)
+    for name in ("grad-dot", "gram 0.1"):
+        preconditioner, damping = SETTINGS[name]
+        features, seconds = query_features(adam, preconditioner, queries, timed=True, damping=damping)
         rows.append({"setting": f"adam-normalised {name}", "query_ms": 1000 * seconds / len(queries),
                      "uniform": lds_cells(adam, retrained, features),
-                     "learned": lds_cells(adam, retrained, features, learned(adam, preconditioner))})
+                     "learned": lds_cells(adam, retrained, features, learned(adam, preconditioner, damping))})
     results["rows"] = rows
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"task {args.task}: {results['queries']} eval queries, {args.models} retrained models; featurize "

@@ -261,22 +261,23 @@ class EigenvalueAccumulator:
                  device: torch.device):
         self.parts = group_parts(groups)
         self.blocks = {key: block for _, keyed in self.parts for key, block in keyed}
-        self.bases = {k: (torch.from_numpy(f.q_s).to(device), torch.from_numpy(f.q_a).to(device))
-                      for k, f in kron.items()}
+        # rotations in float32 (the float32 gradients' own precision), sums in float64
+        self.bases = {k: (torch.from_numpy(f.q_s).to(device, torch.float32),
+                          torch.from_numpy(f.q_a).to(device, torch.float32)) for k, f in kron.items()}
         self.sums = {key: torch.zeros((b.left, b.right) if key in self.bases else (b.numel,), dtype=torch.float64,
                                       device=device) for key, b in self.blocks.items()}
         self.examples = 0
 
     def update(self, full: Mapping[str, torch.Tensor]) -> None:
         for key, grads in split_parts(full, self.parts).items():
-            grads = grads.detach().double()
+            grads = grads.detach().float()
             if key in self.bases:
                 q_s, q_a = self.bases[key]
                 block = self.blocks[key]
                 rotated = q_s.T @ grads.reshape(-1, block.left, block.right) @ q_a
-                self.sums[key] += (rotated ** 2).sum(0)
+                self.sums[key] += (rotated ** 2).sum(0, dtype=torch.float64)
             else:
-                self.sums[key] += (grads ** 2).sum(0)
+                self.sums[key] += (grads ** 2).sum(0, dtype=torch.float64)
         self.examples += next(iter(full.values())).shape[0]
 
     def result(self, kron: Mapping[str, KroneckerFactors]) -> Factors:
@@ -295,7 +296,7 @@ class FactorInverse:
     """``H⁻¹`` of one setting (``kfac`` or ``ekfac``, relative damping) on full per-part gradients."""
 
     def __init__(self, factors: Factors, groups: Sequence[ParameterGroup], kind: str, damping: Damping,
-                 device: torch.device):
+                 device: torch.device, dtype: torch.dtype = torch.float32):
         if kind not in FACTOR_PRECONDITIONERS:
             raise ConfigError(f"factor preconditioner: expected kfac or ekfac, got {kind!r}")
         if isinstance(damping, str):
@@ -303,6 +304,7 @@ class FactorInverse:
                               f"{kind} a number (relative to each module's mean eigenvalue; default 0.1)")
         self.parts = group_parts(groups)
         self.device = device
+        self.dtype = dtype  # of the application (the factors are fitted and inverted in float64)
         self.kron: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.diag: dict[str, torch.Tensor] = {}
         self.lambdas: dict[str, float] = {}
@@ -316,19 +318,19 @@ class FactorInverse:
                         raise ConfigError(f"factors of {key} have shape {values.shape}, the block "
                                           f"{(block.left, block.right)}; fit the factors again")
                     lam = rho * float(values.mean())
-                    self.kron[key] = (torch.from_numpy(f.q_s).to(device), torch.from_numpy(f.q_a).to(device),
-                                      torch.from_numpy(1.0 / (values + _floor(lam))).to(device))
+                    self.kron[key] = tuple(torch.from_numpy(m).to(device, dtype)
+                                           for m in (f.q_s, f.q_a, 1.0 / (values + _floor(lam))))
                 elif key in factors.diag:
                     d = factors.diag[key]
                     lam = rho * float(d.mean())
-                    self.diag[key] = torch.from_numpy(1.0 / (d + _floor(lam))).to(device)
+                    self.diag[key] = torch.from_numpy(1.0 / (d + _floor(lam))).to(device, dtype)
                 else:
                     raise ConfigError(f"the store's factors cover no block {key!r}; fit the factors again")
                 self.lambdas[key] = lam
 
     def __call__(self, key: str, block: Block, grads: torch.Tensor) -> torch.Tensor:
-        """``H⁻¹ g`` for full gradients ``[B, numel]`` of one part (float64 inside, float32 out)."""
-        grads = grads.detach().double()
+        """``H⁻¹ g`` for full gradients ``[B, numel]`` of one part (``dtype`` inside, float32 out)."""
+        grads = grads.detach().to(self.dtype)
         if key in self.kron:
             q_s, q_a, inv = self.kron[key]
             rotated = q_s.T @ grads.reshape(-1, block.left, block.right) @ q_a
