@@ -100,3 +100,21 @@ def test_digits_keeps_intermediate_checkpoints_with_lr_and_adam_state(tmp_path):
     assert set(moments) == {n for n, _ in task.load_model(files[0]).named_parameters()} and eps == 1e-8
     ensemble, _ = featurize_target("digits", {}, run_dir=tmp_path / "m.pt.run")
     assert ensemble.weights == lrs and len(ensemble.load_model(None)) == 4
+
+
+def test_cli_featurize_several_checkpoints(runs, tmp_path):
+    from click.testing import CliRunner
+
+    from gradindex.cli import main
+
+    _, _, paths = runs
+    args = ["-q", "featurize", SPEC, "--out", str(tmp_path / "s"), "--proj-dim", "8"]
+    for p in paths[:2]:
+        args += ["--checkpoint", str(p)]
+    result = CliRunner().invoke(main, [*args, "--checkpoint-weights", "2", "--checkpoint-weights", "1"])
+    assert result.exit_code == 0, result.output
+    store = FeatureStore.open(tmp_path / "s")
+    assert store.groups == ["c0.hidden", "c0.out", "c1.hidden", "c1.out"]
+    assert store.manifest["task"]["options"]["weights"] == [2.0, 1.0]
+    bad = CliRunner().invoke(main, [*args, "--checkpoint-weights", "1", "--overwrite"])
+    assert bad.exit_code == 2 and "one per checkpoint" in bad.output
