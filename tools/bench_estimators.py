@@ -111,6 +111,14 @@ def main() -> None:
         row["learned"] = lds_cells(store, retrained, features, learned(store, preconditioner, damping))
         rows.append(row)
 
+    # the empirical Fisher (training labels), as the Gram preconditioner uses
+    store = fit_store_factors(store, task, task.load_model(checkpoint), fisher="empirical")
+    for damping in (0.1, 0.001):
+        features, seconds = query_features(store, Preconditioner.EKFAC, queries, timed=True, damping=damping)
+        rows.append({"setting": f"ekfac {damping:g} (empirical Fisher)", "query_ms": 1000 * seconds / len(queries),
+                     "uniform": lds_cells(store, retrained, features),
+                     "learned": lds_cells(store, retrained, features, learned(store, Preconditioner.EKFAC, damping))})
+
     run_dir = Path(f"{checkpoint}.run")
     if run_dir.is_dir():
         ensemble, _ = featurize_target(args.task, {}, run_dir=run_dir)
