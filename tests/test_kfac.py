@@ -282,3 +282,24 @@ def test_auto_damping_is_refused_for_the_factors():
     factors, groups = fitted(model, data, ce)
     with pytest.raises(ConfigError, match="give ekfac a number"):
         FactorInverse(factors, groups, "ekfac", "auto", torch.device("cpu"))
+
+
+def test_sampled_cross_entropy_draws_labels_from_the_model():
+    from gradindex.tasks.classification import sampled_cross_entropy
+
+    probs = torch.tensor([0.7, 0.2, 0.1])
+    losses = sampled_cross_entropy(probs.log().repeat(20000, 1))
+    frequencies = [float((losses - (-p.log())).abs().lt(1e-5).float().mean()) for p in probs]
+    np.testing.assert_allclose(frequencies, probs.numpy(), atol=0.015)
+
+
+def test_the_true_fisher_falls_back_to_the_empirical_one_for_tasks_that_cannot_sample(caplog):
+    from gradindex.features.factor_fit import loss_function
+
+    task = ListTask(mlp_data(), ce)
+    loss, used = loss_function(task, "true")
+    assert used == "empirical" and loss == task.compute_train_loss and "empirical Fisher" in caplog.text
+    digits = load_task("digits")
+    assert loss_function(digits, "true")[1] == "true" and loss_function(digits, "empirical")[1] == "empirical"
+    with pytest.raises(ConfigError, match="fisher"):
+        loss_function(digits, "exact")
