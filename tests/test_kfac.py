@@ -303,3 +303,16 @@ def test_the_true_fisher_falls_back_to_the_empirical_one_for_tasks_that_cannot_s
     assert loss_function(digits, "true")[1] == "true" and loss_function(digits, "empirical")[1] == "empirical"
     with pytest.raises(ConfigError, match="fisher"):
         loss_function(digits, "exact")
+
+
+def test_factors_are_fitted_on_the_examples_the_store_holds(tmp_path):
+    from gradindex.features.factor_fit import fit_store_factors
+
+    task = load_task(f"{HERE / 'tiny_task.py'}:TinyTask")
+    checkpoint = task.train(tmp_path / "model.pt")
+    store = featurize(task, tmp_path / "store", FeaturizeConfig(projection=ProjectionConfig(proj_dim=8)),
+                      checkpoint=checkpoint, limit=20, show_progress=False)
+    store = fit_store_factors(store, task, task.load_model(checkpoint))
+    assert store.manifest["factors"]["count"] == 20
+    store = fit_store_factors(store, task, task.load_model(checkpoint), max_examples=7)
+    assert store.manifest["factors"]["count"] == 7 and len(list(tmp_path.glob("store/factors-*.npz"))) == 1

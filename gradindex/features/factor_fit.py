@@ -89,6 +89,17 @@ def _run(task: Task, model, dataset: Sequence, rows: list[int], batch_size: int,
             bar.update(len(chunk))
 
 
+def store_positions(store: FeatureStore, task: Task, dataset: Sequence) -> np.ndarray:
+    """Positions in ``dataset`` of the training examples the store holds (``featurize --limit`` keeps a prefix)."""
+    ids = np.asarray(task.sample_ids(dataset))
+    stored = np.concatenate([shard_ids for shard_ids, _, _ in store.iter_shards(groups=[])] or [np.zeros(0, np.int64)])
+    positions = np.flatnonzero(np.isin(ids, stored))
+    if len(positions) != len(stored):
+        raise ConfigError(f"{store.path}: {len(stored) - len(positions)} of the store's sample ids are not in the task's "
+                          "training set; featurize again")
+    return positions
+
+
 def sample_rows(count: int, max_examples: int, seed: int) -> np.ndarray:
     """All positions, or a seeded sorted sample of ``max_examples`` of them."""
     if max_examples <= 0:
@@ -106,7 +117,8 @@ def fit_store_factors(store: FeatureStore, task: Task, model: torch.nn.Module, f
     groups = resolve_groups(task, model, config)
     loss, used = loss_function(task, fisher)
     dataset = task.train_dataset()
-    rows = sample_rows(len(dataset), max_examples, seed)
+    rows = store_positions(store, task, dataset)
+    rows = rows[sample_rows(len(rows), max_examples, seed)]
     start = time.perf_counter()
     factors = fit_factors(task, model, groups, dataset, rows, loss, batch_size or config.batch_size,
                           next(model.parameters()).device, seed, show_progress)
