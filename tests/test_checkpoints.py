@@ -116,5 +116,7 @@ def test_cli_featurize_several_checkpoints(runs, tmp_path):
     store = FeatureStore.open(tmp_path / "s")
     assert store.groups == ["c0.hidden", "c0.out", "c1.hidden", "c1.out"]
     assert store.manifest["task"]["options"]["weights"] == [2.0, 1.0]
+    info = CliRunner().invoke(main, ["info", str(tmp_path / "s")])
+    assert "checkpoints: 2 of" in info.output and "weights [2.0, 1.0]" in info.output
     bad = CliRunner().invoke(main, [*args, "--checkpoint-weights", "1", "--overwrite"])
     assert bad.exit_code == 2 and "one per checkpoint" in bad.output

@@ -86,6 +86,10 @@ def info(store_path, as_json) -> None:
             row[f"damping[{concept}]"] = damping
         rows.append(row)
     echo_table(rows)
+    options = store.manifest["task"].get("options", {})
+    if store.manifest["task"]["task"].endswith(":CheckpointEnsemble"):
+        click.echo(f"checkpoints: {len(options['checkpoints'])} of {options['task']}, query-side weights "
+                   f"{options['weights']} (TracIn over checkpoints; docs/estimators.md)")
     factors = store.manifest.get("factors")
     if factors:
         click.echo(f"factors:     K-FAC/EK-FAC, {factors['fisher']} Fisher, {factors['count']} examples; Kronecker "
