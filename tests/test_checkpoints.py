@@ -120,3 +120,14 @@ def test_cli_featurize_several_checkpoints(runs, tmp_path):
     assert "checkpoints: 2 of" in info.output and "weights [2.0, 1.0]" in info.output
     bad = CliRunner().invoke(main, [*args, "--checkpoint-weights", "1", "--overwrite"])
     assert bad.exit_code == 2 and "one per checkpoint" in bad.output
+
+
+def test_tabular_keeps_checkpoints_with_the_optimizer_state(tmp_path):
+    from gradindex.features.normalize import second_moments
+
+    task = load_task("tabular-cancer")
+    task.train(tmp_path / "m.pt", keep_checkpoints=2)
+    files, lrs = run_checkpoints(tmp_path / "m.pt.run")
+    assert len(files) == 2 and all(lr > 0 for lr in lrs)
+    moments, _ = second_moments(files[-1], task.load_model(files[-1]))
+    assert set(moments) == {n for n, _ in task.load_model(files[-1]).named_parameters()}

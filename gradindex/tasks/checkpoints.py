@@ -69,15 +69,16 @@ def adam_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, 
 
 class CheckpointKeeper:
     """``on_epoch(epoch, model, optimizer)`` callback keeping ``keep`` evenly spaced checkpoints (the last
-    epoch included) in ``<path>.run/``, with their learning rate and Adam state, listed in its checkpoints.json."""
+    epoch included) in ``<path>.run/``, with their learning rate (the optimizer's at that epoch's end, e.g. under a
+    one-cycle schedule) and Adam state, listed in its checkpoints.json."""
 
-    def __init__(self, path: str | Path, arch: Any, keep: int, epochs: int, lr: float):
+    def __init__(self, path: str | Path, arch: Any, keep: int, epochs: int):
         if keep < 0 or keep > epochs:
             from gradindex.errors import ConfigError
 
             raise ConfigError(f"keep_checkpoints: expected 0..{epochs}, got {keep}")
         self.run_dir = Path(path).with_name(Path(path).name + ".run")
-        self.arch, self.lr = arch, float(lr)
+        self.arch = arch
         self.epochs = {round(epochs * (i + 1) / keep) for i in range(keep)} if keep else set()
         self.entries: list[dict[str, Any]] = []
 

@@ -68,7 +68,7 @@ def build_model(arch: str) -> nn.Module:
     raise ConfigError(f"digits task: arch must be one of {', '.join(ARCHS)}, got {arch!r}")
 
 
-EPOCHS, LR = 40, 3e-3  # train_model's defaults
+EPOCHS = 40  # train_model's default
 
 
 def train_model(arch: str, x: np.ndarray, y: np.ndarray, seed: int = 0, epochs: int = 40,
@@ -129,7 +129,7 @@ class DigitsTask(Task):
         ``<path>.run/`` with their learning rates (``featurize --checkpoints-from``)."""
         rows = np.arange(len(self.split["x_train"])) if indices is None else np.asarray(indices)
         path = Path(path or self.default_checkpoint())
-        keeper = CheckpointKeeper(path, self.arch, keep_checkpoints, EPOCHS, LR)
+        keeper = CheckpointKeeper(path, self.arch, keep_checkpoints, EPOCHS)
         model = train_model(self.arch, self.split["x_train"][rows], self.split["y_train"][rows],
                             seed=self.seed if seed is None else seed, on_epoch=keeper if keep_checkpoints else None)
         return save_checkpoint(model, self.arch, path, extra={"optimizer": model.optimizer_state})

@@ -55,7 +55,9 @@ from gradindex.config import require_positive
 from gradindex.errors import ConfigError
 from gradindex.inputs import read_npz
 from gradindex.task import Task
-from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, save_checkpoint
+from gradindex.tasks.checkpoints import (
+    CheckpointKeeper, adam_state, gradindex_home, load_checkpoint, save_checkpoint,
+)
 from gradindex.tasks.classification import check_labels, margin, sampled_cross_entropy
 
 logger = logging.getLogger(__name__)
@@ -211,22 +213,27 @@ class TabularTask(Task):
         return gradindex_home() / "checkpoints" / f"tabular-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
     def train(self, path: str | Path | None = None, indices: Sequence[int] | None = None,
-              seed: int | None = None) -> Path:
-        """Train on the training rows at ``indices`` (default: all) and save a checkpoint at ``path``."""
+              seed: int | None = None, keep_checkpoints: int = 0) -> Path:
+        """Train on the training rows at ``indices`` (default: all) and save a checkpoint at ``path`` (with the
+        Adam state); ``keep_checkpoints=K`` keeps K evenly spaced ones in ``<path>.run/`` with their learning
+        rates (``featurize --checkpoints-from``)."""
         x, y = self._train.tensors
         rows = np.arange(len(y)) if indices is None else np.asarray(indices, dtype=np.int64)
         if rows.ndim != 1 or not len(rows) or rows.min() < 0 or rows.max() >= len(y):
             raise ConfigError(f"tabular train: indices must be positions in 0..{len(y) - 1}")
+        path = Path(path or self.default_checkpoint())
+        keeper = CheckpointKeeper(path, self.arch(), keep_checkpoints, self.train_config.epochs) \
+            if keep_checkpoints else None
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             model = self._fit(x[torch.from_numpy(rows)], y[torch.from_numpy(rows)],
-                              self.seed if seed is None else int(seed))
+                              self.seed if seed is None else int(seed), keeper)
         finally:
             torch.set_num_threads(threads)
-        return save_checkpoint(model, self.arch(), path or self.default_checkpoint())
+        return save_checkpoint(model, self.arch(), path, extra={"optimizer": model.optimizer_state})
 
-    def _fit(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> nn.Module:
+    def _fit(self, x: torch.Tensor, y: torch.Tensor, seed: int, on_epoch=None) -> nn.Module:
         config = self.train_config
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -234,13 +241,16 @@ class TabularTask(Task):
         generator = torch.Generator().manual_seed(seed)
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         model.train()
-        for _ in range(config.epochs):
+        for epoch in range(config.epochs):
             order = torch.randperm(len(x), generator=generator)
             for start in range(0, len(x), config.batch_size):
                 rows = order[start : start + config.batch_size]
                 optimizer.zero_grad(set_to_none=True)
                 self._losses(model(x[rows]), y[rows]).mean().backward()
                 optimizer.step()
+            if on_epoch is not None:
+                on_epoch(epoch + 1, model, optimizer)
+        model.optimizer_state = adam_state(optimizer, model)
         return model.eval()
 
     def load_model(self, checkpoint: str | Path | None) -> nn.Module:
