@@ -89,7 +89,10 @@ def main() -> None:
     task = load_task(args.task)
     checkpoint = args.out / "model.pt"
     if not checkpoint.exists():
-        task.train(checkpoint, keep_checkpoints=args.checkpoints)
+        try:
+            task.train(checkpoint, keep_checkpoints=args.checkpoints)
+        except TypeError:  # a task without keep_checkpoints: no TracIn rows
+            task.train(checkpoint)
     queries = task_queries(task, "eval")
     retrained = retrain(task, args.out / "lds", LDSConfig(num_models=args.models), workers=2, show_progress=False,
                         queries=task_queries(task, "all")).queries(np.asarray(queries.indices))
