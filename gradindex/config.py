@@ -51,6 +51,8 @@ class Preconditioner(enum.Enum):
 
     IDENTITY = "identity"  # gradient dot product (TracIn at one checkpoint)
     GRAM = "gram"  # TRAK-style (ΦᵀΦ/N + λI)⁻¹ per group
+    KFAC = "kfac"  # K-FAC per module, applied to the full query gradient before projection
+    EKFAC = "ekfac"  # EK-FAC: K-FAC's eigenbases with corrected eigenvalues
 
 
 class DampingCriterion(enum.Enum):
@@ -60,6 +62,13 @@ class DampingCriterion(enum.Enum):
     CV_SHARED = "cv-shared"  # the same, one relative damping for all groups (summed likelihoods)
     LEDOIT_WOLF = "ledoit-wolf"  # Ledoit–Wolf shrinkage ρ as ρ / (1 − ρ)
     OAS = "oas"  # oracle-approximating shrinkage ρ as ρ / (1 − ρ)
+
+
+class Normalize(enum.Enum):
+    """What is done to each per-example gradient before it is projected (both sides)."""
+
+    NONE = "none"
+    ADAM = "adam"  # g ⊘ (√v̂ + ε) with the checkpoint's Adam second moment (LESS, TrackStar)
 
 
 class StorageDtype(enum.Enum):
@@ -344,8 +353,10 @@ class FeaturizeConfig(_Config):
     batch_size: int = 64
     shard_size: int = 100_000
     gram_max_dim: int = 8192
+    normalize: Normalize = Normalize.NONE
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "normalize", parse_enum(Normalize, self.normalize, "FeaturizeConfig.normalize"))
         if isinstance(self.projection, dict):
             object.__setattr__(self, "projection", ProjectionConfig.from_dict(self.projection))
         object.__setattr__(self, "dtype", parse_enum(StorageDtype, self.dtype, "FeaturizeConfig.dtype"))
@@ -358,6 +369,8 @@ class FeaturizeConfig(_Config):
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         out["group_rules"] = [rule.to_dict() for rule in self.group_rules]
+        if self.normalize is Normalize.NONE:  # stores (and run keys) without normalisation stay as they were
+            del out["normalize"]
         return out
 
 

@@ -81,6 +81,12 @@ class Task:
         """Per-query measurement ``[B]``, higher = produced more. Default: ``−loss``."""
         return -self.compute_train_loss(batch, model)
 
+    def compute_sampled_loss(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        """Per-example losses ``[B]`` with the targets drawn from the model's own predictive distribution
+        (``torch`` global RNG; the caller seeds it): the true Fisher of K-FAC / EK-FAC. Default: not
+        defined (the factors then use the empirical Fisher, the training labels)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no compute_sampled_loss(batch, model)")
+
     def concept_measurement(self, batch: Any, model: nn.Module, concept: str) -> torch.Tensor:
         """Measurement ``[B]`` that isolates ``concept`` (DESIGN §1.4)."""
         raise NotImplementedError(

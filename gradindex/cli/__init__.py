@@ -13,7 +13,7 @@
 
 from gradindex.cli.app import main
 from gradindex.cli import (  # noqa: F401  (each module registers its commands)
-    eval_cmd, featurize_cmd, index_cmd, info_cmd, query_cmd, report_cmd, tune_cmd, weights_cmd,
+    eval_cmd, factors_cmd, featurize_cmd, index_cmd, info_cmd, query_cmd, report_cmd, tune_cmd, weights_cmd,
 )
 
 __all__ = ["main"]

@@ -54,12 +54,14 @@ def eval_group() -> None:
 @concept_option
 @click.option("--damping", type=DAMPING, default=DEFAULT_DAMPING, show_default=True,
               help="Gram damping of the uniform and single-group rows (a number or 'auto').")
+@click.option("--preconditioner", "factor_settings", type=click.Choice(["kfac", "ekfac"]), multiple=True,
+              help="Also the rows of K-FAC / EK-FAC at --damping (repeatable; factors fitted on first use).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @device_option
 @apply_options(trust_options)
 @click.pass_context
-def eval_lds(ctx, store_path, cache, num_models, runs, replicates, fraction, seed, training_seed, workers, inputs, split, concept,
-             damping, as_json, device, trust_task, task_spec) -> None:
+def eval_lds(ctx, store_path, cache, num_models, runs, replicates, fraction, seed, training_seed, workers, inputs, split,
+             concept, damping, factor_settings, as_json, device, trust_task, task_spec) -> None:
     """LDS of STORE's attributions (uniform, each group alone, learned) against retrained models."""
     from gradindex.config import MAX_WORKERS, parse_damping, require_positive
     from gradindex.devices import resolve_device
@@ -83,7 +85,7 @@ def eval_lds(ctx, store_path, cache, num_models, runs, replicates, fraction, see
     if positions is not None:  # the cache measures every default query; keep the split's
         retrained = retrained.queries(positions)
     rows = lds_report(store, retrained, queries, concept=concept, damping=damping, device=device,
-                      replicates=replicates)
+                      replicates=replicates, factor_settings=factor_settings)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

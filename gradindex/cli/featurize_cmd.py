@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -71,7 +72,17 @@ def groups(task_spec, task_options, checkpoint, group_rules, proj_dim, group_dim
 @click.option("--out", required=True, type=StoreLocation(file_okay=False, path_type=Path),
               help="Store directory (or s3://BUCKET/PREFIX) to write.")
 @task_option
-@checkpoint_option
+@click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Model checkpoint (default: the task's own). Repeat it for TracIn over checkpoints: one "
+                   "block per checkpoint, weighted on the query side (docs/estimators.md).")
+@click.option("--checkpoint-weights", "checkpoint_weights", multiple=True, type=float,
+              help="Query-side weight of each --checkpoint (their learning rates; default 1 each). Repeat it.")
+@click.option("--checkpoints-from", "run_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="RUN_DIR whose checkpoints.json lists checkpoints and learning rates (train(..., "
+                   "keep_checkpoints=K) of the built-in tasks writes it).")
+@click.option("--normalize", type=click.Choice(["none", "adam"]), default="none", show_default=True,
+              help="adam: divide each gradient coordinate by √v̂ + ε of the checkpoint's Adam state before "
+                   "projecting (LESS / TrackStar), on the stored and the query side.")
 @group_rule_option
 @apply_options(proj_options)
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
@@ -94,7 +105,7 @@ def groups(task_spec, task_options, checkpoint, group_rules, proj_dim, group_dim
 @click.option("--max-retries", type=click.IntRange(min=0), default=2, show_default=True,
               help="With --ray: times a shard is redone on a fresh worker after its worker died.")
 @click.pass_context
-def featurize(ctx, task_spec, out, task_options, checkpoint, group_rules, proj_dim, group_dims, proj_kind, seed,
+def featurize(ctx, task_spec, out, task_options, checkpoints, checkpoint_weights, run_dir, normalize, group_rules, proj_dim, group_dims, proj_kind, seed,
               factor_dim, dtype, batch_size, shard_size, device, limit, overwrite, resume, append, ray_address,
               ray_timeout, workers, cpus_per_worker, max_retries) -> None:
     """Compute per-example projected gradients of TASK's training set into a store.
@@ -102,14 +113,16 @@ def featurize(ctx, task_spec, out, task_options, checkpoint, group_rules, proj_d
     With --ray the shards are computed by Ray workers (--device auto: one per GPU when
     the cluster has GPUs) and the store is identical to a single-process run's.
     """
-    from gradindex.task import load_task
+    from gradindex.features.checkpoints import featurize_target
 
+    task, checkpoint = featurize_target(task_spec, parse_task_options(task_options), checkpoints, checkpoint_weights,
+                                        run_dir)
     if append:
         from gradindex.features.append import featurize_append
 
         if overwrite or resume or ray_address is not None:
             raise ConfigError("--append excludes --overwrite, --resume and --ray")
-        store, added = featurize_append(load_task(task_spec, parse_task_options(task_options)), out, checkpoint=checkpoint,
+        store, added = featurize_append(task, out, checkpoint=checkpoint,
                                         device=device, limit=limit, show_progress=progress_enabled(ctx))
         click.echo(f"{store.path}: appended {added} examples, now {store.num_samples} in "
                    f"{len(store.manifest['shards'])} shard(s)")
@@ -117,17 +130,16 @@ def featurize(ctx, task_spec, out, task_options, checkpoint, group_rules, proj_d
 
     config = featurize_config(proj_dim, group_dims, proj_kind, seed, factor_dim, group_rules, dtype=dtype,
                                batch_size=batch_size, shard_size=shard_size)
+    config = dataclasses.replace(config, normalize=normalize)
     if ray_address is None:
         from gradindex.features.run import featurize as run_featurize
 
-        task = load_task(task_spec, parse_task_options(task_options))
         store = run_featurize(task, out, config, checkpoint=checkpoint, device=device, overwrite=overwrite,
                               resume=resume, limit=limit, show_progress=progress_enabled(ctx))
     else:
         from gradindex.features.distributed import featurize_ray
 
         connect_ray(ray_address, ray_timeout)
-        task = load_task(task_spec, parse_task_options(task_options))
         store = featurize_ray(task, out, config, checkpoint=checkpoint, device=device, overwrite=overwrite,
                               resume=resume, limit=limit, address=ray_address, workers=workers,
                               cpus_per_worker=cpus_per_worker, max_retries=max_retries,

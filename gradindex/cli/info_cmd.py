@@ -88,6 +88,15 @@ def info(store_path, as_json) -> None:
             row[f"damping[{concept}]"] = damping
         rows.append(row)
     echo_table(rows)
+    options = store.manifest["task"].get("options", {})
+    if store.manifest["task"]["task"].endswith(":CheckpointEnsemble"):
+        click.echo(f"checkpoints: {len(options['checkpoints'])} of {options['task']}, query-side weights "
+                   f"{options['weights']} (TracIn over checkpoints; docs/estimators.md)")
+    factors = store.manifest.get("factors")
+    if factors:
+        click.echo(f"factors:     K-FAC/EK-FAC, {factors['fisher']} Fisher, {factors['count']} examples; Kronecker "
+                   f"blocks {len(factors.get('kronecker_blocks', []))}, diagonal E[g²] for "
+                   f"{', '.join(factors.get('diagonal_blocks', [])) or 'none'} ({factors['file']})")
     for concept, settings in summary["learned_weights"].items():
         for key, learned in settings.items():
             objective = learned.get("objective")

@@ -121,8 +121,10 @@ DAMPING_HELP = ("Gram damping, relative to each group's mean eigenvalue (0: pseu
                  "0; 'schedule': 1/sum of the task's learning rates (Task.learning_rates).")
 
 preconditioner_options = [
-    click.option("--preconditioner", type=click.Choice(["gram", "identity"]), default="gram", show_default=True,
-                 help="Query-side preconditioner: per-group Gram inverse (TRAK-style) or none (grad-dot)."),
+    click.option("--preconditioner", type=click.Choice(["gram", "identity", "kfac", "ekfac"]), default="gram",
+                 show_default=True,
+                 help="Query-side preconditioner: per-group Gram inverse (TRAK-style), none (grad-dot), or K-FAC / "
+                      "EK-FAC on the full query gradient (factors fitted on first use; see fit-factors)."),
     click.option("--damping", type=DAMPING, default=DEFAULT_DAMPING, show_default=True, help=DAMPING_HELP),
 ]
 def tuned_default(ctx: click.Context, manifest: dict[str, Any], concept: str, preconditioner: str,
@@ -245,6 +247,8 @@ def search_config(nprobe, ef_search, rerank, no_prune, max_probe=0, no_adaptive=
 
 def setting_text(config: dict[str, Any]) -> str:
     """``gram (damping 0.1)`` or ``identity``: the damping only where it applies."""
+    if config.get("preconditioner") in ("kfac", "ekfac"):
+        return f"{config['preconditioner']} (damping {damping_text(config.get('damping'))})"
     if config.get("preconditioner") == "gram":
         requested = config.get("damping_requested")
         auto = requested == "auto" or isinstance(config.get("damping"), dict)

@@ -58,10 +58,12 @@ from gradindex.config import (
     Preconditioner,
     parse_damping,
     require_positive,
+    setting_key,
 )
 from gradindex.weights.damping import resolve_damping
 from gradindex.errors import ConfigError, GradIndexError, StoreMismatchError, TaskError
 from gradindex.features.projection import derive_seed
+from gradindex.features.kfac import is_factor_preconditioner
 from gradindex.features.query import QueryFeaturizer, measurement_function, precondition_features
 from gradindex.store.feature_store import FeatureStore, atomic_write_json, temporary_path, write_arrays
 from gradindex.task import (
@@ -158,7 +160,7 @@ def weighted_predictions(predictions: Mapping[str, np.ndarray], weights: Mapping
 
 def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Sequence, concept: str = "all",
                damping: float = DEFAULT_DAMPING, device: str = "cpu", show_progress: bool = False,
-               replicates: int = REPLICATES) -> list[dict[str, Any]]:
+               replicates: int = REPLICATES, factor_settings: Sequence[Preconditioner] = ()) -> list[dict[str, Any]]:
     """LDS of the standard attributions of ``store`` for ``queries`` (the ones ``retrained`` measured).
 
     Rows: uniform weights, each single group alone (the per-group diagnostic) and
@@ -171,7 +173,8 @@ def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Seque
     and ``ceiling`` (what the run-averaged ground truth allows; ``None`` with one run per subset). The learned
     row also has ``minus_uniform`` ± ``minus_uniform_se`` (paired, against uniform weights of its setting)
     and ``fit_overlap``: how many of ``queries`` the weights were fitted on (logged as a warning when not 0:
-    that row is then optimistic).
+    that row is then optimistic). ``factor_settings`` (``kfac``, ``ekfac``) add their rows at ``damping``
+    (factors fitted on first use).
     """
     damping = parse_damping(damping, "damping")
     featurizer = QueryFeaturizer.open(store, concept, Preconditioner.IDENTITY, device=device)
@@ -182,17 +185,32 @@ def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Seque
     sums = subset_sums(store, retrained.masks, retrained.sample_ids)
     groups = store.groups
     learned_by_setting = learned_weights(store.manifest, concept, groups)
-    settings = [(Preconditioner.IDENTITY, 0.0), (Preconditioner.GRAM, resolve_damping(store, damping))]
+    settings = [(Preconditioner.IDENTITY, 0.0), (Preconditioner.GRAM, resolve_damping(store, damping)),
+                *((Preconditioner(p), damping) for p in factor_settings)]
     rows, predictions_of, baselines = [], [], {}  # baselines: {learned row: uniform predictions of its setting}
+    factor_features: dict[str, dict[str, np.ndarray]] = {}
+
+    def features(preconditioner: Preconditioner, setting_damping) -> dict[str, np.ndarray]:
+        """``−ψ_g(q)`` of one setting: from ``raw`` (identity, Gram) or a factor featurizer (K-FAC, EK-FAC)."""
+        if not is_factor_preconditioner(preconditioner):
+            return precondition_features(store, raw, preconditioner, setting_damping)
+        key = setting_key(preconditioner, setting_damping)
+        if key not in factor_features:
+            factor = QueryFeaturizer.open(store, concept, preconditioner, setting_damping, device=device)
+            try:
+                factor_features[key] = factor.group_features(queries, show_progress=show_progress)
+            finally:
+                factor.close()
+        return factor_features[key]
 
     def add(name: str, predictions: np.ndarray, preconditioner: Preconditioner, setting_damping) -> None:
         label = AUTO_DAMPING if isinstance(setting_damping, Mapping) else setting_damping
         rows.append({"attribution": name, "preconditioner": preconditioner.value,
-                     "damping": label if preconditioner is Preconditioner.GRAM else None})
+                     "damping": label if preconditioner is not Preconditioner.IDENTITY else None})
         predictions_of.append(predictions)
 
     for preconditioner, setting_damping in settings:
-        predictions = group_predictions(precondition_features(store, raw, preconditioner, setting_damping), sums)
+        predictions = group_predictions(features(preconditioner, setting_damping), sums)
         add("uniform", weighted_predictions(predictions, {g: 1.0 for g in groups}), preconditioner, setting_damping)
         for g in groups:
             add(f"group {g}", predictions[g], preconditioner, setting_damping)
@@ -203,7 +221,7 @@ def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Seque
         learned_damping = resolve_damping(store, learned_setting.get("damping", damping), preconditioner)
         if not isinstance(learned_damping, Mapping):
             learned_damping = float(learned_damping)
-        predictions = group_predictions(precondition_features(store, raw, preconditioner, learned_damping), sums)
+        predictions = group_predictions(features(preconditioner, learned_damping), sums)
         add("learned (tuned)" if learned.info.get("tuned") else "learned",
             weighted_predictions(predictions, learned.weights), preconditioner, learned_damping)
         baselines[len(rows) - 1] = weighted_predictions(predictions, {g: 1.0 for g in groups})

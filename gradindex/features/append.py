@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from gradindex.config import FeaturizeConfig
 from gradindex.devices import resolve_device
-from gradindex.errors import StoreMismatchError, TaskError
+from gradindex.errors import ConfigError, StoreMismatchError, TaskError
 from gradindex.features.run import (
     _run_key, check_sidecars, featurize_rows, planned_group_entries, prepare_run, storage_dtype,
 )
@@ -82,6 +82,8 @@ def _append(task: Task, store: FeatureStore, checkpoint: str | Path | None, devi
     run_key = _run_key(run.fingerprint, config, groups, ids[new_rows], task)
     started = time.perf_counter()
     shards = list(manifest["shards"])
+    if config.normalize.value != "none":  # Adam normalisation runs in-process only (featurize)
+        raise ConfigError("--normalize adam: not supported with --append or --ray yet; featurize without them")
     with GradientProjector(model, groups, config.projection, torch_device) as projector:
         gram = GramAccumulator(projector.group_dims(), config.gram_max_dim)
         gram.add({group: grams[group] * count if group in grams else 0.0 for group in gram.sums}, count)

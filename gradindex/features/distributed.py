@@ -261,6 +261,8 @@ def _featurize_ray_into(path: Storage, task: Task, run: Any, config: FeaturizeCo
                         fail_shards: Collection[int]) -> FeatureStore:
     cpu = torch.device("cpu")
     started = time.perf_counter()
+    if config.normalize.value != "none":  # Adam normalisation runs in-process only (featurize)
+        raise ConfigError("--normalize adam: not supported with --append or --ray yet; featurize without them")
     with GradientProjector(run.model, run.groups, config.projection, cpu) as projector:
         group_dims = projector.group_dims()
         check_index_dim(sum(group_dims.values()), "featurize")

@@ -23,11 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from gradindex import faults
-from gradindex.config import DEFAULT_DAMPING, UNIFORM_CONCEPT, FeaturizeConfig, Preconditioner
+from gradindex.config import DEFAULT_DAMPING, UNIFORM_CONCEPT, FeaturizeConfig, Normalize, Preconditioner
 from gradindex.devices import resolve_device
 from gradindex.errors import ConfigError, StoreMismatchError, TaskConsentError
 from gradindex.features.run import featurize_rows, planned_group_entries, resolve_groups
-from gradindex.features.gradients import GradientProjector
+from gradindex.features.checkpoints import ensemble_spec_code
+from gradindex.features.factor_fit import ensure_factors
+from gradindex.features.normalize import make_projector
+from gradindex.features.kfac import FactorInverse, factor_query_projector, is_factor_preconditioner
 from gradindex.features.precondition import Damping, QueryPreconditioner
 from gradindex.features.projection import check_projection_format
 from gradindex.store.feature_store import FeatureStore, open_store
@@ -50,11 +53,12 @@ def load_store_task(store: FeatureStore, trust_task: bool = False, task: str | N
     """
     spec = store.manifest["task"]
     name = spec["task"]
+    code = ensemble_spec_code(spec)  # a multi-checkpoint store runs its base task's code
     given = task if task is not None else store.task
-    if given is not None and resolve_spec(given) != resolve_spec(name):
+    if given is not None and resolve_spec(given) not in (resolve_spec(name), resolve_spec(code)):
         raise TaskConsentError(f"{store.path}: the store's task is {name!r}, not {given!r}; pass the store's own "
                                "spec with --task, or --trust-task to run the store's task")
-    if given is None and not (trust_task or store.trust_task or is_builtin_spec(name)):
+    if given is None and not (trust_task or store.trust_task or is_builtin_spec(code)):
         own, why = own_store_verdict(store.path, store.manifest)
         if not own:
             raise TaskConsentError(
@@ -126,7 +130,16 @@ class QueryFeaturizer:
                 "featurize again"
             )
         self.groups = [g.name for g in groups]
-        self.projector = GradientProjector(model, groups, config.projection, device)
+        if is_factor_preconditioner(preconditioner):  # H⁻¹ acts on the full gradient, before the projection
+            if config.normalize is not Normalize.NONE:
+                raise ConfigError(f"{store.path}: preconditioner {preconditioner.value} on Adam-normalised features "
+                                  "is not supported (the factors describe raw gradients); use identity or gram")
+            self.store, factors = ensure_factors(store, task, model)
+            inverse = FactorInverse(factors, groups, preconditioner.value, damping, device)
+            self.projector = factor_query_projector(model, groups, config.projection, inverse, device)
+            self.preconditioner = QueryPreconditioner(Preconditioner.IDENTITY)
+            return
+        self.projector = make_projector(task, model, groups, config, store.manifest.get("checkpoint"), device)
         self.preconditioner = QueryPreconditioner(
             preconditioner, store.read_gram() if preconditioner is Preconditioner.GRAM else None, damping, self.groups
         )
@@ -192,7 +205,11 @@ def query_group_features(store: FeatureStore, dataset: Sequence, concept: str = 
 
 def precondition_features(store: FeatureStore, raw: Mapping[str, np.ndarray], preconditioner: Preconditioner,
                           damping: Damping) -> dict[str, np.ndarray]:
-    """Apply a preconditioner to unpreconditioned query features ``{group: [Q, k_g]}`` (float32 numpy)."""
+    """Apply a preconditioner to unpreconditioned query features ``{group: [Q, k_g]}`` (float32 numpy).
+    K-FAC / EK-FAC act before the projection: their query features come from a :class:`QueryFeaturizer`."""
+    if is_factor_preconditioner(preconditioner):
+        raise ConfigError(f"preconditioner {preconditioner.value} acts on full query gradients, not on projected "
+                          "features: open a QueryFeaturizer with it")
     if preconditioner is Preconditioner.IDENTITY:
         return dict(raw)
     groups = list(raw)

@@ -32,6 +32,7 @@ from gradindex.devices import resolve_device
 from gradindex.errors import ObjectStoreError, StoreMismatchError, TaskError
 from gradindex.features.gradients import GradientProjector
 from gradindex.features.groups import ParameterGroup, parameter_groups, part_owners
+from gradindex.features.normalize import make_projector
 from gradindex.features.precondition import GramAccumulator
 from gradindex.features.projection import block_dims, projection_format
 from gradindex.store.feature_store import (
@@ -262,7 +263,7 @@ def _featurize_into(path: Storage, task: Task, run: FeaturizeRun, config: Featur
                     checkpoint: str | Path | None, torch_device: torch.device, resume: bool,
                     show_progress: bool) -> FeatureStore:
     started = time.perf_counter()
-    with GradientProjector(run.model, run.groups, config.projection, torch_device) as projector:
+    with make_projector(task, run.model, run.groups, config, checkpoint, torch_device) as projector:
         group_dims = projector.group_dims()
         check_index_dim(sum(group_dims.values()), "featurize")
         gram = GramAccumulator(group_dims, config.gram_max_dim)

@@ -10,6 +10,7 @@ Layout of a store directory::
     shards/part-00000.json   the shard's sidecar: rows, sha256, byte size, run key
     gram-<sha>.npz           per-group Gram matrices G_g = ΦᵀΦ/N, key "g<i>" = i-th group (named by its
                              content, so a new one never replaces the one the manifest lists)
+    factors-<sha>.npz        K-FAC / EK-FAC factors (gradindex.features.kfac), listed as manifest "factors"
     indexes/<concept>/       FAISS index builds of a concept (gradindex.index; layout in gradindex.index.shards)
     .manifest.lock           the lock every manifest read-modify-write takes (:func:`modify_manifest`)
     .writer.lock             held by the featurize run writing the store (:func:`writer_lock`)
@@ -172,6 +173,15 @@ def write_gram(path: str | Path | Storage, grams: Mapping[str, np.ndarray]) -> d
     data = npz_bytes(grams)
     digest = hashlib.sha256(data).hexdigest()
     name = f"gram-{digest[:16]}.npz"
+    open_storage(path).write_bytes(name, data)
+    return {"file": name, "sha256": digest}
+
+
+def write_factors(path: str | Path | Storage, arrays: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """Save K-FAC / EK-FAC factor arrays as ``factors-<sha>.npz`` (named by content): ``{"file", "sha256"}``."""
+    data = npz_bytes(arrays)
+    digest = hashlib.sha256(data).hexdigest()
+    name = f"factors-{digest[:16]}.npz"
     open_storage(path).write_bytes(name, data)
     return {"file": name, "sha256": digest}
 
@@ -361,6 +371,23 @@ class FeatureStore:
             for name, values in shard_meta.items():
                 meta.setdefault(name, []).append(values)
         return np.concatenate(ids), {name: np.concatenate(parts) for name, parts in meta.items()}
+
+    def read_factors(self) -> dict[str, np.ndarray] | None:
+        """The factor arrays the manifest lists (checksum verified), or None when it lists none."""
+        info = self.manifest.get("factors")
+        if not info:
+            return None
+        name = info["file"]
+        file = self.storage.fetch(name, info["sha256"], True,
+                                  f"{self.path}: {name} listed in the manifest is missing; run gradindex fit-factors",
+                                  f"{self.path}: checksum mismatch in {name}; run gradindex fit-factors again",
+                                  "manifest field factors.file")
+        try:
+            with np.load(file) as data:
+                return {key: data[key] for key in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise StoreMismatchError(f"{self.path}: {name} is not a readable .npz file ({err}); run gradindex "
+                                     "fit-factors again") from None
 
     def read_gram(self, retry: bool = True) -> dict[str, np.ndarray]:
         """``{group: G_g [k_g, k_g]}`` of the groups that have one (verified against the manifest)."""

@@ -20,7 +20,7 @@ _TEMPORARY = r"\.[^/]+\.tmp-[0-9a-f]+"
 #: every path (relative to the store) a store's writers create; see gradindex.store.feature_store and
 #: gradindex.index.shards for the layout
 OWNED = re.compile(
-    rf"(?:manifest\.json|\.manifest\.lock|\.writer\.lock|gram(?:-[0-9a-f]{{16}})?\.npz|{_TEMPORARY}"
+    rf"(?:manifest\.json|\.manifest\.lock|\.writer\.lock|gram(?:-[0-9a-f]{{16}})?\.npz|factors-[0-9a-f]{{16}}\.npz|{_TEMPORARY}"
     rf"|shards/(?:part-\d+\.(?:parquet|json)|{_TEMPORARY})"
     rf"|indexes/{_NAME}/(?:\.lock|{_TEMPORARY})"
     rf"|indexes/{_NAME}/b-[0-9a-f]+/(?:\.lock|trained\.faiss|transform\.npz|cells\.npz|{_TEMPORARY}"
@@ -30,7 +30,7 @@ OWNED = re.compile(
 STORE_FOLDERS = ("shards", "indexes")
 OWNED_FOLDERS = ("lds",)
 #: what a new featurize run replaces (relative-path prefixes)
-REPLACED = ("shards/", "indexes/", "gram")
+REPLACED = ("shards/", "indexes/", "gram", "factors-")
 
 
 def _walk(storage: Storage, folder: str) -> list[str]:

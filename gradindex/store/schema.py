@@ -64,7 +64,7 @@ _INFO = {  # what readers use of the learning diagnostics; other keys are free
     "type": "object",
     "properties": {
         "method": {"type": "string"},
-        "config": {"type": "object", "properties": {"preconditioner": {"enum": ["gram", "identity"]},
+        "config": {"type": "object", "properties": {"preconditioner": {"enum": ["gram", "identity", "kfac", "ekfac"]},
                                                     "damping": _DAMPING}},
         "num_queries": _COUNT, "reference_size": _COUNT, "shares": _NUMBERS, "uniform_shares": _NUMBERS,
         **{key: {"type": "number"} for key in ("snr_uniform", "snr_learned", "agreement_uniform",
@@ -152,6 +152,9 @@ SCHEMA = {
         "shards": {"type": "array", "items": _SHARD},
         "gram": {"type": "object", "required": ["sha256", "count"],
                  "properties": {"file": _PATH, "sha256": _SHA, "count": _COUNT, "skipped_groups": _STRINGS}},
+        "factors": {"type": "object", "required": ["file", "sha256", "fisher", "count"],
+                    "properties": {"file": _PATH, "sha256": _SHA, "fisher": {"enum": ["true", "empirical"]},
+                                   "count": _COUNT}},
         "run_key": {"type": "string"},
         "projection_format": {"type": "object", "required": ["version", "chunk_bytes"],
                               "properties": {"version": _POSITIVE, "chunk_bytes": _POSITIVE}},
@@ -244,6 +247,8 @@ def manifest_paths(manifest: dict[str, Any]) -> Iterator[tuple[str, str]]:
         yield f"shards.{i}.path", shard["path"]
     if manifest.get("gram"):
         yield "gram.file", manifest["gram"].get("file", "gram.npz")
+    if manifest.get("factors"):
+        yield "factors.file", manifest["factors"]["file"]
     for concept, entry in manifest.get("indexes", {}).items():
         where = f"indexes.{concept}"
         if "folder" in entry:

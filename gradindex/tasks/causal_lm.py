@@ -137,6 +137,14 @@ class CausalLMTask(Task):
         picked, mask = token_log_probs(self.logits(model, batch), batch)
         return -(picked * mask).sum(1) / mask.sum(1).clamp_min(1)
 
+    def compute_sampled_loss(self, batch: dict[str, torch.Tensor], model: nn.Module) -> torch.Tensor:
+        """The training loss with every scored next token drawn from the model's own distribution."""
+        from gradindex.tasks.classification import sampled_cross_entropy
+
+        losses = sampled_cross_entropy(self.logits(model, batch)[:, :-1])
+        mask = batch["targets"][:, 1:].to(losses.dtype)
+        return (losses * mask).sum(1) / mask.sum(1).clamp_min(1)
+
     def compute_measurement(self, batch: dict[str, torch.Tensor], model: nn.Module) -> torch.Tensor:
         picked, mask = token_log_probs(self.logits(model, batch), batch)
         return (picked * mask).sum(1)

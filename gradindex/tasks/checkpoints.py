@@ -22,13 +22,14 @@ from gradindex.errors import ArtifactNotFoundError, StoreMismatchError
 logger = logging.getLogger(__name__)
 
 
-def save_checkpoint(model: nn.Module, arch: Any, path: str | Path) -> Path:
+def save_checkpoint(model: nn.Module, arch: Any, path: str | Path, extra: dict | None = None) -> Path:
+    """``extra``: more entries of the saved dict (``"optimizer"``: :func:`adam_state`)."""
     from gradindex.store.feature_store import temporary_path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
-    torch.save({"arch": arch, "state_dict": model.state_dict()}, tmp)
+    torch.save({"arch": arch, "state_dict": model.state_dict(), **(extra or {})}, tmp)
     os.replace(tmp, path)
     return path
 
@@ -67,3 +68,43 @@ def load_or_train(task: Any, checkpoint: str | Path | None, build: Callable[[], 
             logger.info("training the %s (first use) -> %s", what or f"{name} task's model", checkpoint)
             task.train(checkpoint)
     return load_checkpoint(build(), checkpoint, arch, name, how_to_train)
+
+
+def adam_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
+    """An Adam/AdamW optimizer's second moments keyed by parameter name, with step, betas and eps
+    (the form :mod:`gradindex.features.normalize` reads)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    group = optimizer.param_groups[0]
+    moments, step = {}, 0
+    for p, state in optimizer.state.items():
+        if "exp_avg_sq" in state and id(p) in names:
+            moments[names[id(p)]] = state["exp_avg_sq"].detach().clone()
+            step = int(state["step"])
+    return {"exp_avg_sq": moments, "step": step, "betas": [float(b) for b in group["betas"]],
+            "eps": float(group["eps"])}
+
+
+class CheckpointKeeper:
+    """``on_epoch(epoch, model, optimizer)`` callback keeping ``keep`` evenly spaced checkpoints (the last
+    epoch included) in ``<path>.run/``, with their learning rate (the optimizer's at that epoch's end, e.g. under a
+    one-cycle schedule) and Adam state, listed in its checkpoints.json."""
+
+    def __init__(self, path: str | Path, arch: Any, keep: int, epochs: int):
+        if keep < 0 or keep > epochs:
+            from gradindex.errors import ConfigError
+
+            raise ConfigError(f"keep_checkpoints: expected 0..{epochs}, got {keep}")
+        self.run_dir = Path(path).with_name(Path(path).name + ".run")
+        self.arch = arch
+        self.epochs = {round(epochs * (i + 1) / keep) for i in range(keep)} if keep else set()
+        self.entries: list[dict[str, Any]] = []
+
+    def __call__(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if epoch not in self.epochs:
+            return
+        from gradindex.features.checkpoints import write_run_index
+
+        name = f"epoch-{epoch:04d}.pt"
+        save_checkpoint(model, self.arch, self.run_dir / name, extra={"optimizer": adam_state(optimizer, model)})
+        self.entries.append({"file": name, "lr": optimizer.param_groups[0]["lr"], "step": epoch})
+        write_run_index(self.run_dir, self.entries)

@@ -22,6 +22,15 @@ def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return true - torch.logsumexp(others, dim=1)
 
 
+def sampled_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy ``[...]`` of ``logits [..., C]`` against classes drawn from their own softmax
+    (the true Fisher's pseudo-labels; ``torch`` global RNG)."""
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    with torch.no_grad():
+        drawn = torch.multinomial(torch.softmax(flat, dim=-1), 1)[:, 0]
+    return F.cross_entropy(flat, drawn, reduction="none").reshape(logits.shape[:-1])
+
+
 def check_labels(y: np.ndarray | None, count: int, classes: int, where: str) -> np.ndarray:
     """Labels ``[count]`` int64 in ``-1..classes-1`` (``None``: all ``-1``), or a ConfigError naming ``where``."""
     if y is None:

@@ -29,8 +29,8 @@ from torch import nn
 from gradindex.errors import ConfigError
 from gradindex.inputs import read_npy, read_npz, resample_image
 from gradindex.task import Task, json_array
-from gradindex.tasks.checkpoints import gradindex_home, load_or_train, save_checkpoint
-from gradindex.tasks.classification import margin
+from gradindex.tasks.checkpoints import CheckpointKeeper, adam_state, gradindex_home, load_or_train, save_checkpoint
+from gradindex.tasks.classification import margin, sampled_cross_entropy
 from gradindex.tasks.training import seeded_model, train_epochs
 
 logger = logging.getLogger(__name__)
@@ -69,20 +69,26 @@ def build_model(arch: str) -> nn.Module:
     raise ConfigError(f"digits task: arch must be one of {', '.join(ARCHS)}, got {arch!r}")
 
 
+EPOCHS = 40  # train_model's default
+
+
 def train_model(arch: str, x: np.ndarray, y: np.ndarray, seed: int = 0, epochs: int = 40,
-                batch_size: int = 64, lr: float = 3e-3) -> nn.Module:
+                batch_size: int = 64, lr: float = 3e-3, on_epoch=None) -> nn.Module:
     """Train a fresh model deterministically on ``(x, y)`` (seconds on a CPU)."""
     model = seeded_model(lambda: build_model(arch), seed)
-    return fit(model, x, y, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr)
+    return fit(model, x, y, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, on_epoch=on_epoch)
 
 
 def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, seed: int = 0, epochs: int = 40,
-        batch_size: int = 64, lr: float = 3e-3) -> nn.Module:
-    """Train ``model`` in place with seeded Adam on ``(x, y)``; returns it in eval mode."""
+        batch_size: int = 64, lr: float = 3e-3, on_epoch=None) -> nn.Module:
+    """Train ``model`` in place with seeded Adam on ``(x, y)``; returns it in eval mode, its Adam state on
+    ``model.optimizer_state``. ``on_epoch(epoch, model, optimizer)`` runs after each epoch (1-based)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
     xs, ys = torch.from_numpy(x), torch.from_numpy(y)
-    return train_epochs(model, lambda rows: F.cross_entropy(model(xs[rows]), ys[rows]), len(xs), epochs,
-                        batch_size, seed, optimizer)
+    model = train_epochs(model, lambda rows: F.cross_entropy(model(xs[rows]), ys[rows]), len(xs), epochs,
+                         batch_size, seed, optimizer, on_epoch=on_epoch)
+    model.optimizer_state = adam_state(optimizer, model)  # saved with the checkpoint (--normalize adam)
+    return model
 
 
 class DigitsTask(Task):
@@ -107,12 +113,16 @@ class DigitsTask(Task):
         return gradindex_home() / "checkpoints" / f"digits-{self.arch}-seed{self.seed}.pt"
 
     def train(self, path: str | Path | None = None, indices: Sequence[int] | None = None,
-              seed: int | None = None) -> Path:
-        """Train on the training examples at ``indices`` (default: all) and save a checkpoint."""
+              seed: int | None = None, keep_checkpoints: int = 0) -> Path:
+        """Train on the training examples at ``indices`` (default: all) and save a checkpoint (with the
+        Adam state). ``keep_checkpoints=K`` also keeps K evenly spaced intermediate ones in
+        ``<path>.run/`` with their learning rates (``featurize --checkpoints-from``)."""
         rows = np.arange(len(self.split["x_train"])) if indices is None else np.asarray(indices)
+        path = Path(path or self.default_checkpoint())
+        keeper = CheckpointKeeper(path, self.arch, keep_checkpoints, EPOCHS)
         model = train_model(self.arch, self.split["x_train"][rows], self.split["y_train"][rows],
-                            seed=self.seed if seed is None else seed)
-        return save_checkpoint(model, self.arch, path or self.default_checkpoint())
+                            seed=self.seed if seed is None else seed, on_epoch=keeper if keep_checkpoints else None)
+        return save_checkpoint(model, self.arch, path, extra={"optimizer": model.optimizer_state})
 
     def load_model(self, checkpoint: str | Path | None) -> nn.Module:
         out = checkpoint if checkpoint is not None else self.default_checkpoint()
@@ -182,6 +192,9 @@ class DigitsTask(Task):
     def compute_train_loss(self, batch, model: nn.Module) -> torch.Tensor:
         x, y = batch
         return F.cross_entropy(model(x), y, reduction="none")
+
+    def compute_sampled_loss(self, batch, model: nn.Module) -> torch.Tensor:
+        return sampled_cross_entropy(model(batch[0]))
 
     def compute_measurement(self, batch, model: nn.Module) -> torch.Tensor:
         x, y = batch

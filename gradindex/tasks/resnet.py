@@ -48,8 +48,10 @@ from gradindex.config import require_positive
 from gradindex.errors import ArtifactNotFoundError, ConfigError
 from gradindex.inputs import read_npz
 from gradindex.task import Task
-from gradindex.tasks.checkpoints import gradindex_home, load_or_train, save_checkpoint
-from gradindex.tasks.classification import check_labels, margin
+from gradindex.tasks.checkpoints import (
+    CheckpointKeeper, adam_state, gradindex_home, load_or_train, save_checkpoint,
+)
+from gradindex.tasks.classification import check_labels, margin, sampled_cross_entropy
 from gradindex.tasks.concepts import FACTORS, ConceptConfig, ConceptImages, generate
 from gradindex.tasks.training import one_thread, seeded_model, train_epochs
 
@@ -124,8 +126,9 @@ class ResNet(nn.Module):
 
 
 def train_resnet(config: ModelConfig, images: torch.Tensor, labels: torch.Tensor, seed: int,
-                 train: TrainConfig = TrainConfig()) -> nn.Module:
-    """A fresh :class:`ResNet` trained on ``images [n, 3, H, W]``, ``labels [n]`` (seeded, one thread)."""
+                 train: TrainConfig = TrainConfig(), on_epoch=None) -> nn.Module:
+    """A fresh :class:`ResNet` trained on ``images [n, 3, H, W]``, ``labels [n]`` (seeded, one thread);
+    ``on_epoch(epoch, model, optimizer)`` after each epoch; the Adam state rides on ``model.optimizer_state``."""
     if len(images) == 0:
         raise ConfigError("resnet training: no training examples selected")
     images = images.contiguous()  # channels-last strides crash oneDNN's conv backward on AVX2-only CPUs
@@ -134,8 +137,10 @@ def train_resnet(config: ModelConfig, images: torch.Tensor, labels: torch.Tensor
         optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
         steps = train.epochs * -(-len(images) // train.batch_size)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, train.lr, total_steps=steps)
-        return train_epochs(model, lambda rows: F.cross_entropy(model(images[rows]), labels[rows]), len(images),
-                            train.epochs, train.batch_size, seed, optimizer, schedule)
+        model = train_epochs(model, lambda rows: F.cross_entropy(model(images[rows]), labels[rows]), len(images),
+                             train.epochs, train.batch_size, seed, optimizer, schedule, on_epoch=on_epoch)
+        model.optimizer_state = adam_state(optimizer, model)
+        return model
 
 
 class ConceptImageDataset(torch.utils.data.TensorDataset):
@@ -230,16 +235,21 @@ class ResNetTask(Task):
         return gradindex_home() / "checkpoints" / f"resnet-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
     def train(self, path: str | Path | None = None, indices: Sequence[int] | None = None,
-              seed: int | None = None) -> Path:
-        """Train on the training images at ``indices`` (default: all) and save a checkpoint at ``path``."""
+              seed: int | None = None, keep_checkpoints: int = 0) -> Path:
+        """Train on the training images at ``indices`` (default: all) and save a checkpoint at ``path`` (with
+        the AdamW state); ``keep_checkpoints=K`` keeps K evenly spaced ones in ``<path>.run/`` with their
+        learning rates (``featurize --checkpoints-from``)."""
         images, labels = self.train_dataset().tensors
         rows = np.arange(len(labels)) if indices is None else np.asarray(indices, dtype=np.int64)
         if rows.ndim != 1 or not len(rows) or rows.min() < 0 or rows.max() >= len(labels):
             raise ConfigError(f"resnet train: indices must be positions in 0..{len(labels) - 1}")
         index = torch.from_numpy(rows)
+        path = Path(path or self.default_checkpoint())
+        keeper = CheckpointKeeper(path, self.arch(), keep_checkpoints, self.train_config.epochs) \
+            if keep_checkpoints else None
         model = train_resnet(self.model_config, images[index], labels[index],
-                             self.seed if seed is None else int(seed), self.train_config)
-        return save_checkpoint(model, self.arch(), path or self.default_checkpoint())
+                             self.seed if seed is None else int(seed), self.train_config, on_epoch=keeper)
+        return save_checkpoint(model, self.arch(), path, extra={"optimizer": model.optimizer_state})
 
     def load_model(self, checkpoint: str | Path | None) -> nn.Module:
         return load_or_train(self, checkpoint, lambda: ResNet(self.model_config), self.arch(), "resnet",
@@ -249,6 +259,9 @@ class ResNetTask(Task):
     def compute_train_loss(self, batch: Any, model: nn.Module) -> torch.Tensor:
         images, labels = batch
         return F.cross_entropy(model(images), labels, reduction="none")
+
+    def compute_sampled_loss(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        return sampled_cross_entropy(model(batch[0]))
 
     def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
         images, labels = batch

@@ -55,8 +55,10 @@ from gradindex.config import require_positive
 from gradindex.errors import ConfigError
 from gradindex.inputs import read_npz
 from gradindex.task import Task
-from gradindex.tasks.checkpoints import gradindex_home, load_or_train, save_checkpoint
-from gradindex.tasks.classification import check_labels, margin
+from gradindex.tasks.checkpoints import (
+    CheckpointKeeper, adam_state, gradindex_home, load_or_train, save_checkpoint,
+)
+from gradindex.tasks.classification import check_labels, margin, sampled_cross_entropy
 from gradindex.tasks.training import one_thread, seeded_model, train_epochs
 
 logger = logging.getLogger(__name__)
@@ -218,23 +220,30 @@ class TabularTask(Task):
         return [config.lr] * steps
 
     def train(self, path: str | Path | None = None, indices: Sequence[int] | None = None,
-              seed: int | None = None) -> Path:
-        """Train on the training rows at ``indices`` (default: all) and save a checkpoint at ``path``."""
+              seed: int | None = None, keep_checkpoints: int = 0) -> Path:
+        """Train on the training rows at ``indices`` (default: all) and save a checkpoint at ``path`` (with the
+        Adam state); ``keep_checkpoints=K`` keeps K evenly spaced ones in ``<path>.run/`` with their learning
+        rates (``featurize --checkpoints-from``)."""
         x, y = self._train.tensors
         rows = np.arange(len(y)) if indices is None else np.asarray(indices, dtype=np.int64)
         if rows.ndim != 1 or not len(rows) or rows.min() < 0 or rows.max() >= len(y):
             raise ConfigError(f"tabular train: indices must be positions in 0..{len(y) - 1}")
+        path = Path(path or self.default_checkpoint())
+        keeper = CheckpointKeeper(path, self.arch(), keep_checkpoints, self.train_config.epochs) \
+            if keep_checkpoints else None
         with one_thread():
             model = self._fit(x[torch.from_numpy(rows)], y[torch.from_numpy(rows)],
-                              self.seed if seed is None else int(seed))
-        return save_checkpoint(model, self.arch(), path or self.default_checkpoint())
+                              self.seed if seed is None else int(seed), keeper)
+        return save_checkpoint(model, self.arch(), path, extra={"optimizer": model.optimizer_state})
 
-    def _fit(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> nn.Module:
+    def _fit(self, x: torch.Tensor, y: torch.Tensor, seed: int, on_epoch=None) -> nn.Module:
         config = self.train_config
         model = seeded_model(self.build_model, seed)
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        return train_epochs(model, lambda rows: self._losses(model(x[rows]), y[rows]).mean(), len(x), config.epochs,
-                            config.batch_size, seed, optimizer)
+        model = train_epochs(model, lambda rows: self._losses(model(x[rows]), y[rows]).mean(), len(x),
+                             config.epochs, config.batch_size, seed, optimizer, on_epoch=on_epoch)
+        model.optimizer_state = adam_state(optimizer, model)
+        return model
 
     def load_model(self, checkpoint: str | Path | None) -> nn.Module:
         return load_or_train(self, checkpoint, self.build_model, self.arch(), f"tabular-{self.dataset}",
@@ -249,6 +258,16 @@ class TabularTask(Task):
     def compute_train_loss(self, batch: Any, model: nn.Module) -> torch.Tensor:
         x, y = batch
         return self._losses(model(x), y)
+
+    def compute_sampled_loss(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        """Classification: classes drawn from the softmax; regression: ``y ~ N(output, 1/2)``, whose
+        squared-error loss is the Gaussian negative log-likelihood up to a constant."""
+        outputs = model(batch[0])
+        if not self.regression:
+            return sampled_cross_entropy(outputs)
+        with torch.no_grad():
+            drawn = outputs[:, 0] + torch.randn_like(outputs[:, 0]) * 0.5 ** 0.5
+        return (outputs[:, 0] - drawn) ** 2
 
     def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
         x, y = batch

@@ -38,16 +38,18 @@ def seeded_model(build: Callable[[], M], seed: int) -> M:
 
 def train_epochs(model: M, batch_loss: Callable[[torch.Tensor], torch.Tensor], count: int, epochs: int,
                  batch_size: int, seed: int, optimizer: torch.optim.Optimizer,
-                 schedule: torch.optim.lr_scheduler.LRScheduler | None = None) -> M:
+                 schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
+                 on_epoch: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None) -> M:
     """Train ``model`` in place for ``epochs`` passes over ``count`` examples; returns it in eval mode.
 
     Each epoch draws a permutation of ``0..count-1`` from a generator seeded by ``seed`` and cuts it
     into mini-batches of ``batch_size`` positions ``rows [B]`` (int64); ``batch_loss(rows)`` is the
-    scalar loss of those examples. ``optimizer`` (and ``schedule``, if any) step once per batch.
+    scalar loss of those examples. ``optimizer`` (and ``schedule``, if any) step once per batch;
+    ``on_epoch(epoch, model, optimizer)`` runs after each epoch (1-based; e.g. keeping checkpoints).
     """
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = torch.randperm(count, generator=generator)
         for start in range(0, count, batch_size):
             rows = order[start : start + batch_size]
@@ -56,4 +58,6 @@ def train_epochs(model: M, batch_loss: Callable[[torch.Tensor], torch.Tensor], c
             optimizer.step()
             if schedule is not None:
                 schedule.step()
+        if on_epoch is not None:
+            on_epoch(epoch + 1, model, optimizer)
     return model.eval()

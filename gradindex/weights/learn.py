@@ -93,6 +93,7 @@ from gradindex.config import (
 from gradindex.weights.damping import resolve_damping
 from gradindex.errors import ConfigError, StoreMismatchError
 from gradindex.features.projection import derive_seed
+from gradindex.features.kfac import is_factor_preconditioner
 from gradindex.features.query import QueryFeaturizer, precondition_features
 from gradindex.store.feature_store import FeatureStore
 from gradindex.task import dataset_metadata, has_concept_queries, query_digests, task_queries
@@ -336,7 +337,10 @@ def learn_weights(
     if config.top_k >= reference_size:
         raise ConfigError(f"top_k {config.top_k}: expected fewer than the {reference_size} training examples of the "
                           "reference sample (the top-k would be all of them, an SNR of 0); lower --top-k")
-    featurizer = QueryFeaturizer.open(store, concept, Preconditioner.IDENTITY, device=device)
+    # K-FAC / EK-FAC precondition the full query gradient: their query features come preconditioned
+    factor = is_factor_preconditioner(config.preconditioner)
+    featurizer = QueryFeaturizer.open(store, concept, config.preconditioner if factor else Preconditioner.IDENTITY,
+                                      config.damping, device=device)
     try:
         source = ((query_source or "given") if queries is not None
                   else f"concept queries of {concept}" if has_concept_queries(featurizer.task, concept)
@@ -348,7 +352,7 @@ def learn_weights(
         raw = featurizer.group_features(chosen, show_progress=show_progress)
     finally:
         featurizer.close()
-    result = learn_from_features(store, raw, config, concept, method, values)
+    result = learn_from_features(featurizer.store, raw, config, concept, method, values, preconditioned=factor)
     result.info["queries"] = {"source": source, "count": len(chosen), "digests": query_digests(chosen)}
     result.info["seconds"] = round(time.perf_counter() - started, 3)
     if save:
@@ -358,18 +362,21 @@ def learn_weights(
 
 def learn_from_features(store: FeatureStore, raw_query_features: Mapping[str, np.ndarray],
                         config: LearnConfig = LearnConfig(), concept: str = "all",
-                        method: LearnMethod | None = None, values: np.ndarray | None = None) -> GroupWeights:
+                        method: LearnMethod | None = None, values: np.ndarray | None = None,
+                        preconditioned: bool = False) -> GroupWeights:
     """Weights from unpreconditioned query features ``{group: −φ_g(q) [Q, k_g]}`` (the identity
     setting of :class:`~gradindex.features.query.QueryFeaturizer`) and a seeded reference sample of
     the store; ``config.damping`` ``"auto"`` is resolved here (:mod:`gradindex.weights.damping`).
 
     ``method`` ``None`` means ``config.method`` with ``AUTO`` read as agreement when ``values [Q]``
-    (each query's concept value) are given and SNR otherwise. Nothing is saved.
+    (each query's concept value) are given and SNR otherwise. ``preconditioned``: the features are
+    already ``−ψ_g(q)`` of ``config``'s setting (K-FAC / EK-FAC). Nothing is saved.
     """
     if method is not None:
         config = dataclasses.replace(config, method=method) if method is not config.method else config
     damping = resolve_damping(store, config.damping, config.preconditioner)
-    query_features = precondition_features(store, raw_query_features, config.preconditioner, damping)
+    query_features = (dict(raw_query_features) if preconditioned
+                      else precondition_features(store, raw_query_features, config.preconditioner, damping))
     _, reference = reference_sample(store, config.reference_size, config.seed)
     groups = store.groups
     scores = score_matrices(query_features, reference, groups)
