@@ -25,7 +25,7 @@ Inverse (:class:`FactorInverse`), per block, damping ``λ = ρ · mean(eigenvalu
     H⁻¹G = Q_S [(Q_Sᵀ G Q_A) ⊘ (Λ + λ)] Q_Aᵀ     (K-FAC: Λ = e_S e_Aᵀ)
     H⁻¹g = g ⊘ (D + λ)                          (diagonal blocks)
 
-:func:`factor_query_projector` computes a query's full per-block gradient, applies
+:func:`~gradindex.features.transformed.factor_query_projector` computes a query's full per-block gradient, applies
 ``H⁻¹`` and then the *same* seeded projection as the stored rows: ``{group: [B, k_g]}``.
 """
 
@@ -341,12 +341,3 @@ class FactorInverse:
 def _floor(lam: float) -> float:
     """Zero damping on a singular factor would divide by zero: keep a tiny positive floor."""
     return max(lam, 1e-30)
-
-
-def factor_query_projector(model: nn.Module, groups: Sequence[ParameterGroup], projection: ProjectionConfig,
-                         inverse: FactorInverse, device: torch.device):
-    """Callable like :class:`GradientProjector`: ``compute -> {group: [B, k_g]}`` with
-    ``φ_g = P_g H⁻¹ ∇f`` (full gradient, factor inverse, then the store's seeded projection)."""
-    from gradindex.features.transformed import TransformedProjector
-
-    return TransformedProjector(model, groups, projection, [inverse], device)

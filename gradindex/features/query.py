@@ -30,7 +30,8 @@ from gradindex.features.run import featurize_rows, planned_group_entries, resolv
 from gradindex.features.checkpoints import ensemble_spec_code
 from gradindex.features.factor_fit import ensure_factors
 from gradindex.features.normalize import make_projector
-from gradindex.features.kfac import FactorInverse, factor_query_projector, is_factor_preconditioner
+from gradindex.features.kfac import FactorInverse, is_factor_preconditioner
+from gradindex.features.transformed import factor_query_projector
 from gradindex.features.precondition import Damping, QueryPreconditioner
 from gradindex.features.projection import check_projection_format
 from gradindex.store.feature_store import FeatureStore, open_store

@@ -19,7 +19,7 @@ from torch import nn
 from gradindex.config import ProjectionConfig
 from gradindex.features.gradients import GradientProjector
 from gradindex.features.groups import ParameterGroup
-from gradindex.features.kfac import full_gradient_projector, group_parts, split_parts
+from gradindex.features.kfac import FactorInverse, full_gradient_projector, group_parts, split_parts
 
 Transform = Callable[[str, Any, torch.Tensor], torch.Tensor]
 
@@ -66,3 +66,10 @@ class TransformedProjector:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def factor_query_projector(model: nn.Module, groups: Sequence[ParameterGroup], projection: ProjectionConfig,
+                         inverse: FactorInverse, device: torch.device):
+    """Callable like :class:`GradientProjector`: ``compute -> {group: [B, k_g]}`` with
+    ``φ_g = P_g H⁻¹ ∇f`` (full gradient, factor inverse, then the store's seeded projection)."""
+    return TransformedProjector(model, groups, projection, [inverse], device)
