@@ -13,11 +13,14 @@ import enum
 import math
 import numbers
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gradindex.checks import (  # noqa: F401  (re-exported: the checks every config uses)
+    DEVICE_TYPES, MAX_INDEX_DIM, NAME_PATTERN, check_index_dim, check_name, parse_device, parse_enum, require_at_most,
+    require_number, require_positive,
+)
 from gradindex.errors import ConfigError
 
 
@@ -96,7 +99,6 @@ AUTO_FLAT_LIMIT = 100_000_000  # N·D up to which `auto` builds an exact flat in
 #: task's measurement ('all') with uniform weights beside the learned 'all' partition
 UNIFORM_CONCEPT = "uniform"
 #: what a concept (an index partition's folder name under STORE/indexes/) may look like
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+@-]{0,99}")
 
 
 def setting_key(preconditioner: Any, damping: Any) -> str:
@@ -112,43 +114,6 @@ def setting_key(preconditioner: Any, damping: Any) -> str:
     return f"{kind.value}@{text}"
 
 
-def check_name(value: Any, field_name: str) -> str:
-    """``value`` if it is a safe name (a letter or digit, then letters, digits, ``_ . + @ -``; at most
-    100 characters), else a one-line ``ConfigError``: such a name never leaves its parent folder."""
-    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
-        raise ConfigError(
-            f"{field_name}: expected a name of letters, digits and _ . + @ - starting with a letter or digit "
-            f"(at most 100 characters), got {value!r}"
-        )
-    return value
-
-
-#: Widest vector FAISS reads back: ``read_index`` refuses d > 2^20 (faiss/impl/index_read.cpp; checked
-#: with faiss 1.15: d = 2^20 reads back, 2^20 + 1 does not), so a wider store could be built but never queried.
-MAX_INDEX_DIM = 1 << 20
-
-
-def check_index_dim(dim: int, where: str) -> None:
-    """A one-line error when a store of dimension ``dim`` could not be indexed (see :data:`MAX_INDEX_DIM`)."""
-    if dim > MAX_INDEX_DIM:
-        raise ConfigError(
-            f"{where}: the features would have {dim:,} dimensions, more than the {MAX_INDEX_DIM:,} (2^20) a FAISS "
-            "index can hold and read back; project them (--proj-kind gaussian --proj-dim 256, or --group-dim "
-            "for the widest groups) instead of --proj-kind identity"
-        )
-
-
-def parse_enum(enum_type: type[enum.Enum], value: Any, field_name: str) -> enum.Enum:
-    """Turn a string (or an Enum member) into ``enum_type``, naming ``field_name`` on error."""
-    if isinstance(value, enum_type):
-        return value
-    try:
-        return enum_type(value)
-    except ValueError:
-        choices = ", ".join(member.value for member in enum_type)
-        raise ConfigError(f"{field_name}: expected one of {choices}, got {value!r}") from None
-
-
 def parse_damping(value: Any, field_name: str) -> float | str | dict[str, float]:
     """A relative Gram damping: a number :func:`check_damping` accepts, one of :data:`NAMED_DAMPINGS`
     (chosen without labels, :mod:`gradindex.weights.damping`) or a resolved ``{group: number}`` mapping."""
@@ -157,21 +122,6 @@ def parse_damping(value: Any, field_name: str) -> float | str | dict[str, float]
     if isinstance(value, dict):
         return {str(g): check_damping(v, f"{field_name}[{g!r}]") for g, v in value.items()}
     return check_damping(value, field_name)
-
-
-def require_positive(value: Any, field_name: str, numpy_ok: bool = False, maximum: int | None = None) -> None:
-    """One-line ``ConfigError`` unless ``value`` is a positive ``int`` (never a bool; with
-    ``numpy_ok`` numpy integers pass too, e.g. a ``k`` computed from array shapes), at most ``maximum``."""
-    kind = numbers.Integral if numpy_ok else int
-    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-        raise ConfigError(f"{field_name}: expected a positive integer, got {value!r}")
-    require_at_most(value, maximum, field_name)
-
-
-def require_at_most(value: Any, maximum: int | None, field_name: str) -> None:
-    """One-line ``ConfigError`` when an integer knob exceeds what the stage can honour (memory, FAISS's C ints)."""
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{field_name}: expected at most {maximum:,}, got {value!r}")
 
 
 #: Upper bounds of integer knobs: beyond them a value only exhausts memory or time (or overflows FAISS's
@@ -190,24 +140,6 @@ MIN_MODELS = 3
 MAX_WORKERS = 1024  # local training processes
 
 
-def require_number(value: Any, field_name: str, minimum: float | None = None, maximum: float | None = None,
-                   above: float | None = None, below: float | None = None) -> float:
-    """``value`` as a finite ``float``, or a one-line ``ConfigError`` naming ``field_name``.
-
-    ``minimum``/``maximum`` are inclusive bounds, ``above``/``below`` exclusive ones. Bools,
-    strings, NaN and ±inf are refused everywhere.
-    """
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
-    ok = ok and (above is None or value > above) and (below is None or value < below)
-    if not ok:
-        bounds = [f">= {minimum:g}" if minimum is not None else "", f"> {above:g}" if above is not None else "",
-                  f"<= {maximum:g}" if maximum is not None else "", f"< {below:g}" if below is not None else ""]
-        wanted = " and ".join(b for b in bounds if b)
-        raise ConfigError(f"{field_name}: expected a finite number{' ' + wanted if wanted else ''}, got {value!r}")
-    return float(value)
-
-
 #: Largest relative Gram damping accepted: far beyond it (G + λI)⁻¹ is λ⁻¹·I to float precision, and
 #: λ = damping · trace(G)/k would overflow float64 for huge values.
 MAX_DAMPING = 1e6
@@ -219,21 +151,6 @@ def check_damping(value: Any, field_name: str = "damping") -> float:
     The one place every stage (IndexConfig, LearnConfig, LDS rows, the CLI) validates it.
     """
     return require_number(value, field_name, minimum=0, maximum=MAX_DAMPING)
-
-
-#: Torch device types a ``--device`` may name (``TYPE`` or ``TYPE:INDEX``).
-DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
-
-
-def parse_device(value: Any, field_name: str = "device", allow_auto: bool = False) -> str:
-    """A torch device string (``cpu``, ``cuda``, ``cuda:1``, ``mps``; ``auto`` where allowed),
-    checked for its syntax only; :func:`gradindex.devices.resolve_device` checks that it exists."""
-    kinds = "|".join(DEVICE_TYPES)
-    if isinstance(value, str) and (re.fullmatch(rf"(?:{kinds})(?::\d{{1,4}})?", value)
-                                   or (allow_auto and value == "auto")):
-        return value
-    choices = ", ".join([*DEVICE_TYPES, "cuda:N", *(["auto"] if allow_auto else [])])
-    raise ConfigError(f"{field_name}: expected a torch device ({choices}), got {value!r}")
 
 
 class _Config:

@@ -13,7 +13,7 @@ import math
 import zipfile
 import zlib
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -109,3 +109,14 @@ def resample_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
     rows, cols = blocks(image.shape[0], height), blocks(image.shape[1], width)
     return np.array([[image[np.ix_(r, c)].mean(axis=(0, 1)) for c in cols] for r in rows])
+
+
+def json_array(value: Any, where: str) -> np.ndarray:
+    """A JSON value (nested lists of numbers, or of strings) as a numpy array; ragged or mixed → ConfigError."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{where}: not a rectangular array ({err})") from None
+    if array.dtype == object or array.dtype.kind not in "biufU":
+        raise ConfigError(f"{where}: expected a rectangular array of numbers or strings")
+    return array

@@ -48,8 +48,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradindex.checks import short_repr
 from gradindex.config import GroupRule, QuerySplit, parse_enum
-from gradindex.errors import ArtifactNotFoundError, ConfigError, TaskConsentError, TaskError
+from gradindex.errors import (
+    ArtifactNotFoundError,
+    ConfigError,
+    TaskConsentError,
+    TaskError,
+)
+from gradindex.inputs import json_array
 
 
 class Task:
@@ -291,17 +298,6 @@ def hash_into(digest: Any, value: Any) -> None:
         digest.update(repr(value).encode())
 
 
-def json_array(value: Any, where: str) -> np.ndarray:
-    """A JSON value (nested lists of numbers, or of strings) as a numpy array; ragged or mixed → ConfigError."""
-    try:
-        array = np.asarray(value)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"{where}: not a rectangular array ({err})") from None
-    if array.dtype == object or array.dtype.kind not in "biufU":
-        raise ConfigError(f"{where}: expected a rectangular array of numbers or strings")
-    return array
-
-
 def _move(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
@@ -443,12 +439,6 @@ def training_refused(task: Task, why: str | None) -> Iterator[None]:
         yield
     finally:
         del task.train
-
-
-def short_repr(value: Any, limit: int = 120) -> str:
-    """``repr(value)`` cut to ``limit`` characters (a one-line error never echoes a megabyte)."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def check_option_types(spec: str, cls: type, options: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gradindex"
 ORDER = ["base", "store", "features", "weights", "index", "query", "eval", "serve", "tasks", "integrations", "cli"]
-BASE = {"config", "errors", "devices", "faults", "inputs", "task"}
+BASE = {"checks", "config", "errors", "devices", "faults", "inputs", "task"}
 ALLOWED_UPWARD = {("gradindex.task", "gradindex.tasks")}
 
 

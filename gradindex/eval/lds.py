@@ -231,15 +231,20 @@ def lds_report(store: FeatureStore, retrained: "RetrainedModels", queries: Seque
             logger.warning("warning: %d of the %d evaluation queries were used to fit the learned weights of concept "
                            "%r; their LDS is optimistic (evaluate on other queries, e.g. the task's eval split)",
                            overlap, len(queries), concept)
-    tuned = store.manifest.get("tuned")
-    if concept == "all" and isinstance(tuned, Mapping) and tuned.get("method") == "uniform" \
-            and tuned.get("preconditioner") in (Preconditioner.IDENTITY.value, Preconditioner.GRAM.value):
-        preconditioner = Preconditioner(tuned["preconditioner"])  # the setting `gradindex tune` chose
-        tuned_damping = 0.0 if tuned.get("damping") is None else float(tuned["damping"])
-        predictions = group_predictions(precondition_features(store, raw, preconditioner, tuned_damping), sums)
-        add("uniform (tuned)", weighted_predictions(predictions, {g: 1.0 for g in groups}), preconditioner,
-            tuned_damping)
+    tuned = _tuned_uniform(store.manifest, concept)
+    if tuned is not None:
+        add("uniform (tuned)", weighted_predictions(group_predictions(features(*tuned), sums), {g: 1.0 for g in groups}),
+            *tuned)
     return _with_errors(rows, predictions_of, retrained, concept, baselines, replicates)
+
+
+def _tuned_uniform(manifest: Mapping[str, Any], concept: str) -> tuple[Preconditioner, float] | None:
+    """The setting ``gradindex tune`` chose when it chose uniform weights (concept ``all``), else None."""
+    tuned = manifest.get("tuned")
+    if concept != "all" or not isinstance(tuned, Mapping) or tuned.get("method") != "uniform" \
+            or tuned.get("preconditioner") not in (Preconditioner.IDENTITY.value, Preconditioner.GRAM.value):
+        return None
+    return Preconditioner(tuned["preconditioner"]), 0.0 if tuned.get("damping") is None else float(tuned["damping"])
 
 
 def _with_errors(rows: list[dict[str, Any]], predictions: list[np.ndarray], retrained: "RetrainedModels",

@@ -36,9 +36,8 @@ from gradindex.features.precondition import Damping, QueryPreconditioner
 from gradindex.features.projection import check_projection_format
 from gradindex.store.feature_store import FeatureStore, open_store
 from gradindex.store.trust import own_store_verdict
-from gradindex.task import (
-    Task, is_builtin_spec, load_task, model_fingerprint, resolve_spec, short_repr, training_refused,
-)
+from gradindex.task import Task, is_builtin_spec, load_task, model_fingerprint, resolve_spec, training_refused
+from gradindex.checks import short_repr
 
 
 def load_store_task(store: FeatureStore, trust_task: bool = False, task: str | None = None) -> Task:

@@ -31,7 +31,7 @@ from gradindex.errors import ConfigError, GradIndexError
 from gradindex.query.attributor import Attributor, MetadataTable, result_records
 from gradindex.query.opponents import search_opponents
 from gradindex.store.feature_store import FeatureStore, open_store, read_manifest
-from gradindex.task import short_repr
+from gradindex.checks import short_repr
 from gradindex.eval.summary import store_summary
 from gradindex.index.topk import TopK
 

@@ -43,7 +43,8 @@ from torch import nn
 from gradindex.config import require_positive
 from gradindex.errors import ArtifactNotFoundError, ConfigError
 from gradindex.inputs import read_npz, resample_image
-from gradindex.task import Task, json_array
+from gradindex.task import Task
+from gradindex.inputs import json_array
 from gradindex.tasks.checkpoints import gradindex_home, load_or_train, save_checkpoint
 from gradindex.tasks.concepts import FACTORS, ConceptConfig, ConceptImages, generate
 from gradindex.tasks.diffusion_model import (

@@ -28,7 +28,8 @@ from torch import nn
 
 from gradindex.errors import ConfigError
 from gradindex.inputs import read_npy, read_npz, resample_image
-from gradindex.task import Task, json_array
+from gradindex.task import Task
+from gradindex.inputs import json_array
 from gradindex.tasks.checkpoints import CheckpointKeeper, adam_state, gradindex_home, load_or_train, save_checkpoint
 from gradindex.tasks.classification import margin, sampled_cross_entropy
 from gradindex.tasks.training import seeded_model, train_epochs
