@@ -76,3 +76,38 @@ def test_bad_input_is_one_config_error():
         ranking_metrics(np.full((1, 2), np.nan), np.ones((1, 2), bool))
     with pytest.raises(ConfigError, match="positive"):
         ranking_metrics(np.zeros((1, 2)), np.ones((1, 2), bool), ks=(0,))
+
+
+def test_caption_scores_rank_named_matches_first_in_a_seeded_random_order():
+    from gradindex.eval.baselines import caption_scores
+
+    values = np.array(["a", "b", "a", "a", "b", "a"])
+    named = np.array([True, True, False, True, True, True])
+    scores = caption_scores(values, named, np.array(["a", ""]), seed=1)
+    top = np.argsort(-scores[0])[:3]
+    assert set(top) == {0, 3, 5}  # the captions naming "a"; index 2 is an "a" its caption does not name
+    assert scores[1].max() < 0.5  # a query naming nothing: noise alone
+    np.testing.assert_array_equal(scores, caption_scores(values, named, np.array(["a", ""]), seed=1))
+    assert not np.array_equal(scores, caption_scores(values, named, np.array(["a", ""]), seed=2))
+    with pytest.raises(ConfigError, match="caption scores"):
+        caption_scores(values, named[:3], np.array(["a"]))
+
+
+def test_image_similarity_scores_against_brute_force():
+    from gradindex.eval.baselines import pixel_scores, random_feature_scores, random_features
+
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, size=(9, 8, 8, 3), dtype=np.uint8)
+    queries = np.concatenate([train[[4]], rng.integers(0, 256, size=(2, 8, 8, 3), dtype=np.uint8)])
+    pixels = pixel_scores(queries, train)
+    for i, q in enumerate(queries.astype(float)):
+        for j, x in enumerate(train.astype(float)):
+            assert pixels[i, j] == pytest.approx(-((q - x) ** 2).sum())
+    assert pixels[0].argmax() == 4
+    features = random_features(train, seed=3)
+    np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1, rtol=1e-5)
+    np.testing.assert_array_equal(features, random_features(train, seed=3))
+    assert not np.allclose(features, random_features(train, seed=4))
+    cosine = random_feature_scores(queries, train, seed=3)
+    np.testing.assert_allclose(cosine, random_features(queries, seed=3) @ features.T, rtol=1e-5)
+    assert cosine[0].argmax() == 4
