@@ -195,7 +195,7 @@ def main() -> None:
 
 
 def ranking_main(args) -> None:
-    from concept_ranking import ranking_tables, run_ranking_seed
+    from concept_ranking import diagnostic_table, ranking_tables, run_ranking_seed
 
     logging.getLogger("gradindex.query.attributor").setLevel(logging.ERROR)
     report, dump = [], {}
@@ -204,9 +204,15 @@ def ranking_main(args) -> None:
         root.mkdir(parents=True, exist_ok=True)
         for task_name in args.tasks:
             per_seed = [run_ranking_seed(task_name, seed, root, args) for seed in args.seeds]
-            dump[task_name] = [{"seed": seed, "results": {"/".join(key): value for key, value in results.items()}}
+            dump[task_name] = [{"seed": seed, "results": {"/".join(key): value for key, value in results.items()
+                                                          if key != "diagnostic"},
+                                "diagnostic": {"/".join(key): value for key, value in results["diagnostic"].items()}}
                                for seed, results in zip(args.seeds, per_seed)]
-            report += ranking_tables(task_name, per_seed, load_task(task_name, args.task_option).concepts, args)
+            concepts = load_task(task_name, args.task_option).concepts
+            report += ranking_tables(task_name, per_seed, concepts, args)
+            if args.diagnostic:
+                report += [f"\n{task_name}: each group alone (uniform partition), mAP over the unnamed training "
+                           "images (subject: all), mean over seeds", *diagnostic_table(per_seed, concepts, args)]
     print("\n".join(report))
     if args.json:
         Path(args.json).write_text(json.dumps(dump, indent=1))

@@ -66,8 +66,9 @@ def run_ranking_seed(task_name: str, seed: int, root: Path, args) -> dict:
                                                                 seed)
             scores[(name, concept, "pixels")] = pixels
             scores[(name, concept, "random-conv")] = features
+    diagnostic = {}
     for measure in args.measures:
-        scores.update(gradient_scores(task_name, seed, measure, root, query_sets, args))
+        scores.update(gradient_scores(task_name, seed, measure, root, query_sets, args, diagnostic))
     results = {}
     for (name, concept, scorer), block in scores.items():
         column = task.concepts.index(concept)
@@ -83,11 +84,15 @@ def run_ranking_seed(task_name: str, seed: int, root: Path, args) -> dict:
         f"{c}/{s} {results[('image-only', c, s, 'unnamed')]['ap']:.2f}" for c in task.concepts[1:]
         for s in ("caption", "pixels", "random-conv", *scorer_names(args)))
         + f" (image-only mAP, unnamed; {time.perf_counter() - started:.0f}s)", flush=True)
+    results["diagnostic"] = diagnostic
     return results
 
 
-def gradient_scores(task_name: str, seed: int, measure: str, root: Path, query_sets: dict, args) -> dict:
-    """Dense gradient scores per (query set, concept, scorer) of one concept measurement's store."""
+def gradient_scores(task_name: str, seed: int, measure: str, root: Path, query_sets: dict, args,
+                    diagnostic: dict) -> dict:
+    """Dense gradient scores per (query set, concept, scorer) of one concept measurement's store;
+    with ``args.diagnostic``, ``diagnostic[(measure, query set, concept, group)]`` = mAP over the unnamed
+    training images (all of them for the subject) of each group's uniform-partition scores alone."""
     task = load_task(task_name, {**args.task_option, "seed": seed, "concept_measure": measure})
     model = task.load_model(None)
     store = featurize(task, root / f"{task_name}-{seed}-{measure}", FeaturizeConfig(projection=ProjectionConfig(
@@ -108,12 +113,48 @@ def gradient_scores(task_name: str, seed: int, measure: str, root: Path, query_s
                                         queries=learn_queries, concept=concept, save=False, show_progress=False)
             build_index(store, IndexConfig(concept=concept), weights=weights, show_progress=False)
             attributor = Attributor.open(store, concept=concept)
+            if variant == "uniform" and args.diagnostic:
+                diagnostic.update(group_ranking(store, attributor, query_sets, task, concept, measure))
             for name, queries in query_sets.items():
                 top = attributor.attribute(queries, k=store.num_samples)
                 block = dense_scores(top, train_ids)[:, order]
                 out[(name, concept, scorer_name(variant, measure))] = np.nan_to_num(block, neginf=-1e30)
             attributor.close()
     return out
+
+
+def group_ranking(store, attributor: Attributor, query_sets: dict, task, concept: str, measure: str) -> dict:
+    """``{(measure, query set, concept, group): mAP}`` of each group's scores alone (uniform partition),
+    over the training images whose caption does not name the concept (all of them where every caption does)."""
+    ids, features = store.read()
+    column = task.concepts.index(concept)
+    dataset = task.train_dataset()
+    train_values = task.metadata(dataset)[concept][np.asarray(ids)]
+    unnamed = ~dataset.named[np.asarray(ids), column]
+    candidates = unnamed if unnamed.any() else None
+    out = {}
+    for name, queries in query_sets.items():
+        relevant = concept_relevance(train_values, task.metadata(queries)[concept])
+        vectors = attributor.query_vectors(queries)
+        start = 0
+        for group in store.groups:
+            stop = start + store.group_dims[group]
+            block = vectors[:, start:stop] @ np.asarray(features[group], dtype=np.float32).T
+            out[(measure, name, concept, group)] = mean_metrics(ranking_metrics(block, relevant, candidates, KS))["ap"]
+            start = stop
+    return out
+
+
+def diagnostic_table(per_seed: list[dict], concepts, args) -> list[str]:
+    """Per group: mAP of its scores alone (unnamed training images), mean over seeds, per measure and query set."""
+    keys = [key for key in per_seed[0]["diagnostic"]]
+    groups = list(dict.fromkeys(key[3] for key in keys))
+    columns = [(m, q, c) for m in args.measures for q in ("prompted", "image-only") for c in concepts]
+    lines = ["| group | " + " | ".join(f"{c} {q} {m}" for m, q, c in columns) + " |", "|---|" + "---|" * len(columns)]
+    for group in groups:
+        lines.append(f"| {group} | " + " | ".join(
+            f"{np.mean([r['diagnostic'][(m, q, c, group)] for r in per_seed]):.2f}" for m, q, c in columns) + " |")
+    return lines
 
 
 def scorer_name(variant: str, measure: str) -> str:
