@@ -131,6 +131,9 @@ def main() -> None:
     parser.add_argument("--measures", nargs="+", default=["contrast", "denoise"], choices=("contrast", "denoise"),
                         help="--ranking: the concept measurements to featurize the queries with")
     parser.add_argument("--image-queries", type=int, default=40, help="--ranking: held-out image-only queries")
+    parser.add_argument("--learn-captions", choices=("named", "none"), default="named",
+                        help="--ranking: learn from the generations with their prompts (default) or captions naming "
+                             "nothing")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=[m for m in ("snr", "ssl", "agreement") if m in METHODS],
                         choices=METHODS)

@@ -13,7 +13,8 @@ training captions name the style in 30 % and the background in 20 % of the image
    match (the training captions naming the query prompt's value first, ties at random, seed s),
    pixel-space and random-conv-feature nearest neighbours, and per measurement the gradient
    partition with uniform weights and with weights learned by each of --methods (from
-   --learn-queries generations of prompts naming only the concept, seed 1000 + s, unlabeled);
+   --learn-queries generations of prompts naming only the concept, seed 1000 + s, unlabeled;
+   --learn-captions none: the same generations with a caption that names nothing);
 4. per query and concept: average precision, precision@10, recall@10 / 100 / |G| of the
    training images sharing the query's value (:mod:`gradindex.eval.ranking`), over all training
    images and over those whose caption does not name the value (``unnamed``: what caption search
@@ -109,6 +110,10 @@ def gradient_scores(task_name: str, seed: int, measure: str, root: Path, query_s
                 if learn_queries is None:
                     prompts = task.concept_prompts(concept, args.learn_queries, seed=1000 + seed)
                     learn_queries = task.generate(model, prompts, seed=1000 + seed)
+                    if args.learn_captions == "none":  # the same generations, their captions naming nothing
+                        learn_queries = type(learn_queries)(
+                            learn_queries.images, learn_queries.labels, learn_queries.templates, learn_queries.keys,
+                            task.prompter, np.zeros(learn_queries.labels.shape, dtype=bool))
                 weights = learn_weights(store, LearnConfig(method=LearnMethod(variant), seed=seed),
                                         queries=learn_queries, concept=concept, save=False, show_progress=False)
             build_index(store, IndexConfig(concept=concept), weights=weights, show_progress=False)
