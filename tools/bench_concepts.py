@@ -131,6 +131,8 @@ def main() -> None:
     parser.add_argument("--measures", nargs="+", default=["contrast", "denoise"], choices=("contrast", "denoise"),
                         help="--ranking: the concept measurements to featurize the queries with")
     parser.add_argument("--image-queries", type=int, default=40, help="--ranking: held-out image-only queries")
+    parser.add_argument("--tables", nargs="+", default=None, metavar="JSON",
+                        help="--ranking: print the tables of earlier runs' --json files (their seeds pooled) and exit")
     parser.add_argument("--learn-captions", choices=("named", "none"), default="named",
                         help="--ranking: learn from the generations with their prompts (default) or captions naming "
                              "nothing")
@@ -198,7 +200,15 @@ def main() -> None:
 
 
 def ranking_main(args) -> None:
-    from concept_ranking import diagnostic_table, ranking_tables, run_ranking_seed
+    from concept_ranking import diagnostic_table, load_results, ranking_tables, run_ranking_seed
+
+    if args.tables:
+        for task_name, per_seed in load_results(args.tables).items():
+            concepts = load_task(task_name, args.task_option).concepts
+            args.seeds = list(range(len(per_seed)))
+            print("\n".join([f"{task_name}: {len(per_seed)} seeds from {' '.join(args.tables)}",
+                             *ranking_tables(task_name, per_seed, concepts, args)]))
+        return
 
     logging.getLogger("gradindex.query.attributor").setLevel(logging.ERROR)
     report, dump = [], {}

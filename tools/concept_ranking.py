@@ -25,6 +25,7 @@ Tables: mean ± std over seeds of the per-seed means.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -160,6 +161,21 @@ def diagnostic_table(per_seed: list[dict], concepts, args) -> list[str]:
         lines.append(f"| {group} | " + " | ".join(
             f"{np.mean([r['diagnostic'][(m, q, c, group)] for r in per_seed]):.2f}" for m, q, c in columns) + " |")
     return lines
+
+
+def load_results(paths: list[str]) -> dict[str, list[dict]]:
+    """``{task: [per-seed results]}`` from ``--json`` files of earlier ``--ranking`` runs (seeds concatenated)."""
+    out: dict[str, list[dict]] = {}
+    for path in paths:
+        for task_name, seeds in json.loads(Path(path).read_text()).items():
+            for entry in seeds:
+                results = {}
+                for key, value in entry["results"].items():
+                    parts = key.split("/")  # query set / concept / scorer (may hold "/") / subset
+                    results[(parts[0], parts[1], "/".join(parts[2:-1]), parts[-1])] = value
+                results["diagnostic"] = {tuple(key.split("/")): value for key, value in entry["diagnostic"].items()}
+                out.setdefault(task_name, []).append(results)
+    return out
 
 
 def scorer_name(variant: str, measure: str) -> str:
