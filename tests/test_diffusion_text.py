@@ -261,3 +261,17 @@ def test_denoise_measure_is_the_mean_loss_under_both_prompts(tiny):
         batch = make_batch(task, queries, range(4))
         assert torch.all(task.concept_measurement(batch, model, "style") == 0)
         assert torch.all(denoise.concept_measurement(batch, model, "style") < 0)
+
+
+def test_denoise_measure_gradients_equal_per_example_autograd_on_sparse_captions(tiny):
+    """``denoise`` on training images whose captions name only some concepts: exact per-example gradients,
+    and the key/value gradients of an unnamed caption still reach c's neutral word (non-zero)."""
+    _, model = tiny
+    task = load_task("diffusion-text", {**TINY, "concept_measure": "denoise", "caption_style": 0.3})
+    rows = [int(i) for i in np.flatnonzero(~task.named[:, 1])[:3]]
+    groups, features, expected = engine_and_autograd(task, model, "style", rows=rows)
+    for group in groups:
+        torch.testing.assert_close(features[group.name], expected[group.name], rtol=1e-4, atol=1e-6,
+                                   msg=group.name)
+        if ".cross.key." in group.name or ".cross.value." in group.name:
+            assert expected[group.name].abs().sum() > 0, group.name
