@@ -194,3 +194,81 @@ def test_isolated_words_change_only_the_key_and_value_gradients(tiny):
             assert not torch.allclose(isolated[group.name], full[group.name]), group.name
         else:
             torch.testing.assert_close(isolated[group.name], full[group.name], msg=group.name)
+
+
+def test_sparse_captions_name_the_subject_always_and_the_rest_at_their_rates():
+    task = load_task("diffusion-text-sparse", {"num_train": 2000})
+    assert task.options["caption_style"] == 0.3 and task.options["caption_background"] == 0.2
+    named = task.named
+    assert named[:, 0].all()
+    assert abs(named[:, 1].mean() - 0.3) < 0.04 and abs(named[:, 2].mean() - 0.2) < 0.04
+    assert abs((named[:, 1] & named[:, 2]).mean() - 0.06) < 0.02  # drawn independently
+    dataset = task.train_dataset()
+    meta = task.metadata(dataset)
+    np.testing.assert_array_equal(meta["style_named"], named[:, 1])
+    values = task.concept_config.values("style")
+    np.testing.assert_array_equal(meta["style"], np.array(values)[task.data.labels[:, 1]])  # the true values
+    prompter = task.prompter
+    for i in np.flatnonzero(~named[:, 1])[:20]:
+        assert NEUTRAL_WORDS["style"] in meta["prompt"][i].split()
+        assert not set(" ".join(prompter.words["style"][task.data.labels[i, 1]]).split()) & set(meta["prompt"][i].split())
+        # the full prompt and the style-neutral one are the same ids
+        np.testing.assert_array_equal(dataset.prompts[i, 0], dataset.prompts[i, 2])
+    for i in np.flatnonzero(named[:, 1])[:20]:
+        assert " ".join(prompter.words["style"][task.data.labels[i, 1]]) in meta["prompt"][i]
+    # the default task: every caption names every factor, no new columns or options, same checkpoint name
+    plain = load_task("diffusion-text", {"num_train": 2000})
+    assert plain.named.all() and "style_named" not in plain.metadata(plain.train_dataset())
+    assert "caption_style" not in plain.options and plain.default_checkpoint() != task.default_checkpoint()
+    sparse_lora = load_task("diffusion-text-sparse-lora", {"num_train": 2000})
+    assert sparse_lora.lora_rank == 4 and sparse_lora.base_checkpoint() != load_task(
+        "diffusion-text-lora", {"num_train": 2000}).base_checkpoint()
+    for bad in (1.5, -0.1, True, "half"):
+        with pytest.raises(ConfigError, match="caption_style"):
+            load_task("diffusion-text", {"caption_style": bad})
+    with pytest.raises(ConfigError, match="concept_measure"):
+        load_task("diffusion-text", {"concept_measure": "other"})
+
+
+def test_image_queries_name_nothing_and_keep_their_true_values():
+    task = load_task("diffusion-text-sparse", {"num_train": 50})
+    queries = task.image_queries(6, seed=3)
+    meta = task.metadata(queries)
+    assert not queries.named.any() and all(v != "" for f in ("subject", "style", "background") for v in meta[f])
+    words = set(NEUTRAL_WORDS.values())
+    assert all(words <= set(p.split()) for p in meta["prompt"])
+    assert not np.array_equal(queries.images, task.data.images[:6])  # not training images
+
+
+def test_denoise_measure_is_the_mean_loss_under_both_prompts(tiny):
+    """``concept_measure=denoise``: m_c = −½(ℓ(full prompt) + ℓ(c neutral)) with the same draws, so it is
+    defined (and non-zero) for a query whose prompt does not name c, where ``contrast`` is 0."""
+    task, model = tiny
+    denoise = load_task("diffusion-text", {**TINY, "concept_measure": "denoise"})
+    queries = task.image_queries(4, seed=0)
+    for dataset in (task.train_dataset(), queries):
+        images, prompts, keys = make_batch(task, dataset, range(4))
+        with torch.no_grad():
+            for column, concept in enumerate(task.concepts):
+                got = denoise.concept_measurement((images, prompts, keys), model, concept)
+                full = task._errors((images, prompts[:, 0], keys), model).mean(1)
+                neutral = task._errors((images, prompts[:, 1 + column], keys), model).mean(1)
+                torch.testing.assert_close(got, -(full + neutral) / 2, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        batch = make_batch(task, queries, range(4))
+        assert torch.all(task.concept_measurement(batch, model, "style") == 0)
+        assert torch.all(denoise.concept_measurement(batch, model, "style") < 0)
+
+
+def test_denoise_measure_gradients_equal_per_example_autograd_on_sparse_captions(tiny):
+    """``denoise`` on training images whose captions name only some concepts: exact per-example gradients,
+    and the key/value gradients of an unnamed caption still reach c's neutral word (non-zero)."""
+    _, model = tiny
+    task = load_task("diffusion-text", {**TINY, "concept_measure": "denoise", "caption_style": 0.3})
+    rows = [int(i) for i in np.flatnonzero(~task.named[:, 1])[:3]]
+    groups, features, expected = engine_and_autograd(task, model, "style", rows=rows)
+    for group in groups:
+        torch.testing.assert_close(features[group.name], expected[group.name], rtol=1e-4, atol=1e-6,
+                                   msg=group.name)
+        if ".cross.key." in group.name or ".cross.value." in group.name:
+            assert expected[group.name].abs().sum() > 0, group.name

@@ -28,6 +28,13 @@ writes every number as JSON (--json) and, with --plot, each task's first-seed ag
 weights; --diagnostic adds each group's own precision@k per concept (labels: a diagnostic).
 
     python tools/bench_concepts.py [--tasks diffusion diffusion-text diffusion-text-lora] [--seeds 0 1 2]
+
+--ranking: the sparse-caption benchmark instead (tools/concept_ranking.py): average precision and
+recall@k over the whole training set, also over the training images whose caption does not name
+the query's value, for caption search, image-similarity baselines and the gradient partitions,
+on prompted and image-only queries:
+
+    python tools/bench_concepts.py --ranking [--tasks diffusion-text-sparse diffusion-text-sparse-lora]
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from gradindex.task import load_task
 from gradindex.weights.group_weights import GroupWeights
 
 TASKS = ("diffusion", "diffusion-text", "diffusion-text-lora")
+RANKING_TASKS = ("diffusion-text-sparse", "diffusion-text-sparse-lora")
 #: the diffusion task's per-factor embedding rows: excluded so that no group belongs to one concept value
 EMBEDDING_RULES = {"diffusion": ("subject.*=-", "style.*=-", "background.*=-")}
 METHODS = tuple(m.value for m in LearnMethod if m is not LearnMethod.AUTO)
@@ -116,7 +124,18 @@ def table(per_seed: list[dict], concepts, variants, k: int, what: str = "") -> l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--tasks", nargs="+", default=None, choices=TASKS + RANKING_TASKS,
+                        help=f"default: {' '.join(TASKS)} (--ranking: {' '.join(RANKING_TASKS)})")
+    parser.add_argument("--ranking", action="store_true",
+                        help="rank the whole training set, with baselines (sparse-caption tasks)")
+    parser.add_argument("--measures", nargs="+", default=["contrast", "denoise"], choices=("contrast", "denoise"),
+                        help="--ranking: the concept measurements to featurize the queries with")
+    parser.add_argument("--image-queries", type=int, default=40, help="--ranking: held-out image-only queries")
+    parser.add_argument("--tables", nargs="+", default=None, metavar="JSON",
+                        help="--ranking: print the tables of earlier runs' --json files (their seeds pooled) and exit")
+    parser.add_argument("--learn-captions", choices=("named", "none"), default="named",
+                        help="--ranking: learn from the generations with their prompts (default) or captions naming "
+                             "nothing")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=[m for m in ("snr", "ssl", "agreement") if m in METHODS],
                         choices=METHODS)
@@ -135,6 +154,10 @@ def main() -> None:
                         help="options for every task (a smoke run: num_train=64 steps=20 width=16 depth=1)")
     args = parser.parse_args()
     args.task_option = {key: json.loads(value) for key, _, value in (o.partition("=") for o in args.task_option)}
+    if args.tasks is None:
+        args.tasks = list(RANKING_TASKS if args.ranking else TASKS)
+    if args.ranking:
+        return ranking_main(args)
     # each partition is built from weights passed in, never saved to the store: not a stale index
     logging.getLogger("gradindex.query.attributor").setLevel(logging.ERROR)
 
@@ -170,6 +193,39 @@ def main() -> None:
                 for group in diagnostics[0][concepts[0]]:
                     report.append(f"| {group} | " + " | ".join(
                         f"{np.mean([d[c][group] for d in diagnostics]):.2f}" for c in concepts) + " |")
+    print("\n".join(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dump, indent=1))
+        print(f"wrote {args.json}")
+
+
+def ranking_main(args) -> None:
+    from concept_ranking import diagnostic_table, load_results, ranking_tables, run_ranking_seed
+
+    if args.tables:
+        for task_name, per_seed in load_results(args.tables).items():
+            concepts = load_task(task_name, args.task_option).concepts
+            args.seeds = list(range(len(per_seed)))
+            print("\n".join([f"{task_name}: {len(per_seed)} seeds from {' '.join(args.tables)}",
+                             *ranking_tables(task_name, per_seed, concepts, args)]))
+        return
+
+    logging.getLogger("gradindex.query.attributor").setLevel(logging.ERROR)
+    report, dump = [], {}
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(args.out) if args.out else Path(scratch)
+        root.mkdir(parents=True, exist_ok=True)
+        for task_name in args.tasks:
+            per_seed = [run_ranking_seed(task_name, seed, root, args) for seed in args.seeds]
+            dump[task_name] = [{"seed": seed, "results": {"/".join(key): value for key, value in results.items()
+                                                          if key != "diagnostic"},
+                                "diagnostic": {"/".join(key): value for key, value in results["diagnostic"].items()}}
+                               for seed, results in zip(args.seeds, per_seed)]
+            concepts = load_task(task_name, args.task_option).concepts
+            report += ranking_tables(task_name, per_seed, concepts, args)
+            if args.diagnostic:
+                report += [f"\n{task_name}: each group alone (uniform partition), mAP over the unnamed training "
+                           "images (subject: all), mean over seeds", *diagnostic_table(per_seed, concepts, args)]
     print("\n".join(report))
     if args.json:
         Path(args.json).write_text(json.dumps(dump, indent=1))

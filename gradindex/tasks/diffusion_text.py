@@ -24,6 +24,23 @@ Losses over ``R = draws`` fixed ``(t, ε)`` draws per item, as in the ``diffusio
   concepts (measured: the subject partition's top-10 shared the query's background at 0.55,
   chance 0.25). Parameters outside the keys and values get the full gradient either way.
 
+* ``concept_measure=denoise``: ``m_c(q) = −mean_r ½(‖ε̂(x_t, t, prompt) − ε‖² + ‖ε̂(x_t, t, prompt with
+  c's words neutral) − ε‖²)``, isolated the same way: the full prompt's side reaches the training
+  captions that name ``c``'s value (as ``contrast`` does), the neutral side's reaches those that
+  write ``c`` with the neutral word — the training images whose caption does not name it. In
+  ``contrast`` that side enters with the opposite sign (a neutral-captioned image like ``q`` makes
+  the neutral prompt denoise ``q`` better, so it *lowers* ``m_c``), and a query whose prompt does
+  not name ``c`` (an image-only query) has ``m_c ≡ 0``; under ``denoise`` it is the image's own
+  denoising loss through ``c``'s neutral word.
+
+**Sparse captions** (options ``caption_style`` and ``caption_background``, built-ins
+``diffusion-text-sparse`` and ``diffusion-text-sparse-lora``: 0.3 and 0.2): each training caption
+names the subject, and the style / background only with that probability (seeded per image,
+:attr:`DiffusionTextTask.named`), writing the neutral word otherwise; the model trains on those
+captions. Metadata keep the images' true values and add ``<factor>_named`` (bool), so
+:mod:`gradindex.eval.ranking` can score the training images a caption search cannot find.
+:meth:`DiffusionTextTask.image_queries` are held-out images whose caption names nothing.
+
 Training: seeded AdamW with classifier-free dropout per factor (its words replaced by the
 neutral word, p = 0.15 each) and of the whole prompt (the empty prompt, p = 0.1).
 
@@ -58,7 +75,7 @@ from torch import nn
 from gradindex.config import require_positive
 from gradindex.errors import ConfigError
 from gradindex.tasks.checkpoints import gradindex_home, load_checkpoint, load_or_train, save_checkpoint
-from gradindex.tasks.concepts import FACTORS
+from gradindex.tasks.concepts import FACTORS, generate
 from gradindex.tasks.diffusion import ConceptDataset, DiffusionTask, sample_pixels
 from gradindex.tasks.diffusion_model import TrainConfig, train_denoiser
 from gradindex.tasks.lora import add_lora
@@ -71,21 +88,33 @@ ARCH_KIND = "text-patch-mixer"
 #: per-factor classifier-free dropout (neutral word) and whole-prompt dropout (empty prompt)
 DROP_FACTOR, DROP_ALL = 0.15, 0.1
 DEFAULT_LORA_TARGETS = "blocks.*.cross.*"
+#: m_c: the error difference (today's), or the denoising loss under both prompts (see the module docstring)
+CONCEPT_MEASURES = ("contrast", "denoise")
 
 
 class TextConceptDataset(ConceptDataset):
     """``(image [3, H, W] in [-1, 1], prompts [4, L] int64, key)`` items; see the module docstring.
 
-    ``labels [n, 3]`` (``-1``: unspecified) and ``templates [n]`` say what the prompts say.
+    ``labels [n, 3]`` (``-1``: unspecified) are the images' values; ``named [n, 3]`` (default: all
+    true) says which of them the caption names (the others are written with the neutral word),
+    ``templates [n]`` in which template.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, templates: np.ndarray, keys: np.ndarray,
-                 prompter: Prompter):
+                 prompter: Prompter, named: np.ndarray | None = None):
         super().__init__(images, np.asarray(labels).reshape(-1, 3), keys)
         if len(templates) != len(keys):
             raise ConfigError(f"text concept dataset: {len(keys)} images, {len(templates)} templates")
         self.templates = np.asarray(templates, dtype=np.int64)
-        self.prompts = prompter.variants(self.labels, self.templates)  # [n, 4, L]
+        self.named = np.ones(self.labels.shape, dtype=bool) if named is None else np.asarray(named, dtype=bool)
+        if self.named.shape != self.labels.shape:
+            raise ConfigError(f"text concept dataset: named {self.named.shape}, labels {self.labels.shape}")
+        self.prompts = prompter.variants(self.caption_labels, self.templates)  # [n, 4, L]
+
+    @property
+    def caption_labels(self) -> np.ndarray:
+        """``[n, 3]`` what the captions say: the labels, ``-1`` (the neutral word) where a factor is not named."""
+        return np.where(self.named, self.labels, -1)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         image, _, key = super().__getitem__(i)
@@ -99,7 +128,9 @@ class DiffusionTextTask(DiffusionTask):
     ``width``, ``depth``) plus ``heads`` (cross-attention heads), ``text_seed`` and ``text_dim``
     (the frozen encoder's weights and width), ``isolate_words`` (``m_c``'s key/value gradients
     through ``c``'s words only), ``lora_rank`` (0: no LoRA), ``lora_steps``, ``lora_targets``
-    (comma-separated globs over module names).
+    (comma-separated globs over module names), ``concept_measure`` (``contrast`` or ``denoise``), ``caption_style`` and ``caption_background`` (the
+    fraction of training captions naming the image's style / background, default 1; see
+    "Sparse captions" in the module docstring).
     """
 
     checkpoint_prefix = "diffusion-text"
@@ -107,7 +138,8 @@ class DiffusionTextTask(DiffusionTask):
     def __init__(self, config: str | None = None, num_train: int | None = None, seed: int = 0, draws: int = 4,
                  steps: int = TrainConfig.steps, width: int = 96, depth: int = 3, heads: int = 4, text_seed: int = 0,
                  text_dim: int = 64, isolate_words: bool = True, lora_rank: int = 0, lora_steps: int = 800,
-                 lora_targets: str = DEFAULT_LORA_TARGETS):
+                 lora_targets: str = DEFAULT_LORA_TARGETS, caption_style: float = 1.0,
+                 caption_background: float = 1.0, concept_measure: str = "contrast"):
         super().__init__(config=config, num_train=num_train, seed=seed, draws=draws, steps=steps, width=width,
                          depth=depth)
         require_positive(lora_steps, "diffusion-text lora_steps")
@@ -125,12 +157,23 @@ class DiffusionTextTask(DiffusionTask):
         if lora_rank and not self.lora_targets:
             raise ConfigError("diffusion-text lora_targets: expected comma-separated module-name globs")
         self.lora_config = TrainConfig(steps=lora_steps)
+        self.caption_rates = (1.0, _fraction(caption_style, "caption_style"),
+                              _fraction(caption_background, "caption_background"))
         self.options.update({"heads": heads, "text_seed": int(text_seed), "text_dim": text_dim,
                              "isolate_words": isolate_words, "lora_rank": lora_rank, "lora_steps": lora_steps,
                              "lora_targets": ",".join(self.lora_targets)})
+        if concept_measure not in CONCEPT_MEASURES:
+            raise ConfigError(f"diffusion-text concept_measure: expected one of {', '.join(CONCEPT_MEASURES)}, "
+                              f"got {concept_measure!r}")
+        self.concept_measure = concept_measure
+        if min(self.caption_rates) < 1:  # only then: today's stores keep their options
+            self.options.update({"caption_style": self.caption_rates[1], "caption_background": self.caption_rates[2]})
+        if concept_measure != "contrast":
+            self.options["concept_measure"] = concept_measure
         if lora_rank:
             self.checkpoint_prefix = "diffusion-text-lora"
         self._captions: np.ndarray | None = None
+        self._named: np.ndarray | None = None
 
     # -- data -----------------------------------------------------------------------------------
     @property
@@ -140,6 +183,16 @@ class DiffusionTextTask(DiffusionTask):
             rng = np.random.default_rng([self.concept_config.seed, 17])
             self._captions = rng.integers(0, len(TEMPLATES), size=len(self.data))
         return self._captions
+
+    @property
+    def named(self) -> np.ndarray:
+        """``[num_train, 3]`` bool: which factors each generated image's caption names — the subject
+        always, the style and the background independently with probability ``caption_style`` /
+        ``caption_background`` (seeded by the config's seed; all true at the default rates of 1)."""
+        if self._named is None:
+            draws = np.random.default_rng([self.concept_config.seed, 29]).random((len(self.data), 3))
+            self._named = draws < np.array(self.caption_rates)
+        return self._named
 
     def halves(self) -> tuple[np.ndarray, np.ndarray]:
         """Positions of the generated images ``(pretraining [n1], fine-tuning [n2])`` of the LoRA variant:
@@ -162,15 +215,19 @@ class DiffusionTextTask(DiffusionTask):
         if self._train is None:
             rows = self._rows()
             self._train = TextConceptDataset(self.data.images[rows], self.data.labels[rows], self.captions[rows],
-                                             rows, self.prompter)
+                                             rows, self.prompter, self.named[rows])
         return self._train
 
     def metadata(self, dataset: Sequence) -> dict[str, np.ndarray]:
-        """Columns ``subject``, ``style``, ``background`` (value names, ``""`` = unspecified) and ``prompt``."""
+        """Columns ``subject``, ``style``, ``background`` (the images' value names, ``""`` = unspecified),
+        ``prompt`` (the caption) and, with sparse captions, ``<factor>_named`` (bool: the caption names it)."""
         if not isinstance(dataset, TextConceptDataset):
             return {}
         meta = super().metadata(dataset)  # label -1 (unspecified) picks the trailing ""
-        meta["prompt"] = np.array([self.prompter.text(row, t) for row, t in zip(dataset.labels, dataset.templates)])
+        meta["prompt"] = np.array([self.prompter.text(row, t)
+                                   for row, t in zip(dataset.caption_labels, dataset.templates)])
+        if min(self.caption_rates) < 1:
+            meta.update({f"{f}_named": dataset.named[:, j].copy() for j, f in enumerate(FACTORS)})
         return meta
 
     def labels(self, prompts: Sequence[Sequence[str | None]]) -> np.ndarray:
@@ -188,6 +245,14 @@ class DiffusionTextTask(DiffusionTask):
         templates = np.asarray(templates, dtype=np.int64)
         pixels = sample_pixels(model, self.prompter.encode(labels, templates), seed, steps, guidance)
         return TextConceptDataset(pixels, labels, templates, -1 - np.arange(len(labels)), self.prompter)
+
+    def image_queries(self, count: int, seed: int = 0) -> TextConceptDataset:
+        """``count`` held-out images (drawn like the training set, from another seed) with a caption that
+        names nothing (every factor its neutral word): "whose style is this?". Labels: the true values."""
+        images = generate(self.concept_config, count, seed=self.concept_config.seed + 1000 + int(seed))
+        templates = np.random.default_rng([seed, 23]).integers(0, len(TEMPLATES), size=count)
+        return TextConceptDataset(images.images, images.labels, templates, -1 - np.arange(count), self.prompter,
+                                  np.zeros(images.labels.shape, dtype=bool))
 
     def save_queries(self, path: str | Path, dataset: TextConceptDataset) -> Path:
         from gradindex.store.feature_store import write_arrays
@@ -239,9 +304,12 @@ class DiffusionTextTask(DiffusionTask):
         return model
 
     def _checkpoint_key(self, what: str) -> str:
-        return json.dumps({"what": what, "arch": {"kind": ARCH_KIND, **asdict(self.model_config)},
-                           "train": asdict(self.train_config), "seed": self.seed,
-                           "data": self.concept_config.fingerprint(), "num_train": self.num_train}, sort_keys=True)
+        key = {"what": what, "arch": {"kind": ARCH_KIND, **asdict(self.model_config)},
+               "train": asdict(self.train_config), "seed": self.seed, "data": self.concept_config.fingerprint(),
+               "num_train": self.num_train}
+        if min(self.caption_rates) < 1:  # today's checkpoints keep their names
+            key["caption_rates"] = list(self.caption_rates)
+        return json.dumps(key, sort_keys=True)
 
     def default_checkpoint(self) -> Path:
         key = self._checkpoint_key("full")
@@ -257,7 +325,8 @@ class DiffusionTextTask(DiffusionTask):
     def _fit(self, model: nn.Module, rows: np.ndarray, train: TrainConfig, seed: int, desc: str) -> nn.Module:
         """Train ``model``'s trainable parameters on the generated images at ``rows`` (their captions)."""
         images = torch.from_numpy(self.data.images[rows]).permute(0, 3, 1, 2).float().contiguous() / 127.5 - 1
-        table = torch.from_numpy(self.prompter.dropout_table(self.data.labels[rows], self.captions[rows]))
+        captions = np.where(self.named[rows], self.data.labels[rows], -1)
+        table = torch.from_numpy(self.prompter.dropout_table(captions, self.captions[rows]))
         bits = torch.tensor([1, 2, 4])
 
         def conditions(batch_rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -322,12 +391,22 @@ class DiffusionTextTask(DiffusionTask):
             words = torch.from_numpy(self.prompter.concept_ids(concept)).to(full.device)
             full = torch.stack([full, torch.isin(full, words).long()], dim=1)
             neutral = torch.stack([neutral, torch.isin(neutral, words).long()], dim=1)
-        return self._contrast(images, full, neutral, keys, model)
+        if self.concept_measure == "contrast":
+            return self._contrast(images, full, neutral, keys, model)
+        pairs = torch.stack([full, neutral], dim=1).reshape(-1, *full.shape[1:])
+        doubled = (images.repeat_interleave(2, dim=0), pairs, keys.repeat_interleave(2))
+        return -self._errors(doubled, model).reshape(len(keys), 2 * self.draws).mean(1)
 
     # -- display --------------------------------------------------------------------------------
     def describe(self, item: Any) -> str:
         words = [self.prompter.vocabulary[int(i)] for i in item[1][0] if int(i) not in (PAD, BOS)]
         return " ".join(words)
+
+
+def _fraction(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ConfigError(f"diffusion-text {name}: expected a fraction in 0..1, got {value!r}")
+    return float(value)
 
 
 def _digest(key: str) -> str:
