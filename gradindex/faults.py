@@ -43,9 +43,15 @@ def set_stage(name: str) -> None:
     """Name what runs now in a crash report (a no-op unless :func:`enable` was called)."""
     if "command" not in _state:
         return
+    if _state.get("pid") != os.getpid():  # a forked child: the parent's context thread did not come along
+        _state.pop("wake", None)
+        _state["pid"] = os.getpid()
     old = _state.pop("wake", None)
     if old is not None:
-        os.write(old, b"x")  # the previous context thread returns and ends
+        try:
+            os.write(old, b"x")  # the previous context thread returns and ends
+        except OSError:  # its end of the pipe is gone already: nothing to wake
+            pass
         os.close(old)
     read, write = os.pipe()
     _state["wake"] = write

@@ -94,13 +94,13 @@ def build_index_command(ctx, store_path, concept, kind, preconditioner, damping,
                    + ("" if tuned.get("damping") is None else f", damping {damping:g}")
                    + f", {tuned['method']} weights (--preconditioner/--damping override it)", err=True)
         if tuned["method"] == "uniform":
-            weights = GroupWeights.uniform(concept, store.groups)
+            weights = GroupWeights.uniform(config.concept, store.groups)
     index = build_index(store, config, weights=weights,
                         show_progress=progress_enabled(ctx), shards=parse_shards(shards), update=update,
                         train_only=train_only, search=search_config(nprobe, ef_search, rerank, no_prune, max_probe,
                                                                     no_adaptive, exact_certified),
                         target_recall=target_recall or None)
-    click.echo(f"{store.path}: index {concept!r} ({index.kind}, {preconditioner}) with {index.ntotal} vectors "
+    click.echo(f"{store.path}: index {config.concept!r} ({index.kind}, {preconditioner}) with {index.ntotal} vectors "
                f"of dimension {store.dim} in {len(index.parts)} part(s)")
     if "calibration" in index.entry:
         from gradindex.index.calibrate import describe
