@@ -33,6 +33,7 @@ from gradindex.features.query import query_group_features
 from gradindex.store.feature_store import FeatureStore
 from store_helpers import cli_store
 from tiny_task import TinyTask
+from cli_helpers import one_line_error  # noqa: E402
 
 HERE = Path(__file__).parent
 TASK = f"{HERE / 'tiny_task.py'}:TinyTask"
@@ -45,15 +46,6 @@ TRUSTING = ("query", "learn-weights", "eval", "serve", "tune")
 def run(*args, quiet: bool = True):
     args = [*map(str, args), *(["--trust-task"] if args and args[0] in TRUSTING else [])]
     return CliRunner().invoke(main, [*(["-q"] if quiet else []), *args], catch_exceptions=False)
-
-
-def one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

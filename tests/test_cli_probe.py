@@ -15,17 +15,11 @@ from click.testing import CliRunner
 
 from gradindex.cli import main
 from store_helpers import manifest, write_manifest
+from cli_helpers import one_line_error  # noqa: E402
 
 
 def cli(*args, env=None):
     return CliRunner().invoke(main, ["-q", *map(str, args)], catch_exceptions=False, env=env)
-
-
-def one_line_error(result, match: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert match in result.stderr, result.stderr
 
 
 @pytest.fixture(scope="module")

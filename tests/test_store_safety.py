@@ -34,17 +34,11 @@ from store_helpers import (
     temporaries, write_manifest,
 )
 from tiny_task import CrashingTask, TinyTask
+from cli_helpers import one_line_error  # noqa: E402
 
 
 def cli(*args):
     return CliRunner().invoke(main, ["-q", *map(str, args)], catch_exceptions=False)
-
-
-def one_line_error(result, match: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert match in result.stderr, result.stderr
 
 
 @pytest.fixture(scope="module")

@@ -77,13 +77,7 @@ def write_weights_chart(path: str | Path, weights: Sequence, groups: Sequence[st
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(groups, rotation=45, ha="right", fontsize=7)
         ax.set_ylabel("weight / mean", fontsize=8)
-        info = concept_weights.info
-        title = f"concept {concept_weights.concept!r}: {info.get('method', 'uniform')}"
-        if "preconditioner" in info.get("config", {}):
-            title += f", {info['config']['preconditioner']}"
-        if "snr_learned" in info and "snr_uniform" in info:
-            title += f", mean SNR {info['snr_uniform']:.2f} → {info['snr_learned']:.2f}"
-        ax.set_title(title, fontsize=8)
+        ax.set_title(f"concept {concept_weights.concept!r}: {concept_weights.provenance()}", fontsize=8)
     return _save(fig, path, "")
 
 

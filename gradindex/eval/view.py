@@ -304,11 +304,5 @@ def view_summary(store: Any) -> dict[str, Any]:
 
 
 def weights_description(weights: Any) -> str:
-    """How a concept's weights were made: method, setting and objective (``GroupWeights.info``)."""
-    info = weights.info
-    text = f"{info.get('method', 'uniform')}, digest {weights.digest()}"
-    if "preconditioner" in info.get("config", {}):
-        text += f", {info['config']['preconditioner']}"
-    if "snr_learned" in info and "snr_uniform" in info:
-        text += f", mean SNR {info['snr_uniform']:.2f} → {info['snr_learned']:.2f}"
-    return text
+    """How a concept's weights were made: method, digest, setting and objective (``GroupWeights.provenance``)."""
+    return weights.provenance(digest=True)

@@ -66,6 +66,16 @@ class GroupWeights:
         """``<digest> (<method>)``: how ``info`` and warnings name a set of weights."""
         return f"{self.digest()} ({self.info.get('method', 'given')})"
 
+    def provenance(self, digest: bool = False) -> str:
+        """How they were made, for plots and pages: ``method[, digest D][, preconditioner][, mean SNR a → b]``."""
+        info = self.info
+        parts = [str(info.get("method", "uniform")), *([f"digest {self.digest()}"] if digest else [])]
+        if "preconditioner" in info.get("config", {}):
+            parts.append(str(info["config"]["preconditioner"]))
+        if "snr_learned" in info and "snr_uniform" in info:
+            parts.append(f"mean SNR {info['snr_uniform']:.2f} → {info['snr_learned']:.2f}")
+        return ", ".join(parts)
+
     def fit_overlap(self, digests: Sequence[str]) -> int:
         """How many of the queries with these per-query ``digests`` (:func:`~gradindex.task.query_digests`)
         the weights were fitted on (``info["queries"]["digests"]``; 0 when not recorded, e.g. uniform)."""
