@@ -20,6 +20,7 @@ ingress builder functions (Ray >= 2.47): ``pip install 'gradindex[serve]' 'ray[s
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from gradindex.config import SearchConfig, ServeConfig
-from gradindex.errors import ConfigError, MissingDependencyError
+from gradindex.errors import ConfigError, GradIndexError, MissingDependencyError
 from gradindex.index.ray_search import IndexPartHolder, RayIndex, part_layout
 from gradindex.index.shards import index_entry
 from gradindex.store.feature_store import FeatureStore, open_store
@@ -139,4 +140,26 @@ def deploy(store: str | Path | FeatureStore, concepts: Sequence[str] = ("all",),
     serve.run(api.bind(*parts), name=APP, route_prefix="/", blocking=False)
     host = f"[{config.host}]" if ":" in config.host else config.host
     logger.info("Serve application %r: %s", APP, {c: len(n) for c, n in names.items()})
-    return f"http://{host}:{config.port}"
+    url = f"http://{host}:{config.port}"
+    probe = url if config.host not in ("0.0.0.0", "::") else f"http://127.0.0.1:{config.port}"
+    wait_until_routed(probe + "/v1/health")
+    return url
+
+
+def wait_until_routed(health_url: str, timeout: float = 120.0) -> None:
+    """Return once ``health_url`` answers 200: ``serve.run`` returns when the replicas are up, but Serve's
+    HTTP proxy learns the route a moment later (until then it answers 404 "Path ... not found")."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(health_url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass  # not routed yet (404), or the proxy is still starting
+        if time.monotonic() > deadline:
+            raise GradIndexError(f"serve --ray: {health_url} did not answer within {timeout:.0f} s")
+        time.sleep(0.2)
