@@ -40,6 +40,7 @@ on prompted and image-only queries:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import tempfile
@@ -162,9 +163,7 @@ def main() -> None:
     logging.getLogger("gradindex.query.attributor").setLevel(logging.ERROR)
 
     report, dump = [], {}
-    with tempfile.TemporaryDirectory() as scratch:
-        root = Path(args.out) if args.out else Path(scratch)
-        root.mkdir(parents=True, exist_ok=True)
+    with work_root(args) as root:
         for task_name in args.tasks:
             per_seed, diagnostics = [], []
             concepts = load_task(task_name, args.task_option).concepts
@@ -193,6 +192,20 @@ def main() -> None:
                 for group in diagnostics[0][concepts[0]]:
                     report.append(f"| {group} | " + " | ".join(
                         f"{np.mean([d[c][group] for d in diagnostics]):.2f}" for c in concepts) + " |")
+    finish(report, dump, args)
+
+
+@contextlib.contextmanager
+def work_root(args):
+    """The folder the runs write to: ``--out`` (kept) or a temporary one (removed after)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(args.out) if args.out else Path(scratch)
+        root.mkdir(parents=True, exist_ok=True)
+        yield root
+
+
+def finish(report: list[str], dump: dict, args) -> None:
+    """Print the tables; with ``--json`` also write the raw results."""
     print("\n".join(report))
     if args.json:
         Path(args.json).write_text(json.dumps(dump, indent=1))
@@ -212,9 +225,7 @@ def ranking_main(args) -> None:
 
     logging.getLogger("gradindex.query.attributor").setLevel(logging.ERROR)
     report, dump = [], {}
-    with tempfile.TemporaryDirectory() as scratch:
-        root = Path(args.out) if args.out else Path(scratch)
-        root.mkdir(parents=True, exist_ok=True)
+    with work_root(args) as root:
         for task_name in args.tasks:
             per_seed = [run_ranking_seed(task_name, seed, root, args) for seed in args.seeds]
             dump[task_name] = [{"seed": seed, "results": {"/".join(key): value for key, value in results.items()
@@ -226,10 +237,7 @@ def ranking_main(args) -> None:
             if args.diagnostic:
                 report += [f"\n{task_name}: each group alone (uniform partition), mAP over the unnamed training "
                            "images (subject: all), mean over seeds", *diagnostic_table(per_seed, concepts, args)]
-    print("\n".join(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(dump, indent=1))
-        print(f"wrote {args.json}")
+    finish(report, dump, args)
 
 
 if __name__ == "__main__":
